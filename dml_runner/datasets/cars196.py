@@ -1,0 +1,76 @@
+"""Stanford Cars (Cars196) with the standard DML split: classes 1-98 train, 99-196 test.
+
+Layout (``root``): ``cars_annos.mat`` (variable ``annotations``: one struct per image with ``relative_im_path``
+e.g. ``car_ims/000001.jpg``, ``bbox_x1``, ``bbox_y1``, ``bbox_x2``, ``bbox_y2``, ``class``, ``test``) and
+``car_ims/``. The ``test`` flag (the classification split) is NOT used; bounding boxes are not used either (the
+papers train on full images). Official counts: 16,185 images; train 8,054 / 98 classes, test 8,131 / 98.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dml_runner import DMLRunnerError
+from dml_runner.datasets.base import DatasetSplits
+from dml_runner.datasets.images import build_class_split, require_dir, require_file
+
+NAME = "cars196"
+OFFICIAL_COUNTS = {"train_images": 8054, "train_classes": 98, "test_images": 8131, "test_classes": 98}
+NUM_CLASSES = 196
+FIRST_TEST_CLASS = 99
+RECALL_AT = [1, 2, 4, 8]
+
+
+def _scalar(value: Any) -> Any:
+    flat = np.asarray(value).ravel()
+    if flat.size != 1:
+        raise ValueError(f"expected one value, got {flat.size}")
+    return flat[0]
+
+
+def read_cars_annos(root: Path) -> tuple[list[str], np.ndarray]:
+    """All annotated images (absolute paths) and class ids (1..196), in annotation order."""
+    import scipy.io
+
+    mat_path = require_file(root / "cars_annos.mat", NAME, root)
+    try:
+        mat = scipy.io.loadmat(str(mat_path))
+    except Exception as err:
+        raise DMLRunnerError(f"{mat_path}: not a readable MATLAB file ({err}); re-download cars_annos.mat") from err
+    if "annotations" not in mat:
+        raise DMLRunnerError(f"{mat_path}: no variable 'annotations' (found {sorted(k for k in mat if not k.startswith('__'))})")
+    annos = np.asarray(mat["annotations"]).ravel()
+    names = annos.dtype.names or ()
+    missing = {"relative_im_path", "class"} - set(names)
+    if missing:
+        raise DMLRunnerError(f"{mat_path}: 'annotations' lacks field(s) {sorted(missing)} (has {list(names)})")
+    paths, labels = [], np.empty(len(annos), dtype=np.int64)
+    for i, entry in enumerate(annos):
+        try:
+            rel = str(_scalar(entry["relative_im_path"]))
+            label = int(_scalar(entry["class"]))
+        except (ValueError, TypeError, IndexError) as err:
+            raise DMLRunnerError(f"{mat_path}: annotations entry {i + 1} is malformed: {err}") from None
+        if not 1 <= label <= NUM_CLASSES:
+            raise DMLRunnerError(f"{mat_path}: annotations entry {i + 1} ({rel}) has class {label}, "
+                                 f"outside 1..{NUM_CLASSES}")
+        paths.append(str(root / rel))
+        labels[i] = label
+    return paths, labels
+
+
+def build(root: str, transform: Any = None, default_transform: str = "caffe_227", val_fraction: float = 0.0,
+          seed: int = 0, skip_bad_images: bool = False, verify_images: bool = False) -> DatasetSplits:
+    """Cars196: train on classes 1-98, leave-one-out retrieval on 99-196 (Recall@1/2/4/8)."""
+    base = require_dir(root, NAME)
+    paths, labels = read_cars_annos(base)
+    is_train = labels < FIRST_TEST_CLASS
+    train_idx, test_idx = np.flatnonzero(is_train), np.flatnonzero(~is_train)
+    return build_class_split(
+        NAME, [paths[i] for i in train_idx], labels[train_idx], [paths[i] for i in test_idx], labels[test_idx],
+        OFFICIAL_COUNTS, transform=transform, default_transform=default_transform, val_fraction=val_fraction,
+        seed=seed, skip_bad_images=skip_bad_images, verify_images=verify_images, eval_recall_at=RECALL_AT,
+        info={"root": str(base), "split": "classes 1-98 train / 99-196 test (the 'test' flag is not used)"})

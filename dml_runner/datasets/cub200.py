@@ -1,0 +1,64 @@
+"""Caltech-UCSD Birds-200-2011 with the standard DML split: classes 1-100 train, 101-200 test.
+
+Layout (``root`` = ``CUB_200_2011/``): ``images.txt`` ("<image_id> <relative_path>"), ``image_class_labels.txt``
+("<image_id> <class_id>", 1..200) and ``images/<relative_path>``. ``train_test_split.txt`` (the classification
+split) is NOT used. Official counts: train 5,864 images / 100 classes, test 5,924 / 100.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dml_runner import DMLRunnerError
+from dml_runner.datasets.base import DatasetSplits
+from dml_runner.datasets.images import build_class_split, parse_int, read_rows, require_dir, require_file
+
+NAME = "cub200"
+OFFICIAL_COUNTS = {"train_images": 5864, "train_classes": 100, "test_images": 5924, "test_classes": 100}
+NUM_CLASSES = 200
+FIRST_TEST_CLASS = 101
+RECALL_AT = [1, 2, 4, 8]
+
+
+def read_cub(root: Path) -> tuple[list[str], np.ndarray]:
+    """All listed images (absolute paths) and their class ids (1..200), in images.txt order."""
+    images_txt = require_file(root / "images.txt", NAME, root)
+    labels_txt = require_file(root / "image_class_labels.txt", NAME, root)
+    paths: dict[int, str] = {}
+    for lineno, (image_id, rel) in read_rows(images_txt, 2, last_field_rest=True):
+        key = parse_int(image_id, images_txt, lineno, "image_id")
+        if key in paths:
+            raise DMLRunnerError(f"{images_txt}:{lineno}: image_id {key} listed twice")
+        paths[key] = str(root / "images" / rel)
+    classes: dict[int, int] = {}
+    for lineno, (image_id, class_id) in read_rows(labels_txt, 2):
+        key = parse_int(image_id, labels_txt, lineno, "image_id")
+        label = parse_int(class_id, labels_txt, lineno, "class_id")
+        if not 1 <= label <= NUM_CLASSES:
+            raise DMLRunnerError(f"{labels_txt}:{lineno}: class_id {label} is outside 1..{NUM_CLASSES}")
+        if key not in paths:
+            raise DMLRunnerError(f"{labels_txt}:{lineno}: image_id {key} is not in {images_txt}")
+        classes[key] = label
+    unlabelled = sorted(set(paths) - set(classes))
+    if unlabelled:
+        raise DMLRunnerError(f"{labels_txt}: no class for {len(unlabelled)} image id(s) of {images_txt}, "
+                             f"e.g. {unlabelled[0]}")
+    ids = list(paths)  # images.txt order
+    return [paths[i] for i in ids], np.array([classes[i] for i in ids], dtype=np.int64)
+
+
+def build(root: str, transform: Any = None, default_transform: str = "caffe_227", val_fraction: float = 0.0,
+          seed: int = 0, skip_bad_images: bool = False, verify_images: bool = False) -> DatasetSplits:
+    """CUB-200-2011: train on classes 1-100, leave-one-out retrieval on 101-200 (Recall@1/2/4/8)."""
+    base = require_dir(root, NAME)
+    paths, labels = read_cub(base)
+    is_train = labels < FIRST_TEST_CLASS
+    train_idx, test_idx = np.flatnonzero(is_train), np.flatnonzero(~is_train)
+    return build_class_split(
+        NAME, [paths[i] for i in train_idx], labels[train_idx], [paths[i] for i in test_idx], labels[test_idx],
+        OFFICIAL_COUNTS, transform=transform, default_transform=default_transform, val_fraction=val_fraction,
+        seed=seed, skip_bad_images=skip_bad_images, verify_images=verify_images, eval_recall_at=RECALL_AT,
+        info={"root": str(base), "split": "classes 1-100 train / 101-200 test (train_test_split.txt not used)"})
