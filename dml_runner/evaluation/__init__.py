@@ -1,0 +1,129 @@
+"""Evaluation engine: retrieval (Recall@K, MAP@R, R-Precision) and clustering (NMI, F1) metrics.
+
+See docs/EVALUATION.md for the definitions, tie handling and the query/gallery mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from dml_runner.evaluation._validation import (
+    KNOWN_METRICS,
+    check_embeddings_labels,
+    check_mask,
+    check_metrics,
+    check_recall_at,
+)
+from dml_runner.evaluation.clustering import f1_from_assignments, kmeans_assignments, nmi_from_assignments
+from dml_runner.evaluation.memory import estimate_memory_bytes, rows_per_chunk
+from dml_runner.evaluation.retrieval import exact_retrieval
+
+__all__ = [
+    "KNOWN_METRICS",
+    "evaluate",
+    "estimate_memory_bytes",
+    "f1_from_assignments",
+    "kmeans_assignments",
+    "nmi_from_assignments",
+    "resolve_device",
+]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> cuda when torch sees a GPU, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def _faiss_gpu_available() -> bool:
+    try:
+        import faiss
+
+        return faiss.get_num_gpus() > 0
+    except Exception:  # pragma: no cover - faiss without GPU support
+        return False
+
+
+def evaluate(
+    embeddings: np.ndarray,
+    labels: np.ndarray,
+    *,
+    recall_at: Sequence[int] = (1, 2, 4, 8),
+    metrics: Sequence[str] = ("recall", "nmi", "f1", "map_at_r", "r_precision"),
+    query_mask: np.ndarray | None = None,
+    gallery_mask: np.ndarray | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    chunk_size: int = 4096,
+    kmeans_iters: int = 50,
+    max_memory_gb: float | None = None,
+) -> dict[str, float]:
+    """Compute DML metrics; returns ``recall@K``, ``nmi``, ``f1``, ``map@r``, ``r_precision`` (as requested),
+    ``num_queries`` and ``num_queries_without_positive``.
+
+    Leave-one-out when no mask is given (every item queries all others); otherwise queries = ``query_mask`` items
+    searched against ``gallery_mask`` items, an item in both excluded from its own results. Queries without any
+    positive in their searchable set are left out of Recall@K, MAP@R and R-Precision and counted in
+    ``num_queries_without_positive``. Clustering uses all items (LOO) or the union of queries and gallery.
+    """
+    emb, lab = check_embeddings_labels(embeddings, labels)
+    n = emb.shape[0]
+    ks = check_recall_at(recall_at)
+    wanted = check_metrics(metrics)
+    qmask = check_mask(query_mask, n, "query_mask")
+    gmask = check_mask(gallery_mask, n, "gallery_mask")
+    if (qmask is None) != (gmask is None):
+        raise ValueError("give both query_mask and gallery_mask, or neither (leave-one-out)")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive; got {chunk_size}")
+    if kmeans_iters <= 0:
+        raise ValueError(f"kmeans_iters must be positive; got {kmeans_iters}")
+    dev = resolve_device(device)
+
+    if qmask is None:
+        q_idx = g_idx = np.arange(n)
+        self_index = np.arange(n)
+        cluster_idx = np.arange(n)
+    else:
+        q_idx, g_idx = np.flatnonzero(qmask), np.flatnonzero(gmask)
+        pos_in_gallery = np.full(n, -1, dtype=np.int64)
+        pos_in_gallery[g_idx] = np.arange(g_idx.size)
+        self_index = pos_in_gallery[q_idx]
+        cluster_idx = np.flatnonzero(qmask | gmask)
+
+    out: dict[str, float] = {}
+    retrieval_wanted = any(m in wanted for m in ("recall", "map_at_r", "r_precision"))
+    if retrieval_wanted:
+        chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb)
+        stats = exact_retrieval(
+            emb[q_idx], lab[q_idx], emb[g_idx], lab[g_idx], self_index,
+            need_ranking=("map_at_r" in wanted or "r_precision" in wanted), device=dev, chunk_size=chunk,
+        )
+        scored = stats.first_rank.size
+        mean = lambda x: float(np.mean(x)) if x.size else float("nan")  # noqa: E731
+        if "recall" in wanted:
+            for k in ks:
+                out[f"recall@{k}"] = mean((stats.first_rank < k).astype(np.float64))
+        if "map_at_r" in wanted:
+            out["map@r"] = mean(stats.map_at_r)
+        if "r_precision" in wanted:
+            out["r_precision"] = mean(stats.r_precision)
+        out["num_queries"] = float(scored)
+        out["num_queries_without_positive"] = float(stats.num_without_positive)
+    if "nmi" in wanted or "f1" in wanted:
+        x, y = emb[cluster_idx], lab[cluster_idx]
+        use_gpu = dev.type == "cuda" and _faiss_gpu_available()
+        assign = kmeans_assignments(x, np.unique(y).size, seed=seed, iters=kmeans_iters, use_gpu=use_gpu)
+        if "nmi" in wanted:
+            out["nmi"] = nmi_from_assignments(assign, y)
+        if "f1" in wanted:
+            out["f1"] = f1_from_assignments(assign, y)
+    return out

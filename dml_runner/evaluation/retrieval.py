@@ -1,0 +1,160 @@
+"""Retrieval metrics (Recall@K, MAP@R, R-Precision) by exact chunked k-NN search; never builds an N x N matrix.
+
+Distances are squared Euclidean (same order as Euclidean). Ties between equal distances are broken by gallery
+index, lower first, so every query sees one well-defined ranking of the searchable set.
+
+Per query q (searchable set = gallery minus q itself):
+- ``first_rank`` = #items ranked before the nearest positive; Recall@K counts q iff first_rank < K.
+- MAP@R = (1/R) sum_{i<=R} P(i) rel(i) and R-Precision = #positives in top R / R, R = #positives of q.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class PositiveIndex:
+    """Gallery items grouped by label (CSR-like) to look up each query's positives."""
+
+    order: torch.Tensor  # gallery indices sorted by (label, index)
+    start: torch.Tensor  # per query: first position in ``order`` of its label
+    count: torch.Tensor  # per query: number of gallery items with its label
+
+
+def build_positive_index(query_labels: np.ndarray, gallery_labels: np.ndarray, device: torch.device) -> PositiveIndex:
+    order = np.argsort(gallery_labels, kind="stable")
+    sorted_labels = gallery_labels[order]
+    start = np.searchsorted(sorted_labels, query_labels, side="left")
+    end = np.searchsorted(sorted_labels, query_labels, side="right")
+    return PositiveIndex(
+        torch.as_tensor(order, device=device),
+        torch.as_tensor(start, device=device),
+        torch.as_tensor(end - start, device=device),
+    )
+
+
+def positives_of(pidx: PositiveIndex, rows: torch.Tensor, self_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded (c, m) gallery indices of the positives of query ``rows`` and a validity mask (self excluded)."""
+    counts = pidx.count[rows]
+    m = max(int(counts.max()), 1)
+    offs = torch.arange(m, device=rows.device)
+    valid = offs[None, :] < counts[:, None]
+    pos = torch.where(valid, pidx.start[rows, None] + offs[None, :], torch.zeros_like(offs)[None, :])
+    cols = pidx.order[pos.clamp_max(pidx.order.numel() - 1)]
+    valid &= cols != self_cols[:, None]
+    return cols, valid
+
+
+def ordered_topk(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """Gallery indices of the k nearest, ordered by (distance, index); exact under ties."""
+    n = dist.shape[1]
+    kk = min(k + 1, n)
+    vals, idx = torch.topk(dist, kk, dim=1, largest=False, sorted=True)
+    # Order within the returned set by (value, index): sort by index, then stable sort by value.
+    idx_sorted, perm = torch.sort(idx, dim=1)
+    vals_by_idx = vals.gather(1, perm)
+    vals2, perm2 = torch.sort(vals_by_idx, dim=1, stable=True)
+    idx = idx_sorted.gather(1, perm2)
+    vals = vals2
+    if kk > k:
+        # The k-th and (k+1)-th value tie: the set itself may be wrong (a lower index could be left out).
+        amb = (vals[:, k] == vals[:, k - 1]).nonzero().ravel()
+        if amb.numel():
+            _, full = torch.sort(dist[amb], dim=1, stable=True)
+            idx[amb] = full[:, :kk]
+    return idx[:, :k]
+
+
+def first_positive_rank(dist: torch.Tensor, pos_cols: torch.Tensor, pos_valid: torch.Tensor) -> torch.Tensor:
+    """#items ordered before the nearest positive under (distance, index) order; rows need >= 1 valid positive."""
+    inf = torch.tensor(float("inf"), device=dist.device, dtype=dist.dtype)
+    pd = torch.where(pos_valid, dist.gather(1, pos_cols), inf)
+    t1 = pd.min(dim=1).values
+    big = torch.iinfo(torch.int64).max
+    p1 = torch.where(pos_valid & (pd == t1[:, None]), pos_cols, torch.full_like(pos_cols, big)).min(dim=1).values
+    rank = (dist < t1[:, None]).sum(dim=1)
+    eq = (dist == t1[:, None]).sum(dim=1)
+    tied = (eq > 1).nonzero().ravel()
+    if tied.numel():
+        cols = torch.arange(dist.shape[1], device=dist.device)
+        extra = ((dist[tied] == t1[tied, None]) & (cols[None, :] < p1[tied, None])).sum(dim=1)
+        rank[tied] += extra
+    return rank
+
+
+def map_r_and_r_precision(rel: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rel: (c, k) relevance of the ordered top k (k >= max R); r: (c,) R per query.
+
+    MAP@R = (1/R) sum_{i<=R} P(i) rel(i), P(i) = (1/i) sum_{j<=i} rel(j); R-Precision = sum_{i<=R} rel(i) / R.
+    """
+    k = rel.shape[1]
+    pos = torch.arange(1, k + 1, device=rel.device, dtype=torch.float64)
+    within = pos[None, :] <= r[:, None]
+    relf = (rel & within).to(torch.float64)
+    precision_at_i = torch.cumsum(relf, dim=1) / pos[None, :]
+    rf = r.to(torch.float64)
+    return (precision_at_i * relf).sum(dim=1) / rf, relf.sum(dim=1) / rf
+
+
+@dataclass
+class RetrievalStats:
+    """Per-query results for queries with >= 1 positive."""
+
+    first_rank: np.ndarray  # int64
+    map_at_r: np.ndarray  # float64
+    r_precision: np.ndarray  # float64
+    num_without_positive: int
+
+
+def exact_retrieval(
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    self_index: np.ndarray,
+    *,
+    need_ranking: bool = True,
+    device: torch.device = torch.device("cpu"),
+    chunk_size: int = 4096,
+) -> RetrievalStats:
+    """Exact float32 search, one chunk of queries against the whole gallery at a time.
+
+    ``self_index[i]`` is the gallery position of query i (excluded from its own results) or -1.
+    """
+    q = torch.as_tensor(queries, device=device)
+    g = torch.as_tensor(gallery, device=device)
+    gn = (g * g).sum(dim=1)
+    qn = (q * q).sum(dim=1)
+    pidx = build_positive_index(query_labels, gallery_labels, device)
+    selft = torch.as_tensor(self_index, device=device)
+    r_all = pidx.count - (selft >= 0).to(pidx.count.dtype) * (pidx.count > 0).to(pidx.count.dtype)
+    lab_g = torch.as_tensor(gallery_labels, device=device)
+    lab_q = torch.as_tensor(query_labels, device=device)
+    scored = (r_all > 0).nonzero().ravel()
+    ranks, maps, rps = [], [], []
+    for s in range(0, scored.numel(), chunk_size):
+        rows = scored[s : s + chunk_size]
+        dist = torch.addmm(gn[None, :], q[rows], g.T, beta=1.0, alpha=-2.0).add_(qn[rows, None]).clamp_min_(0)
+        has_self = (selft[rows] >= 0).nonzero().ravel()
+        dist[has_self, selft[rows][has_self]] = float("inf")
+        cols, valid = positives_of(pidx, rows, selft[rows])
+        ranks.append(first_positive_rank(dist, cols, valid))
+        if need_ranking:
+            r = r_all[rows]
+            top = ordered_topk(dist, int(r.max()))
+            rel = lab_g[top] == lab_q[rows, None]
+            m, rp = map_r_and_r_precision(rel, r)
+            maps.append(m)
+            rps.append(rp)
+        del dist
+    cat = lambda xs, dt: torch.cat(xs).cpu().numpy() if xs else np.zeros(0, dtype=dt)  # noqa: E731
+    return RetrievalStats(
+        first_rank=cat(ranks, np.int64),
+        map_at_r=cat(maps, np.float64),
+        r_precision=cat(rps, np.float64),
+        num_without_positive=int(queries.shape[0] - scored.numel()),
+    )

@@ -1,0 +1,90 @@
+"""dml-eval end to end: good input, JSON output, and every bad-input case (exit 2, message, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dml_runner.eval_cli import main
+from dml_runner.evaluation import evaluate
+
+
+def _write(tmp_path, name="emb.npz", **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def _data(n=80):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 8, n)
+    x = (rng.normal(size=(8, 5))[y] + 0.5 * rng.normal(size=(n, 5))).astype(np.float32)
+    return x, y
+
+
+def test_cli_json_matches_evaluate(tmp_path, capsys):
+    x, y = _data()
+    path = _write(tmp_path, embeddings=x, labels=y)
+    out = tmp_path / "m.json"
+    assert main([str(path), "--recall-at", "1", "4", "--json", str(out), "--device", "cpu", "--seed", "1"]) == 0
+    got = json.loads(out.read_text())
+    want = evaluate(x, y, recall_at=(1, 4), device="cpu", seed=1)
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k])
+    printed = capsys.readouterr().out
+    assert "recall@1" in printed and "map@r" in printed
+
+
+def test_cli_query_gallery_masks(tmp_path):
+    x, y = _data()
+    q = np.arange(80) < 30
+    path = _write(tmp_path, embeddings=x, labels=y, query_mask=q, gallery_mask=~q)
+    out = tmp_path / "m.json"
+    assert main([str(path), "--metrics", "recall", "--json", str(out), "--device", "cpu"]) == 0
+    want = evaluate(x, y, metrics=("recall",), query_mask=q, gallery_mask=~q, device="cpu")
+    assert json.loads(out.read_text())["recall@1"] == pytest.approx(want["recall@1"])
+
+
+def test_cli_subprocess(tmp_path):
+    x, y = _data()
+    path = _write(tmp_path, embeddings=x, labels=y)
+    res = subprocess.run([sys.executable, "-m", "dml_runner.eval_cli", str(path), "--metrics", "recall",
+                          "--device", "cpu"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "recall@8" in res.stdout and "estimated memory" in res.stderr
+
+
+def _bad_cases(tmp_path):
+    x, y = _data()
+    not_npz = tmp_path / "text.npz"
+    not_npz.write_text("hello")
+    return {
+        "missing file": (tmp_path / "nope.npz", "not found"),
+        "not an npz": (not_npz, "cannot be read"),
+        "no labels": (_write(tmp_path, "a.npz", embeddings=x), "labels"),
+        "no embeddings": (_write(tmp_path, "b.npz", labels=y), "embeddings"),
+        "length mismatch": (_write(tmp_path, "c.npz", embeddings=x, labels=y[:-1]), "mismatch"),
+        "nan": (_write(tmp_path, "d.npz", embeddings=np.full_like(x, np.nan), labels=y), "NaN"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "not an npz", "no labels", "no embeddings", "length mismatch", "nan"])
+def test_cli_bad_input(tmp_path, capsys, case):
+    path, needle = _bad_cases(tmp_path)[case]
+    assert main([str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and needle in err and "must be" in err
+    assert "Traceback" not in err
+
+
+def test_cli_refuses_when_memory_too_small(tmp_path, capsys):
+    x, y = _data()
+    path = _write(tmp_path, embeddings=x, labels=y)
+    assert main([str(path), "--max-memory-gb", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert "estimated memory" in err and "exceeds" in err
