@@ -91,7 +91,7 @@ def test_semihard_differs_from_pml_semihard_miner_as_documented():
     positive pair (the closest negative beyond d_ap) and falls back to the farthest negative (TF semantics)."""
     x, labels = batch(5, n=20, classes=4)
     margin = 0.3
-    d = pairwise_distances(x).double()
+    d = pairwise_distances(x).detach().double()
     a, p, n = mining.semihard_triplets(d, labels)
     ours = {(i, j): k for i, j, k in zip(a.tolist(), p.tolist(), n.tolist())}
     theirs = pml_miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard", distance=lp())(

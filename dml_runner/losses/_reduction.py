@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -27,3 +28,13 @@ def reduce(values: Tensor, reduction: str) -> Tensor:
     if reduction == "nonzero_mean":
         return nonzero_mean(values)
     raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'nonzero_mean'")
+
+
+# Stands in for log(0) in masked log-sum-exps: finite, so rows with nothing to sum give a finite (ignored) value
+# and a zero gradient instead of the NaN that -inf - (-inf) would produce.
+LOG_ZERO = -1e4
+
+
+def masked_logsumexp(values: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
+    """``log sum_{mask} exp(values)`` along ``dim``; a row with an empty mask gives about ``LOG_ZERO``."""
+    return torch.logsumexp(values.masked_fill(~mask, LOG_ZERO), dim=dim)
