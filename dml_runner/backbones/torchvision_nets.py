@@ -1,0 +1,191 @@
+"""ImageNet CNNs from torchvision as embedding trunks (globally pooled features of a chosen layer).
+
+Options the papers need:
+
+- ``feature_layer``: the stage whose output is globally average-pooled. ``avgpool`` (alias ``pool5``, the default)
+  is the network's own pooled output before the classifier (ResNet-50: 2048-d, GoogLeNet pool5: 1024-d); a stage
+  name (``layer3``, ``inception4e``, ...) pools that stage instead and drops the later ones.
+- ``freeze``: ``none``; ``bn`` keeps every BatchNorm layer in eval mode (running statistics frozen) and its affine
+  parameters fixed, as Divide and Conquer trains ResNet-50; ``all`` freezes the whole CNN (eval mode, no
+  gradients), as the official HDML code does. Enforced by :meth:`TorchvisionTrunk.train`, so ``model.train()``
+  in a training loop cannot undo it.
+- ImageNet weights from torchvision's weight enums (``pretrained=true``, downloaded once into torchvision's cache)
+  or from a local state dict (``weights=/path.pth``, e.g. that cached file copied to an offline machine).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+import torchvision
+
+from dml_runner import DMLRunnerError
+from dml_runner.backbones.head import EmbeddingHead, EmbeddingModel
+
+# torchvision's weight enums for `pretrained: true` (downloaded once into torchvision's cache).
+_WEIGHTS = {
+    "resnet18": "ResNet18_Weights",
+    "resnet34": "ResNet34_Weights",
+    "resnet50": "ResNet50_Weights",
+    "resnet101": "ResNet101_Weights",
+    "googlenet": "GoogLeNet_Weights",
+}
+
+# The stages each architecture runs in order (children of the torchvision model) up to global pooling.
+_STAGES = {
+    "resnet": ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"],
+    "googlenet": ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
+                  "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",
+                  "inception5a", "inception5b"],
+}
+_POOLED = ("avgpool", "pool5")
+FREEZE_OPTIONS = ("none", "bn", "all")
+
+
+def _family(arch: str) -> str:
+    return "googlenet" if arch == "googlenet" else "resnet"
+
+
+class _RepeatChannels(nn.Module):
+    """Lets a 3-channel ImageNet network read 1-channel images (e.g. digits) by repeating the channel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def _load_local_weights(net: nn.Module, weights: str, arch: str) -> None:
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise DMLRunnerError(f"backbone.weights={weights}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DMLRunnerError(f"backbone.weights={weights}: not a readable PyTorch state dict ({err})") from err
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "aux1.", "aux2."))}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise DMLRunnerError(f"backbone.weights={weights} does not fit {arch}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+
+def _imagenet_net(arch: str, pretrained: bool, weights: str | None) -> nn.Module:
+    builder = getattr(torchvision.models, arch)
+    kwargs: dict = {"aux_logits": False, "init_weights": True} if arch == "googlenet" else {}
+    if pretrained:
+        enum = getattr(torchvision.models, _WEIGHTS[arch]).IMAGENET1K_V1
+        kwargs.pop("init_weights", None)
+        try:
+            return builder(weights=enum, **kwargs)
+        except Exception as err:  # offline machine, proxy, corrupt cache...
+            raise DMLRunnerError(
+                f"backbone.pretrained=true: could not get torchvision's {arch} ImageNet weights from {enum.url} "
+                f"({type(err).__name__}: {err}). On a machine without internet copy that file into "
+                f"{torch.hub.get_dir()}/checkpoints/ or pass backbone.weights=/path/to/it.pth "
+                f"with backbone.pretrained=false") from err
+    if weights and arch == "googlenet":
+        # torchvision's GoogLeNet weights expect its input re-scaling (transform_input), set when it loads them.
+        kwargs["transform_input"] = True
+    net = builder(weights=None, **kwargs)
+    if weights:
+        _load_local_weights(net, weights, arch)
+    return net
+
+
+class TorchvisionTrunk(nn.Module):
+    """A torchvision classifier cut at ``feature_layer`` and globally average-pooled: images -> (B, feature_dim)."""
+
+    def __init__(self, arch: str, pretrained: bool = False, weights: str | None = None, in_channels: int = 3,
+                 freeze: str = "none", feature_layer: str = "avgpool") -> None:
+        super().__init__()
+        if arch not in _WEIGHTS:
+            raise DMLRunnerError(f"backbone.arch={arch!r} is not supported; choose one of {sorted(_WEIGHTS)}")
+        if in_channels not in (1, 3):
+            raise DMLRunnerError(f"backbone {arch} takes 1- or 3-channel images, the dataset has {in_channels}")
+        if pretrained and weights:
+            raise DMLRunnerError("set either backbone.pretrained=true (torchvision's ImageNet weights) or "
+                                 "backbone.weights=/path.pth (a local file), not both")
+        if freeze not in FREEZE_OPTIONS:
+            raise DMLRunnerError(f"backbone.freeze={freeze!r}: choose one of {FREEZE_OPTIONS}")
+        stages = _STAGES[_family(arch)]
+        if feature_layer in _POOLED:
+            last = len(stages)
+        elif feature_layer in stages and not feature_layer.startswith(("maxpool", "relu", "bn")):
+            last = stages.index(feature_layer) + 1
+        else:
+            choices = list(_POOLED) + [s for s in stages if not s.startswith(("maxpool", "relu", "bn", "conv"))]
+            raise DMLRunnerError(f"backbone.feature_layer={feature_layer!r} for {arch}: choose one of {choices}")
+        net = _imagenet_net(arch, pretrained, weights)
+        # Drop the classifier and every stage after the feature layer; the head's dropout replaces GoogLeNet's.
+        for name in stages[last:] + ["fc", "dropout"]:
+            if hasattr(net, name):
+                setattr(net, name, nn.Identity())
+        self.arch, self.freeze, self.feature_layer = arch, freeze, feature_layer
+        self.stages = stages[:last]
+        self.transform_input = bool(getattr(net, "transform_input", False))
+        self.adapt = _RepeatChannels()
+        self.net = net
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        if freeze == "all":
+            self.net.requires_grad_(False)
+        elif freeze == "bn":
+            for module in self.batch_norms():
+                module.requires_grad_(False)
+        self.feature_dim = self._infer_feature_dim()
+        self.train()
+
+    def batch_norms(self) -> list[nn.modules.batchnorm._BatchNorm]:
+        return [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def _infer_feature_dim(self) -> int:
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            dim = int(self(torch.zeros(1, 3, 96, 96)).shape[1])
+        self.train(was_training)
+        return dim
+
+    def train(self, mode: bool = True) -> TorchvisionTrunk:
+        """Switch modes, but keep frozen parts in eval mode (BN statistics of ``freeze=bn``, all of ``freeze=all``)."""
+        super().train(mode)
+        if self.freeze == "all":
+            self.net.eval()
+        elif self.freeze == "bn":
+            for module in self.batch_norms():
+                module.eval()
+        return self
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.adapt(x)
+        if self.transform_input:
+            x = self.net._transform_input(x)
+        for name in self.stages:
+            x = getattr(self.net, name)(x)
+        return self.pool(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.freeze == "all":
+            with torch.no_grad():  # nothing upstream of the features is trained: keep no activations
+                return self._forward(x)
+        return self._forward(x)
+
+
+def torchvision_backbone(arch: str = "resnet50", pretrained: bool = False, weights: str | None = None,
+                         embedding_dim: int = 128, normalize: bool = True, dropout: float = 0.0,
+                         in_channels: int = 3, freeze: str = "none", feature_layer: str = "avgpool") -> EmbeddingModel:
+    """An :class:`EmbeddingModel` on a torchvision ImageNet CNN (see the module docstring for the options)."""
+    trunk = TorchvisionTrunk(arch, pretrained=pretrained, weights=weights, in_channels=in_channels, freeze=freeze,
+                             feature_layer=feature_layer)
+    head = EmbeddingHead(trunk.feature_dim, embedding_dim, normalize=normalize, dropout=dropout)
+    info = {"arch": arch, "pretrained": bool(pretrained), "weights": weights, "source": "torchvision",
+            "freeze": freeze, "feature_layer": feature_layer, "feature_dim": trunk.feature_dim}
+    if arch == "googlenet":
+        info["note"] = ("torchvision GoogLeNet has BatchNorm and a different input transform from the papers' "
+                        "Caffe Inception v1")
+        info["transform_input"] = trunk.transform_input
+    return EmbeddingModel(trunk, head, info=info)

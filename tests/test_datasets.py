@@ -1,0 +1,362 @@
+"""The image-file datasets on fixture trees in the official layouts (see datasets_fixtures.py)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from datasets_fixtures import (
+    make_cars196, make_cub200, make_folder, make_inshop, make_sop, make_vehicleid, write_cars_annos,
+    write_inshop_partition,
+)
+from dml_runner import DMLRunnerError
+from dml_runner.datasets import cars196, cub200, folder, inshop, sop, vehicleid
+from dml_runner.datasets.images import DatasetCountWarning
+from dml_runner.datasets.transforms import caffe_227, resolve_transforms, rrc_224
+from dml_runner.datasets.vehicleid import vehicleid_gallery_draws
+
+pytestmark = pytest.mark.filterwarnings("ignore::dml_runner.datasets.images.DatasetCountWarning")
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MAKERS = {"cub200": make_cub200, "cars196": make_cars196, "sop": make_sop, "inshop": make_inshop,
+          "vehicleid": make_vehicleid, "folder": make_folder}
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory) -> dict[str, Path]:
+    parent = tmp_path_factory.mktemp("trees")
+    return {name: make(parent) for name, make in MAKERS.items()}
+
+
+def from_config(name: str, root: Path, transform: str = "none", **overrides):
+    """What `dml-run dataset=<name> transform=<transform> dataset.root=<root>` instantiates."""
+    cfg = OmegaConf.create({"dataset": OmegaConf.load(CONF / "dataset" / f"{name}.yaml"),
+                            "transform": OmegaConf.load(CONF / "transform" / f"{transform}.yaml"),
+                            "trainer": {"seed": 0}})
+    cfg.dataset.root = str(root)
+    for key, value in overrides.items():
+        cfg.dataset[key] = value
+    try:
+        return instantiate(cfg.dataset)
+    except InstantiationException as err:  # Hydra wraps the builder's exception; the CLI unwraps it the same way
+        if isinstance(err.__cause__, DMLRunnerError):
+            raise err.__cause__ from None
+        raise
+
+
+# ---------------------------------------------------------------- loaders on their fixtures
+
+EXPECTED = {  # name: (train images, train classes, test images, test classes, recall_at, eval_mode)
+    "cub200": (9, 3, 9, 3, [1, 2, 4, 8], "loo"),
+    "cars196": (9, 3, 9, 3, [1, 2, 4, 8], "loo"),
+    "sop": (8, 4, 6, 3, [1, 10, 100, 1000], "loo"),
+    "inshop": (6, 3, 9, 3, [1, 10, 20, 30, 40, 50], "query_gallery"),
+    "vehicleid": (12, 4, 16, 6, [1, 5], "query_gallery"),
+    "folder": (9, 3, 9, 3, [1, 2, 4, 8], "loo"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_loader_counts_split_and_eval_settings(trees, name):
+    splits = from_config(name, trees[name])
+    n_train, c_train, n_test, c_test, recall_at, mode = EXPECTED[name]
+    counts = splits.counts()
+    assert (counts["train_images"], counts["train_classes"], counts["test_images"], counts["test_classes"]) == \
+        (n_train, c_train, n_test, c_test)
+    assert not set(splits.train.labels) & set(splits.test.labels), "class-disjoint split"
+    assert splits.eval_recall_at == recall_at and splits.eval_mode == mode
+    assert splits.info["counts"]["train_images"] == n_train
+    assert splits.train.labels.dtype == np.int64 and splits.train.in_channels == 3
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("transform,size", [("none", None), ("caffe_227", 227), ("rrc_224", 224)])
+def test_sample_tensor_through_each_transform(trees, name, transform, size):
+    splits = from_config(name, trees[name], transform=transform)
+    default = {"cub200": 227, "cars196": 227, "sop": 227}.get(name, 224)
+    side = size or default
+    for dataset in (splits.train, splits.test):
+        image, label = dataset[0]
+        assert image.shape == (3, side, side) and image.dtype == torch.float32
+        assert label == int(dataset.labels[0])
+    assert ("dataset default" in splits.info["transform"]) == (transform == "none")
+
+
+def test_cub_uses_class_ids_not_train_test_split(trees):
+    splits = from_config("cub200", trees["cub200"])
+    assert set(splits.train.labels) == {1, 2, 3} and set(splits.test.labels) == {101, 102, 103}
+    assert all("/images/" in p for p in splits.train.paths)
+
+
+def test_cars_ignores_test_flag_and_reads_the_mat_struct(trees):
+    paths, labels = cars196.read_cars_annos(trees["cars196"])
+    assert len(paths) == 18 and paths[0].endswith("car_ims/000001.jpg")
+    splits = from_config("cars196", trees["cars196"])
+    assert set(splits.train.labels) == {1, 2, 3} and set(splits.test.labels) == {99, 100, 101}
+
+
+def test_sop_paths_relative_to_root(trees):
+    splits = from_config("sop", trees["sop"])
+    assert splits.train.paths[0] == str(trees["sop"] / "cabinet_final/1001_0.JPG")
+
+
+def test_inshop_query_gallery_masks(trees):
+    splits = from_config("inshop", trees["inshop"])
+    q, g = splits.query_mask, splits.gallery_mask
+    assert q.dtype == bool and q.shape == g.shape == (len(splits.test),)
+    assert not (q & g).any() and (q | g).all()
+    assert (q.sum(), g.sum()) == (6, 3)
+    assert set(splits.test.labels[q]) == set(splits.test.labels[g]) == {7, 8, 9}
+    assert set(splits.train.labels) == {2, 3, 4}  # item ids id_00000002 -> 2
+    assert splits.info["queries_without_gallery_match"] == 0
+
+
+@pytest.mark.parametrize("test_size,ids", [("small", 2), ("medium", 4), ("large", 6)])
+def test_vehicleid_test_sizes(trees, test_size, ids):
+    splits = from_config("vehicleid", trees["vehicleid"], test_size=test_size, protocol="loo")
+    assert splits.test.num_classes == ids and splits.eval_mode == "loo"
+    assert splits.query_mask is None and splits.info["split"].endswith(
+        f"test_list_{vehicleid.TEST_LISTS[test_size]}.txt")
+
+
+def test_vehicleid_original_protocol_one_gallery_image_per_id(trees):
+    splits = from_config("vehicleid", trees["vehicleid"], protocol="original", repeats=5)
+    labels, q, g = splits.test.labels, splits.query_mask, splits.gallery_mask
+    assert splits.eval_mode == "query_gallery" and splits.info["protocol_repeats"] == 5
+    assert not (q & g).any() and (q | g).all()
+    ids, per_id = np.unique(labels[g], return_counts=True)
+    assert set(ids) == set(labels) and (per_id == 1).all()
+    # id 16 has a single image: it can only be a gallery distractor, never a query
+    assert 16 not in set(labels[q]) and splits.info["singleton_test_classes"] == 1
+    draws = vehicleid_gallery_draws(labels, repeats=5, seed=0)
+    assert len(draws) == 5
+    assert np.array_equal(draws[0][0], q) and np.array_equal(draws[0][1], g)
+    assert any(not np.array_equal(d[1], g) for d in draws[1:]), "draws differ"
+    again = vehicleid_gallery_draws(labels, repeats=5, seed=0)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(draws, again)), "deterministic in the seed"
+
+
+def test_vehicleid_loo_counts_singletons(trees):
+    splits = from_config("vehicleid", trees["vehicleid"], protocol="loo")
+    assert splits.info["singleton_test_classes"] == 1 and "query_images" not in splits.info["counts"]
+
+
+def test_vehicleid_rejects_unknown_options(trees):
+    with pytest.raises(DMLRunnerError, match="test_size"):
+        from_config("vehicleid", trees["vehicleid"], test_size="huge")
+    with pytest.raises(DMLRunnerError, match="protocol"):
+        from_config("vehicleid", trees["vehicleid"], protocol="cmc")
+
+
+def test_folder_first_half_and_split_file(trees, tmp_path):
+    splits = from_config("folder", trees["folder"])
+    assert splits.info["class_names"][:3] == ["class_00", "class_01", "class_02"]
+    assert set(splits.train.labels) == {0, 1, 2} and set(splits.test.labels) == {3, 4, 5}
+    assert any(p.endswith(".png") for p in splits.train.paths)
+    split_file = tmp_path / "train_classes.txt"
+    split_file.write_text("# my split\nclass_01\nclass_04\n\n")
+    splits = from_config("folder", trees["folder"], split_file=str(split_file))
+    assert set(splits.train.labels) == {1, 4} and set(splits.test.labels) == {0, 2, 3, 5}
+
+
+def test_folder_split_file_errors(trees, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_text("class_01\nno_such_class\n")
+    with pytest.raises(DMLRunnerError, match=r"bad\.txt:2"):
+        from_config("folder", trees["folder"], split_file=str(bad))
+    with pytest.raises(DMLRunnerError, match="missing.txt"):
+        from_config("folder", trees["folder"], split_file=str(tmp_path / "missing.txt"))
+    empty = tmp_path / "one_class"
+    make_folder(empty, n_classes=1)
+    with pytest.raises(DMLRunnerError, match="at least two"):
+        from_config("folder", empty / "my_images")
+
+
+@pytest.mark.parametrize("name", ["cub200", "sop", "vehicleid"])
+def test_validation_split_is_class_disjoint_and_uses_test_transform(trees, name):
+    splits = from_config(name, trees[name], transform="caffe_227", val_fraction=0.5)
+    assert splits.val is not None and splits.info["val_fraction"] == 0.5
+    train, val, test = set(splits.train.labels), set(splits.val.labels), set(splits.test.labels)
+    assert train and val and not train & val and not val & test
+    assert splits.val.transform is splits.test.transform
+    assert splits.val[0][0].shape == (3, 227, 227)
+    assert splits.info["counts"]["train_classes"] == len(train | val)  # counted before the hold-out
+
+
+def test_loaders_work_with_worker_processes(trees):
+    splits = from_config("cub200", trees["cub200"], transform="rrc_224")
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=4, num_workers=2, persistent_workers=True)
+    images, labels = next(iter(loader))
+    assert images.shape == (4, 3, 224, 224) and labels.tolist() == [1, 1, 1, 2]
+
+
+# ---------------------------------------------------------------- counts against the official ones
+
+def test_partial_download_warns_loudly(trees):
+    with pytest.warns(DatasetCountWarning, match="NOT comparable"):
+        splits = from_config("cub200", trees["cub200"])
+    assert "train_images 9 (official 5864)" in splits.info["count_warning"]
+    assert splits.info["official_counts"] == cub200.OFFICIAL_COUNTS
+
+
+def test_matching_counts_do_not_warn(trees, monkeypatch):
+    monkeypatch.setattr(cub200, "OFFICIAL_COUNTS", {"train_images": 9, "train_classes": 3, "test_images": 9,
+                                                    "test_classes": 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DatasetCountWarning)
+        splits = cub200.build(str(trees["cub200"]))
+    assert "count_warning" not in splits.info
+
+
+def test_query_gallery_counts_are_compared(trees):
+    with pytest.warns(DatasetCountWarning, match="query_images 6 \\(official 14218\\)"):
+        inshop.build(str(trees["inshop"]))
+    splits = vehicleid.build(str(trees["vehicleid"]), test_size="small")
+    assert splits.info["official_counts"]["gallery_images"] == 800
+    assert splits.info["official_counts"]["query_images"] == 7332 - 800
+
+
+# ---------------------------------------------------------------- bad input
+
+BUILDERS = {"cub200": cub200.build, "cars196": cars196.build, "sop": sop.build, "inshop": inshop.build,
+            "vehicleid": vehicleid.build, "folder": folder.build}
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_missing_root_names_path_and_source(tmp_path, name):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(DMLRunnerError) as err:
+        BUILDERS[name](str(missing))
+    message = str(err.value)
+    assert str(missing) in message and "scripts/prepare_data.py" in message
+    if name != "folder":
+        assert "http" in message
+
+
+SPLIT_FILES = {"cub200": "images.txt", "cars196": "cars_annos.mat", "sop": "Ebay_test.txt",
+               "inshop": "Eval/list_eval_partition.txt", "vehicleid": "train_test_split/test_list_2400.txt"}
+
+
+@pytest.mark.parametrize("name", sorted(SPLIT_FILES))
+def test_missing_split_file_names_path_and_source(tmp_path, name):
+    root = MAKERS[name](tmp_path)
+    (root / SPLIT_FILES[name]).unlink()
+    with pytest.raises(DMLRunnerError) as err:
+        BUILDERS[name](str(root))
+    assert str(root / SPLIT_FILES[name]) in str(err.value) and "http" in str(err.value)
+    assert f"prepare_data.py {name}" in str(err.value)
+
+
+def test_missing_image_is_an_error_naming_it_or_skipped_and_counted(tmp_path):
+    root = make_cub200(tmp_path)
+    victim = next((root / "images").rglob("*.jpg"))
+    victim.unlink()
+    with pytest.raises(DMLRunnerError, match=victim.name):
+        cub200.build(str(root))
+    splits = cub200.build(str(root), skip_bad_images=True)
+    assert splits.info["skipped_images"] == {"train": 1}
+    assert len(splits.train) == 8 and str(victim) not in splits.train.paths
+
+
+def test_corrupt_image_names_file_at_load_time_or_up_front(tmp_path):
+    root = make_sop(tmp_path)
+    victim = root / "bicycle_final" / "1003_0.JPG"  # class 3 -> super class 1 (bicycle)
+    victim.write_bytes(b"not a jpeg at all")
+    splits = sop.build(str(root))  # existence is checked up front, decoding lazily
+    index = splits.train.paths.index(str(victim))
+    with pytest.raises(DMLRunnerError, match="1003_0.JPG"):
+        splits.train[index]
+    with pytest.raises(DMLRunnerError, match="missing or unreadable"):
+        sop.build(str(root), verify_images=True)
+    splits = sop.build(str(root), verify_images=True, skip_bad_images=True)
+    assert splits.info["skipped_images"] == {"train": 1} and str(victim) not in splits.train.paths
+
+
+def test_truncated_jpeg_is_unreadable(tmp_path):
+    root = make_folder(tmp_path)
+    victim = root / "class_05" / "2.jpg"
+    victim.write_bytes(victim.read_bytes()[:100])
+    splits = folder.build(str(root))
+    with pytest.raises(DMLRunnerError, match="2.jpg"):
+        splits.test[len(splits.test) - 1]
+
+
+def _rewrite_line(path: Path, lineno: int, text: str) -> None:
+    lines = path.read_text().splitlines()
+    lines[lineno - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("name,file,lineno,text,match", [
+    ("cub200", "images.txt", 3, "3", r"images\.txt:3: expected 2 fields"),
+    ("cub200", "image_class_labels.txt", 2, "2 two", r"image_class_labels\.txt:2: class_id must be an integer"),
+    ("cub200", "image_class_labels.txt", 4, "4 201", r"image_class_labels\.txt:4: class_id 201"),
+    ("sop", "Ebay_train.txt", 3, "2 1 2", r"Ebay_train\.txt:3: expected 4 fields"),
+    ("sop", "Ebay_test.txt", 1, "id class super path", r"Ebay_test\.txt:1: expected the header"),
+    ("inshop", "Eval/list_eval_partition.txt", 5, "img/x.jpg id_00000002 validation",
+     r"list_eval_partition\.txt:5: evaluation_status"),
+    ("inshop", "Eval/list_eval_partition.txt", 4, "img/x.jpg 00000002 train", r"list_eval_partition\.txt:4: item_id"),
+    ("inshop", "Eval/list_eval_partition.txt", 1, "52712", r"declares 52712 images"),
+    ("vehicleid", "train_test_split/train_list.txt", 2, "0000002 car", r"train_list\.txt:2: vehicle_id"),
+])
+def test_malformed_lines_name_file_and_line(tmp_path, name, file, lineno, text, match):
+    root = MAKERS[name](tmp_path)
+    _rewrite_line(root / file, lineno, text)
+    with pytest.raises(DMLRunnerError, match=match):
+        BUILDERS[name](str(root))
+
+
+def test_cars_malformed_annotations(tmp_path):
+    root = make_cars196(tmp_path)
+    write_cars_annos(root / "cars_annos.mat", [("car_ims/000001.jpg", 1, 0), ("car_ims/000002.jpg", 197, 0)])
+    with pytest.raises(DMLRunnerError, match="entry 2 .*class 197"):
+        cars196.build(str(root))
+    (root / "cars_annos.mat").write_bytes(b"garbage")
+    with pytest.raises(DMLRunnerError, match="cars_annos.mat"):
+        cars196.build(str(root))
+    import scipy.io
+    scipy.io.savemat(str(root / "cars_annos.mat"), {"something_else": np.zeros(3)})
+    with pytest.raises(DMLRunnerError, match="no variable 'annotations'"):
+        cars196.build(str(root))
+
+
+def test_overlapping_official_splits_are_rejected(tmp_path):
+    root = make_sop(tmp_path, train_classes=(1, 2), test_classes=(2, 3))
+    with pytest.raises(DMLRunnerError, match="share 1 class"):
+        sop.build(str(root))
+    root = make_inshop(tmp_path / "x")
+    rows = [("img/a.jpg", "id_00000001", "train"), ("img/b.jpg", "id_00000001", "query")]
+    write_inshop_partition(root / "Eval" / "list_eval_partition.txt", rows)
+    with pytest.raises(DMLRunnerError, match="item-disjoint"):
+        inshop.build(str(root))
+
+
+# ---------------------------------------------------------------- transforms
+
+def test_transform_shapes_and_normalisation():
+    from PIL import Image
+    image = Image.new("RGB", (300, 200), (124, 116, 104))  # ~ the ImageNet mean
+    for tf, side in ((caffe_227(train=True), 227), (caffe_227(train=False), 227),
+                     (caffe_227(train=False, resize_mode="shorter"), 227), (rrc_224(train=True), 224),
+                     (rrc_224(train=False), 224)):
+        out = tf(image)
+        assert out.shape == (3, side, side) and out.abs().max() < 0.05
+
+
+def test_resolve_transforms_accepts_names_specs_and_none():
+    train, test, name = resolve_transforms(None, "rrc_224")
+    assert name == "rrc_224 (dataset default)"
+    train, test, name = resolve_transforms("caffe_227", "rrc_224")
+    assert name == "caffe_227"
+    spec = {"_target_": "dml_runner.datasets.transforms.rrc_224", "train": False}
+    train, test, name = resolve_transforms({"train": spec, "test": None, "name": "mine"}, "caffe_227")
+    assert "mine" in name and "dataset default" in name
+    with pytest.raises(ValueError, match="unknown transform"):
+        resolve_transforms("blur", "rrc_224")
