@@ -19,30 +19,8 @@ pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
 from pytorch_metric_learning.distances import LpDistance  # noqa: E402
 from pytorch_metric_learning.reducers import DoNothingReducer, MeanReducer  # noqa: E402
 
-ATOL = 2e-5
-
-
-def batch(seed: int = 0, n: int = 12, dim: int = 6, classes: int = 4, normalize: bool = True):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
-    if normalize:
-        x = torch.nn.functional.normalize(x, dim=1)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    return x.requires_grad_(True), labels
-
-
-def value_and_grad(fn, x):
-    x = x.detach().clone().requires_grad_(True)
-    value = fn(x)
-    (grad,) = torch.autograd.grad(value, x)
-    return value.detach().double(), grad.double()
-
-
-def assert_matches(ours, reference, x, atol=ATOL):
-    v1, g1 = value_and_grad(ours, x)
-    v2, g2 = value_and_grad(reference, x)
-    torch.testing.assert_close(v1, v2, atol=atol, rtol=1e-4)
-    torch.testing.assert_close(g1, g2, atol=atol, rtol=1e-4)
+ATOL = ref.ATOL
+batch, assert_matches = ref.batch, ref.assert_matches
 
 
 def lp():

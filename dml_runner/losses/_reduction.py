@@ -30,11 +30,16 @@ def reduce(values: Tensor, reduction: str) -> Tensor:
     raise ValueError(f"unknown reduction {reduction!r}; expected 'mean' or 'nonzero_mean'")
 
 
-# Stands in for log(0) in masked log-sum-exps: finite, so rows with nothing to sum give a finite (ignored) value
-# and a zero gradient instead of the NaN that -inf - (-inf) would produce.
+# What masked_logsumexp returns for a row with nothing to sum: a finite stand-in for log(0), so that later
+# arithmetic (logaddexp, differences) stays finite and the gradient is 0 rather than NaN.
 LOG_ZERO = -1e4
 
 
 def masked_logsumexp(values: Tensor, mask: Tensor, dim: int = -1) -> Tensor:
-    """``log sum_{mask} exp(values)`` along ``dim``; a row with an empty mask gives about ``LOG_ZERO``."""
-    return torch.logsumexp(values.masked_fill(~mask, LOG_ZERO), dim=dim)
+    """``log sum_{mask} exp(values)`` along ``dim``, exact for any magnitude of ``values``; ``LOG_ZERO`` for a
+    row whose mask is empty (with a zero gradient)."""
+    nonempty = mask.any(dim=dim, keepdim=True)
+    # -inf drops masked entries exactly; an empty row is filled with 0s instead so its logsumexp stays finite
+    filler = torch.where(nonempty, float("-inf"), 0.0).to(values.dtype)
+    out = torch.logsumexp(torch.where(mask, values, filler), dim=dim)
+    return out.masked_fill(~nonempty.squeeze(dim), LOG_ZERO)
