@@ -1,0 +1,58 @@
+"""`dml-run`: the Hydra entry point (train + evaluate). Thin on purpose: the work is in :func:`dml_runner.run.run`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from dml_runner import DMLRunnerError
+from dml_runner.config import conf_dir, register_configs
+
+log = logging.getLogger("dml_runner")
+register_configs()
+
+
+def _hydra_meta() -> dict[str, Any]:
+    hc = HydraConfig.get()
+    return {"output_dir": hc.runtime.output_dir, "overrides": list(hc.overrides.task),
+            "choices": {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
+            "job_num": hc.job.num if hc.mode == RunMode.MULTIRUN else None}
+
+
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
+def app(cfg: DictConfig) -> float | None:
+    from dml_runner.run import format_results_table, run, write_failure
+
+    meta = _hydra_meta()
+    out_dir = Path(meta["output_dir"])
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        results = run(cfg, out_dir, meta)
+    except (DMLRunnerError, Exception) as err:  # noqa: BLE001 - recorded, then re-raised or reported
+        write_failure(out_dir, cfg, err, meta)
+        if multirun:
+            # One crashed job must not lose the sweep: it is recorded as failed and the sweep goes on.
+            log.error("job %s failed: %s (recorded in %s)", meta["job_num"], err, out_dir / "results.json")
+            return None
+        if isinstance(err, DMLRunnerError):
+            print(f"dml-run: error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+        raise
+    print(format_results_table(results))
+    print(f"outputs: {out_dir}")
+    return results["metrics"].get("recall@1")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The training-method contract: what happens to one batch, and which batches an epoch sees.
+
+The trainer (``dml_runner.trainer``) owns the loop, devices, AMP, evaluation, checkpoints and the NaN guard; a
+method owns the optimisation. Methods are plain Python objects built from ``conf/method/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainContext:
+    """Everything a method may need, handed over by the trainer before training starts."""
+
+    model: nn.Module
+    loss: nn.Module
+    device: torch.device
+    make_optimizer: Callable[..., torch.optim.Optimizer]
+    make_scheduler: Callable[..., Any] | None
+    train_set: Any
+    make_sampler: Callable[..., Any]
+    make_loader: Callable[..., Iterable]
+    embed: Callable[..., torch.Tensor]  # embed(dataset, features=False) -> (N, D) tensor on the CPU
+    autocast: Callable[[], Any]
+    epochs: int
+    head_lr_mult: float = 1.0
+    loss_lr_mult: float = 1.0
+    grad_clip: float | None = None
+    log: Callable[[str], None] = print
+    extra_history: dict[str, Any] = field(default_factory=dict)  # per-epoch values a method wants in history.csv
+
+
+class Method:
+    """Base class. Subclasses override :meth:`compute_loss` and, if needed, the other hooks."""
+
+    ctx: TrainContext
+
+    def setup(self, ctx: TrainContext) -> None:
+        """Build optimisers and schedulers (the model and loss are already on ``ctx.device``)."""
+        self.ctx = ctx
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each epoch (1-based), e.g. to re-cluster."""
+
+    def batches(self, epoch: int) -> Iterable:
+        """Batches of this epoch: tuples ``(images, labels, *extra)`` of CPU tensors."""
+        raise NotImplementedError
+
+    def compute_loss(self, batch: tuple) -> dict[str, torch.Tensor]:
+        """Forward pass on a device batch; returns ``{"loss": scalar, ...other scalars to log}``."""
+        raise NotImplementedError
+
+    def backward_and_step(self, losses: dict[str, torch.Tensor]) -> None:
+        """Backward pass and optimiser step(s); only called when the loss is finite."""
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        """Step schedulers; return values (e.g. learning rate) to record in history."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def param_groups(model: nn.Module, loss: nn.Module, head_lr_mult: float, loss_lr_mult: float,
+                 base_lr: float) -> list[dict[str, Any]]:
+    """Optimiser parameter groups: backbone trunk, embedding head (x head_lr_mult), loss parameters (x loss_lr_mult).
+
+    Frozen parameters (``requires_grad=False``) are left out; empty groups are dropped.
+    """
+    head = getattr(model, "head", None)
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    trunk = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    head_params = [p for p in (head.parameters() if head is not None else []) if p.requires_grad]
+    loss_params = [p for p in loss.parameters() if p.requires_grad]
+    groups = [
+        {"params": trunk, "lr": base_lr, "name": "trunk"},
+        {"params": head_params, "lr": base_lr * head_lr_mult, "name": "head"},
+        {"params": loss_params, "lr": base_lr * loss_lr_mult, "name": "loss"},
+    ]
+    return [g for g in groups if g["params"]]

@@ -1,0 +1,189 @@
+"""Build every object of a run from its composed config, train, evaluate and write the run directory.
+
+This is the config layer: it knows ``hydra.utils.instantiate`` but not ``@hydra.main`` (see :mod:`dml_runner.cli`),
+so tests and notebooks can call :func:`run` with a config composed by Hydra's compose API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dml_runner import DMLRunnerError, __version__
+from dml_runner.config import to_container
+
+log = logging.getLogger(__name__)
+
+
+def git_info() -> dict[str, Any]:
+    """Commit and dirty flag of the checkout dml_runner was imported from (None outside a git checkout)."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate with an error message that names the config group."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, DMLRunnerError):
+            raise cause
+        raise DMLRunnerError(f"could not build `{what}` from its config: {err}") from err
+
+
+def build_evaluate(cfg: DictConfig, recall_at: list[int]) -> Any:
+    from dml_runner.evaluation import evaluate
+
+    e = cfg.eval
+    return partial(evaluate, recall_at=tuple(recall_at), metrics=tuple(e.metrics), device=e.device,
+                   seed=cfg.trainer.seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
+                   kmeans_iters=e.kmeans_iters)
+
+
+def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train and evaluate one configuration; writes results.json, history.csv, embeddings.npz and checkpoints."""
+    from dml_runner.trainer import FitSettings, Trainer, resolve_device, seed_everything
+
+    started = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = FitSettings(**{f.name: cfg.trainer[f.name] for f in dataclasses.fields(FitSettings)
+                              if f.name in cfg.trainer})
+    resolve_device(settings.device)  # fail fast on a bad device before loading data
+    seed_everything(settings.seed)
+    if settings.deterministic:
+        import torch
+
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+    data = _instantiate(cfg.dataset, "dataset")
+    counts = data.counts()
+    log.info("dataset %s: %s", data.name, ", ".join(f"{k}={v}" for k, v in counts.items()))
+    if data.info.get("count_warning"):
+        log.warning("DATASET COUNTS DIFFER FROM THE OFFICIAL ONES: %s", data.info["count_warning"])
+    model = _instantiate(cfg.backbone, "backbone", in_channels=data.train.in_channels)
+    loss = _instantiate(cfg.loss, "loss")
+    method = _instantiate(cfg.method, "method")
+    make_optimizer = _instantiate(cfg.optimizer, "optimizer")
+    make_scheduler = _instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") and \
+        cfg.scheduler.get("_target_") else None
+    sampler_node = cfg.sampler
+
+    def make_sampler(labels: Any, batch_size: int | None = None, seed: int | None = None) -> Any:
+        return _instantiate(sampler_node, "sampler", labels=labels,
+                            batch_size=settings.batch_size if batch_size is None else batch_size,
+                            seed=settings.seed if seed is None else seed)
+
+    recall_at = list(cfg.eval.recall_at)
+    if cfg.eval.use_dataset_recall_at and data.eval_recall_at:
+        recall_at = list(data.eval_recall_at)
+    trainer = Trainer(settings, data, model, loss, method, make_optimizer, make_scheduler, make_sampler,
+                      build_evaluate(cfg, recall_at), out_dir)
+    outcome = trainer.fit()
+
+    results = {
+        "status": "completed",
+        "metrics": outcome["final"]["metrics"],
+        "final_epoch": outcome["final"]["epoch"],
+        "untrained_metrics": outcome["untrained"],
+        "best": outcome["best"],
+        "checkpoint_selected_on": outcome["selection_split"],
+        "dataset": {"name": data.name, **counts, "eval_mode": data.eval_mode, "recall_at": recall_at,
+                    "info": data.info},
+        "model": {**getattr(model, "info", {}), "embedding_dim": getattr(model, "embedding_dim", None)},
+        "device": outcome["device"],
+        "amp_bf16": outcome["amp"],
+        "wall_time_s": round(time.time() - started, 2),
+        "train_time_s": round(outcome["wall_time_s"], 2),
+        "git": git_info(),
+        "versions": _versions(),
+        **(hydra_meta or {}),
+        "config": to_container(cfg),
+    }
+    write_json_atomic(results, out_dir / "results.json")
+    return results
+
+
+def write_failure(out_dir: Path, cfg: DictConfig | None, error: BaseException,
+                  hydra_meta: dict[str, Any] | None = None) -> None:
+    """Record a failed run (a sweep summary lists it as failed); never overwrites a completed results.json."""
+    path = Path(out_dir) / "results.json"
+    if path.exists():
+        return
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    payload = {"status": "failed", "error": f"{type(error).__name__}: {error}", **(hydra_meta or {})}
+    if cfg is not None:
+        try:
+            payload["config"] = to_container(cfg)
+        except Exception:  # an unresolvable config is itself a reason for the failure
+            payload["config"] = OmegaConf.to_container(cfg, resolve=False)
+    write_json_atomic(payload, path)
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    out = {"dml_runner": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "numpy": numpy.__version__}
+    try:
+        import faiss
+
+        out["faiss"] = getattr(faiss, "__version__", "?")
+    except ImportError:
+        pass
+    return out
+
+
+def format_results_table(results: dict[str, Any]) -> str:
+    """A small text table: untrained network, final epoch and best checkpoint, one column per metric."""
+    rows = []
+    if results.get("untrained_metrics"):
+        rows.append(("untrained (epoch 0)", results["untrained_metrics"]))
+    rows.append((f"final (epoch {results['final_epoch']})", results["metrics"]))
+    best = results.get("best")
+    if best:
+        rows.append((f"best on {best['split']} (epoch {best['epoch']})", best["test_metrics"]))
+    keys = [k for k in results["metrics"] if not k.startswith("num_")]
+    width = max(len(r[0]) for r in rows)
+    lines = [" " * width + "  " + "  ".join(f"{k:>10}" for k in keys)]
+    for name, metrics in rows:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * metrics[k]:>10.2f}" for k in keys))
+    ds = results["dataset"]
+    header = (f"test metrics (%) on {ds['name']}: {ds['test_images']} images, {ds['test_classes']} unseen classes; "
+              f"device {results['device']}, {results['wall_time_s']:.1f} s")
+    return header + "\n" + "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use the dml-run command")

@@ -1,0 +1,293 @@
+"""The training loop: devices, AMP, evaluation schedule, checkpoints, history and the NaN guard.
+
+Plain PyTorch; :mod:`dml_runner.run` builds the objects from the config and calls :func:`fit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from dml_runner import DMLRunnerError
+from dml_runner.datasets.base import DatasetSplits, LabelledDataset
+from dml_runner.methods.base import Method, TrainContext
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(DMLRunnerError):
+    """The loss became NaN or infinite."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; an explicit ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DMLRunnerError(f"trainer.device={name} but PyTorch sees no CUDA device; use trainer.device=auto or cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise DMLRunnerError(f"trainer.device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from err
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file then rename: a crash mid-write never corrupts the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class FitSettings:
+    """The trainer config as plain values (see dml_runner.config.TrainerConfig for the meaning of each)."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    eval_every: int = 5
+    eval_before_training: bool = True
+    select_on: str = "auto"
+    select_metric: str = "recall@1"
+    num_workers: int = 0
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    eval_batch_size: int = 256
+    head_lr_mult: float = 1.0
+    loss_lr_mult: float = 1.0
+    grad_clip: float | None = None
+    max_steps_per_epoch: int | None = None
+    save_checkpoints: bool = True
+    save_embeddings: bool = True
+    progress: bool = True
+    deterministic: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(self, settings: FitSettings, data: DatasetSplits, model: torch.nn.Module, loss: torch.nn.Module,
+                 method: Method, make_optimizer: Callable, make_scheduler: Callable | None,
+                 make_sampler: Callable, evaluate: Callable[..., dict[str, float]], out_dir: Path) -> None:
+        self.s = settings
+        self.data = data
+        self.device = resolve_device(settings.device)
+        self.cuda = self.device.type == "cuda"
+        self.use_amp = settings.amp and self.cuda
+        self.channels_last = settings.channels_last and self.cuda
+        self.model = model.to(self.device)
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.loss = loss.to(self.device)
+        self.method = method
+        self.evaluate_fn = evaluate
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.history: list[dict[str, Any]] = []
+        self.select_split = self._selection_split()
+        self.best: dict[str, Any] | None = None
+        self._last_emb: np.ndarray | None = None
+        self.method.setup(TrainContext(
+            model=self.model, loss=self.loss, device=self.device, make_optimizer=make_optimizer,
+            make_scheduler=make_scheduler, train_set=data.train, make_sampler=make_sampler,
+            make_loader=self.train_loader, embed=self.embed, autocast=self.autocast, epochs=settings.epochs,
+            head_lr_mult=settings.head_lr_mult, loss_lr_mult=settings.loss_lr_mult, grad_clip=settings.grad_clip,
+            log=log.info))
+
+    # ----------------------------------------------------------------------------------------- helpers
+    def _selection_split(self) -> str:
+        choice = self.s.select_on
+        if choice == "auto":
+            return "val" if self.data.val is not None else "test"
+        if choice == "val" and self.data.val is None:
+            raise DMLRunnerError("trainer.select_on=val needs a validation split: set dataset.val_fraction>0")
+        if choice not in ("val", "test"):
+            raise DMLRunnerError(f"trainer.select_on={choice!r}: use auto, val or test")
+        return choice
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.use_amp:
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_loader(self, dataset: LabelledDataset, batch_sampler: Any) -> DataLoader:
+        workers = self.s.num_workers
+        gen = torch.Generator()
+        gen.manual_seed(self.s.seed)
+        return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                          pin_memory=self.cuda and self.s.pin_memory,
+                          persistent_workers=workers > 0 and self.s.persistent_workers,
+                          worker_init_fn=_seed_worker if workers > 0 else None, generator=gen)
+
+    def to_device(self, batch: Any) -> tuple:
+        out = []
+        for item in batch:
+            if isinstance(item, torch.Tensor):
+                item = item.to(self.device, non_blocking=True)
+                if self.channels_last and item.ndim == 4:
+                    item = item.contiguous(memory_format=torch.channels_last)
+            out.append(item)
+        return tuple(out)
+
+    @torch.no_grad()
+    def embed(self, dataset: LabelledDataset, features: bool = False) -> torch.Tensor:
+        """Embeddings (or pooled trunk features) of a whole dataset in eval mode, float32 on the CPU."""
+        was_training = self.model.training
+        self.model.eval()
+        loader = DataLoader(dataset, batch_size=self.s.eval_batch_size, shuffle=False,
+                            num_workers=self.s.num_workers, pin_memory=self.cuda and self.s.pin_memory)
+        chunks = []
+        for images, _ in loader:
+            (images,) = self.to_device((images,))
+            with self.autocast():
+                out = self.model.features(images) if features else self.model(images)
+            chunks.append(out.float().cpu())
+        self.model.train(was_training)
+        return torch.cat(chunks)
+
+    def evaluate_split(self, split: str) -> tuple[dict[str, float], np.ndarray]:
+        dataset = self.data.val if split == "val" else self.data.test
+        emb = self.embed(dataset).numpy()
+        masks = {}
+        if split == "test" and self.data.eval_mode == "query_gallery":
+            masks = {"query_mask": self.data.query_mask, "gallery_mask": self.data.gallery_mask}
+        if not np.isfinite(emb).all():
+            raise TrainingDivergedError(f"the {split} embeddings contain NaN/inf; the model has diverged")
+        metrics = self.evaluate_fn(emb, dataset.labels, **masks)
+        return metrics, emb
+
+    # ----------------------------------------------------------------------------------------- main loop
+    def fit(self) -> dict[str, Any]:
+        s = self.s
+        start = time.time()
+        untrained = None
+        if s.eval_before_training:
+            untrained = self._evaluate_epoch(0, train_loss=float("nan"), epoch_time=0.0, extra={})
+        test_metrics, test_emb = None, None
+        for epoch in range(1, s.epochs + 1):
+            t0 = time.time()
+            self.model.train()
+            self.method.on_epoch_start(epoch)
+            batches = self.method.batches(epoch)
+            total = len(batches) if hasattr(batches, "__len__") else None
+            if s.max_steps_per_epoch:
+                total = min(total or s.max_steps_per_epoch, s.max_steps_per_epoch)
+            bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{s.epochs}", disable=not s.progress,
+                       leave=False, dynamic_ncols=True)
+            running, n_steps = 0.0, 0
+            for step, batch in enumerate(bar, start=1):
+                if s.max_steps_per_epoch and step > s.max_steps_per_epoch:
+                    break
+                losses = self.method.compute_loss(self.to_device(batch))
+                value = float(losses["loss"].detach())
+                if not math.isfinite(value):
+                    raise TrainingDivergedError(
+                        f"the training loss became {value} at epoch {epoch}, step {step}; stopping. The last good "
+                        f"checkpoint (if any) is kept in {self.out_dir / 'last.pt'}. Try a lower optimizer.lr, "
+                        "trainer.grad_clip=1.0 or trainer.amp=false.")
+                self.method.backward_and_step(losses)
+                running += value
+                n_steps += 1
+                bar.set_postfix(loss=f"{running / n_steps:.4f}")
+            bar.close()
+            if n_steps == 0:
+                raise DMLRunnerError("an epoch produced no batch: the training set is smaller than one batch "
+                                     "(lower trainer.batch_size)")
+            extra = self.method.on_epoch_end(epoch)
+            train_loss = running / n_steps
+            epoch_time = time.time() - t0
+            log.info("epoch %d/%d: train loss %.4f (%.1f s)", epoch, s.epochs, train_loss, epoch_time)
+            if epoch % s.eval_every == 0 or epoch == s.epochs:
+                test_metrics, test_emb = self._evaluate_epoch(epoch, train_loss, epoch_time, extra), self._last_emb
+            else:
+                self._record(epoch, train_loss, epoch_time, extra, {})
+            if s.save_checkpoints:
+                save_atomic(self._checkpoint(epoch), self.out_dir / "last.pt")
+        if s.save_embeddings and test_emb is not None:
+            self._save_embeddings(test_emb)
+        return {"final": {"epoch": s.epochs, "metrics": test_metrics},
+                "untrained": untrained, "best": self.best, "wall_time_s": time.time() - start,
+                "device": str(self.device), "amp": self.use_amp, "selection_split": self.select_split}
+
+    def _evaluate_epoch(self, epoch: int, train_loss: float, epoch_time: float,
+                        extra: dict[str, float]) -> dict[str, float]:
+        split_metrics: dict[str, dict[str, float]] = {}
+        if self.data.val is not None:
+            split_metrics["val"], _ = self.evaluate_split("val")
+        split_metrics["test"], self._last_emb = self.evaluate_split("test")
+        self._record(epoch, train_loss, epoch_time, extra, split_metrics)
+        chosen = split_metrics[self.select_split]
+        key = self.s.select_metric
+        if key not in chosen:
+            raise DMLRunnerError(f"trainer.select_metric={key!r} is not computed; available: {sorted(chosen)}")
+        log.info("epoch %d: %s", epoch, ", ".join(f"{self.select_split} {k} {v:.4f}" for k, v in chosen.items()
+                                                  if k.startswith(("recall@", "nmi", "map@r"))))
+        if epoch > 0 and (self.best is None or chosen[key] > self.best["value"]):
+            self.best = {"epoch": epoch, "split": self.select_split, "metric": key, "value": chosen[key],
+                         "test_metrics": split_metrics["test"]}
+            if self.s.save_checkpoints:
+                save_atomic(self._checkpoint(epoch, metrics=split_metrics), self.out_dir / "best.pt")
+        return split_metrics["test"]
+
+    def _record(self, epoch: int, train_loss: float, epoch_time: float, extra: dict[str, Any],
+                split_metrics: dict[str, dict[str, float]]) -> None:
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "epoch_time_s": round(epoch_time, 3)}
+        row.update(extra)
+        for split, metrics in split_metrics.items():
+            row.update({f"{split}/{k}": v for k, v in metrics.items()})
+        self.history.append(row)
+        self._write_history()
+
+    def _write_history(self) -> None:
+        columns: list[str] = []
+        for row in self.history:
+            columns += [c for c in row if c not in columns]
+        tmp = self.out_dir / "history.csv.tmp"
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.history)
+        os.replace(tmp, self.out_dir / "history.csv")
+
+    def _checkpoint(self, epoch: int, metrics: dict | None = None) -> dict[str, Any]:
+        return {"epoch": epoch, "model": self.model.state_dict(), "loss": self.loss.state_dict(),
+                "method": self.method.state_dict(), "metrics": metrics or {}}
+
+    def _save_embeddings(self, emb: np.ndarray) -> None:
+        arrays = {"embeddings": emb.astype(np.float32), "labels": self.data.test.labels}
+        if self.data.eval_mode == "query_gallery":
+            arrays.update(query_mask=self.data.query_mask, gallery_mask=self.data.gallery_mask)
+        tmp = self.out_dir / "embeddings.tmp.npz"
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, self.out_dir / "embeddings.npz")

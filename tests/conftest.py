@@ -1,0 +1,40 @@
+"""Shared test helpers: compose real configs with Hydra's compose API."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules (fixtures, oracles)
+
+
+@pytest.fixture
+def compose_cfg():
+    """compose_cfg(*overrides) -> DictConfig composed from the real conf/ tree."""
+    from hydra import compose, initialize_config_dir
+
+    from dml_runner.config import conf_dir, register_configs
+
+    register_configs()
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            return compose("config", overrides=list(overrides), return_hydra_config=False)
+
+    return _compose
+
+
+def dml_run_cmd() -> list[str]:
+    """The installed console script, next to the interpreter running the tests."""
+    script = Path(sys.executable).with_name("dml-run")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dml_runner"]
+
+
+def dml_eval_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("dml-eval")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dml_runner.eval_cli"]
