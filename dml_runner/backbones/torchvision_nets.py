@@ -67,7 +67,10 @@ def _load_local_weights(net: nn.Module, weights: str, arch: str) -> None:
         state = state["state_dict"]
     state = {k.removeprefix("module."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "aux1.", "aux2."))}
-    missing, unexpected = net.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches raise even with strict=False
+        raise DMLRunnerError(f"backbone.weights={weights} does not fit {arch}: {str(err)[:500]}") from None
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise DMLRunnerError(f"backbone.weights={weights} does not fit {arch}: missing {missing[:5]}, "
