@@ -44,15 +44,28 @@ def nmi_from_assignments(assignments: np.ndarray, labels: np.ndarray) -> float:
 
 
 def kmeans_assignments(
-    x: np.ndarray, k: int, *, seed: int = 0, iters: int = 50, use_gpu: bool = False
+    x: np.ndarray, k: int, *, seed: int = 0, iters: int = 50, backend: str = "torch",
+    device: str = "cpu", tol: float = 1e-3,
 ) -> np.ndarray:
-    """Cluster id of every row of ``x`` after seeded faiss k-means (Lloyd, random init, ``iters`` iterations)."""
+    """Cluster id of every row of ``x`` after seeded k-means with k clusters.
+
+    backend ``torch`` (default): our Lloyd iterations with bf16 assignment and early stop when fewer than ``tol`` of
+    the points change cluster (``dml_runner.evaluation.kmeans``); ``faiss``: faiss.Kmeans for exactly ``iters``
+    iterations (faiss GPU when ``device`` is cuda and faiss sees a GPU).
+    """
+    if backend == "torch":
+        from dml_runner.evaluation.kmeans import torch_kmeans
+
+        return torch_kmeans(x, k, seed=seed, iters=iters, tol=tol, device=device)[0]
+    if backend != "faiss":
+        raise ValueError(f"unknown k-means backend {backend!r}; use 'torch' or 'faiss'")
     import faiss
 
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     k = max(1, min(int(k), n))
-    km = faiss.Kmeans(d, k, niter=int(iters), seed=int(seed), gpu=bool(use_gpu),
+    use_gpu = str(device).startswith("cuda") and faiss.get_num_gpus() > 0
+    km = faiss.Kmeans(d, k, niter=int(iters), seed=int(seed), gpu=use_gpu,
                       max_points_per_centroid=max(256, n), verbose=False)
     km.train(x)
     _, assign = km.index.search(x, 1)

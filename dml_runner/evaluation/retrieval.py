@@ -76,8 +76,9 @@ def first_positive_rank(dist: torch.Tensor, pos_cols: torch.Tensor, pos_valid: t
     t1 = pd.min(dim=1).values
     big = torch.iinfo(torch.int64).max
     p1 = torch.where(pos_valid & (pd == t1[:, None]), pos_cols, torch.full_like(pos_cols, big)).min(dim=1).values
-    rank = (dist < t1[:, None]).sum(dim=1)
-    eq = (dist == t1[:, None]).sum(dim=1)
+    # Counting via a float32 sum is ~3x faster than summing booleans on CPU; exact below 2^24 items per row.
+    rank = (dist < t1[:, None]).to(dist.dtype).sum(dim=1).to(torch.int64)
+    eq = (dist == t1[:, None]).to(dist.dtype).sum(dim=1)
     tied = (eq > 1).nonzero().ravel()
     if tied.numel():
         cols = torch.arange(dist.shape[1], device=dist.device)
@@ -128,7 +129,6 @@ def exact_retrieval(
     q = torch.as_tensor(queries, device=device)
     g = torch.as_tensor(gallery, device=device)
     gn = (g * g).sum(dim=1)
-    qn = (q * q).sum(dim=1)
     pidx = build_positive_index(query_labels, gallery_labels, device)
     selft = torch.as_tensor(self_index, device=device)
     r_all = pidx.count - (selft >= 0).to(pidx.count.dtype) * (pidx.count > 0).to(pidx.count.dtype)
@@ -138,7 +138,8 @@ def exact_retrieval(
     ranks, maps, rps = [], [], []
     for s in range(0, scored.numel(), chunk_size):
         rows = scored[s : s + chunk_size]
-        dist = torch.addmm(gn[None, :], q[rows], g.T, beta=1.0, alpha=-2.0).add_(qn[rows, None]).clamp_min_(0)
+        # |g|^2 - 2 q.g: the squared distance minus the per-row constant |q|^2, which no within-row comparison needs.
+        dist = torch.addmm(gn[None, :], q[rows], g.T, beta=1.0, alpha=-2.0)
         has_self = (selft[rows] >= 0).nonzero().ravel()
         dist[has_self, selft[rows][has_self]] = float("inf")
         cols, valid = positives_of(pidx, rows, selft[rows])
