@@ -16,6 +16,7 @@ from dml_runner import DMLRunnerError
 from dml_runner.config import conf_dir, register_configs
 
 log = logging.getLogger("dml_runner")
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its import-time messages are noise here
 register_configs()
 
 

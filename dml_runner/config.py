@@ -38,6 +38,9 @@ class TrainerConfig:
     save_checkpoints: bool = True
     save_embeddings: bool = True
     progress: bool = True            # tqdm bars
+    cache_features: bool = False     # frozen trunk: compute pooled features once per image and view, train from them
+    cache_views: int = 1             # augmented views cached per image when cache_features=true
+    resume: Optional[str] = None     # null | auto (the run dir's last.pt) | /path/to/last.pt
 
 
 @dataclass

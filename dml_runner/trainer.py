@@ -93,6 +93,9 @@ class FitSettings:
     save_embeddings: bool = True
     progress: bool = True
     deterministic: bool = False
+    cache_features: bool = False
+    cache_views: int = 1
+    resume: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -123,6 +126,7 @@ class Trainer:
             make_scheduler=make_scheduler, train_set=data.train, make_sampler=make_sampler,
             make_loader=self.train_loader, embed=self.embed, autocast=self.autocast, epochs=settings.epochs,
             head_lr_mult=settings.head_lr_mult, loss_lr_mult=settings.loss_lr_mult, grad_clip=settings.grad_clip,
+            cache_features=settings.cache_features, cache_views=settings.cache_views, seed=settings.seed,
             log=log.info))
 
     # ----------------------------------------------------------------------------------------- helpers

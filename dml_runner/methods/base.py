@@ -32,6 +32,9 @@ class TrainContext:
     head_lr_mult: float = 1.0
     loss_lr_mult: float = 1.0
     grad_clip: float | None = None
+    cache_features: bool = False  # trainer.cache_features: methods with a frozen trunk may train from cached features
+    cache_views: int = 1
+    seed: int = 0
     log: Callable[[str], None] = print
     extra_history: dict[str, Any] = field(default_factory=dict)  # per-epoch values a method wants in history.csv
 

@@ -1,0 +1,83 @@
+"""End-to-end: the installed `dml-run` command, run from a directory outside the repository."""
+
+import json
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import dml_eval_cmd, dml_run_cmd
+
+
+def run_cli(args, cwd, check=True):
+    proc = subprocess.run(dml_run_cmd() + args, cwd=cwd, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dml-run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.mark.slow
+def test_dml_run_writes_the_run_directory(tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(["trainer=smoke", f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert "untrained (epoch 0)" in proc.stdout and "recall@1" in proc.stdout
+    for name in ("results.json", "history.csv", "embeddings.npz", "last.pt", "best.pt"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "completed"
+    assert set(res["metrics"]) >= {"recall@1", "recall@2", "recall@4", "recall@8", "nmi", "f1", "map@r",
+                                    "r_precision"}
+    assert res["dataset"]["train_images"] == 901 and res["dataset"]["test_images"] == 896
+    assert res["dataset"]["train_classes"] == 5 and res["dataset"]["test_classes"] == 5
+    assert res["device"] == "cpu" or res["device"].startswith("cuda")
+    assert res["wall_time_s"] > 0 and "commit" in res["git"]
+    assert res["config"]["trainer"]["epochs"] == 1 and res["choices"]["loss"] == "contrastive"
+    history = pd.read_csv(out / "history.csv")
+    assert history["epoch"].tolist() == [0, 1]
+    assert history.loc[1, "test/recall@1"] == pytest.approx(res["metrics"]["recall@1"])
+    emb = np.load(out / "embeddings.npz")
+    assert emb["embeddings"].shape == (896, 64) and emb["labels"].shape == (896,)
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and "model" in ckpt and "optimizer" in ckpt["method"]
+    # dml-eval on the saved embeddings reproduces the run's retrieval numbers
+    evaluated = subprocess.run(dml_eval_cmd() + [str(out / "embeddings.npz"), "--json", str(tmp_path / "e.json")],
+                               capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    again = json.loads((tmp_path / "e.json").read_text())
+    for key in ("recall@1", "recall@8", "map@r", "r_precision"):
+        assert again[key] == pytest.approx(res["metrics"][key], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_multirun_writes_a_summary_and_survives_a_failed_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "trainer=smoke", "trainer.eval_before_training=false", "trainer.save_checkpoints=false",
+                    "trainer.select_metric=recall@1,no_such_metric", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert summary["status"].tolist() == ["completed", "failed"], proc.stdout
+    assert "no_such_metric" in summary.loc[1, "error"]
+    assert 0.0 <= summary.loc[0, "recall@1"] <= 1.0
+    assert json.loads((sweep / "0" / "results.json").read_text())["status"] == "completed"
+
+
+def test_unknown_option_gives_hydras_message(tmp_path):
+    proc = run_cli(["trainer.no_such_field=1"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "no_such_field" in proc.stderr
+
+
+def test_unknown_group_option_lists_the_available_ones(tmp_path):
+    proc = run_cli(["loss=no_such_loss"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "no_such_loss" in proc.stderr and "contrastive" in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path):
+    proc = run_cli(["trainer=smoke", "trainer.device=cuda", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path,
+                   check=False)
+    assert proc.returncode == 1
+    assert "trainer.device=cuda" in proc.stderr and "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "failed"
