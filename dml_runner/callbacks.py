@@ -27,7 +27,12 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
             continue
         res = json.loads(path.read_text())
         row["status"] = res.get("status", "unknown")
-        row["overrides"] = " ".join(res.get("overrides", []))
+        overrides = res.get("overrides", [])
+        row["overrides"] = " ".join(overrides)
+        row["override_keys"] = [item.partition("=")[0].lstrip("+~") for item in overrides]
+        for item in overrides:  # one column per overridden key, so sweeps can be grouped and plotted
+            key, _, value = item.partition("=")
+            row[key.lstrip("+~")] = _parse_value(value)
         if row["status"] == "completed":
             row.update({k: v for k, v in res["metrics"].items()})
             best = res.get("best") or {}
@@ -40,6 +45,28 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
             row["error"] = res.get("error")
         rows.append(row)
     return rows
+
+
+def _parse_value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def swept_numeric_params(frame: Any, rows: list[dict[str, Any]]) -> list[str]:
+    """Override keys (seeds excepted) that take several numeric values across the jobs: the x axes of sweep plots."""
+    keys = {k for r in rows for k in r.get("override_keys", [])}
+    out = []
+    for key in sorted(keys):
+        if key.endswith("seed"):
+            continue
+        values = frame[key].dropna()
+        if values.nunique() > 1 and all(isinstance(v, (int, float)) for v in values):
+            out.append(key)
+    return out
 
 
 class SweepSummary(Callback):
@@ -55,7 +82,13 @@ class SweepSummary(Callback):
         if not rows:
             return
         frame = pd.DataFrame(rows)
-        frame.to_csv(sweep_dir / "summary.csv", index=False)
+        frame.drop(columns=["override_keys"], errors="ignore").to_csv(sweep_dir / "summary.csv", index=False)
+        from dml_runner.plots import plot_sweep
+
+        for param in swept_numeric_params(frame, rows):
+            png = plot_sweep(frame, param, sweep_dir / f"sweep_{param}.png")
+            if png:
+                print(f"sweep plot: {png}")
         shown = [c for c in ("job", "status", "overrides", "recall@1", "nmi", "map@r") if c in frame]
         log.info("sweep summary (%s):\n%s", sweep_dir / "summary.csv", frame[shown].to_string(index=False))
         print(f"sweep summary: {sweep_dir / 'summary.csv'}")

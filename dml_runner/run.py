@@ -131,7 +131,24 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
         "config": to_container(cfg),
     }
     write_json_atomic(results, out_dir / "results.json")
+    _plot_history(out_dir, f"{data.name} / {cfg_choice(hydra_meta, 'loss')}")
     return results
+
+
+def cfg_choice(hydra_meta: dict[str, Any] | None, group: str) -> str:
+    return str((hydra_meta or {}).get("choices", {}).get(group, ""))
+
+
+def _plot_history(out_dir: Path, title: str) -> None:
+    """learning_curves.png next to history.csv; a plotting failure never fails a finished run."""
+    import pandas as pd
+
+    from dml_runner.plots import plot_learning_curves
+
+    try:
+        plot_learning_curves(pd.read_csv(out_dir / "history.csv"), out_dir / "learning_curves.png", title=title)
+    except Exception as err:  # noqa: BLE001
+        log.warning("could not plot learning curves: %s", err)
 
 
 def write_failure(out_dir: Path, cfg: DictConfig | None, error: BaseException,
