@@ -1,0 +1,333 @@
+"""Divide and Conquer the Embedding Space (Sanakoyeu, Tschernezki, Buechler, Ommer, CVPR 2019).
+
+Divide: k-means (faiss) over the whole, non-augmented training set splits the data into K clusters; learner k owns
+the contiguous embedding slice ``[k*ceil(d/K), min((k+1)*ceil(d/K), d))``, L2-normalised on its own, and is trained
+only on class-balanced batches from cluster k (its own copy of the loss). Cluster batches are interleaved
+round-robin; every ``recluster_every`` epochs the data are re-clustered and the new clusters matched to the old ones
+(Hungarian algorithm on member overlap) so that learner k keeps its data. Conquer: the last ``finetune_epochs``
+train the full embedding on all data (K = 1), exactly as :class:`~dml_runner.methods.standard.StandardMethod`.
+See docs/DIVIDE_CONQUER.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dml_runner import DMLRunnerError
+from dml_runner.methods.base import TrainContext, param_groups
+from dml_runner.methods.standard import StandardMethod
+
+CLUSTER_ON = ("embedding", "features")
+SMALL_CLUSTER = ("shrink", "skip")
+_MISSING = object()
+
+
+# ------------------------------------------------------------------------------------------------ pure helpers
+def learner_slices(embedding_dim: int, num_clusters: int) -> list[slice]:
+    """Embedding neurons of each learner: ``[k*ceil(d/K), min((k+1)*ceil(d/K), d))`` (official ``init_splitted``)."""
+    width = math.ceil(embedding_dim / num_clusters)
+    slices = [slice(k * width, min((k + 1) * width, embedding_dim)) for k in range(num_clusters)]
+    if any(s.stop <= s.start for s in slices):
+        raise DMLRunnerError(
+            f"method.num_clusters={num_clusters} leaves some learners without embedding neurons "
+            f"(backbone.embedding_dim={embedding_dim}, ceil(d/K)={width}); use K <= d/ceil(d/K) or a larger d")
+    return slices
+
+
+def recluster_epochs(epochs: int, num_clusters: int, recluster_every: int, finetune_epochs: int) -> list[int]:
+    """1-based epochs that start with a (re-)clustering: 1, 1+T, 1+2T, ... before the conquer phase (none if K=1)."""
+    if num_clusters <= 1:
+        return []
+    divide_epochs = max(0, epochs - finetune_epochs)
+    return [e for e in range(1, divide_epochs + 1) if (e - 1) % recluster_every == 0]
+
+
+def kmeans_assign(x: np.ndarray, num_clusters: int, niter: int = 100, nredo: int = 5, seed: int = 0) -> np.ndarray:
+    """faiss k-means over all rows of ``x`` (no subsampling), returns the nearest-centroid id of each row."""
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    kmeans = faiss.Kmeans(x.shape[1], num_clusters, niter=niter, nredo=nredo, seed=int(seed) % 2**31,
+                          max_points_per_centroid=x.shape[0] + 1, min_points_per_centroid=1, verbose=False)
+    kmeans.train(x)
+    _, assign = kmeans.index.search(x, 1)
+    return assign.ravel().astype(np.int64)
+
+
+def match_clusters(previous: np.ndarray, current: np.ndarray, num_clusters: int) -> np.ndarray:
+    """Relabel ``current`` so that the summed overlap with ``previous`` is maximal (Hungarian algorithm).
+
+    Entries < 0 (dropped items) are ignored. Returns the relabelled copy of ``current``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    valid = (previous >= 0) & (current >= 0)
+    overlap = np.zeros((num_clusters, num_clusters), dtype=np.int64)
+    np.add.at(overlap, (previous[valid], current[valid]), 1)
+    old_ids, new_ids = linear_sum_assignment(overlap, maximize=True)
+    mapping = np.empty(num_clusters, dtype=np.int64)
+    mapping[new_ids] = old_ids
+    out = current.copy()
+    out[current >= 0] = mapping[current[current >= 0]]
+    return out
+
+
+def drop_singleton_classes(assign: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Copy of ``assign`` with -1 for every item whose class has a single image inside its cluster."""
+    _, label_ids = np.unique(labels, return_inverse=True)
+    key = assign * (label_ids.max() + 1) + label_ids
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    out = assign.copy()
+    out[(counts[inverse] == 1) | (assign < 0)] = -1
+    return out
+
+
+class InterleavedBatchSampler:
+    """Batch sampler over the whole training set: one batch of each cluster in turn (round-robin).
+
+    As the official ``merge``: an epoch holds ``K' x max_k len(sampler_k)`` batches (K' = clusters trained); a
+    cluster that runs out restarts its sampler with a fresh draw. ``learners`` lists each batch's learner id.
+    """
+
+    def __init__(self, clusters: list[tuple[int, np.ndarray, Any]]) -> None:
+        self.clusters = clusters  # (learner id, global item indices, batch sampler over those items)
+        self.plan: list[tuple[int, list[int]]] = []
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        longest = max(len(sampler) for _, _, sampler in self.clusters)
+        per_cluster = []
+        for _, members, sampler in self.clusters:
+            draws: list[list[int]] = []
+            restart = 0
+            while len(draws) < longest:
+                sampler.set_epoch(epoch + restart * 1_000_003)  # a restart draws new batches
+                draws += [members[np.asarray(b)].tolist() for b in sampler]
+                restart += 1
+            per_cluster.append(draws[:longest])
+        self.plan = [(k, per_cluster[i][j]) for j in range(longest)
+                     for i, (k, _, _) in enumerate(self.clusters)]
+
+    @property
+    def learners(self) -> list[int]:
+        return [k for k, _ in self.plan]
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (batch for _, batch in self.plan)
+
+
+class _TaggedBatches:
+    """Loader batches ``(images, labels)`` -> ``(images, labels, learner_id)`` (the id is a Python int)."""
+
+    def __init__(self, loader: Iterable, learners: list[int]) -> None:
+        self.loader, self.learners = loader, learners
+
+    def __len__(self) -> int:
+        return len(self.learners)
+
+    def __iter__(self) -> Iterator[tuple]:
+        for (images, labels, *_), k in zip(self.loader, self.learners):
+            yield images, labels, k
+
+
+# ------------------------------------------------------------------------------------------------ the method
+class DivideConquerMethod(StandardMethod):
+    """K learners on K embedding slices, each trained on its own k-means cluster of the data; then K = 1.
+
+    ``num_clusters`` K; ``recluster_every`` T epochs; ``finetune_epochs`` last epochs on the full embedding;
+    ``cluster_on`` ``embedding`` (paper) or ``features`` (official code: L2-normalised pooled backbone features);
+    ``niter`` / ``nredo`` of faiss k-means; ``normalize_slices`` L2-normalises each learner's slice;
+    ``small_cluster``: a cluster with fewer classes than a class-balanced batch needs is trained with a smaller
+    batch (``shrink``: its classes x samples_per_class, at least ``min_classes`` classes) or ``skip``-ped; a cluster
+    below ``min_classes`` classes is always skipped (logged).
+    """
+
+    def __init__(self, num_clusters: int = 8, recluster_every: int = 2, finetune_epochs: int = 10,
+                 cluster_on: str = "embedding", niter: int = 100, nredo: int = 5, normalize_slices: bool = True,
+                 small_cluster: str = "shrink", min_classes: int = 2) -> None:
+        if num_clusters < 1:
+            raise DMLRunnerError(f"method.num_clusters must be >= 1, got {num_clusters}")
+        if recluster_every < 1:
+            raise DMLRunnerError(f"method.recluster_every must be >= 1 epoch, got {recluster_every}")
+        if finetune_epochs < 0:
+            raise DMLRunnerError(f"method.finetune_epochs must be >= 0, got {finetune_epochs}")
+        if cluster_on not in CLUSTER_ON:
+            raise DMLRunnerError(f"method.cluster_on={cluster_on!r}: use one of {CLUSTER_ON}")
+        if small_cluster not in SMALL_CLUSTER:
+            raise DMLRunnerError(f"method.small_cluster={small_cluster!r}: use one of {SMALL_CLUSTER}")
+        if min_classes < 2:
+            raise DMLRunnerError(f"method.min_classes must be >= 2 (a batch needs negatives), got {min_classes}")
+        self.num_clusters = int(num_clusters)
+        self.recluster_every = int(recluster_every)
+        self.finetune_epochs = int(finetune_epochs)
+        self.cluster_on = cluster_on
+        self.niter, self.nredo = int(niter), int(nredo)
+        self.normalize_slices = normalize_slices
+        self.small_cluster = small_cluster
+        self.min_classes = int(min_classes)
+        self.assignments: np.ndarray | None = None  # raw k-means ids of the last clustering (matching reference)
+        self.divide_sampler: InterleavedBatchSampler | None = None
+        self._epoch_log: dict[str, Any] = {}
+
+    # -------------------------------------------------------------------------------------------- setup
+    def setup(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+        head = getattr(ctx.model, "head", None)
+        if self.num_clusters > 1 and (head is None or not hasattr(head, "fc")):
+            raise DMLRunnerError("method=divide_conquer needs an EmbeddingModel (trunk + head with an fc layer)")
+        embedding_dim = head.fc.out_features if head is not None else 0
+        self.slices = learner_slices(embedding_dim, self.num_clusters) if self.num_clusters > 1 else []
+        n = len(ctx.train_set)
+        if self.num_clusters > n:
+            raise DMLRunnerError(f"method.num_clusters={self.num_clusters} exceeds the {n} training images")
+        # learner k has its own copy of the loss (official: one margin loss per cluster); learner 0 uses ctx.loss,
+        # which the conquer phase trains and the trainer checkpoints
+        self.learner_losses = nn.ModuleList(
+            [ctx.loss] + [copy.deepcopy(ctx.loss) for _ in range(self.num_clusters - 1)])
+        base_lr = ctx.make_optimizer.keywords.get("lr", 1e-3) if hasattr(ctx.make_optimizer, "keywords") else 1e-3
+        groups = param_groups(ctx.model, self.learner_losses, ctx.head_lr_mult, ctx.loss_lr_mult, base_lr)
+        self.optimizer = ctx.make_optimizer(groups)
+        self.scheduler = ctx.make_scheduler(self.optimizer) if ctx.make_scheduler else None
+        # the conquer phase (and K = 1) is ordinary training on the whole set, with the same sampler and loader
+        self.sampler = ctx.make_sampler(ctx.train_set.labels)
+        self.loader = ctx.make_loader(ctx.train_set, self.sampler)
+        self.schedule = set(recluster_epochs(ctx.epochs, self.num_clusters, self.recluster_every,
+                                             self.finetune_epochs))
+        if self.num_clusters > 1 and not self.schedule:
+            ctx.log(f"divide_conquer: method.finetune_epochs={self.finetune_epochs} >= trainer.epochs="
+                    f"{ctx.epochs}: no divide epoch, this is ordinary training")
+
+    def in_divide_phase(self, epoch: int) -> bool:
+        return self.num_clusters > 1 and epoch <= self.ctx.epochs - self.finetune_epochs
+
+    # -------------------------------------------------------------------------------------------- clustering
+    def _cluster_view(self) -> Any:
+        """The training set with the test-time transform (no augmentation), in training-set order."""
+        from dml_runner.datasets.base import SubsetLabelledDataset
+
+        train = self.ctx.train_set
+        transform = getattr(self.ctx, "eval_transform", _MISSING)
+        if transform is _MISSING:
+            # TrainContext has no test transform yet: take it from the trainer's test split (see the module docs)
+            data = getattr(getattr(self.ctx.embed, "__self__", None), "data", None)
+            if data is None:
+                self.ctx.log("divide_conquer: no test-time transform known; clustering the training transform")
+                return train
+            transform = data.test.transform
+        return SubsetLabelledDataset(train, np.arange(len(train)), transform=transform)
+
+    def recluster(self, epoch: int) -> None:
+        ctx = self.ctx
+        t0 = time.time()
+        x = ctx.embed(self._cluster_view(), features=self.cluster_on == "features")
+        if self.cluster_on == "features":
+            x = F.normalize(x.float(), dim=1)
+        x = x.numpy()
+        t_embed = time.time() - t0
+        assign = kmeans_assign(x, self.num_clusters, self.niter, self.nredo, seed=ctx.seed * 7919 + epoch)
+        if self.assignments is not None:
+            assign = match_clusters(self.assignments, assign, self.num_clusters)
+        self.assignments = assign
+        self._build_cluster_sampler(epoch)
+        self._epoch_log["cluster_time_s"] = round(time.time() - t0, 3)
+        self._epoch_log["cluster_embed_time_s"] = round(t_embed, 3)
+
+    def _build_cluster_sampler(self, epoch: int) -> None:
+        ctx = self.ctx
+        labels = ctx.train_set.labels
+        kept = drop_singleton_classes(self.assignments, labels)
+        spc = getattr(self.sampler, "samples_per_class", None)
+        per_batch = getattr(self.sampler, "classes_per_batch", None)
+        clusters, sizes = [], []
+        for k in range(self.num_clusters):
+            members = np.flatnonzero(kept == k)
+            sizes.append(members.size)
+            n_classes = np.unique(labels[members]).size
+            batch_size = None
+            if n_classes < self.min_classes:
+                ctx.log(f"divide_conquer: epoch {epoch}: cluster {k} has {members.size} images of {n_classes} "
+                        f"class(es) after dropping singleton classes; learner {k} is skipped until re-clustering")
+                continue
+            if per_batch is not None and n_classes < per_batch:
+                if self.small_cluster == "skip":
+                    ctx.log(f"divide_conquer: epoch {epoch}: cluster {k} has {n_classes} classes < {per_batch} "
+                            f"per batch; learner {k} is skipped (method.small_cluster=skip)")
+                    continue
+                batch_size = n_classes * spc
+                ctx.log(f"divide_conquer: epoch {epoch}: cluster {k} has {n_classes} classes < {per_batch} "
+                        f"per batch; its batches hold {n_classes} x {spc} = {batch_size} images")
+            sampler = ctx.make_sampler(labels[members], batch_size=batch_size, seed=ctx.seed + 7919 * (k + 1))
+            clusters.append((k, members, sampler))
+        if not clusters:
+            raise DMLRunnerError(
+                f"divide_conquer: no cluster of the {self.num_clusters} holds {self.min_classes} classes; "
+                "lower method.num_clusters (the data cannot support this many learners)")
+        self.divide_sampler = InterleavedBatchSampler(clusters)
+        self.divide_loader = ctx.make_loader(ctx.train_set, self.divide_sampler)
+        self._epoch_log["cluster_sizes"] = "|".join(str(s) for s in sizes)
+        self._epoch_log["clusters_trained"] = len(clusters)
+        ctx.log(f"divide_conquer: epoch {epoch}: cluster sizes {self._epoch_log['cluster_sizes']} "
+                f"({int((kept < 0).sum())} images dropped as singleton classes)")
+
+    # -------------------------------------------------------------------------------------------- training
+    def on_epoch_start(self, epoch: int) -> None:
+        self._epoch_log = {}
+        if self.in_divide_phase(epoch) and (epoch in self.schedule or self.divide_sampler is None):
+            if epoch not in self.schedule and self.assignments is not None:
+                self._build_cluster_sampler(epoch)  # resumed between re-clusterings: reuse the saved clusters
+            else:
+                self.recluster(epoch)
+        elif self.num_clusters > 1 and epoch == self.ctx.epochs - self.finetune_epochs + 1:
+            self.ctx.log(f"divide_conquer: epoch {epoch}: conquer phase, the full embedding on all data")
+
+    def batches(self, epoch: int) -> Iterable:
+        if not self.in_divide_phase(epoch):
+            return super().batches(epoch)
+        self.divide_sampler.set_epoch(epoch)
+        return _TaggedBatches(self.divide_loader, self.divide_sampler.learners)
+
+    def learner_embedding(self, images: torch.Tensor, k: int) -> torch.Tensor:
+        """Learner k's slice of the embedding, before the head's full-vector normalisation (which would couple
+        the slices' gradients), normalised on its own."""
+        model = self.ctx.model
+        z = model.head.fc(model.head.dropout(model.features(images)))[:, self.slices[k]]
+        return F.normalize(z.float(), dim=1) if self.normalize_slices else z.float()
+
+    def compute_loss(self, batch: tuple) -> dict[str, torch.Tensor]:
+        if len(batch) < 3:
+            return super().compute_loss(batch)
+        images, labels, k = batch[0], batch[1], int(batch[2])
+        with self.ctx.autocast():
+            embeddings = self.learner_embedding(images, k)
+        return {"loss": self.learner_losses[k](embeddings.float(), labels)}
+
+    def on_epoch_end(self, epoch: int) -> dict[str, Any]:
+        out = super().on_epoch_end(epoch)
+        out["dc_learners"] = self._epoch_log.get("clusters_trained", 0) if self.in_divide_phase(epoch) else 1
+        out.update(self._epoch_log)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["learner_losses"] = self.learner_losses.state_dict()
+        state["assignments"] = None if self.assignments is None else torch.from_numpy(self.assignments)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "learner_losses" in state:
+            self.learner_losses.load_state_dict(state["learner_losses"])
+        if state.get("assignments") is not None:
+            self.assignments = state["assignments"].numpy()
