@@ -1,0 +1,253 @@
+"""Hardness-Aware Deep Metric Learning (Zheng, Chen, Lu, Zhou, CVPR 2019) over the N-pair and triplet losses.
+
+Pieces (METHODS.md §4; names as in the paper):
+
+- :func:`hardness_aware_negatives`, the augmentor: a negative ``z-`` of anchor ``z`` (positive ``z+``) is pulled
+  toward the anchor, ``z^- = z + [d+ + (d- - d+) exp(-alpha / J_avg)] / d- * (z- - z)`` when ``d+ < d-``, unchanged
+  otherwise. ``J_avg`` is the average metric loss of the recent past, so early (large-loss) synthetics stay easy.
+- the generator ``z -> FC 512 + ReLU + BN -> FC feature_dim``: maps the real tuple back to the feature space (the
+  reconstruction ``y'``) and the augmented tuple to synthetic features ``y~``;
+- the model's own embedding head, shared, embeds ``y~`` into synthetic embeddings ``z~``;
+- a softmax classifier on features, trained with cross-entropy on real ``y``, and judging ``y~`` (``J_soft``).
+
+Objectives (the official code's, ``wzzheng/HDML``): ``J_m`` the metric loss on real embeddings, ``J_syn`` the same
+loss on synthetic ones, ``J_metric = w J_m + (1 - w) J_syn`` with ``w = exp(-beta / J_gen_avg)``; ``J_recon = (1 -
+lambda) sum |y' - y|^2``; ``J_soft = softmax_factor * lambda * sum_parts mean CE(W y~ + b, label)``; ``J_gen =
+J_recon + J_soft``; ``J_cls = CE(W y + b, label)``. Each is minimised over its own parameters only
+(:class:`~dml_runner.methods.hdml.HDMLMethod` owns the three optimisers). ``J_avg`` and ``J_gen_avg`` are running
+means of the recorded ``J_m`` / ``J_gen`` (start value ``javg_init``), constants inside a step.
+
+``pulling_factor=0`` switches hardness-aware synthesis off: ``J_metric = J_m``, i.e. plain N-pair / triplet
+training of the metric layers (the generator and classifier still train, without touching them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+import torch.nn.functional as F
+
+from dml_runner import DMLRunnerError
+from dml_runner.losses._reduction import reduce
+from dml_runner.losses.distances import pairwise_distances
+from dml_runner.losses.mining import all_triplets, batch_hard_triplets, first_pair_per_class, semihard_triplets
+from dml_runner.losses.npair import npair_loss
+from dml_runner.losses.triplet import TripletLoss
+
+METRICS = ("npair", "triplet")
+_TINY = 1e-12  # floor of J_avg / J_gen_avg and of squared distances: keeps every ratio and gradient finite
+
+
+def _row_distances(x: Tensor, y: Tensor, squared: bool = False) -> Tensor:
+    sq = (x - y).square().sum(dim=-1)
+    return sq if squared else sq.clamp_min(_TINY).sqrt()
+
+
+def hardness_aware_negatives(anchor: Tensor, positive: Tensor, negative: Tensor, pulling_factor: float,
+                             j_avg: Tensor | float) -> Tensor:
+    """The augmentor (HDML Eq. 4-5), row-wise over (M, D) anchors, positives and negatives::
+
+        z^- = z + [d+ + (d- - d+) * exp(-alpha / J_avg)] / d- * (z- - z)   if d+ < d-,   else z-
+
+    with Euclidean ``d+ = |z - z+|``, ``d- = |z - z-|``. NaN-free for any ``J_avg >= 0`` (floored at 1e-12) and
+    for coincident points (``d-`` is only a denominator where ``d- > d+ >= 0``).
+
+    >>> z = torch.tensor([[0.0, 0.0]]); zp = torch.tensor([[1.0, 0.0]]); zn = torch.tensor([[0.0, 4.0]])
+    >>> hardness_aware_negatives(z, zp, zn, pulling_factor=1.0, j_avg=1e-12)  # exp(-1/J) -> 0: d^- = d+
+    tensor([[0., 1.]])
+    """
+    d_pos, d_neg = _row_distances(anchor, positive), _row_distances(anchor, negative)
+    j_avg = torch.as_tensor(j_avg, dtype=anchor.dtype, device=anchor.device)
+    if pulling_factor == 0:
+        keep = torch.ones((), dtype=anchor.dtype, device=anchor.device)
+    else:
+        keep = torch.exp(-pulling_factor / j_avg.clamp_min(_TINY))
+    ratio = (d_pos + (d_neg - d_pos) * keep) / d_neg.clamp_min(math.sqrt(_TINY))
+    pulled = anchor + ratio[:, None] * (negative - anchor)
+    return torch.where((d_pos < d_neg)[:, None], pulled, negative)
+
+
+class RunningLossMean(nn.Module):
+    """Mean of the last ``window`` finite recorded values; ``init`` until ``window`` values have been recorded.
+
+    ``update="block"`` refreshes the mean once every ``window`` records (the official code's ``data_collector``);
+    ``"sliding"`` after every record. Values are buffers, so checkpoints keep them.
+    """
+
+    def __init__(self, window: int = 64, init: float = 1e6, update: str = "block") -> None:
+        super().__init__()
+        if window < 1:
+            raise ValueError(f"javg_window must be >= 1, got {window}")
+        if update not in ("block", "sliding"):
+            raise ValueError(f"javg_update must be 'block' or 'sliding', got {update!r}")
+        self.update_mode = update
+        self.register_buffer("values", torch.zeros(window))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.tensor(float(init)))
+
+    @torch.no_grad()
+    def record(self, value: Tensor) -> None:
+        value = value.detach().float().reshape(())
+        if not bool(torch.isfinite(value)):  # a NaN step is not recorded (as the official code)
+            return
+        window = self.values.numel()
+        self.values[self.count % window] = value
+        self.count += 1
+        if self.count >= window and (self.update_mode == "sliding" or self.count % window == 0):
+            self.mean.copy_(self.values.mean())
+
+
+class HDMLGenerator(nn.Sequential):
+    """Embedding -> FC ``hidden`` + ReLU + BN -> FC ``feature_dim`` (the official code's generator)."""
+
+    def __init__(self, embedding_dim: int, feature_dim: int, hidden: int = 512) -> None:
+        super().__init__(nn.Linear(embedding_dim, hidden), nn.ReLU(), nn.BatchNorm1d(hidden),
+                         nn.Linear(hidden, feature_dim))
+        for layer in (self[0], self[3]):
+            nn.init.xavier_uniform_(layer.weight)  # TF glorot_uniform, as the official fc_block
+            nn.init.zeros_(layer.bias)
+
+
+class HDMLLoss(nn.Module):
+    """HDML over ``metric="npair"`` (batches of N classes x 2) or ``"triplet"`` (triplets mined from the batch).
+
+    Built in two steps: the config gives the hyper-parameters, :meth:`build` (called by ``HDMLMethod.setup``)
+    the generator and classifier once the feature / embedding sizes and training classes are known.
+    :meth:`forward` takes pooled features ``y`` (B, F), labels and the model's embedding head, and returns every
+    term (``"loss"`` is ``J_metric``; ``"gen"`` and ``"cls"`` are the other two objectives).
+    """
+
+    def __init__(self, metric: str = "npair", pulling_factor: float = 90.0, beta: float = 5e3, lambda_: float = 0.5,
+                 softmax_factor: float = 1e4, use_softmax: bool = True, use_reconstruction: bool = True,
+                 l2reg: float = 3e-3, margin: float = 1.0, mining: str = "all", squared: bool = False,
+                 reduction: str = "mean", javg_window: int = 64, javg_init: float = 1e6, javg_update: str = "block",
+                 generator_hidden: int = 512, method_target: str | None = None) -> None:
+        super().__init__()
+        if metric not in METRICS:
+            raise DMLRunnerError(f"loss.metric={metric!r}: HDML works over one of {METRICS}")
+        if method_target is not None and not method_target.endswith("HDMLMethod"):
+            raise DMLRunnerError(f"loss=hdml_{metric} is trained by the HDML method, but method is {method_target}: "
+                                 f"add method=hdml{' sampler=npair' if metric == 'npair' else ''} to the command "
+                                 "line (see docs/HDML.md)")
+        if pulling_factor < 0 or not 0.0 <= lambda_ <= 1.0:
+            raise DMLRunnerError("loss.pulling_factor must be >= 0 and loss.lambda_ in [0, 1]")
+        self.metric, self.pulling_factor, self.beta, self.lambda_ = metric, float(pulling_factor), beta, lambda_
+        self.softmax_factor, self.use_softmax, self.use_reconstruction = softmax_factor, use_softmax, use_reconstruction
+        self.l2reg, self.generator_hidden = l2reg, generator_hidden
+        self.triplet = TripletLoss(margin=margin, mining=mining, squared=squared, reduction=reduction) \
+            if metric == "triplet" else None
+        self.javg = RunningLossMean(javg_window, javg_init, javg_update)     # of J_m: the augmentor's J_avg
+        self.jgen_avg = RunningLossMean(javg_window, javg_init, javg_update)  # of J_gen: the weight w
+        self.generator: nn.Module | None = None
+        self.classifier: nn.Linear | None = None
+
+    # ------------------------------------------------------------------------------------------------ building
+    def build(self, feature_dim: int, embedding_dim: int, class_ids: Tensor) -> None:
+        """Create the generator and the softmax classifier (one output per training class id)."""
+        self.generator = HDMLGenerator(embedding_dim, feature_dim, self.generator_hidden)
+        self.classifier = nn.Linear(feature_dim, int(class_ids.numel()))
+        nn.init.xavier_uniform_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+        self.register_buffer("class_ids", torch.as_tensor(class_ids, dtype=torch.long).sort().values)
+
+    def class_index(self, labels: Tensor) -> Tensor:
+        return torch.searchsorted(self.class_ids, labels)
+
+    # ------------------------------------------------------------------------------------------------ pieces
+    def mix_weight(self) -> Tensor:
+        """``w = exp(-beta / J_gen_avg)``: the weight of the real-sample loss (synthetic: ``1 - w``)."""
+        return torch.exp(-self.beta / self.jgen_avg.mean.clamp_min(_TINY))
+
+    def _npair_terms(self, z: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int], Callable]:
+        """J_m, the augmented tuple (anchors then N x N pulled negatives), its labels, part sizes, J_syn(z~)."""
+        j_m = npair_loss(z, labels, self.l2reg)
+        a_idx, p_idx = first_pair_per_class(labels)
+        n, dim = a_idx.numel(), z.shape[1]
+        anchors, positives = z[a_idx], z[p_idx]
+        # row i, column j: anchor i against the positive of class j as negative (j = i: d+ = d-, left unchanged)
+        pulled = hardness_aware_negatives(
+            anchors.repeat_interleave(n, 0), positives.repeat_interleave(n, 0), positives.repeat(n, 1),
+            self.pulling_factor, self.javg.mean)
+        augmented = torch.cat([anchors, pulled])
+        aug_labels = torch.cat([labels[a_idx], labels[p_idx].repeat(n)])
+
+        def synthetic_loss(z_syn: Tensor) -> Tensor:
+            anc, neg = z_syn[:n], z_syn[n:].reshape(n, n, dim)
+            logits = torch.einsum("id,ijd->ij", anc, neg)
+            ce = F.cross_entropy(logits, torch.arange(n, device=z.device))
+            return ce + 0.25 * self.l2reg * (anc.square().sum(1).mean() + neg.square().sum(2).mean())
+
+        return j_m, augmented, aug_labels, [n, n * n], synthetic_loss
+
+    def _triplet_terms(self, z: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int], Callable]:
+        loss = self.triplet
+        j_m = loss(z, labels)
+        if loss.mining == "all":
+            a, p, neg = all_triplets(labels)
+        else:
+            miner = semihard_triplets if loss.mining == "semihard" else batch_hard_triplets
+            a, p, neg = miner(pairwise_distances(z, squared=loss.squared), labels)
+        m = a.numel()
+        pulled = hardness_aware_negatives(z[a], z[p], z[neg], self.pulling_factor, self.javg.mean)
+        augmented = torch.cat([z[a], z[p], pulled])
+        aug_labels = torch.cat([labels[a], labels[p], labels[neg]])
+
+        def synthetic_loss(z_syn: Tensor) -> Tensor:
+            anc, pos, negs = z_syn[:m], z_syn[m:2 * m], z_syn[2 * m:]
+            d_ap = _row_distances(anc, pos, loss.squared)
+            d_an = _row_distances(anc, negs, loss.squared)
+            return reduce(torch.relu(d_ap - d_an + loss.margin), loss.reduction)
+
+        return j_m, augmented, aug_labels, [m, m, m], synthetic_loss
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def forward(self, features: Tensor, labels: Tensor, head: Callable[[Tensor], Tensor] | None = None
+                ) -> dict[str, Tensor]:
+        if head is None:
+            raise DMLRunnerError("loss=hdml_* takes pooled features and the embedding head: train it with "
+                                 "method=hdml (see docs/HDML.md)")
+        if self.generator is None or self.classifier is None:
+            raise DMLRunnerError("HDMLLoss.build() was not called: train it with method=hdml")
+        features = features.float()
+        z = head(features)
+        terms = self._npair_terms if self.metric == "npair" else self._triplet_terms
+        j_m, augmented, aug_labels, parts, synthetic_loss = terms(z, labels)
+        batch = z.shape[0]
+        generated = self.generator(torch.cat([z, augmented]))
+        y_recon, y_syn = generated[:batch], generated[batch:]
+        z_syn = head(y_syn)
+        j_syn = synthetic_loss(z_syn)
+
+        zero = features.new_zeros(())
+        j_recon = (1 - self.lambda_) * (y_recon - features.detach()).square().sum() \
+            if self.use_reconstruction else zero
+        if self.use_softmax:
+            logits = self.classifier(y_syn)
+            targets = self.class_index(aug_labels)
+            # mean cross-entropy per part of the tuple, summed (the official genSoftmax)
+            ce = sum(F.cross_entropy(lg, t) for lg, t in zip(logits.split(parts), targets.split(parts)))
+            j_soft = self.softmax_factor * self.lambda_ * ce
+        else:
+            j_soft = zero
+        j_gen = j_recon + j_soft
+        j_cls = F.cross_entropy(self.classifier(features.detach()), self.class_index(labels))
+
+        w = self.mix_weight()
+        j_metric = j_m if self.pulling_factor == 0 else w * j_m + (1 - w) * j_syn
+        return {"loss": j_metric, "metric_real": j_m, "metric_syn": j_syn, "gen": j_gen, "recon": j_recon,
+                "soft": j_soft, "cls": j_cls, "weight_real": w.detach(), "javg": self.javg.mean.clone(),
+                "synthetic_labels": aug_labels}
+
+    @torch.no_grad()
+    def record(self, losses: dict[str, Tensor]) -> None:
+        """After an optimisation step: feed ``J_m`` and ``J_gen`` to the running means."""
+        self.javg.record(losses["metric_real"])
+        self.jgen_avg.record(losses["gen"])
+
+    def extra_repr(self) -> str:
+        return (f"metric={self.metric!r}, pulling_factor={self.pulling_factor}, beta={self.beta}, "
+                f"lambda_={self.lambda_}, softmax_factor={self.softmax_factor}, use_softmax={self.use_softmax}, "
+                f"use_reconstruction={self.use_reconstruction}, l2reg={self.l2reg}")

@@ -1,0 +1,156 @@
+"""HDML training (Zheng et al., CVPR 2019): three optimisers over one forward pass, and the official lr schedule.
+
+The loss (:class:`~dml_runner.losses.hdml.HDMLLoss`) computes every term; this method owns
+
+- the metric optimiser over the metric layers: the embedding head (with HDML's BatchNorm before the FC layer when
+  ``feature_bn``) and the trunk when it is not frozen; minimises ``J_metric``;
+- the generator optimiser (minimises ``J_gen``) and the softmax-classifier optimiser (``J_cls`` on real features);
+- the schedule: the metric learning rate times ``lr_gamma`` at each of ``lr_milestones`` (in steps or epochs;
+  official code: halved at steps 5632 and 6848; the generator and classifier rates stay constant);
+- with ``trainer.cache_features=true`` and a frozen trunk, training from a :class:`FeatureCache`.
+
+Each objective is back-propagated into its own parameters only (``backward(inputs=...)``), as the official
+TensorFlow code's ``minimize(loss, var_list=...)``: ``J_gen`` never moves the metric layers, ``J_metric`` never
+moves the generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dml_runner import DMLRunnerError
+from dml_runner.losses.hdml import HDMLLoss
+from dml_runner.methods.base import Method, TrainContext, param_groups
+from dml_runner.methods.feature_cache import FeatureCache, require_frozen_trunk, trunk_is_frozen
+
+_LOGGED = ("metric_real", "metric_syn", "gen", "recon", "soft", "cls", "weight_real", "javg")
+
+
+class HDMLMethod(Method):
+    def __init__(self, metric_lr: float | None = None, generator_lr: float = 1e-2, softmax_lr: float = 1e-3,
+                 lr_milestones: tuple[int, ...] | list[int] = (5632, 6848), lr_milestone_unit: str = "step",
+                 lr_gamma: float = 0.5, feature_bn: bool = True) -> None:
+        if lr_milestone_unit not in ("step", "epoch"):
+            raise DMLRunnerError(f"method.lr_milestone_unit={lr_milestone_unit!r}: use step or epoch")
+        self.metric_lr, self.generator_lr, self.softmax_lr = metric_lr, generator_lr, softmax_lr
+        self.lr_milestones, self.lr_milestone_unit, self.lr_gamma = list(lr_milestones), lr_milestone_unit, lr_gamma
+        self.feature_bn = feature_bn
+        self.cache: FeatureCache | None = None
+
+    # ------------------------------------------------------------------------------------------------ setup
+    def setup(self, ctx: TrainContext) -> None:
+        super().setup(ctx)
+        loss, model = ctx.loss, ctx.model
+        if not isinstance(loss, HDMLLoss):
+            raise DMLRunnerError(f"method=hdml trains the HDML losses, got {type(loss).__name__}: use "
+                                 "loss=hdml_npair or loss=hdml_triplet")
+        if ctx.make_scheduler is not None:
+            raise DMLRunnerError("method=hdml has its own learning-rate schedule (method.lr_milestones, "
+                                 "method.lr_gamma): use scheduler=none")
+        frozen = trunk_is_frozen(model)
+        if ctx.cache_features:
+            require_frozen_trunk(model)
+        # New layers are initialised from their own seed and leave the global RNG untouched, so data augmentation
+        # and sampling see the same random stream as a plain run of the same seed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed + 7919)
+            if self.feature_bn:  # official: pool5 -> BN -> FC; the BN joins the head, so evaluation uses it too
+                model.head.dropout = nn.Sequential(nn.BatchNorm1d(model.feature_dim), model.head.dropout)
+            loss.build(model.feature_dim, model.embedding_dim, torch.as_tensor(np.unique(ctx.train_set.labels)))
+        model.head.to(ctx.device)
+        loss.to(ctx.device)
+
+        keywords = getattr(ctx.make_optimizer, "keywords", {}) or {}
+        base_lr = self.metric_lr if self.metric_lr is not None else keywords.get("lr", 1e-3)
+        groups = param_groups(model, nn.Module(), ctx.head_lr_mult, ctx.loss_lr_mult, base_lr)
+        self.metric_params = [p for g in groups for p in g["params"]]
+        self.generator_params = list(loss.generator.parameters())
+        self.classifier_params = list(loss.classifier.parameters())
+        self.metric_opt = ctx.make_optimizer(groups)
+        self.generator_opt = ctx.make_optimizer([{"params": self.generator_params, "name": "generator"}],
+                                                lr=self.generator_lr)
+        self.classifier_opt = ctx.make_optimizer([{"params": self.classifier_params, "name": "softmax"}],
+                                                 lr=self.softmax_lr)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.metric_opt, self.lr_milestones, self.lr_gamma)
+
+        self.sampler = ctx.make_sampler(ctx.train_set.labels)
+        if ctx.cache_features:
+            self.cache = FeatureCache.build(ctx.embed, ctx.train_set, ctx.cache_views, ctx.seed)
+            ctx.log(f"HDML feature cache: {ctx.cache_views} view(s) x {len(ctx.train_set)} images, "
+                    f"{self.cache.nbytes() / 2**20:.1f} MiB")
+        else:
+            self.loader = ctx.make_loader(ctx.train_set, self.sampler)
+        info = {"metric": loss.metric, "trunk": "frozen (official code)" if frozen else "fine-tuned (paper)",
+                "trunk_frozen": frozen, "feature_bn": self.feature_bn, "feature_cache": bool(ctx.cache_features),
+                "cache_views": ctx.cache_views if ctx.cache_features else None, "pulling_factor": loss.pulling_factor,
+                "use_softmax": loss.use_softmax, "use_reconstruction": loss.use_reconstruction,
+                "lrs": {"metric": base_lr, "generator": self.generator_lr, "softmax": self.softmax_lr}}
+        if isinstance(getattr(model, "info", None), dict):
+            model.info["hdml"] = info  # recorded in results.json under "model"
+        self.info = info
+        self._sums: dict[str, torch.Tensor] = {}
+        self._steps = 0
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def batches(self, epoch: int) -> Iterable:
+        self.sampler.set_epoch(epoch)
+        self._sums, self._steps = {}, 0
+        return self.cache.batches(self.sampler, epoch) if self.cache is not None else self.loader
+
+    def compute_loss(self, batch: tuple) -> dict[str, torch.Tensor]:
+        inputs, labels = batch[0], batch[1]
+        if self.cache is not None:
+            features = inputs
+        else:
+            with self.ctx.autocast():
+                features = self.ctx.model.features(inputs)
+        out = self.ctx.loss(features.float(), labels, head=self.ctx.model.head)
+        if not (torch.isfinite(out["gen"]) and torch.isfinite(out["cls"])):
+            out["loss"] = out["loss"] + float("nan")  # let the trainer's NaN guard stop the run with its message
+        return out
+
+    def backward_and_step(self, losses: dict[str, torch.Tensor]) -> None:
+        optimisers = (self.metric_opt, self.generator_opt, self.classifier_opt)
+        for opt in optimisers:
+            opt.zero_grad(set_to_none=True)
+        losses["loss"].backward(inputs=self.metric_params, retain_graph=True)
+        if losses["gen"].requires_grad:
+            losses["gen"].backward(inputs=self.generator_params, retain_graph=True)
+        losses["cls"].backward(inputs=self.classifier_params)
+        if self.ctx.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.metric_params, self.ctx.grad_clip)
+        for opt in optimisers:
+            opt.step()
+        self.ctx.loss.record(losses)
+        if self.lr_milestone_unit == "step":
+            self.scheduler.step()
+        for key in _LOGGED:
+            value = losses[key].detach().float()
+            self._sums[key] = self._sums[key] + value if key in self._sums else value
+        self._steps += 1
+
+    def on_epoch_end(self, epoch: int) -> dict[str, float]:
+        if self.lr_milestone_unit == "epoch":
+            self.scheduler.step()
+        out = {f"lr_{g.get('name', i)}": g["lr"] for i, g in enumerate(self.metric_opt.param_groups)}
+        out["lr_generator"] = self.generator_opt.param_groups[0]["lr"]
+        out["lr_softmax"] = self.classifier_opt.param_groups[0]["lr"]
+        out.update({f"hdml/{k}": float(v) / max(self._steps, 1) for k, v in self._sums.items()})
+        return out
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"metric_optimizer": self.metric_opt.state_dict(), "generator_optimizer": self.generator_opt.state_dict(),
+                "softmax_optimizer": self.classifier_opt.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "hdml": self.info}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.metric_opt.load_state_dict(state["metric_optimizer"])
+        self.generator_opt.load_state_dict(state["generator_optimizer"])
+        self.classifier_opt.load_state_dict(state["softmax_optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
