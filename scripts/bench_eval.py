@@ -77,6 +77,7 @@ def main() -> None:
     p.add_argument("--recall-at", type=int, nargs="+", default=[1, 10, 100, 1000])
     p.add_argument("--quick", action="store_true", help="small case (8,000 x 128, 1,500 classes)")
     p.add_argument("--scaling", action="store_true", help="ours only at N = 10k, 30k, 60k, 120k")
+    p.add_argument("--sizes", type=int, nargs="+", help="with --scaling: the N values (default 10k 30k 60k 120k)")
     p.add_argument("--skip-pml", action="store_true")
     p.add_argument("--json", help="write all results to this file")
     p.add_argument("--worker", choices=["ours", "pml"], help=argparse.SUPPRESS)
@@ -87,7 +88,7 @@ def main() -> None:
         return
     if a.quick:
         a.n, a.dim, a.classes = 8000, 128, 1500
-    sizes = [10_000, 30_000, 60_000, 120_000] if a.scaling else [a.n]
+    sizes = (a.sizes or [10_000, 30_000, 60_000, 120_000]) if a.scaling else [a.n]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
