@@ -58,8 +58,14 @@ def kmeans_assign(x: np.ndarray, num_clusters: int, niter: int = 100, nredo: int
     x = np.ascontiguousarray(x, dtype=np.float32)
     kmeans = faiss.Kmeans(x.shape[1], num_clusters, niter=niter, nredo=nredo, seed=int(seed) % 2**31,
                           max_points_per_centroid=x.shape[0] + 1, min_points_per_centroid=1, verbose=False)
-    kmeans.train(x)
-    _, assign = kmeans.index.search(x, 1)
+    threads = faiss.omp_get_max_threads()
+    if x.size < 1_000_000:  # tiny problems: OpenMP start-up/spinning costs more than it saves (seconds on a busy CPU)
+        faiss.omp_set_num_threads(1)
+    try:
+        kmeans.train(x)
+        _, assign = kmeans.index.search(x, 1)
+    finally:
+        faiss.omp_set_num_threads(threads)
     return assign.ravel().astype(np.int64)
 
 
@@ -180,6 +186,7 @@ class DivideConquerMethod(StandardMethod):
         self.assignments: np.ndarray | None = None  # raw k-means ids of the last clustering (matching reference)
         self.divide_sampler: InterleavedBatchSampler | None = None
         self._epoch_log: dict[str, Any] = {}
+        self.active_learners = 0
 
     # -------------------------------------------------------------------------------------------- setup
     def setup(self, ctx: TrainContext) -> None:
@@ -277,7 +284,7 @@ class DivideConquerMethod(StandardMethod):
         self.divide_sampler = InterleavedBatchSampler(clusters)
         self.divide_loader = ctx.make_loader(ctx.train_set, self.divide_sampler)
         self._epoch_log["cluster_sizes"] = "|".join(str(s) for s in sizes)
-        self._epoch_log["clusters_trained"] = len(clusters)
+        self.active_learners = len(clusters)
         ctx.log(f"divide_conquer: epoch {epoch}: cluster sizes {self._epoch_log['cluster_sizes']} "
                 f"({int((kept < 0).sum())} images dropped as singleton classes)")
 
@@ -315,7 +322,7 @@ class DivideConquerMethod(StandardMethod):
 
     def on_epoch_end(self, epoch: int) -> dict[str, Any]:
         out = super().on_epoch_end(epoch)
-        out["dc_learners"] = self._epoch_log.get("clusters_trained", 0) if self.in_divide_phase(epoch) else 1
+        out["dc_learners"] = self.active_learners if self.in_divide_phase(epoch) else 1
         out.update(self._epoch_log)
         return out
 
