@@ -46,9 +46,14 @@ def app(cfg: DictConfig) -> float | None:
             print(f"dml-run: error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
         raise
+    if results.get("world_size", 1) > 1 and not Path(results["output_dir"], "results.json").exists():
+        return None  # a non-zero rank of a torchrun job: rank 0 reports
     print(format_results_table(results))
-    print(f"outputs: {out_dir}")
-    return results["metrics"].get("recall@1")
+    print(f"outputs: {results['output_dir']}")
+    # The value a Hydra sweeper (hparams_search=optuna) optimises: the selection metric on the VALIDATION split,
+    # never the test set (None when the run has no validation split).
+    best = results.get("best") or {}
+    return best.get("value") if best.get("split") == "val" else None
 
 
 def main() -> None:

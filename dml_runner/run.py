@@ -40,11 +40,18 @@ def git_info() -> dict[str, Any]:
 
 
 def write_json_atomic(obj: Any, path: Path) -> None:
+    """Write to a temporary file, then rename: a full disk or a crash never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=2, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
@@ -70,13 +77,99 @@ def build_evaluate(cfg: DictConfig, recall_at: list[int]) -> Any:
                    kmeans_iters=e.kmeans_iters)
 
 
+# Fields that may differ between a checkpoint's run and the run resuming it (everything else must match).
+RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress", "trainer.epochs", "trainer.num_workers",
+                     "trainer.eval_every", "trainer.eval_batch_size", "trainer.persistent_workers",
+                     "trainer.pin_memory", "trainer.device", "eval.", "tags", "scheduler.T_max")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def config_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted config keys whose values differ (ignoring RESUME_MAY_DIFFER), formatted `key: saved -> current`."""
+    a, b = _flatten(saved), _flatten(current)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(RESUME_MAY_DIFFER) or a.get(key) == b.get(key):
+            continue
+        out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return out
+
+
+def find_resume_checkpoint(resume: str | None, out_dir: Path, config: dict[str, Any],
+                           search_root: Path = Path("outputs")) -> Path | None:
+    """Resolve trainer.resume: null (start fresh), a checkpoint file or run directory, or `auto`.
+
+    `auto` takes this run directory's last.pt, else the newest unfinished run under ``search_root`` (a last.pt and
+    no completed results.json) whose config matches this one.
+    """
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        path = path / "last.pt" if path.is_dir() else path
+        if not path.is_file():
+            raise DMLRunnerError(f"trainer.resume={resume}: no checkpoint there (expected a last.pt file or a run "
+                                 "directory containing one)")
+        return path
+    if (out_dir / "last.pt").is_file():
+        return out_dir / "last.pt"
+    candidates = []
+    for cfg_file in Path(search_root).glob("**/config.json") if Path(search_root).is_dir() else []:
+        run_dir = cfg_file.parent
+        results = run_dir / "results.json"
+        if not (run_dir / "last.pt").is_file() or run_dir.resolve() == out_dir.resolve():
+            continue
+        if results.is_file() and json.loads(results.read_text()).get("status") == "completed":
+            continue
+        if not config_mismatches(json.loads(cfg_file.read_text()), config):
+            candidates.append(run_dir / "last.pt")
+    if not candidates:
+        log.info("trainer.resume=auto: no unfinished run with this config under %s; starting fresh", search_root)
+        return None
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise DMLRunnerError(f"cannot read checkpoint {path}: {err}") from err
+    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+        raise DMLRunnerError(f"{path} is not a dml-run checkpoint (no model/epoch entries)")
+    mismatched = config_mismatches(state.get("config") or {}, config)
+    if mismatched:
+        raise DMLRunnerError(f"checkpoint {path} was trained with a different config; refusing to resume. "
+                             "Mismatched fields (checkpoint -> now):\n  " + "\n  ".join(mismatched))
+    return state
+
+
 def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; writes results.json, history.csv, embeddings.npz and checkpoints."""
+    from dml_runner.distributed import dist_info_from_env
     from dml_runner.trainer import FitSettings, Trainer, resolve_device, seed_everything
 
     started = time.time()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    dist_info = dist_info_from_env()
+    config = to_container(cfg)
+    resume_path = find_resume_checkpoint(cfg.trainer.get("resume"), out_dir, config)
+    resume_state = load_checkpoint(resume_path, config) if resume_path else None
+    if resume_path and resume_path.parent.resolve() != out_dir.resolve():
+        log.info("resuming the run in %s", resume_path.parent)
+        out_dir = resume_path.parent
+    if dist_info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(config, out_dir / "config.json")
     settings = FitSettings(**{f.name: cfg.trainer[f.name] for f in dataclasses.fields(FitSettings)
                               if f.name in cfg.trainer})
     resolve_device(settings.device)  # fail fast on a bad device before loading data
@@ -108,8 +201,8 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
     if cfg.eval.use_dataset_recall_at and data.eval_recall_at:
         recall_at = list(data.eval_recall_at)
     trainer = Trainer(settings, data, model, loss, method, make_optimizer, make_scheduler, make_sampler,
-                      build_evaluate(cfg, recall_at), out_dir)
-    outcome = trainer.fit()
+                      build_evaluate(cfg, recall_at), out_dir, dist_info=dist_info, config=config)
+    outcome = trainer.fit(resume=resume_state)
 
     results = {
         "status": "completed",
@@ -125,11 +218,17 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
         "amp_bf16": outcome["amp"],
         "wall_time_s": round(time.time() - started, 2),
         "train_time_s": round(outcome["wall_time_s"], 2),
+        "resumed_from": {"checkpoint": str(resume_path), "epoch": outcome["resumed_from_epoch"]}
+        if resume_path else None,
+        "world_size": outcome["world_size"],
         "git": git_info(),
         "versions": _versions(),
         **(hydra_meta or {}),
-        "config": to_container(cfg),
+        "config": config,
+        "output_dir": str(out_dir),
     }
+    if not dist_info.is_main:
+        return results
     write_json_atomic(results, out_dir / "results.json")
     _plot_history(out_dir, f"{data.name} / {cfg_choice(hydra_meta, 'loss')}")
     return results

@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from dml_runner import DMLRunnerError
 from dml_runner.datasets.base import DatasetSplits, LabelledDataset
+from dml_runner.distributed import (DistInfo, GlobalBatchLoss, ShardedBatchSampler, average_gradients_on_step,
+                                    broadcast_module, init_distributed)
 from dml_runner.methods.base import Method, TrainContext
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,16 @@ log = logging.getLogger(__name__)
 
 class TrainingDivergedError(DMLRunnerError):
     """The loss became NaN or infinite."""
+
+
+class OutOfMemoryError(DMLRunnerError):
+    """The device ran out of memory during training."""
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """All random generators are reseeded from (seed, epoch) at every epoch start, so a run resumed at an epoch
+    boundary draws exactly the numbers the uninterrupted run drew (augmentation, dropout, sampling)."""
+    return (seed * 1_000_003 + epoch * 7_919) % 2**63
 
 
 def resolve_device(name: str) -> torch.device:
@@ -63,8 +75,16 @@ def _seed_worker(worker_id: int) -> None:
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temporary file then rename: a crash mid-write never corrupts the previous file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 @dataclass
@@ -102,10 +122,16 @@ class FitSettings:
 class Trainer:
     def __init__(self, settings: FitSettings, data: DatasetSplits, model: torch.nn.Module, loss: torch.nn.Module,
                  method: Method, make_optimizer: Callable, make_scheduler: Callable | None,
-                 make_sampler: Callable, evaluate: Callable[..., dict[str, float]], out_dir: Path) -> None:
+                 make_sampler: Callable, evaluate: Callable[..., dict[str, float]], out_dir: Path,
+                 dist_info: DistInfo | None = None, config: dict[str, Any] | None = None) -> None:
         self.s = settings
         self.data = data
+        self.dist = dist_info or DistInfo()
         self.device = resolve_device(settings.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        init_distributed(self.dist, self.device)
         self.cuda = self.device.type == "cuda"
         self.use_amp = settings.amp and self.cuda
         self.channels_last = settings.channels_last and self.cuda
@@ -113,19 +139,39 @@ class Trainer:
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.loss = loss.to(self.device)
+        if self.dist.enabled:
+            broadcast_module(self.model)
+            broadcast_module(self.loss)
         self.method = method
         self.evaluate_fn = evaluate
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config or {}
         self.history: list[dict[str, Any]] = []
         self.select_split = self._selection_split()
         self.best: dict[str, Any] | None = None
+        self.untrained: dict[str, float] | None = None
         self._last_emb: np.ndarray | None = None
+        self._last_test: dict[str, float] | None = None
+        self.start_epoch = 1
+
+        def sampler_factory(labels: Any, batch_size: int | None = None, seed: int | None = None) -> Any:
+            sampler = make_sampler(labels, batch_size=batch_size, seed=seed)
+            return ShardedBatchSampler(sampler, self.dist) if self.dist.enabled else sampler
+
+        def optimizer_factory(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+            optimizer = make_optimizer(*args, **kwargs)
+            return average_gradients_on_step(optimizer) if self.dist.enabled else optimizer
+
+        if hasattr(make_optimizer, "keywords"):  # keep the configured lr visible to methods
+            optimizer_factory.keywords = make_optimizer.keywords  # type: ignore[attr-defined]
         self.method.setup(TrainContext(
-            model=self.model, loss=self.loss, device=self.device, make_optimizer=make_optimizer,
-            make_scheduler=make_scheduler, train_set=data.train, make_sampler=make_sampler,
-            make_loader=self.train_loader, embed=self.embed, autocast=self.autocast, epochs=settings.epochs,
-            head_lr_mult=settings.head_lr_mult, loss_lr_mult=settings.loss_lr_mult, grad_clip=settings.grad_clip,
+            model=self.model, loss=GlobalBatchLoss(self.loss) if self.dist.enabled else self.loss,
+            device=self.device, make_optimizer=optimizer_factory, make_scheduler=make_scheduler,
+            train_set=data.train, make_sampler=sampler_factory, make_loader=self.train_loader, embed=self.embed,
+            autocast=self.autocast, epochs=settings.epochs, head_lr_mult=settings.head_lr_mult,
+            loss_lr_mult=settings.loss_lr_mult, grad_clip=settings.grad_clip,
             cache_features=settings.cache_features, cache_views=settings.cache_views, seed=settings.seed,
             log=log.info))
 
@@ -146,13 +192,12 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_loader(self, dataset: LabelledDataset, batch_sampler: Any) -> DataLoader:
+        """Workers draw their seeds from the global torch RNG, which is reseeded every epoch (see epoch_seed)."""
         workers = self.s.num_workers
-        gen = torch.Generator()
-        gen.manual_seed(self.s.seed)
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
                           pin_memory=self.cuda and self.s.pin_memory,
-                          persistent_workers=workers > 0 and self.s.persistent_workers,
-                          worker_init_fn=_seed_worker if workers > 0 else None, generator=gen)
+                          persistent_workers=False if workers == 0 else self.s.persistent_workers,
+                          worker_init_fn=_seed_worker if workers > 0 else None)
 
     def to_device(self, batch: Any) -> tuple:
         out = []
@@ -191,65 +236,93 @@ class Trainer:
         metrics = self.evaluate_fn(emb, dataset.labels, **masks)
         return metrics, emb
 
+    def _barrier(self) -> None:
+        if self.dist.enabled:
+            torch.distributed.barrier()
+
     # ----------------------------------------------------------------------------------------- main loop
-    def fit(self) -> dict[str, Any]:
+    def fit(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
         s = self.s
         start = time.time()
-        untrained = None
-        if s.eval_before_training:
-            untrained = self._evaluate_epoch(0, train_loss=float("nan"), epoch_time=0.0, extra={})
-        test_metrics, test_emb = None, None
-        for epoch in range(1, s.epochs + 1):
+        if resume is not None:
+            self._restore(resume)
+        elif s.eval_before_training:
+            self.untrained = self._evaluate_epoch(0, train_loss=float("nan"), epoch_time=0.0, extra={})
+        for epoch in range(self.start_epoch, s.epochs + 1):
             t0 = time.time()
+            seed_everything(epoch_seed(s.seed, epoch))
             self.model.train()
-            self.method.on_epoch_start(epoch)
-            batches = self.method.batches(epoch)
-            total = len(batches) if hasattr(batches, "__len__") else None
-            if s.max_steps_per_epoch:
-                total = min(total or s.max_steps_per_epoch, s.max_steps_per_epoch)
-            bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{s.epochs}", disable=not s.progress,
-                       leave=False, dynamic_ncols=True)
-            running, n_steps = 0.0, 0
-            for step, batch in enumerate(bar, start=1):
-                if s.max_steps_per_epoch and step > s.max_steps_per_epoch:
-                    break
-                losses = self.method.compute_loss(self.to_device(batch))
-                value = float(losses["loss"].detach())
-                if not math.isfinite(value):
-                    raise TrainingDivergedError(
-                        f"the training loss became {value} at epoch {epoch}, step {step}; stopping. The last good "
-                        f"checkpoint (if any) is kept in {self.out_dir / 'last.pt'}. Try a lower optimizer.lr, "
-                        "trainer.grad_clip=1.0 or trainer.amp=false.")
-                self.method.backward_and_step(losses)
-                running += value
-                n_steps += 1
-                bar.set_postfix(loss=f"{running / n_steps:.4f}")
-            bar.close()
-            if n_steps == 0:
-                raise DMLRunnerError("an epoch produced no batch: the training set is smaller than one batch "
-                                     "(lower trainer.batch_size)")
-            extra = self.method.on_epoch_end(epoch)
-            train_loss = running / n_steps
+            try:
+                train_loss, extra = self._train_epoch(epoch)
+            except DMLRunnerError:
+                raise
+            except RuntimeError as err:
+                if _is_oom(err):
+                    raise OutOfMemoryError(
+                        f"{self.device} ran out of memory at epoch {epoch}: lower trainer.batch_size, set "
+                        "trainer.amp=true, or use a smaller backbone. The last good checkpoint (if any) is kept in "
+                        f"{self.out_dir / 'last.pt'}.") from err
+                raise
             epoch_time = time.time() - t0
             log.info("epoch %d/%d: train loss %.4f (%.1f s)", epoch, s.epochs, train_loss, epoch_time)
             if epoch % s.eval_every == 0 or epoch == s.epochs:
-                test_metrics, test_emb = self._evaluate_epoch(epoch, train_loss, epoch_time, extra), self._last_emb
+                self._evaluate_epoch(epoch, train_loss, epoch_time, extra)
             else:
                 self._record(epoch, train_loss, epoch_time, extra, {})
-            if s.save_checkpoints:
+            if s.save_checkpoints and self.dist.is_main:
                 save_atomic(self._checkpoint(epoch), self.out_dir / "last.pt")
-        if s.save_embeddings and test_emb is not None:
-            self._save_embeddings(test_emb)
-        return {"final": {"epoch": s.epochs, "metrics": test_metrics},
-                "untrained": untrained, "best": self.best, "wall_time_s": time.time() - start,
-                "device": str(self.device), "amp": self.use_amp, "selection_split": self.select_split}
+            self._barrier()
+        if self._last_emb is None and self.dist.is_main:  # resumed after the final evaluation
+            self._last_test, self._last_emb = self.evaluate_split("test")
+        if s.save_embeddings and self.dist.is_main:
+            self._save_embeddings(self._last_emb)
+        return {"final": {"epoch": s.epochs, "metrics": self._last_test},
+                "untrained": self.untrained, "best": self.best, "wall_time_s": time.time() - start,
+                "device": str(self.device), "amp": self.use_amp, "selection_split": self.select_split,
+                "resumed_from_epoch": self.start_epoch - 1 if resume is not None else None,
+                "world_size": self.dist.world_size}
+
+    def _train_epoch(self, epoch: int) -> tuple[float, dict[str, Any]]:
+        s = self.s
+        self.method.on_epoch_start(epoch)
+        batches = self.method.batches(epoch)
+        total = len(batches) if hasattr(batches, "__len__") else None
+        if s.max_steps_per_epoch:
+            total = min(total or s.max_steps_per_epoch, s.max_steps_per_epoch)
+        bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{s.epochs}",
+                   disable=not s.progress or not self.dist.is_main, leave=False, dynamic_ncols=True)
+        running, n_steps = 0.0, 0
+        for step, batch in enumerate(bar, start=1):
+            if s.max_steps_per_epoch and step > s.max_steps_per_epoch:
+                break
+            losses = self.method.compute_loss(self.to_device(batch))
+            value = float(losses["loss"].detach())
+            if not math.isfinite(value):
+                raise TrainingDivergedError(
+                    f"the training loss became {value} at epoch {epoch}, step {step}; stopping. The last good "
+                    f"checkpoint (if any) is kept in {self.out_dir / 'last.pt'}. Try a lower optimizer.lr, "
+                    "trainer.grad_clip=1.0 or trainer.amp=false.")
+            self.method.backward_and_step(losses)
+            running += value
+            n_steps += 1
+            bar.set_postfix(loss=f"{running / n_steps:.4f}")
+        bar.close()
+        if n_steps == 0:
+            raise DMLRunnerError("an epoch produced no batch: the training set is smaller than one batch "
+                                 "(lower trainer.batch_size)")
+        return running / n_steps, self.method.on_epoch_end(epoch)
 
     def _evaluate_epoch(self, epoch: int, train_loss: float, epoch_time: float,
-                        extra: dict[str, float]) -> dict[str, float]:
+                        extra: dict[str, Any]) -> dict[str, float] | None:
+        """Evaluation runs once, on rank 0; the other ranks wait."""
+        if not self.dist.is_main:
+            self._barrier()
+            return None
         split_metrics: dict[str, dict[str, float]] = {}
         if self.data.val is not None:
             split_metrics["val"], _ = self.evaluate_split("val")
         split_metrics["test"], self._last_emb = self.evaluate_split("test")
+        self._last_test = split_metrics["test"]
         self._record(epoch, train_loss, epoch_time, extra, split_metrics)
         chosen = split_metrics[self.select_split]
         key = self.s.select_metric
@@ -262,10 +335,13 @@ class Trainer:
                          "test_metrics": split_metrics["test"]}
             if self.s.save_checkpoints:
                 save_atomic(self._checkpoint(epoch, metrics=split_metrics), self.out_dir / "best.pt")
+        self._barrier()
         return split_metrics["test"]
 
     def _record(self, epoch: int, train_loss: float, epoch_time: float, extra: dict[str, Any],
                 split_metrics: dict[str, dict[str, float]]) -> None:
+        if not self.dist.is_main:
+            return
         row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "epoch_time_s": round(epoch_time, 3)}
         row.update(extra)
         for split, metrics in split_metrics.items():
@@ -285,8 +361,28 @@ class Trainer:
         os.replace(tmp, self.out_dir / "history.csv")
 
     def _checkpoint(self, epoch: int, metrics: dict | None = None) -> dict[str, Any]:
-        return {"epoch": epoch, "model": self.model.state_dict(), "loss": self.loss.state_dict(),
-                "method": self.method.state_dict(), "metrics": metrics or {}}
+        """Everything needed to continue: weights, optimiser/scheduler/method state, progress and the config.
+
+        Only tensors and plain containers, so it loads with ``torch.load(weights_only=True)``.
+        """
+        return {"format": 1, "epoch": epoch, "model": self.model.state_dict(), "loss": self.loss.state_dict(),
+                "method": self.method.state_dict(), "metrics": metrics or {},
+                "history": self.history, "best": self.best, "untrained": self.untrained,
+                "last_test": self._last_test, "rng": {"torch": torch.get_rng_state()},
+                "config": self.config}
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.loss.load_state_dict(state["loss"])
+        self.method.load_state_dict(state["method"])
+        self.history = list(state.get("history", []))
+        self.best = state.get("best")
+        self.untrained = state.get("untrained")
+        self._last_test = state.get("last_test")
+        self.start_epoch = int(state["epoch"]) + 1
+        if self.dist.is_main and self.history:
+            self._write_history()
+        log.info("resumed after epoch %d", state["epoch"])
 
     def _save_embeddings(self, emb: np.ndarray) -> None:
         arrays = {"embeddings": emb.astype(np.float32), "labels": self.data.test.labels}
