@@ -27,6 +27,15 @@ from dml_runner.trainer import FitSettings, Trainer
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny CNN batches: intra-op threads only add contention on a shared CPU (seconds per step under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @functools.lru_cache(maxsize=1)
 def _digits() -> DatasetSplits:
     return build_digits(max_shift=1)
