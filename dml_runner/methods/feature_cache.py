@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from dml_runner import DMLRunnerError
 
+_EPOCH_STREAM = 2**32 - 1  # the "view" number of the per-epoch view choice (never a real view)
 _RANDOM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)
 
 
@@ -68,7 +69,7 @@ class CachedBatches:
 
     def __init__(self, cache: FeatureCache, batch_sampler: Any, epoch: int) -> None:
         self.cache, self.batch_sampler = cache, batch_sampler
-        gen = torch.Generator().manual_seed(view_seed(cache.seed, -1, epoch) if cache.views > 1 else 0)
+        gen = torch.Generator().manual_seed(view_seed(cache.seed, _EPOCH_STREAM, epoch) if cache.views > 1 else 0)
         self.view_of = torch.randint(cache.views, (cache.features.shape[1],), generator=gen)
 
     def __len__(self) -> int:
