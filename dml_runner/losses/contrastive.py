@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from dml_runner.losses._reduction import masked_mean, nonzero_mean
-from dml_runner.losses.distances import euclidean_from_squared, pairwise_squared_distances
+from dml_runner.losses.distances import pairwise_distances
 from dml_runner.losses.mining import label_masks
 
 
@@ -36,15 +36,14 @@ class ContrastiveLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        sq = pairwise_squared_distances(embeddings)
-        dist = euclidean_from_squared(sq)
+        dist = pairwise_distances(embeddings)
         pos, neg = label_masks(labels)
         neg_hinge = torch.relu(self.margin - dist)
-        pos_term = sq if self.squared else dist
+        pos_term = dist.square() if self.squared else dist
         neg_term = neg_hinge.square() if self.squared else neg_hinge
         if self.reduction == "mean":
             return masked_mean(torch.where(pos, pos_term, neg_term), pos | neg)
-        return nonzero_mean(pos_term[pos]) + nonzero_mean(neg_term[neg])
+        return nonzero_mean(pos_term.masked_fill(~pos, 0.0)) + nonzero_mean(neg_term.masked_fill(~neg, 0.0))
 
     def extra_repr(self) -> str:
         return f"margin={self.margin}, squared={self.squared}, reduction={self.reduction!r}"

@@ -51,19 +51,16 @@ def semihard_triplets(dist: Tensor, labels: Tensor) -> Triplets:
 
     The negative is the closest one strictly farther than the positive (``d_an > d_ap``); when the anchor has no
     such negative, it is the farthest negative of the anchor (all its negatives are then "hard"). Anchors without
-    negatives give no triplet. Implemented with a per-row sort and ``searchsorted``: O(B^2 log B), no B^3 tensor.
+    negatives give no triplet. Vectorised over a (|P|, B) tensor: every positive pair against every sample.
     """
     dist = dist.detach()
     pos, neg = label_masks(labels)
-    num_neg = neg.sum(dim=1)
-    neg_dist_sorted, order = dist.masked_fill(~neg, math.inf).sort(dim=1)
-    # first position in each anchor's sorted negatives whose distance is > d_ap, for every column p at once
-    first_outside = torch.searchsorted(neg_dist_sorted, dist.contiguous(), right=True)
-    farthest = (num_neg - 1).clamp_min(0)[:, None].expand_as(first_outside)
-    chosen = torch.where(first_outside < num_neg[:, None], first_outside, farthest)
-    negative_of_pair = order.gather(1, chosen)
-    a, p = (pos & (num_neg > 0)[:, None]).nonzero(as_tuple=True)
-    return a, p, negative_of_pair[a, p]
+    a, p = (pos & neg.any(dim=1)[:, None]).nonzero(as_tuple=True)
+    d_an, is_neg = dist[a], neg[a]
+    outside = is_neg & (d_an > dist[a, p][:, None])
+    closest_outside = d_an.masked_fill(~outside, math.inf).argmin(dim=1)
+    farthest = d_an.masked_fill(~is_neg, -math.inf).argmax(dim=1)
+    return a, p, torch.where(outside.any(dim=1), closest_outside, farthest)
 
 
 def batch_hard_triplets(dist: Tensor, labels: Tensor) -> Triplets:
@@ -102,14 +99,15 @@ def distance_weighted_triplets(
         1e-8
     ).log()
     eligible = neg & (dist < nonzero_loss_cutoff)
-    log_w = log_w.masked_fill(~eligible, -math.inf)
-    row_max = log_w.max(dim=1, keepdim=True).values
-    has_eligible = eligible.any(dim=1, keepdim=True)
-    weights = torch.where(has_eligible, (log_w - row_max.where(has_eligible, 0.0)).exp(), neg.float())
+    # anchors whose negatives all have weight 0 fall back to uniform sampling over their negatives
+    fallback = ~eligible.any(dim=1, keepdim=True)
+    log_w = torch.where(fallback, 0.0, log_w).masked_fill(~torch.where(fallback, neg, eligible), -math.inf)
     a, p = (pos & neg.any(dim=1)[:, None]).nonzero(as_tuple=True)
-    if a.numel() == 0:
-        return a, p, p.clone()
-    n = torch.multinomial(weights[a], 1, generator=generator).squeeze(1)
+    # Gumbel-max trick: argmax(log w - log E), E ~ Exp(1), draws index k with probability w_k / sum(w), for all
+    # positive pairs at once (torch.multinomial loops over rows)
+    exponential = torch.rand(a.shape[0], dist.shape[1], generator=generator, device=dist.device)
+    exponential = -exponential.clamp_min(torch.finfo(exponential.dtype).tiny).log()
+    n = (log_w[a] - exponential.log()).argmax(dim=1)
     return a, p, n
 
 
