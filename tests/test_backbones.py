@@ -32,10 +32,6 @@ def train_step(model: nn.Module) -> None:
     opt.step()
 
 
-def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.trunk.state_dict().items() if "running" in k or ".bn" in k or "bn1" in k}
-
-
 @pytest.mark.parametrize("arch,layer,dim", [
     ("resnet18", "avgpool", 512), ("resnet18", "pool5", 512), ("resnet18", "layer3", 256),
     ("googlenet", "avgpool", 1024), ("googlenet", "inception4e", 832),
