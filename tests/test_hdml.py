@@ -235,6 +235,7 @@ def test_pulling_factor_zero_is_plain_training(compose_cfg, tmp_path, plain, hdm
 FROZEN = ("backbone=resnet18", "backbone.freeze=all", "backbone.embedding_dim=16", "dataset.max_shift=0")
 
 
+@pytest.mark.slow
 def test_cached_training_matches_uncached(compose_cfg, tmp_path):
     uncached = build_trainer(compose_cfg, tmp_path / "u", *NPAIR, *FROZEN)
     cached = build_trainer(compose_cfg, tmp_path / "c", *NPAIR, *FROZEN, "trainer.cache_features=true",
