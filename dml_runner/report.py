@@ -94,7 +94,7 @@ def load_run(results_path: Path | str) -> dict[str, Any]:
         "experiment": choices.get("experiment"), "seed": trainer.get("seed"),
         "ref_paper": ref.get("paper"), "ref_table": ref.get("table"), "row": ref.get("row") or run_label(res),
         "label_parts": None if ref.get("row") or choices.get("experiment") else run_label(res).split(" "),
-        "deviations": list(ref.get("deviations") or []), "note": ref.get("note") or "",
+        "deviations": [str(d) for d in ref.get("deviations") or []], "note": ref.get("note") or "",
         "dataset": dataset_label(res), "overrides": list(res.get("overrides") or []),
     }
     rec.update(fingerprint(res))
