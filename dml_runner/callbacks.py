@@ -39,6 +39,7 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
             if best:
                 row["best_epoch"] = best.get("epoch")
                 row["best_selected_on"] = best.get("split")
+                row[f"best_{best.get('split')}/{best.get('metric')}"] = best.get("value")
                 row.update({f"best/{k}": v for k, v in best.get("test_metrics", {}).items()})
             row["wall_time_s"] = res.get("wall_time_s")
         else:
@@ -90,6 +91,5 @@ class SweepSummary(Callback):
             if png:
                 print(f"sweep plot: {png}")
         shown = [c for c in ("job", "status", "overrides", "recall@1", "nmi", "map@r") if c in frame]
-        log.info("sweep summary (%s):\n%s", sweep_dir / "summary.csv", frame[shown].to_string(index=False))
         print(f"sweep summary: {sweep_dir / 'summary.csv'}")
         print(frame[shown].to_string(index=False))

@@ -102,8 +102,9 @@ def class_disjoint_holdout(labels: np.ndarray, fraction: float, seed: int) -> tu
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
     classes = np.unique(labels)
-    n_held = max(1, int(round(fraction * classes.size)))
-    if n_held >= classes.size:
+    # retrieval on one class measures nothing, so at least two classes are held out (and two kept)
+    n_held = max(2, int(round(fraction * classes.size)))
+    if n_held > classes.size - 2:
         raise ValueError(f"cannot hold out {n_held} of {classes.size} classes for validation")
     rng = np.random.default_rng(seed)
     held = rng.choice(classes, size=n_held, replace=False)
