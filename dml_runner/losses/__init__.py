@@ -23,3 +23,4 @@ __all__ = [
     "NPairLoss",
     "TripletLoss",
 ]
+from dml_runner.losses.hdml import HDMLLoss  # noqa: E402,F401  (issue 6)
