@@ -37,3 +37,35 @@ test-fast: $(STAMP) ## Run the tests not marked slow
 
 clean-outputs: ## Delete outputs/ run directories (asks first)
 	@read -p "delete everything under outputs/ ? [y/N] " ans && [ "$$ans" = y ] && find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} + || echo kept
+
+# --- paper reproduction (issue 9)
+# make reproduce-<table> [SEEDS=3] [DATA=/path/to/datasets] [SMOKE=1] [REPRODUCE_OPTS="--rows 'npair,hdml_*'"]
+# [ARGS="hydra overrides for every job"]: scripts/reproduce.py checks rows and data, runs one Hydra multirun
+# (rows x seeds) and writes the table with dml-report into outputs/tables/<table>[-smoke]/ (docs/REPRODUCING.md).
+SEEDS ?= 3
+DATA ?=
+SMOKE ?=
+REPRODUCE_OPTS ?=
+REPRODUCE = $(PY) scripts/reproduce.py
+REPRODUCE_ARGS = --seeds $(SEEDS) $(if $(DATA),--data $(DATA)) $(if $(filter 1 true yes,$(SMOKE)),--smoke) \
+	$(REPRODUCE_OPTS) $(if $(ARGS),-- $(ARGS))
+
+.PHONY: reproduce-table1 reproduce-table2 reproduce-table3 reproduce-lifted reproduce-dc reproduce-mdl
+
+reproduce-table1: $(STAMP) ## HDML Table 1 (CUB-200-2011): every row x SEEDS, then the table (DATA=, SMOKE=1)
+	$(REPRODUCE) table1 $(REPRODUCE_ARGS)
+
+reproduce-table2: $(STAMP) ## HDML Table 2 (Cars196): every row x SEEDS, then the table (DATA=, SMOKE=1)
+	$(REPRODUCE) table2 $(REPRODUCE_ARGS)
+
+reproduce-table3: $(STAMP) ## HDML Table 3 (Stanford Online Products): every row x SEEDS, then the table
+	$(REPRODUCE) table3 $(REPRODUCE_ARGS)
+
+reproduce-lifted: $(STAMP) ## Lifted Structure (contrastive/triplet/lifted on CUB, Cars, SOP) x SEEDS, then the table
+	$(REPRODUCE) lifted $(REPRODUCE_ARGS)
+
+reproduce-dc: $(STAMP) ## Divide and Conquer (CUB, Cars, SOP, In-shop, VehicleID) x SEEDS, then the table
+	$(REPRODUCE) dc $(REPRODUCE_ARGS)
+
+reproduce-mdl: $(STAMP) ## MDL (reconstructed from the abstract) vs margin loss on CUB, Cars, SOP x SEEDS
+	$(REPRODUCE) mdl $(REPRODUCE_ARGS)

@@ -96,6 +96,7 @@ def load_run(results_path: Path | str) -> dict[str, Any]:
         "label_parts": None if ref.get("row") or choices.get("experiment") else run_label(res).split(" "),
         "deviations": [str(d) for d in ref.get("deviations") or []], "note": ref.get("note") or "",
         "dataset": dataset_label(res), "overrides": list(res.get("overrides") or []),
+        "smoke": "smoke" in (cfg.get("tags") or []),
     }
     rec.update(fingerprint(res))
     rec["metrics"] = res.get("metrics") or {}
@@ -279,7 +280,10 @@ def _make_table(table: dict[str, Any], runs: list[dict[str, Any]], checkpoint: s
         from dml_runner.reference import table_description
 
         description = table_description(table["ref_table"])
-    return {"key": table, "title": table_title(table), "slug": table_slug(table), "metrics": cols, "rows": rows,
+    title = table_title(table)
+    if any(r.get("smoke") for r in runs):
+        title += " [SMOKE: fixture data, tiny backbone, a few steps: the numbers mean nothing]"
+    return {"key": table, "title": title, "slug": table_slug(table), "metrics": cols, "rows": rows,
             "mixed": mixed, "checkpoint": checkpoint, "runs": runs, "description": description}
 
 
