@@ -87,6 +87,20 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
+def average_over_draws(evaluate: Callable[..., dict[str, float]], emb: np.ndarray, labels: np.ndarray,
+                       draws: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+    """Mean of each metric over several (query_mask, gallery_mask) draws, plus `<metric>_std` and `num_draws`."""
+    runs = [evaluate(emb, labels, query_mask=q, gallery_mask=g) for q, g in draws]
+    out: dict[str, float] = {}
+    for key in runs[0]:
+        values = np.array([r[key] for r in runs], dtype=np.float64)
+        out[key] = float(values.mean())
+        if not key.startswith("num_"):
+            out[f"{key}_std"] = float(values.std())
+    out["num_draws"] = float(len(runs))
+    return out
+
+
 @dataclass
 class FitSettings:
     """The trainer config as plain values (see dml_runner.config.TrainerConfig for the meaning of each)."""
@@ -233,6 +247,8 @@ class Trainer:
             masks = {"query_mask": self.data.query_mask, "gallery_mask": self.data.gallery_mask}
         if not np.isfinite(emb).all():
             raise TrainingDivergedError(f"the {split} embeddings contain NaN/inf; the model has diverged")
+        if split == "test" and self.data.eval_draws:
+            return average_over_draws(self.evaluate_fn, emb, dataset.labels, self.data.eval_draws), emb
         metrics = self.evaluate_fn(emb, dataset.labels, **masks)
         return metrics, emb
 

@@ -107,3 +107,19 @@ def test_config_typo_in_a_sweep_stops_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "epoch" in proc.stderr
     assert not list(Path(tmp_path).glob("s/*/results.json"))
+
+
+def test_metrics_are_averaged_over_protocol_draws():
+    from dml_runner.trainer import average_over_draws
+
+    seen = []
+
+    def fake_evaluate(emb, labels, query_mask, gallery_mask):
+        seen.append(int(gallery_mask.sum()))
+        return {"recall@1": float(query_mask.sum()) / 10, "num_queries": float(query_mask.sum())}
+
+    draws = [(np.arange(6) < k, np.arange(6) >= k) for k in (2, 4)]
+    out = average_over_draws(fake_evaluate, np.zeros((6, 2)), np.zeros(6), draws)
+    assert seen == [4, 2]
+    assert out["recall@1"] == pytest.approx(0.3) and out["recall@1_std"] == pytest.approx(0.1)
+    assert out["num_draws"] == 2 and "num_queries_std" not in out

@@ -80,6 +80,9 @@ class DatasetSplits:
     gallery_mask: np.ndarray | None = None
     eval_recall_at: list[int] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # Protocols that average over several random query/gallery draws (VehicleID's original protocol): the test
+    # metrics are the mean over these (query_mask, gallery_mask) pairs, with their std reported alongside.
+    eval_draws: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     def counts(self) -> dict[str, int]:
         out = {

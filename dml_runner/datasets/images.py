@@ -218,7 +218,8 @@ def singleton_classes(labels: np.ndarray) -> int:
 def assemble(name: str, train: ImageListDataset, test: ImageListDataset, transform: Any, default_transform: str,
              val_fraction: float, seed: int, info: dict[str, Any], eval_recall_at: list[int],
              eval_mode: str = "loo", query_mask: np.ndarray | None = None,
-             gallery_mask: np.ndarray | None = None) -> DatasetSplits:
+             gallery_mask: np.ndarray | None = None,
+             eval_draws: list[tuple[np.ndarray, np.ndarray]] | None = None) -> DatasetSplits:
     """Attach the train/test transforms, build the :class:`DatasetSplits` and hold out the validation classes."""
     from dml_runner.datasets.transforms import resolve_transforms
 
@@ -227,7 +228,8 @@ def assemble(name: str, train: ImageListDataset, test: ImageListDataset, transfo
     info["transform"] = tf_name
     info.setdefault("singleton_test_classes", singleton_classes(test.labels))
     splits = DatasetSplits(name=name, train=train, test=test, eval_mode=eval_mode, query_mask=query_mask,
-                           gallery_mask=gallery_mask, eval_recall_at=list(eval_recall_at), info=info)
+                           gallery_mask=gallery_mask, eval_recall_at=list(eval_recall_at), info=info,
+                           eval_draws=eval_draws)
     return with_validation_split(splits, val_fraction, seed, val_transform=test_tf)
 
 

@@ -102,13 +102,14 @@ def build(root: str, test_size: str = "large", protocol: str = "original", repea
     test_paths, test_labels, _ = drop_bad_images(NAME, "test", test_paths, test_labels, skip_bad_images,
                                                  verify_images, info)
     found = basic_counts(train_labels, test_labels)
-    query_mask = gallery_mask = None
+    query_mask = gallery_mask = draws = None
     if protocol == "original":
-        query_mask, gallery_mask = vehicleid_gallery_draws(test_labels, repeats, seed)[0]
+        draws = vehicleid_gallery_draws(test_labels, repeats, seed)
+        query_mask, gallery_mask = draws[0]
         found.update(query_images=int(query_mask.sum()), gallery_images=int(gallery_mask.sum()))
         info.update(protocol_repeats=int(repeats), protocol_seed=int(seed),
                     eval_protocol=f"original: one random gallery image per id, the rest queries; {repeats} draws "
-                                  f"(vehicleid_gallery_draws) averaged; the masks hold draw 0")
+                                  f"(vehicleid_gallery_draws) averaged by the trainer")
     else:
         info["eval_protocol"] = "leave-one-out Recall@K over the whole test list"
     check_counts(NAME, found, official_counts(test_size, protocol), info)
@@ -116,4 +117,4 @@ def build(root: str, test_size: str = "large", protocol: str = "original", repea
     test = ImageListDataset(test_paths, test_labels, name=NAME)
     return assemble(NAME, train, test, transform, default_transform, val_fraction, seed, info, RECALL_AT,
                     eval_mode="query_gallery" if protocol == "original" else "loo",
-                    query_mask=query_mask, gallery_mask=gallery_mask)
+                    query_mask=query_mask, gallery_mask=gallery_mask, eval_draws=draws)
