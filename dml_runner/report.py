@@ -228,9 +228,11 @@ def _make_table(table: dict[str, Any], runs: list[dict[str, Any]], checkpoint: s
                 metrics: Sequence[str] | None) -> dict[str, Any]:
     ref_all = _reference(table.get("ref_table"))
     ref = None
+    dims = {r["embedding_dim"] for r in runs}
     if ref_all is not None:
         ref = ref_all[ref_all["dataset"] == table["dataset"]]
-    cols = _metric_columns(ref, runs, metrics)
+    at_dim = ref[ref["embedding_dim"].isin(dims)] if ref is not None and len(dims) == 1 else ref
+    cols = _metric_columns(at_dim if at_dim is not None and not at_dim.empty else ref, runs, metrics)
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["row"], tuple(r[f] for f in FINGERPRINT)), []).append(r)
@@ -259,7 +261,6 @@ def _make_table(table: dict[str, Any], runs: list[dict[str, Any]], checkpoint: s
         rows.append(entry)
     rows.sort(key=lambda e: _row_order(ref, e["row"]))
     # paper-only rows: published numbers of this table that none of our rows matches (e.g. DAML, not implemented)
-    dims = {r["embedding_dim"] for r in runs}
     if ref is not None and not ref.empty:
         ours = {(e["row"], e["embedding_dim"]) for e in rows}
         for (row_key, dim), part in ref.groupby(["row", "embedding_dim"], sort=False):

@@ -164,10 +164,13 @@ def test_logger_options_compose_and_csv_logger_writes(compose_cfg, tmp_path):
 
 def test_tensorboard_logger_writes_or_says_how_to_install(compose_cfg, tmp_path):
     from dml_runner import DMLRunnerError
+    from dml_runner.loggers import TensorBoardLogger
 
     cfg = compose_cfg("+logger=tensorboard")
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(DMLRunnerError, match="pip install tensorboard"):
+            TensorBoardLogger(tmp_path)
+        with pytest.raises(Exception, match="pip install tensorboard"):  # wrapped by Hydra; run.py unwraps it
             instantiate(cfg.logger, out_dir=tmp_path)
         return
     logger = instantiate(cfg.logger, out_dir=tmp_path)
