@@ -28,6 +28,7 @@ class TrainerConfig:
     select_on: str = "auto"          # split that chooses best.pt: auto (val if present, else test) | val | test
     select_metric: str = "recall@1"
     num_workers: int = 0
+    num_threads: Optional[int] = None  # torch intra-op CPU threads (null: torch's default); 1 suits tiny models
     pin_memory: bool = True          # used on CUDA
     persistent_workers: bool = True  # used when num_workers > 0
     eval_batch_size: int = 256

@@ -173,6 +173,10 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
     settings = FitSettings(**{f.name: cfg.trainer[f.name] for f in dataclasses.fields(FitSettings)
                               if f.name in cfg.trainer})
     resolve_device(settings.device)  # fail fast on a bad device before loading data
+    if cfg.trainer.get("num_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.trainer.num_threads))
     seed_everything(settings.seed)
     if settings.deterministic:
         import torch
