@@ -193,3 +193,25 @@ def test_short_hydra_runs(compose_cfg, tmp_path, num_clusters, cluster_on):
         sizes = [[int(s) for s in str(row).split("|")] for row in history["cluster_sizes"]]
         assert all(len(s) == num_clusters and sum(s) <= results["dataset"]["train_images"] for s in sizes)
         assert (history["cluster_time_s"] >= 0).all()
+
+
+@pytest.mark.parametrize("policy", ["shrink", "skip"])
+def test_clusters_with_too_few_classes(tmp_path, policy):
+    """Batches are 5 classes x 4 images; clusters of 2 classes shrink to 2 x 4 (or are skipped), a 1-class cluster
+    is always skipped, and a clustering that leaves no trainable learner stops the run."""
+    method = DivideConquerMethod(num_clusters=3, finetune_epochs=0, small_cluster=policy)
+    trainer = _trainer(method, tmp_path)
+    labels = trainer.data.train.labels
+    method.assignments = np.select([labels <= 1, labels == 2], [0, 1], 2)  # {0, 1}, {2}, {3, 4}
+    if policy == "skip":
+        with pytest.raises(DMLRunnerError, match="lower method.num_clusters"):
+            method._build_cluster_sampler(1)
+        return
+    method._build_cluster_sampler(1)
+    assert method.active_learners == 2
+    method.divide_sampler.set_epoch(1)
+    plan = method.divide_sampler.plan
+    assert {k for k, _ in plan} == {0, 2} and all(len(b) == 8 for _, b in plan)
+    assert all(set(labels[b]) <= ({0, 1} if k == 0 else {3, 4}) for k, b in plan)
+    # round-robin: learners alternate, each cluster (80 images, batch 8) has 10 batches
+    assert [k for k, _ in plan[:4]] == [0, 2, 0, 2] and len(plan) == 20

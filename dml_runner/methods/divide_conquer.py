@@ -12,6 +12,7 @@ See docs/DIVIDE_CONQUER.md.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -29,6 +30,7 @@ from dml_runner.methods.standard import StandardMethod
 CLUSTER_ON = ("embedding", "features")
 SMALL_CLUSTER = ("shrink", "skip")
 _MISSING = object()
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ pure helpers
@@ -264,18 +266,22 @@ class DivideConquerMethod(StandardMethod):
             n_classes = np.unique(labels[members]).size
             batch_size = None
             if n_classes < self.min_classes:
-                ctx.log(f"divide_conquer: epoch {epoch}: cluster {k} has {members.size} images of {n_classes} "
+                log.warning(f"divide_conquer: epoch {epoch}: cluster {k} has {members.size} images of {n_classes} "
                         f"class(es) after dropping singleton classes; learner {k} is skipped until re-clustering")
                 continue
             if per_batch is not None and n_classes < per_batch:
                 if self.small_cluster == "skip":
-                    ctx.log(f"divide_conquer: epoch {epoch}: cluster {k} has {n_classes} classes < {per_batch} "
+                    log.warning(f"divide_conquer: epoch {epoch}: cluster {k} has {n_classes} classes < {per_batch} "
                             f"per batch; learner {k} is skipped (method.small_cluster=skip)")
                     continue
                 batch_size = n_classes * spc
                 ctx.log(f"divide_conquer: epoch {epoch}: cluster {k} has {n_classes} classes < {per_batch} "
                         f"per batch; its batches hold {n_classes} x {spc} = {batch_size} images")
-            sampler = ctx.make_sampler(labels[members], batch_size=batch_size, seed=ctx.seed + 7919 * (k + 1))
+            try:
+                sampler = ctx.make_sampler(labels[members], batch_size=batch_size, seed=ctx.seed + 7919 * (k + 1))
+            except ValueError as err:  # the configured sampler cannot batch this cluster
+                log.warning(f"divide_conquer: epoch {epoch}: learner {k} is skipped until re-clustering: {err}")
+                continue
             clusters.append((k, members, sampler))
         if not clusters:
             raise DMLRunnerError(
