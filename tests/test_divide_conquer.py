@@ -215,3 +215,35 @@ def test_clusters_with_too_few_classes(tmp_path, policy):
     assert all(set(labels[b]) <= ({0, 1} if k == 0 else {3, 4}) for k, b in plan)
     # round-robin: learners alternate, each cluster (80 images, batch 8) has 10 batches
     assert [k for k, _ in plan[:4]] == [0, 2, 0, 2] and len(plan) == 20
+
+
+def test_clustering_sees_the_training_set_without_augmentation(tmp_path):
+    method = DivideConquerMethod(num_clusters=2, finetune_epochs=0)
+    trainer = _trainer(method, tmp_path)
+    view = method._cluster_view()
+    train = trainer.data.train
+    assert train.transform is not None and view.transform is trainer.data.test.transform  # digits: RandomShift / None
+    assert len(view) == len(train) and np.array_equal(view.labels, train.labels)
+    for i in (0, 57, len(train) - 1):
+        assert torch.equal(view[i][0], train.load(i))
+
+
+@pytest.mark.slow
+def test_sweep_over_k_writes_summary_and_plot(tmp_path):
+    """`dml-run -m method=divide_conquer method.num_clusters=...` out of the box: one job per K, the generic
+    multirun callback writes summary.csv and the metric-vs-K plot."""
+    import subprocess
+
+    from conftest import dml_run_cmd
+
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(dml_run_cmd() + [
+        "-m", "method=divide_conquer", "loss=margin", "method.num_clusters=1,2", "trainer=smoke", "trainer.epochs=2",
+        "method.finetune_epochs=1", "trainer.eval_before_training=false", "trainer.save_checkpoints=false",
+        f"hydra.sweep.dir={sweep}"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert summary["status"].tolist() == ["completed", "completed"]
+    assert summary["method.num_clusters"].tolist() == [1, 2]
+    assert (sweep / "sweep_method.num_clusters.png").is_file()
+    assert pd.read_csv(sweep / "1" / "history.csv")["cluster_sizes"].notna().sum() == 1

@@ -229,10 +229,10 @@ class DivideConquerMethod(StandardMethod):
         train = self.ctx.train_set
         transform = getattr(self.ctx, "eval_transform", _MISSING)
         if transform is _MISSING:
-            # TrainContext has no test transform yet: take it from the trainer's test split (see the module docs)
+            # TrainContext carries no test-time transform (yet): take the trainer's test split's, via ctx.embed's owner
             data = getattr(getattr(self.ctx.embed, "__self__", None), "data", None)
             if data is None:
-                self.ctx.log("divide_conquer: no test-time transform known; clustering the training transform")
+                log.warning("divide_conquer: no test-time transform known; clustering uses the training transform")
                 return train
             transform = data.test.transform
         return SubsetLabelledDataset(train, np.arange(len(train)), transform=transform)
