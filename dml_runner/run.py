@@ -204,8 +204,10 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
     recall_at = list(cfg.eval.recall_at)
     if cfg.eval.use_dataset_recall_at and data.eval_recall_at:
         recall_at = list(data.eval_recall_at)
+    logger = _instantiate(cfg.logger, "logger", out_dir=out_dir) if cfg.get("logger") and dist_info.is_main \
+        else None
     trainer = Trainer(settings, data, model, loss, method, make_optimizer, make_scheduler, make_sampler,
-                      build_evaluate(cfg, recall_at), out_dir, dist_info=dist_info, config=config)
+                      build_evaluate(cfg, recall_at), out_dir, dist_info=dist_info, config=config, logger=logger)
     outcome = trainer.fit(resume=resume_state)
 
     results = {

@@ -137,8 +137,10 @@ class Trainer:
     def __init__(self, settings: FitSettings, data: DatasetSplits, model: torch.nn.Module, loss: torch.nn.Module,
                  method: Method, make_optimizer: Callable, make_scheduler: Callable | None,
                  make_sampler: Callable, evaluate: Callable[..., dict[str, float]], out_dir: Path,
-                 dist_info: DistInfo | None = None, config: dict[str, Any] | None = None) -> None:
+                 dist_info: DistInfo | None = None, config: dict[str, Any] | None = None,
+                 logger: Any = None) -> None:
         self.s = settings
+        self.logger = logger  # dml_runner.loggers.MetricLogger or None
         self.data = data
         self.dist = dist_info or DistInfo()
         self.device = resolve_device(settings.device)
@@ -187,7 +189,7 @@ class Trainer:
             autocast=self.autocast, epochs=settings.epochs, head_lr_mult=settings.head_lr_mult,
             loss_lr_mult=settings.loss_lr_mult, grad_clip=settings.grad_clip,
             cache_features=settings.cache_features, cache_views=settings.cache_views, seed=settings.seed,
-            log=log.info))
+            eval_transform=getattr(data.test, "transform", None), log=log.info))
 
     # ----------------------------------------------------------------------------------------- helpers
     def _selection_split(self) -> str:
@@ -258,6 +260,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- main loop
     def fit(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            return self._fit(resume)
+        finally:
+            if self.logger is not None:
+                self.logger.close()
+
+    def _fit(self, resume: dict[str, Any] | None) -> dict[str, Any]:
         s = self.s
         start = time.time()
         if resume is not None:
@@ -364,6 +373,8 @@ class Trainer:
             row.update({f"{split}/{k}": v for k, v in metrics.items()})
         self.history.append(row)
         self._write_history()
+        if self.logger is not None:
+            self.logger.log_metrics(epoch, row)
 
     def _write_history(self) -> None:
         columns: list[str] = []

@@ -35,6 +35,7 @@ class TrainContext:
     cache_features: bool = False  # trainer.cache_features: methods with a frozen trunk may train from cached features
     cache_views: int = 1
     seed: int = 0
+    eval_transform: Callable[[Any], Any] | None = None  # the test-time (non-augmenting) transform of the images
     log: Callable[[str], None] = print
     extra_history: dict[str, Any] = field(default_factory=dict)  # per-epoch values a method wants in history.csv
 
