@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+# Tests use tiny models, for which one intra-op thread is fastest; on a busy 2-core machine two OpenMP threads per
+# process made small steps ~30x slower. Set before torch is imported; subprocesses (dml-run) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules (fixtures, oracles)
 
