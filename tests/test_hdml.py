@@ -284,8 +284,8 @@ def test_frozen_detection(compose_cfg):
 
 # ------------------------------------------------------------------------------------------------ configs
 def test_hdml_losses_refuse_other_methods(compose_cfg, tmp_path):
-    with pytest.raises(DMLRunnerError, match="method=hdml sampler=npair"):
-        build_trainer(compose_cfg, tmp_path, "loss=hdml_npair")
+    with pytest.raises(DMLRunnerError, match="method=hdml"):
+        build_trainer(compose_cfg, tmp_path, "loss=hdml_npair", "method=standard", "trainer.batch_size=10")
     with pytest.raises(DMLRunnerError, match="loss=hdml_npair or loss=hdml_triplet"):
         build_trainer(compose_cfg, tmp_path, "method=hdml")
 

@@ -39,6 +39,16 @@ class TrainContext:
     log: Callable[[str], None] = print
     extra_history: dict[str, Any] = field(default_factory=dict)  # per-epoch values a method wants in history.csv
 
+    @property
+    def base_lr(self) -> float:
+        """The learning rate of the optimizer config (its ``lr``; 1e-3 when the config sets none)."""
+        return float((getattr(self.make_optimizer, "keywords", None) or {}).get("lr", 1e-3))
+
+    def build_optimizer(self, loss: nn.Module) -> torch.optim.Optimizer:
+        """The configured optimiser over trunk, head (x head_lr_mult) and ``loss`` parameters (x loss_lr_mult)."""
+        return self.make_optimizer(param_groups(self.model, loss, self.head_lr_mult, self.loss_lr_mult,
+                                                self.base_lr))
+
 
 class Method:
     """Base class. Subclasses override :meth:`compute_loss` and, if needed, the other hooks."""

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dml_runner import DMLRunnerError
-from dml_runner.methods.base import TrainContext, param_groups
+from dml_runner.methods.base import TrainContext
 from dml_runner.methods.standard import StandardMethod
 
 CLUSTER_ON = ("embedding", "features")
@@ -205,9 +205,7 @@ class DivideConquerMethod(StandardMethod):
         # which the conquer phase trains and the trainer checkpoints
         self.learner_losses = nn.ModuleList(
             [ctx.loss] + [copy.deepcopy(ctx.loss) for _ in range(self.num_clusters - 1)])
-        base_lr = ctx.make_optimizer.keywords.get("lr", 1e-3) if hasattr(ctx.make_optimizer, "keywords") else 1e-3
-        groups = param_groups(ctx.model, self.learner_losses, ctx.head_lr_mult, ctx.loss_lr_mult, base_lr)
-        self.optimizer = ctx.make_optimizer(groups)
+        self.optimizer = ctx.build_optimizer(self.learner_losses)
         self.scheduler = ctx.make_scheduler(self.optimizer) if ctx.make_scheduler else None
         # the conquer phase (and K = 1) is ordinary training on the whole set, with the same sampler and loader
         self.sampler = ctx.make_sampler(ctx.train_set.labels)

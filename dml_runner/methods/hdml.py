@@ -65,8 +65,7 @@ class HDMLMethod(Method):
         model.head.to(ctx.device)
         loss.to(ctx.device)
 
-        keywords = getattr(ctx.make_optimizer, "keywords", {}) or {}
-        base_lr = self.metric_lr if self.metric_lr is not None else keywords.get("lr", 1e-3)
+        base_lr = self.metric_lr if self.metric_lr is not None else ctx.base_lr
         groups = param_groups(model, nn.Module(), ctx.head_lr_mult, ctx.loss_lr_mult, base_lr)
         self.metric_params = [p for g in groups for p in g["params"]]
         self.generator_params = list(loss.generator.parameters())

@@ -7,15 +7,13 @@ from typing import Any
 
 import torch
 
-from dml_runner.methods.base import Method, TrainContext, param_groups
+from dml_runner.methods.base import Method, TrainContext
 
 
 class StandardMethod(Method):
     def setup(self, ctx: TrainContext) -> None:
         super().setup(ctx)
-        base_lr = ctx.make_optimizer.keywords.get("lr", 1e-3) if hasattr(ctx.make_optimizer, "keywords") else 1e-3
-        groups = param_groups(ctx.model, ctx.loss, ctx.head_lr_mult, ctx.loss_lr_mult, base_lr)
-        self.optimizer = ctx.make_optimizer(groups)
+        self.optimizer = ctx.build_optimizer(ctx.loss)
         self.scheduler = ctx.make_scheduler(self.optimizer) if ctx.make_scheduler else None
         self.sampler = ctx.make_sampler(ctx.train_set.labels)
         self.loader = ctx.make_loader(ctx.train_set, self.sampler)
