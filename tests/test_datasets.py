@@ -179,7 +179,13 @@ def test_folder_split_file_errors(trees, tmp_path):
         from_config("folder", empty / "my_images")
 
 
-@pytest.mark.parametrize("name", ["cub200", "sop", "vehicleid"])
+def test_validation_split_needs_two_classes_on_each_side(trees):
+    # the CUB fixture has 3 training classes: a validation split would leave one class on one side
+    with pytest.raises(Exception, match="cannot hold out 2 of 3 classes"):
+        from_config("cub200", trees["cub200"], transform="caffe_227", val_fraction=0.5)
+
+
+@pytest.mark.parametrize("name", ["sop", "vehicleid"])
 def test_validation_split_is_class_disjoint_and_uses_test_transform(trees, name):
     splits = from_config(name, trees[name], transform="caffe_227", val_fraction=0.5)
     assert splits.val is not None and splits.info["val_fraction"] == 0.5

@@ -147,7 +147,7 @@ def test_experiment_trains_on_a_tiny_cpu_setting(compose_cfg, tmp_path, monkeypa
 def test_logger_options_compose_and_csv_logger_writes(compose_cfg, tmp_path):
     from dml_runner.loggers import CSVLogger
 
-    cfg = compose_cfg("+logger=csv")
+    cfg = compose_cfg("logger=csv")
     logger = instantiate(cfg.logger, out_dir=tmp_path)
     assert isinstance(logger, CSVLogger)
     logger.log_metrics(0, {"test/recall@1": 0.5, "split": "test", "flag": True})
@@ -166,7 +166,7 @@ def test_tensorboard_logger_writes_or_says_how_to_install(compose_cfg, tmp_path)
     from dml_runner import DMLRunnerError
     from dml_runner.loggers import TensorBoardLogger
 
-    cfg = compose_cfg("+logger=tensorboard")
+    cfg = compose_cfg("logger=tensorboard")
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(DMLRunnerError, match="pip install tensorboard"):
             TensorBoardLogger(tmp_path)

@@ -108,7 +108,8 @@ def class_disjoint_holdout(labels: np.ndarray, fraction: float, seed: int) -> tu
     # retrieval on one class measures nothing, so at least two classes are held out (and two kept)
     n_held = max(2, int(round(fraction * classes.size)))
     if n_held > classes.size - 2:
-        raise ValueError(f"cannot hold out {n_held} of {classes.size} classes for validation")
+        raise ValueError(f"cannot hold out {n_held} of {classes.size} classes for validation: a class-disjoint "
+                         "validation split needs at least 2 classes on each side (set dataset.val_fraction=0)")
     rng = np.random.default_rng(seed)
     held = rng.choice(classes, size=n_held, replace=False)
     is_held = np.isin(labels, held)
