@@ -164,6 +164,10 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
     config = to_container(cfg)
     resume_path = find_resume_checkpoint(cfg.trainer.get("resume"), out_dir, config)
     resume_state = load_checkpoint(resume_path, config) if resume_path else None
+    if resume_path is None and any((out_dir / name).exists() for name in ("last.pt", "best.pt", "results.json")):
+        # never overwrite what an earlier run in this directory trained or measured
+        raise DMLRunnerError(f"{out_dir} already holds a run (checkpoints or results.json); continue it with "
+                             "trainer.resume=auto, or choose another hydra.run.dir")
     if resume_path and resume_path.parent.resolve() != out_dir.resolve():
         log.info("resuming the run in %s", resume_path.parent)
         out_dir = resume_path.parent

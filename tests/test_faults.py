@@ -123,3 +123,12 @@ def test_metrics_are_averaged_over_protocol_draws():
     assert seen == [4, 2]
     assert out["recall@1"] == pytest.approx(0.3) and out["recall@1_std"] == pytest.approx(0.1)
     assert out["num_draws"] == 2 and "num_queries_std" not in out
+
+
+def test_a_new_run_never_overwrites_an_earlier_run_in_the_same_directory(tmp_path, compose_cfg):
+    from dml_runner.run import run
+
+    (tmp_path / "results.json").write_text('{"status": "completed"}')
+    with pytest.raises(DMLRunnerError, match="already holds a run"):
+        run(compose_cfg("trainer=smoke"), tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text()) == {"status": "completed"}
