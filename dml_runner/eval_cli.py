@@ -82,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write the metrics as JSON to OUT")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0, help="k-means seed")
+    p.add_argument("--backend", default="torch", choices=["torch", "faiss"],
+                   help="retrieval search: torch (exact, any K) or faiss (flat index, GPU index on cuda)")
     p.add_argument("--kmeans-iters", type=int, default=50)
     p.add_argument("--max-memory-gb", type=float, default=None,
                    help="refuse to start if the estimated memory exceeds this (default: available memory)")
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"of {limit / 2**30:.2f} GiB; evaluate a subset or use a larger machine")
         results = evaluate(emb, lab, recall_at=args.recall_at, metrics=args.metrics, query_mask=qmask,
                            gallery_mask=gmask, device=args.device, seed=args.seed, kmeans_iters=args.kmeans_iters,
-                           max_memory_gb=args.max_memory_gb)
+                           max_memory_gb=args.max_memory_gb, backend=args.backend)
     except InputError as exc:
         print(f"dml-eval: error: {exc}", file=sys.stderr)
         return 2

@@ -74,7 +74,7 @@ def build_evaluate(cfg: DictConfig, recall_at: list[int]) -> Any:
     e = cfg.eval
     return partial(evaluate, recall_at=tuple(recall_at), metrics=tuple(e.metrics), device=e.device,
                    seed=cfg.trainer.seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
-                   kmeans_iters=e.kmeans_iters)
+                   kmeans_iters=e.kmeans_iters, backend=e.backend)
 
 
 # Fields that may differ between a checkpoint's run and the run resuming it (everything else must match).

@@ -19,7 +19,7 @@ from dml_runner.evaluation._validation import (
 )
 from dml_runner.evaluation.clustering import f1_from_assignments, kmeans_assignments, nmi_from_assignments
 from dml_runner.evaluation.memory import estimate_memory_bytes, rows_per_chunk
-from dml_runner.evaluation.retrieval import exact_retrieval
+from dml_runner.evaluation.retrieval import exact_retrieval, faiss_retrieval
 
 __all__ = [
     "KNOWN_METRICS",
@@ -57,6 +57,7 @@ def evaluate(
     kmeans_iters: int = 50,
     max_memory_gb: float | None = None,
     kmeans_backend: str = "torch",
+    backend: str = "torch",
 ) -> dict[str, float]:
     """Compute DML metrics; returns ``recall@K``, ``nmi``, ``f1``, ``map@r``, ``r_precision`` (as requested),
     ``num_queries`` and ``num_queries_without_positive``.
@@ -66,6 +67,9 @@ def evaluate(
     positive in their searchable set are left out of Recall@K, MAP@R and R-Precision and counted in
     ``num_queries_without_positive``. Clustering uses all items (LOO) or the union of queries and gallery;
     k-means stops after ``kmeans_iters`` iterations or when fewer than 0.1% of points change cluster.
+    ``backend``: ``torch`` (default: exact chunked search, exact tie order, Recall@K for any K from one count) or
+    ``faiss`` (a flat L2 index searched for the top max(K, R) + 1; the GPU index when faiss sees a GPU and
+    ``device`` is cuda).
     """
     emb, lab = check_embeddings_labels(embeddings, labels)
     n = emb.shape[0]
@@ -96,10 +100,15 @@ def evaluate(
     retrieval_wanted = any(m in wanted for m in ("recall", "map_at_r", "r_precision"))
     if retrieval_wanted:
         chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb)
-        stats = exact_retrieval(
-            emb[q_idx], lab[q_idx], emb[g_idx], lab[g_idx], self_index,
-            need_ranking=("map_at_r" in wanted or "r_precision" in wanted), device=dev, chunk_size=chunk,
-        )
+        need_ranking = "map_at_r" in wanted or "r_precision" in wanted
+        if backend == "faiss":
+            stats = faiss_retrieval(emb[q_idx], lab[q_idx], emb[g_idx], lab[g_idx], self_index, max_k=max(ks),
+                                    need_ranking=need_ranking, use_gpu=dev.type == "cuda", chunk_size=chunk)
+        elif backend == "torch":
+            stats = exact_retrieval(emb[q_idx], lab[q_idx], emb[g_idx], lab[g_idx], self_index,
+                                    need_ranking=need_ranking, device=dev, chunk_size=chunk)
+        else:
+            raise ValueError(f"unknown retrieval backend {backend!r}; use 'torch' or 'faiss'")
         scored = stats.first_rank.size
         mean = lambda x: float(np.mean(x)) if x.size else float("nan")  # noqa: E731
         if "recall" in wanted:

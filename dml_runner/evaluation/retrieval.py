@@ -186,3 +186,61 @@ def exact_retrieval(
         r_precision=cat(rps, np.float64),
         num_without_positive=int(queries.shape[0] - scored.numel()),
     )
+
+
+def faiss_retrieval(
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    gallery: np.ndarray,
+    gallery_labels: np.ndarray,
+    self_index: np.ndarray,
+    *,
+    max_k: int,
+    need_ranking: bool = True,
+    use_gpu: bool = False,
+    chunk_size: int = 4096,
+) -> RetrievalStats:
+    """The same statistics from a faiss flat (exact L2) index: top-k search with k = max(max K, max R) + 1.
+
+    ``first_rank`` is exact for ranks below ``max_k`` (larger ranks are reported as ``max_k``, which no requested
+    K reaches). Ties are ordered by index within the returned neighbours; an item tied with the k-th neighbour may
+    be left out by faiss (the torch backend breaks every tie exactly).
+    """
+    import faiss
+
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    g = np.ascontiguousarray(gallery, dtype=np.float32)
+    index = faiss.IndexFlatL2(g.shape[1])
+    if use_gpu and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(g)
+    classes, counts = np.unique(gallery_labels, return_counts=True)
+    pos = np.clip(np.searchsorted(classes, query_labels), 0, classes.size - 1)
+    known = classes[pos] == query_labels
+    r_all = np.where(known, counts[pos], 0) - ((self_index >= 0) & known)
+    scored = np.flatnonzero(r_all > 0)
+    k_needed = max(max_k, int(r_all.max()) if scored.size else 1)
+    k = min(k_needed + 1, g.shape[0])
+    ranks, maps, rps = [], [], []
+    for s in range(0, scored.size, chunk_size):
+        rows = scored[s : s + chunk_size]
+        dist, idx = index.search(q[rows], k)
+        # drop the query itself (or the farthest neighbour when the query is not in the gallery's top k)
+        own = idx == self_index[rows, None]
+        own[~own.any(axis=1), -1] = True
+        keep = ~own
+        idx = idx[keep].reshape(rows.size, k - 1)
+        dist = dist[keep].reshape(rows.size, k - 1)
+        order = np.lexsort((idx, dist), axis=1)  # by distance, then index
+        idx = np.take_along_axis(idx, order, axis=1)
+        rel = gallery_labels[np.maximum(idx, 0)] == query_labels[rows, None]
+        rel &= idx >= 0
+        first = np.where(rel.any(axis=1), rel.argmax(axis=1), max_k)
+        ranks.append(np.minimum(first, max_k))
+        if need_ranking:
+            m, rp = map_r_and_r_precision(torch.as_tensor(rel), torch.as_tensor(r_all[rows]))
+            maps.append(m.numpy())
+            rps.append(rp.numpy())
+    cat = lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dtype=dt)  # noqa: E731
+    return RetrievalStats(first_rank=cat(ranks, np.int64).astype(np.int64), map_at_r=cat(maps, np.float64),
+                          r_precision=cat(rps, np.float64), num_without_positive=int(q.shape[0] - scored.size))
