@@ -77,6 +77,10 @@ def torch_kmeans(
         new = _assign(x_aug, centroids, dtype, chunk)
         changed = int((new != assign).sum())
         assign = new
+        if changed <= tol * n:
+            # converged: these assignments are (up to the tolerance) those of the final centroids, so the extra
+            # assignment pass against updated centroids (a full n x k product) is skipped
+            return assign.cpu().numpy(), it
         sums = torch.zeros_like(centroids).index_add_(0, assign, xt)
         counts = torch.zeros(k, device=dev).index_add_(0, assign, ones)
         nonempty = counts > 0
@@ -88,6 +92,4 @@ def torch_kmeans(
             if donors.numel():
                 pick = torch.randint(donors.numel(), (empty.numel(),), generator=gen).to(dev)
                 centroids[empty] = xt[donors[pick]]
-        if changed <= tol * n:
-            break
     return _assign(x_aug, centroids, dtype, chunk).cpu().numpy(), it
