@@ -92,3 +92,12 @@ def test_the_default_job_learns_the_unseen_digits(tmp_path):
     assert res["metrics"]["recall@1"] >= 0.85
     assert res["untrained_metrics"]["recall@1"] > 0.2  # chance is about 0.2 with 5 balanced classes
     assert res["final_epoch"] == 30 and "untrained (epoch 0)" in proc.stdout
+
+
+def test_missing_dataset_root_names_the_path_and_the_source(tmp_path):
+    missing = tmp_path / "no_such_dir" / "CUB_200_2011"
+    proc = run_cli(["dataset=cub200", f"dataset.root={missing}", "trainer=smoke", f"hydra.run.dir={tmp_path / 'r'}"],
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert str(missing) in proc.stderr and "prepare_data.py" in proc.stderr
+    assert "Traceback" not in proc.stderr
