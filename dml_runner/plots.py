@@ -17,6 +17,17 @@ def _pyplot():
     return plt
 
 
+def _save(fig, out_png: Path, title: str = "", dpi: int = 110) -> Path:
+    """Title, tight layout, write the PNG, free the figure."""
+    plt = _pyplot()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=dpi)
+    plt.close(fig)
+    return Path(out_png)
+
+
 def plot_learning_curves(history: pd.DataFrame, out_png: Path,
                          metrics: Sequence[str] = ("recall@1", "nmi"), title: str = "") -> Path | None:
     """R@1 and NMI (by default) per evaluation, for every split in the history (HDML paper Figures 4-5)."""
@@ -33,12 +44,7 @@ def plot_learning_curves(history: pd.DataFrame, out_png: Path,
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(alpha=0.3)
         ax.legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png, title)
 
 
 def plot_sweep(summary: pd.DataFrame, param: str, out_png: Path,
@@ -61,10 +67,7 @@ def plot_sweep(summary: pd.DataFrame, param: str, out_png: Path,
         ax.grid(alpha=0.3)
         if group_by:
             ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png)
 
 
 # --- paper-table figures (issue 9): used by dml-report -------------------------------------------------------------
@@ -93,12 +96,7 @@ def plot_curves_by_group(histories: dict[str, list[pd.DataFrame]], out_png: Path
     if not drawn:
         plt.close(fig)
         return None
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png, title)
 
 
 def plot_tsne(embeddings: "np.ndarray", labels: "np.ndarray", out_png: Path, max_points: int = 1000,
@@ -132,10 +130,7 @@ def plot_tsne(embeddings: "np.ndarray", labels: "np.ndarray", out_png: Path, max
     ax.set_title(title or f"t-SNE of test embeddings ({len(idx)} points, {len(keep_classes)} classes)", fontsize=9)
     if len(keep_classes) <= 20:
         ax.legend(fontsize=6, markerscale=1.5, ncol=2, loc="best")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return Path(out_png)
+    return _save(fig, out_png)
 
 
 def plot_retrieval_grid(queries: Sequence[int], neighbours: "np.ndarray", labels: "np.ndarray", load_image,
