@@ -91,6 +91,14 @@ def test_a_loss_config_can_select_its_method_and_sampler(compose_cfg):
     assert compose_cfg("loss=triplet").method._target_.endswith("StandardMethod")
 
 
+def test_dataset_sampler_presets(compose_cfg):
+    # digits has 5 training classes: an N-pair batch (N classes x 2) holds 10 images, whoever picked the sampler
+    assert compose_cfg("loss=hdml_npair").trainer.batch_size == 10
+    assert compose_cfg("sampler=npair").trainer.batch_size == 10
+    assert compose_cfg("sampler=npair", "trainer.batch_size=6").trainer.batch_size == 6
+    assert compose_cfg("sampler=npair", "dataset=cub200").trainer.batch_size == 64
+
+
 def test_default_config_is_the_digits_job(compose_cfg):
     cfg = compose_cfg()
     assert cfg.dataset._target_.endswith("digits.build")

@@ -130,8 +130,8 @@ class HDMLLoss(nn.Module):
             raise DMLRunnerError(f"loss.metric={metric!r}: HDML works over one of {METRICS}")
         if method_target is not None and not method_target.endswith("HDMLMethod"):
             raise DMLRunnerError(f"loss=hdml_{metric} is trained by the HDML method, but method is {method_target}: "
-                                 f"add method=hdml{' sampler=npair' if metric == 'npair' else ''} to the command "
-                                 "line (see docs/HDML.md)")
+                                 "drop the method= override (loss=hdml_* selects method=hdml) or set method=hdml "
+                                 "(see docs/HDML.md)")
         if pulling_factor < 0 or not 0.0 <= lambda_ <= 1.0:
             raise DMLRunnerError("loss.pulling_factor must be >= 0 and loss.lambda_ in [0, 1]")
         self.metric, self.pulling_factor, self.beta, self.lambda_ = metric, float(pulling_factor), beta, lambda_
