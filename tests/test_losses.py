@@ -167,47 +167,8 @@ def test_triplet_semihard_matches_pml_on_our_triplets():
 
 # ---------------------------------------------------------------- edge cases (parametrised over every loss)
 
-STEP1_LOSSES = {
-    "contrastive": lambda: ContrastiveLoss(),
-    "contrastive_plain": lambda: ContrastiveLoss(squared=False, reduction="nonzero_mean"),
-    "triplet_all": lambda: TripletLoss(mining="all"),
-    "triplet_semihard": lambda: TripletLoss(mining="semihard"),
-    "triplet_hard": lambda: TripletLoss(mining="hard"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(STEP1_LOSSES))
-def test_no_positive_pair_gives_zero_loss_and_finite_grad(name):
-    x = torch.nn.functional.normalize(torch.randn(6, 5), dim=1).requires_grad_(True)
-    labels = torch.arange(6)
-    value = STEP1_LOSSES[name]()(x, labels)
-    value.backward()
-    assert torch.isfinite(x.grad).all()
-    if not name.startswith("contrastive"):  # contrastive still has its negative term
-        assert value.item() == 0.0
-
-
-@pytest.mark.parametrize("name", sorted(STEP1_LOSSES))
-def test_single_class_and_duplicate_points_are_finite(name):
-    x = torch.nn.functional.normalize(torch.randn(4, 5), dim=1)
-    x = torch.cat([x, x]).requires_grad_(True)
-    for labels in (torch.zeros(8, dtype=torch.long), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])):
-        value = STEP1_LOSSES[name]()(x, labels)
-        (grad,) = torch.autograd.grad(value, x)
-        assert torch.isfinite(value) and torch.isfinite(grad).all()
-
-
-@pytest.mark.parametrize("name", sorted(STEP1_LOSSES))
-def test_bf16_autocast_on_cpu(name):
-    x, labels = batch(0, n=16)
-    x = x.detach().float().requires_grad_(True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        emb = torch.nn.functional.linear(x, torch.eye(x.shape[1]))  # bf16 activations, as a model's head
-        value = STEP1_LOSSES[name]()(emb, labels)
-    assert value.dtype == torch.float32
-    value.backward()
-    assert torch.isfinite(x.grad).all()
-    torch.testing.assert_close(value, STEP1_LOSSES[name]()(x, labels), atol=0.05, rtol=0.05)
+# The edge cases (no positive pair, a single class, duplicate points, bf16 autocast) of these losses and the rest
+# of the zoo, mining variants included, are tested once for all in tests/test_losses_zoo.py (ALL_LOSSES).
 
 
 # ---------------------------------------------------------------- configs
