@@ -38,6 +38,16 @@ def dml_run_cmd() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "dml_runner"]
 
 
+def run_dml(args: list[str], cwd, check: bool = True, timeout: int = 900):
+    """Run the installed dml-run with ``args`` in ``cwd``; with ``check``, a failure shows its output."""
+    import subprocess
+
+    proc = subprocess.run(dml_run_cmd() + args, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dml-run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
 def dml_eval_cmd() -> list[str]:
     script = Path(sys.executable).with_name("dml-eval")
     return [str(script)] if script.exists() else [sys.executable, "-m", "dml_runner.eval_cli"]

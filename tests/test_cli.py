@@ -8,14 +8,8 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import dml_eval_cmd, dml_run_cmd
-
-
-def run_cli(args, cwd, check=True):
-    proc = subprocess.run(dml_run_cmd() + args, cwd=cwd, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"dml-run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+from conftest import dml_eval_cmd
+from conftest import run_dml as run_cli
 
 
 @pytest.mark.slow

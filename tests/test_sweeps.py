@@ -1,12 +1,10 @@
 """Sweeps beyond a plain multirun: local parallel jobs (joblib), Slurm settings (submitit), Optuna search."""
 
-import subprocess
-
 import pandas as pd
 import pytest
 import yaml
 
-from conftest import dml_run_cmd
+from conftest import run_dml
 
 
 def test_slurm_launcher_config_composes(compose_cfg):
@@ -35,11 +33,8 @@ def test_optuna_search_optimises_validation_map_at_r(compose_cfg):
 @pytest.mark.slow
 def test_local_parallel_launcher_runs_jobs(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(dml_run_cmd() + ["-m", "hydra/launcher=local_parallel", "trainer=smoke",
-                                           "trainer.save_checkpoints=false", "loss=contrastive,triplet",
-                                           f"hydra.sweep.dir={sweep}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dml(["-m", "hydra/launcher=local_parallel", "trainer=smoke", "trainer.save_checkpoints=false",
+             "loss=contrastive,triplet", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     summary = pd.read_csv(sweep / "summary.csv")
     assert summary["status"].tolist() == ["completed", "completed"]
     assert set(summary["loss"]) == {"contrastive", "triplet"}
@@ -48,11 +43,8 @@ def test_local_parallel_launcher_runs_jobs(tmp_path):
 @pytest.mark.slow
 def test_optuna_sweep_end_to_end(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = subprocess.run(dml_run_cmd() + ["hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer=smoke",
-                                           "trainer.batch_size=12", "trainer.save_checkpoints=false",
-                                           f"hydra.sweep.dir={sweep}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dml(["hparams_search=optuna", "hydra.sweeper.n_trials=2", "trainer=smoke", "trainer.batch_size=12",
+             "trainer.save_checkpoints=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     summary = pd.read_csv(sweep / "summary.csv")
     assert (summary["best_selected_on"] == "val").all()
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
