@@ -15,7 +15,7 @@ import numpy as np
 
 from dml_runner import DMLRunnerError
 from dml_runner.datasets.base import DatasetSplits
-from dml_runner.datasets.images import build_class_split, require_dir, require_file
+from dml_runner.datasets.images import build_class_split, split_at_class, require_dir, require_file
 
 NAME = "cars196"
 OFFICIAL_COUNTS = {"train_images": 8054, "train_classes": 98, "test_images": 8131, "test_classes": 98}
@@ -67,10 +67,7 @@ def build(root: str, transform: Any = None, default_transform: str = "caffe_227"
     """Cars196: train on classes 1-98, leave-one-out retrieval on 99-196 (Recall@1/2/4/8)."""
     base = require_dir(root, NAME)
     paths, labels = read_cars_annos(base)
-    is_train = labels < FIRST_TEST_CLASS
-    train_idx, test_idx = np.flatnonzero(is_train), np.flatnonzero(~is_train)
     return build_class_split(
-        NAME, [paths[i] for i in train_idx], labels[train_idx], [paths[i] for i in test_idx], labels[test_idx],
-        OFFICIAL_COUNTS, transform=transform, default_transform=default_transform, val_fraction=val_fraction,
+        NAME, *split_at_class(paths, labels, FIRST_TEST_CLASS), OFFICIAL_COUNTS, transform=transform, default_transform=default_transform, val_fraction=val_fraction,
         seed=seed, skip_bad_images=skip_bad_images, verify_images=verify_images, eval_recall_at=RECALL_AT,
         info={"root": str(base), "split": "classes 1-98 train / 99-196 test (the 'test' flag is not used)"})

@@ -233,6 +233,14 @@ def assemble(name: str, train: ImageListDataset, test: ImageListDataset, transfo
     return with_validation_split(splits, val_fraction, seed, val_transform=test_tf)
 
 
+def split_at_class(paths: list[str], labels: np.ndarray,
+                   first_test_class: int) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
+    """The standard CUB / Cars split: classes below ``first_test_class`` train, the rest test."""
+    is_train = labels < first_test_class
+    train_idx, test_idx = np.flatnonzero(is_train), np.flatnonzero(~is_train)
+    return [paths[i] for i in train_idx], labels[train_idx], [paths[i] for i in test_idx], labels[test_idx]
+
+
 def build_class_split(dataset: str, train_paths: list[str], train_labels: np.ndarray, test_paths: list[str],
                       test_labels: np.ndarray, official: Mapping[str, int] | None, *, transform: Any,
                       default_transform: str, val_fraction: float, seed: int, skip_bad_images: bool,
