@@ -68,6 +68,7 @@ def build(root: str, transform: Any = None, default_transform: str = "caffe_227"
     base = require_dir(root, NAME)
     paths, labels = read_cars_annos(base)
     return build_class_split(
-        NAME, *split_at_class(paths, labels, FIRST_TEST_CLASS), OFFICIAL_COUNTS, transform=transform, default_transform=default_transform, val_fraction=val_fraction,
+        NAME, *split_at_class(paths, labels, FIRST_TEST_CLASS), OFFICIAL_COUNTS, transform=transform,
+        default_transform=default_transform, val_fraction=val_fraction,
         seed=seed, skip_bad_images=skip_bad_images, verify_images=verify_images, eval_recall_at=RECALL_AT,
         info={"root": str(base), "split": "classes 1-98 train / 99-196 test (the 'test' flag is not used)"})
