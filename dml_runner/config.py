@@ -50,7 +50,7 @@ class EvalConfig:
     use_dataset_recall_at: bool = True  # a dataset's customary K list (SOP 1..1000, In-shop 1..50) wins
     metrics: list[str] = field(default_factory=lambda: ["recall", "nmi", "f1", "map_at_r", "r_precision"])
     device: str = "auto"
-    backend: str = "torch"           # retrieval search: torch (exact, default) | faiss (flat index; GPU index on CUDA)
+    backend: str = "torch"           # retrieval: torch (auto) | torch_screened | torch_fp32 | faiss (docs/EVALUATION.md)
     chunk_size: int = 4096
     kmeans_iters: int = 50
     seed: Optional[int] = None       # k-means seed; null uses trainer.seed

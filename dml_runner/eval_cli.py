@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dml_runner.evaluation import KNOWN_METRICS, estimate_memory_bytes, evaluate
+from dml_runner.evaluation import BACKENDS, KNOWN_METRICS, estimate_memory_bytes, evaluate
 
 FILE_CONTENTS = (
     "the file must be a .npz (numpy.savez) with 'embeddings' (N x D floats) and 'labels' (N integers), "
@@ -82,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write the metrics as JSON to OUT")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--seed", type=int, default=0, help="k-means seed")
-    p.add_argument("--backend", default="torch", choices=["torch", "faiss"],
-                   help="retrieval search: torch (exact, any K) or faiss (flat index, GPU index on cuda)")
+    p.add_argument("--backend", default="torch", choices=list(BACKENDS),
+                   help="retrieval search: torch (auto: torch_screened on a CPU with native bf16, else torch_fp32), "
+                        "torch_screened (bf16 screen + float64 recheck), torch_fp32, or faiss (flat index, GPU "
+                        "index on cuda)")
     p.add_argument("--kmeans-iters", type=int, default=50)
     p.add_argument("--max-memory-gb", type=float, default=None,
                    help="refuse to start if the estimated memory exceeds this (default: available memory)")

@@ -18,10 +18,15 @@ from dml_runner.evaluation._validation import (
     check_recall_at,
 )
 from dml_runner.evaluation.clustering import f1_from_assignments, kmeans_assignments, nmi_from_assignments
-from dml_runner.evaluation.memory import estimate_memory_bytes, rows_per_chunk
+from dml_runner.evaluation.kmeans import low_precision_dtype
+from dml_runner.evaluation.memory import SCREENED_BYTES_PER_ELEMENT, estimate_memory_bytes, rows_per_chunk
 from dml_runner.evaluation.retrieval import exact_retrieval, faiss_retrieval
+from dml_runner.evaluation.screened import screened_retrieval
+
+BACKENDS = ("torch", "torch_screened", "torch_fp32", "faiss")
 
 __all__ = [
+    "BACKENDS",
     "KNOWN_METRICS",
     "evaluate",
     "estimate_memory_bytes",
@@ -67,9 +72,11 @@ def evaluate(
     positive in their searchable set are left out of Recall@K, MAP@R and R-Precision and counted in
     ``num_queries_without_positive``. Clustering uses all items (LOO) or the union of queries and gallery;
     k-means stops after ``kmeans_iters`` iterations or when fewer than 0.1% of points change cluster.
-    ``backend``: ``torch`` (default: exact chunked search, exact tie order, Recall@K for any K from one count) or
-    ``faiss`` (a flat L2 index searched for the top max(K, R) + 1; the GPU index when faiss sees a GPU and
-    ``device`` is cuda).
+    ``backend``: ``torch`` (default) is ``torch_screened`` on a CPU that multiplies bf16 natively and
+    ``torch_fp32`` otherwise (GPUs included); ``torch_screened`` is a bf16 screen whose undecided items are
+    recomputed in float64 (results equal a float64 brute force; see ``screened.py``); ``torch_fp32`` is a float32
+    chunked search; both give exact tie order and Recall@K for any K from one count. ``faiss``: a flat L2 index
+    searched for the top max(K, R) + 1 (the GPU index when faiss sees a GPU and ``device`` is cuda).
     """
     emb, lab = check_embeddings_labels(embeddings, labels)
     n = emb.shape[0]
@@ -99,16 +106,24 @@ def evaluate(
     out: dict[str, float] = {}
     retrieval_wanted = any(m in wanted for m in ("recall", "map_at_r", "r_precision"))
     if retrieval_wanted:
-        chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb)
         need_ranking = "map_at_r" in wanted or "r_precision" in wanted
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown retrieval backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        if backend == "torch":
+            native_bf16 = dev.type == "cpu" and low_precision_dtype(dev) == torch.bfloat16
+            backend = "torch_screened" if native_bf16 else "torch_fp32"
+        args = (emb[q_idx], lab[q_idx], emb[g_idx], lab[g_idx], self_index)
         if backend == "faiss":
-            stats = faiss_retrieval(emb[q_idx], lab[q_idx], emb[g_idx], lab[g_idx], self_index, max_k=max(ks),
-                                    need_ranking=need_ranking, use_gpu=dev.type == "cuda", chunk_size=chunk)
-        elif backend == "torch":
-            stats = exact_retrieval(emb[q_idx], lab[q_idx], emb[g_idx], lab[g_idx], self_index,
-                                    need_ranking=need_ranking, device=dev, chunk_size=chunk)
+            chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb)
+            stats = faiss_retrieval(*args, max_k=max(ks), need_ranking=need_ranking, use_gpu=dev.type == "cuda",
+                                    chunk_size=chunk)
+        elif backend == "torch_screened":
+            chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb,
+                                   bytes_per_element=SCREENED_BYTES_PER_ELEMENT)
+            stats = screened_retrieval(*args, need_ranking=need_ranking, device=dev, chunk_size=chunk)
         else:
-            raise ValueError(f"unknown retrieval backend {backend!r}; use 'torch' or 'faiss'")
+            chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb)
+            stats = exact_retrieval(*args, need_ranking=need_ranking, device=dev, chunk_size=chunk)
         scored = stats.first_rank.size
         mean = lambda x: float(np.mean(x)) if x.size else float("nan")  # noqa: E731
         if "recall" in wanted:

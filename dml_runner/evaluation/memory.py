@@ -5,12 +5,15 @@ from __future__ import annotations
 BYTES_F32 = 4
 # A distance block costs its float32 values, a boolean comparison and its float32 copy for the counting sum.
 BLOCK_BYTES_PER_ELEMENT = 10
+# The bf16-screened search: a bf16 block and its boolean mask.
+SCREENED_BYTES_PER_ELEMENT = 3
 
 
-def rows_per_chunk(gallery_size: int, chunk_size: int, max_memory_gb: float | None, budget_gb: float = 0.5) -> int:
-    """Query rows per chunk so that one (rows x gallery) float32 distance block stays within budget."""
+def rows_per_chunk(gallery_size: int, chunk_size: int, max_memory_gb: float | None, budget_gb: float = 0.5,
+                   bytes_per_element: int = BLOCK_BYTES_PER_ELEMENT) -> int:
+    """Query rows per chunk so that one (rows x gallery) distance block stays within budget."""
     budget = (max_memory_gb * 0.25 if max_memory_gb else budget_gb) * 2**30
-    per_row = max(gallery_size, 1) * BLOCK_BYTES_PER_ELEMENT
+    per_row = max(gallery_size, 1) * bytes_per_element
     return int(max(1, min(chunk_size, budget // per_row)))
 
 
