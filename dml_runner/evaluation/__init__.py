@@ -112,7 +112,10 @@ def evaluate(
         if backend == "torch":
             native_bf16 = dev.type == "cpu" and low_precision_dtype(dev) == torch.bfloat16
             backend = "torch_screened" if native_bf16 else "torch_fp32"
-        args = (emb[q_idx], lab[q_idx], emb[g_idx], lab[g_idx], self_index)
+        if qmask is None:  # leave-one-out: queries and gallery are the data itself (no copies)
+            args = (emb, lab, emb, lab, self_index)
+        else:
+            args = (emb[q_idx], lab[q_idx], emb[g_idx], lab[g_idx], self_index)
         if backend == "faiss":
             chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb)
             stats = faiss_retrieval(*args, max_k=max(ks), need_ranking=need_ranking, use_gpu=dev.type == "cuda",

@@ -52,14 +52,16 @@ def _assign(x_aug: torch.Tensor, centroids: torch.Tensor, dtype: torch.dtype, ch
     c_aug[k:, d] = -1e30  # padding centroids never win
     c_aug = c_aug.to(dtype)
     out = torch.empty(x_aug.shape[0], dtype=torch.int64, device=x_aug.device)
+    scores = torch.empty(min(chunk, x_aug.shape[0]), kp, dtype=dtype, device=x_aug.device)  # reused
     for s in range(0, x_aug.shape[0], chunk):
-        out[s : s + chunk] = block_argmax(x_aug[s : s + chunk] @ c_aug.T)
+        xs = x_aug[s : s + chunk]
+        out[s : s + chunk] = block_argmax(torch.mm(xs, c_aug.T, out=scores[: xs.shape[0]]))
     return out
 
 
 def torch_kmeans(
     x: np.ndarray | torch.Tensor, k: int, *, seed: int = 0, iters: int = 50, tol: float = 1e-3,
-    device: torch.device | str = "cpu", dtype: torch.dtype | None = None, chunk: int = 4096,
+    device: torch.device | str = "cpu", dtype: torch.dtype | None = None, chunk: int = 8192,
 ) -> tuple[np.ndarray, int]:
     """Cluster ids (n,) and the number of iterations run."""
     dev = torch.device(device)

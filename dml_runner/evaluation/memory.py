@@ -31,5 +31,5 @@ def estimate_memory_bytes(
     rows = rows_per_chunk(g, chunk_size, max_memory_gb)
     data = 4 * n * dim * BYTES_F32
     block = rows * g * BLOCK_BYTES_PER_ELEMENT
-    kmeans = 3 * k * dim * BYTES_F32 + 4096 * (k + 64) * 2 + n * (dim + 1) * 2 + n * 64
+    kmeans = 3 * k * dim * BYTES_F32 + 8192 * (k + 64) * 2 + n * (dim + 1) * 2 + n * 64
     return int(data + block + kmeans + 300 * 2**20)
