@@ -82,23 +82,27 @@ def _data(seed, n=120, d=6, classes=15, integer=False):
 
 
 RETRIEVAL = ("recall", "map_at_r", "r_precision")
+# both exact torch searches, whichever one "torch" picks on this machine
+TORCH_BACKENDS = pytest.mark.parametrize("backend", ["torch_screened", "torch_fp32"])
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("integer", [False, True])
-def test_loo_matches_brute_force(seed, integer):
+@TORCH_BACKENDS
+def test_loo_matches_brute_force(seed, integer, backend):
     x, y = _data(seed, integer=integer)
-    got = evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu", chunk_size=37)
+    got = evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu", chunk_size=37, backend=backend)
     _check(got, brute_retrieval(x, y))
 
 
-def test_exact_ties_duplicates_and_singletons():
+@TORCH_BACKENDS
+def test_exact_ties_duplicates_and_singletons(backend):
     # Many exact duplicates across classes + singleton classes (excluded, counted).
     x = np.repeat(np.eye(4, dtype=np.float32), 6, axis=0)
     y = np.array([0, 1, 2, 0, 1, 2] * 4)
     x = np.vstack([x, np.zeros((3, 4), np.float32)])
     y = np.concatenate([y, [7, 8, 9]])
-    got = evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu", chunk_size=5)
+    got = evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu", chunk_size=5, backend=backend)
     want = brute_retrieval(x, y)
     assert want["num_queries_without_positive"] == 3
     _check(got, want)
@@ -106,25 +110,28 @@ def test_exact_ties_duplicates_and_singletons():
 
 @pytest.mark.parametrize("seed", [3, 4])
 @pytest.mark.parametrize("integer", [False, True])
-def test_query_gallery_with_overlap(seed, integer):
+@TORCH_BACKENDS
+def test_query_gallery_with_overlap(seed, integer, backend):
     x, y = _data(seed, n=150, integer=integer)
     rng = np.random.default_rng(seed)
     q = rng.random(150) < 0.5
     g = (rng.random(150) < 0.6) | ~q  # overlap: some items in both
     assert (q & g).any()
-    got = evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, query_mask=q, gallery_mask=g, device="cpu", chunk_size=16)
+    got = evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, query_mask=q, gallery_mask=g, device="cpu", chunk_size=16,
+                   backend=backend)
     want = brute_retrieval(x, y, q, g)
     _check(got, want)
 
 
-def test_query_without_positive_counted():
+@TORCH_BACKENDS
+def test_query_without_positive_counted(backend):
     x, y = _data(5, n=60)
     q = np.zeros(60, bool)
     q[:10] = True
     g = ~q
     y = y.copy()
     y[0] = 999  # no positive anywhere in the gallery
-    got = evaluate(x, y, metrics=RETRIEVAL, recall_at=KS, query_mask=q, gallery_mask=g, device="cpu")
+    got = evaluate(x, y, metrics=RETRIEVAL, recall_at=KS, query_mask=q, gallery_mask=g, device="cpu", backend=backend)
     want = brute_retrieval(x, y, q, g)
     assert got["num_queries_without_positive"] >= 1
     _check(got, want)
