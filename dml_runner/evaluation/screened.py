@@ -40,9 +40,9 @@ COL_ALIGN = 1024  # gallery padded to a multiple: 8 bools per int64 word, 128 wo
 SEGMENT_WORDS = 128
 BLOCK = 64  # column block of the two-stage top-k for MAP@R
 SLACK_LEVELS = (4, 24, 160)  # extra screened neighbours per row for MAP@R, tried in turn until certified
-PAIR_BATCH = 1024  # small batches keep the float64 temporaries in cache
+PAIR_BATCH = 512  # small batches keep the float64 temporaries in cache
 PAD_SCORE = -1e30
-BAND_SWITCH = 64  # mean candidates per row above which the sure ones are counted, not listed
+BAND_SWITCH = 64  # mean candidate blocks per row above which the sure items are counted, not listed
 
 
 def split3(v: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,8 @@ def pair_scores(q: torch.Tensor, g: torch.Tensor, half_sq_g: torch.Tensor, rows:
     out = torch.empty(rows.numel(), dtype=torch.float64, device=q.device)
     for s in range(0, rows.numel(), PAIR_BATCH):
         r, c = rows[s : s + PAIR_BATCH], cols[s : s + PAIR_BATCH]
-        out[s : s + PAIR_BATCH] = (q[r].double() * g[c].double()).sum(dim=1) - half_sq_g[c]
+        prod = q.index_select(0, r).double().mul_(g.index_select(0, c).double())  # index_select: 1.5x faster
+        out[s : s + PAIR_BATCH] = prod.sum(dim=1) - half_sq_g[c]
     return out
 
 
@@ -175,7 +176,7 @@ def screened_retrieval(
     ranks, maps, rps = [], [], []
     rows_max = max(1, min(chunk_size, scored.numel()))
     block = torch.empty(rows_max, sc.n_pad, dtype=torch.bfloat16, device=device)
-    mask = torch.empty(rows_max, sc.n_pad, dtype=torch.bool, device=device)
+    mask = None  # boolean block, only for the many-candidates path
     for s in range(0, scored.numel(), chunk_size):
         rows = scored[s : s + chunk_size]
         c = rows.numel()
@@ -202,22 +203,30 @@ def screened_retrieval(
         # s >= t1 -> fp32 result >= gap - e > 0 -> z >= 0 (rounding keeps the sign), so z < 0 is surely farther;
         # z > hi -> s - shift >= z / (1 + u) - e > gap, i.e. surely nearer than the nearest positive.
         hi = (gap + e) * (1 + 1.01 * U_BF16)
-        m = mask[:c]
-        torch.ge(z.view(torch.int16), 0, out=m)  # sign bit clear: +0 or positive (-inf self, padding excluded)
-        if int(row_count(m).sum()) > BAND_SWITCH * c:
-            # many candidates (a weak embedding): count the sure ones without listing them, list only the band
+        # Block maxima (int16 max/min of 64-column blocks): a block holds a candidate (z >= 0, sign bit clear)
+        # iff its int16 max is >= 0; the maxima also serve the top-R search of MAP@R.
+        bmax, has_cand = block_max(z, with_nonnegative=True)
+        cb_r, cb_b = has_cand.nonzero(as_tuple=True)
+        if cb_r.numel() <= BAND_SWITCH * c:
+            vals = z.view(c, -1, BLOCK)[cb_r, cb_b]  # the candidate blocks only
+            k, j = (vals.view(torch.int16) >= 0).nonzero(as_tuple=True)
+            ri, cj = cb_r[k], cb_b[k] * BLOCK + j
+            sure = vals[k, j].double() > hi[ri]
+            rank = torch.zeros(c, dtype=torch.int64, device=device).index_add_(
+                0, ri[sure], torch.ones_like(ri[sure]))
+            bri, bcj = ri[~sure], cj[~sure]
+        else:
+            # candidates everywhere (a weak embedding): count the sure ones without listing them, list the band
+            if mask is None:
+                mask = torch.empty(rows_max, sc.n_pad, dtype=torch.bool, device=device)
+            m = mask[:c]
+            torch.ge(z.view(torch.int16), 0, out=m)  # sign bit clear: +0 or positive (-inf self, padding excluded)
             hi_b = (hi * (1 + 2.0**-6)).to(torch.bfloat16)  # rounded up: z > hi_b still implies z > hi
             sure_mask = torch.gt(z, hi_b[:, None])
             rank = row_count(sure_mask)
             torch.logical_xor(m, sure_mask, out=m)
             del sure_mask
             bri, bcj = mask_nonzero(m)
-        else:
-            ri, cj = mask_nonzero(m)
-            sure = z[ri, cj].double() > hi[ri]
-            rank = torch.zeros(c, dtype=torch.int64, device=device).index_add_(
-                0, ri[sure], torch.ones_like(ri[sure]))
-            bri, bcj = ri[~sure], cj[~sure]
         if bri.numel():
             exact = pair_scores(q, g, sc.half_sq_g, rows[bri], bcj)
             before = (lab_g[bcj] != lab_q[rows[bri]]) & (
@@ -226,7 +235,7 @@ def screened_retrieval(
         ranks.append(rank)
         if need_ranking:
             r = r_all[rows]
-            ap, rp = _map_rows(q, g, sc, z, rows, rank, r, shift, e, sel, lab_g, lab_q)
+            ap, rp = _map_rows(q, g, sc, z, bmax, rows, rank, r, shift, e, sel, lab_g, lab_q)
             maps.append(ap)
             rps.append(rp)
     del block, mask
@@ -239,8 +248,9 @@ def screened_retrieval(
     )
 
 
-def block_max(z: torch.Tensor) -> torch.Tensor:
-    """(c, n_pad) bf16 -> (c, n_pad / BLOCK) bf16 maxima of consecutive column blocks.
+def block_max(z: torch.Tensor, with_nonnegative: bool = False):
+    """(c, n_pad) bf16 -> (c, n_pad / BLOCK) bf16 maxima of consecutive column blocks [, and whether each block
+    holds a value with the sign bit clear].
 
     Reduces the int16 view (about 4x faster than bf16 reductions on CPU): bf16 bit patterns order like int16 for
     non-negative values and in reverse for negative ones, so a block's maximum is its int16 max when that is
@@ -249,10 +259,12 @@ def block_max(z: torch.Tensor) -> torch.Tensor:
     c, n = z.shape
     zi = z.view(torch.int16).view(c, n // BLOCK, BLOCK)
     hi, lo = zi.amax(dim=2), zi.amin(dim=2)
-    return torch.where(hi >= 0, hi, lo).view(torch.bfloat16)
+    nonneg = hi >= 0
+    bmax = torch.where(nonneg, hi, lo).view(torch.bfloat16)
+    return (bmax, nonneg) if with_nonnegative else bmax
 
 
-def _map_rows(q, g, sc: Screen, z, rows, rank, r, shift, e, sel, lab_g, lab_q):
+def _map_rows(q, g, sc: Screen, z, bmax, rows, rank, r, shift, e, sel, lab_g, lab_q):
     """MAP@R and R-Precision of one chunk (see the module docstring)."""
     rf = r.to(torch.float64)
     # closed form when the nearest positive ranks >= R: only it can be in the top R (at position rank + 1 = R)
@@ -264,7 +276,6 @@ def _map_rows(q, g, sc: Screen, z, rows, rank, r, shift, e, sel, lab_g, lab_q):
         return ap, rp
     rn = r[need]
     rmax = int(rn.max())
-    bmax = block_max(z)
     top = torch.empty(need.numel(), rmax, dtype=torch.int64, device=z.device)
     todo = torch.arange(need.numel(), device=z.device)
     for slack in SLACK_LEVELS:  # most rows certify with a few extra neighbours, the rest retry with more
