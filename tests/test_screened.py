@@ -126,3 +126,29 @@ def test_screened_equals_float32_search_on_continuous_data():
     a = evaluate(x, y, backend="torch_screened", **kw)
     b = evaluate(x, y, backend="torch_fp32", **kw)
     assert a == b
+
+
+def test_auto_backend_falls_back_to_float32_when_the_band_is_too_wide(monkeypatch, caplog):
+    import dml_runner.evaluation as ev
+
+    if ev.low_precision_dtype(torch.device("cpu")) != torch.bfloat16:
+        pytest.skip("this CPU has no native bf16: the auto backend is float32 from the start")
+    x, y = _clustered(seed=6)
+    want = brute_retrieval(x, y)
+    calls = []
+    real = ev.exact_retrieval
+    monkeypatch.setattr(ev, "exact_retrieval", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _check(evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu"), want)
+    assert not calls  # normal data: the screen decides
+    monkeypatch.setattr(scr, "band_limit", lambda n: 0.0)  # any band is "too wide"
+    with caplog.at_level("INFO", logger="dml_runner.evaluation"):
+        _check(evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu"), want)
+    assert calls and "float32 search" in caplog.text
+    calls.clear()
+    _check(_screened(x, y), want)  # asked for explicitly: no fallback
+    assert not calls
+
+
+def test_band_limit_grows_with_the_gallery():
+    assert scr.band_limit(1000) == 64
+    assert scr.band_limit(60_000) > 200

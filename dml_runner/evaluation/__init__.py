@@ -5,6 +5,7 @@ See docs/EVALUATION.md for the definitions, tie handling and the query/gallery m
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ from dml_runner.evaluation.retrieval import exact_retrieval, faiss_retrieval
 from dml_runner.evaluation.screened import screened_retrieval
 
 BACKENDS = ("torch", "torch_screened", "torch_fp32", "faiss")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
@@ -109,7 +111,8 @@ def evaluate(
         need_ranking = "map_at_r" in wanted or "r_precision" in wanted
         if backend not in BACKENDS:
             raise ValueError(f"unknown retrieval backend {backend!r}; use one of {', '.join(BACKENDS)}")
-        if backend == "torch":
+        auto = backend == "torch"
+        if auto:
             native_bf16 = dev.type == "cpu" and low_precision_dtype(dev) == torch.bfloat16
             backend = "torch_screened" if native_bf16 else "torch_fp32"
         if qmask is None:  # leave-one-out: queries and gallery are the data itself (no copies)
@@ -123,8 +126,13 @@ def evaluate(
         elif backend == "torch_screened":
             chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb,
                                    bytes_per_element=SCREENED_BYTES_PER_ELEMENT)
-            stats = screened_retrieval(*args, need_ranking=need_ranking, device=dev, chunk_size=chunk)
-        else:
+            stats = screened_retrieval(*args, need_ranking=need_ranking, device=dev, chunk_size=chunk,
+                                       give_up_if_weak=auto)
+            if stats is None:
+                log.info("retrieval: the bf16 screen leaves too many items undecided (embeddings close to random); "
+                         "using the float32 search")
+                backend = "torch_fp32"
+        if backend == "torch_fp32":
             chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb)
             stats = exact_retrieval(*args, need_ranking=need_ranking, device=dev, chunk_size=chunk)
         scored = stats.first_rank.size

@@ -161,8 +161,14 @@ def screened_retrieval(
     need_ranking: bool = True,
     device: torch.device = torch.device("cpu"),
     chunk_size: int = 2048,
-) -> RetrievalStats:
-    """Same statistics as :func:`dml_runner.evaluation.retrieval.exact_retrieval`, from a certified bf16 screen."""
+    give_up_if_weak: bool = False,
+) -> RetrievalStats | None:
+    """Same statistics as :func:`dml_runner.evaluation.retrieval.exact_retrieval`, from a certified bf16 screen.
+
+    ``give_up_if_weak``: return None after the first chunk when its band (items the screen cannot decide) is so wide
+    that the float64 rechecks would cost more than a float32 search (embeddings close to random: many items lie
+    within the bf16 error of each query's nearest positive); the caller then runs the float32 search.
+    """
     q = torch.as_tensor(queries, device=device, dtype=torch.float32)
     g = torch.as_tensor(gallery, device=device, dtype=torch.float32)
     sc = Screen(q, g)
@@ -227,6 +233,8 @@ def screened_retrieval(
             torch.logical_xor(m, sure_mask, out=m)
             del sure_mask
             bri, bcj = mask_nonzero(m)
+        if give_up_if_weak and s == 0 and bri.numel() > band_limit(n) * c:
+            return None
         if bri.numel():
             exact = pair_scores(q, g, sc.half_sq_g, rows[bri], bcj)
             before = (lab_g[bcj] != lab_q[rows[bri]]) & (
@@ -246,6 +254,12 @@ def screened_retrieval(
         r_precision=cat(rps, np.float64),
         num_without_positive=int(queries.shape[0] - scored.numel()),
     )
+
+
+def band_limit(gallery_size: int) -> float:
+    """Mean band items per query above which float64 rechecks (~1 us each) cost more than the float32 search of
+    that query (~3.5 ns more per gallery item than the screen on the CPU measured in docs/PERFORMANCE.md)."""
+    return max(64.0, gallery_size / 256)
 
 
 def block_max(z: torch.Tensor, with_nonnegative: bool = False):
