@@ -184,6 +184,7 @@ def test_against_pytorch_metric_learning():
         (dict(embeddings=np.zeros(5), labels=np.zeros(5, int)), "2-D"),
         (dict(embeddings=np.array([[0.0, np.nan], [1, 1]]), labels=np.zeros(2, int)), "NaN"),
         (dict(embeddings=np.array([[0.0, np.inf], [1, 1]]), labels=np.zeros(2, int)), "inf"),
+        (dict(embeddings=np.array([[0.0, 3e18], [1, 1]]), labels=np.zeros(2, int)), "overflow float32"),
         (dict(recall_at=(0,)), "positive"),
         (dict(recall_at=(-2,)), "positive"),
         (dict(metrics=("recall", "bogus")), "unknown metric"),

@@ -152,3 +152,14 @@ def test_auto_backend_falls_back_to_float32_when_the_band_is_too_wide(monkeypatc
 def test_band_limit_grows_with_the_gallery():
     assert scr.band_limit(1000) == 64
     assert scr.band_limit(60_000) > 200
+
+
+def test_embeddings_beyond_the_bf16_range_are_refused():
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(40, 4)) * 1e20).astype(np.float32)  # |x|^2 / 2 ~ 1e40: beyond bf16 and float32
+    y = np.arange(40) % 5
+    with pytest.raises(ValueError, match="rescale"):  # evaluate's input check comes first
+        _screened(x, y)
+    with pytest.raises(ValueError, match="torch_fp32"):  # the screen's own guard
+        scr.screened_retrieval(x, y, x, y, np.arange(40))
+    assert scr.screened_retrieval(x, y, x, y, np.arange(40), give_up_if_weak=True) is None

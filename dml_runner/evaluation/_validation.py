@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 KNOWN_METRICS = ("recall", "nmi", "f1", "map_at_r", "r_precision")
+MAX_SQUARED_NORM = 1e36  # squared distances (<= 4x this) stay well inside float32's 3.4e38
 
 
 def check_embeddings_labels(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -34,6 +35,12 @@ def check_embeddings_labels(embeddings: np.ndarray, labels: np.ndarray) -> tuple
     if not np.isfinite(emb).all():
         bad = int((~np.isfinite(emb)).any(axis=1).sum())
         raise ValueError(f"embeddings contain NaN or inf values ({bad} rows affected)")
+    peak = float(np.abs(emb).max())
+    if emb.shape[1] * peak * peak > MAX_SQUARED_NORM:  # cheap test first, exact norms only when it may overflow
+        sq = float(np.einsum("ij,ij->i", emb.astype(np.float64), emb.astype(np.float64)).max())
+        if sq > MAX_SQUARED_NORM:
+            raise ValueError(f"embedding norms reach {sq ** 0.5:.3g}: squared distances would overflow float32 "
+                             "(limit ~1e18); rescale the embeddings (e.g. L2-normalise them)")
     return emb, lab.astype(np.int64)
 
 

@@ -131,6 +131,12 @@ class Screen:
         self.g_norm_max, self.gb_norm_max, self.e_g_max = mx(g_norm), mx(gb_norm), mx(e_g)
         self.gparts_abs_max, self.g_resid_max = mx(gparts_abs), mx(g_resid)
 
+    def fits_bf16(self) -> bool:
+        """False when a value or a squared norm overflowed the bf16 range (embeddings of norm > ~1e19)."""
+        limit = 1e38
+        return bool(torch.isfinite(self.ga).all()) and bool(torch.isfinite(self.qb).all()) and max(
+            self.gparts_abs_max, self.g_norm_max, float(self.qb_norm.max()) if self.qb_norm.numel() else 0.0) < limit
+
     def error_bound(self, rows: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bound on |fp32 result - exact (s - shift)| for the product of ``rows`` with every gallery item, and the
         bf16 parts of -shift."""
@@ -173,6 +179,11 @@ def screened_retrieval(
     g = torch.as_tensor(gallery, device=device, dtype=torch.float32)
     sc = Screen(q, g)
     n = sc.n
+    if not sc.fits_bf16():
+        if give_up_if_weak:
+            return None
+        raise ValueError("embeddings too large for the bf16 screen (|x|^2 / 2 beyond the bf16 range of ~3e38); "
+                         "use backend 'torch_fp32'")
     pidx = build_positive_index(query_labels, gallery_labels, device)
     selft = torch.as_tensor(self_index, device=device)
     r_all = pidx.count - (selft >= 0).to(pidx.count.dtype) * (pidx.count > 0).to(pidx.count.dtype)
