@@ -4,21 +4,24 @@ Scores: s(q, g) = q.g - |g|^2 / 2 (larger = nearer; the same order as the Euclid
 query's nearest positive score t1 is computed exactly (float64 dot products of the float32 embeddings, over its
 class only), then one bf16 product per chunk screens the whole gallery for the *shifted* score
 
-    z = s - t1 + E,        E >= the worst-case error of the bf16 product for that query (see ``error_bound``).
+    z = s - shift,   shift = t1 - gap,   gap > e = a rigorous bound on the product's error for that query
+                                                   (``Screen.error_bound``).
 
 The shift rides in the product as three extra bf16 columns (a float64 value split into three bf16 parts, likewise
--|g|^2/2), so near the decision point z is close to zero and the bf16 output rounding (2^-8 relative) is tiny.
-With the bound, per row:
+-|g|^2/2), so near the decision point z is close to zero and the relative bf16 output rounding costs little.
+Per item:
 
-- z < 0                  -> the item is certainly farther than the nearest positive (no recheck);
-- z > 2E (with rounding) -> certainly nearer (counted, no recheck);
-- in between             -> recomputed in float64 and compared exactly (ties broken by index).
+- z < 0 (sign bit set)       -> certainly farther than the nearest positive (never looked at again);
+- z > (gap + e)(1 + u_bf16)  -> certainly nearer (counted);
+- in between (the band)      -> recomputed in float64 and compared exactly (ties broken by index).
 
-So ``first_rank`` (hence Recall@K for every K) is the one of float64 arithmetic. MAP@R / R-Precision: a query whose
-nearest positive already ranks >= R needs nothing more (closed form); the others take a bf16 top-(R + slack),
-recomputed in float64 and *certified*: the R-th exact score must beat the bound on everything the screen left
-out; a row that fails is recomputed in float64 against the whole gallery. The results equal those of a float64
-brute force, at the cost of one bf16 product (AMX/AVX512-BF16 on CPU, tensor cores on GPU) plus a few passes.
+Items with z >= 0 are found from the int16 max/min of 64-column blocks, which also give each block's maximum for
+the MAP@R search. So ``first_rank`` (hence Recall@K for every K) is the one of float64 arithmetic. MAP@R /
+R-Precision: a query whose nearest positive already ranks >= R needs nothing more (closed form); the others take a
+two-stage bf16 top-(R + slack) (best blocks, then their best items), recomputed in float64 and *certified*: the
+R-th exact score must beat the bound on everything the screen left out; failing rows retry with more slack and,
+last, a float64 search of the row. The results equal those of a float64 brute force, at the cost of one bf16
+product (AMX / AVX512-BF16 on CPU) and one reduction pass per chunk.
 """
 
 from __future__ import annotations
