@@ -139,6 +139,11 @@ def test_auto_backend_falls_back_to_float32_when_the_band_is_too_wide(monkeypatc
     real = ev.exact_retrieval
     monkeypatch.setattr(ev, "exact_retrieval", lambda *a, **k: calls.append(1) or real(*a, **k))
     _check(evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu"), want)
+    assert calls  # 600 items: below the size where the screen pays, float32 from the start
+    calls.clear()
+    monkeypatch.setattr(ev, "SCREEN_MIN_QUERIES", 1)
+    monkeypatch.setattr(ev, "SCREEN_MIN_GALLERY", 1)
+    _check(evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu"), want)
     assert not calls  # normal data: the screen decides
     monkeypatch.setattr(scr, "band_limit", lambda n: 0.0)  # any band is "too wide"
     with caplog.at_level("INFO", logger="dml_runner.evaluation"):

@@ -25,6 +25,8 @@ from dml_runner.evaluation.retrieval import exact_retrieval, faiss_retrieval
 from dml_runner.evaluation.screened import screened_retrieval
 
 BACKENDS = ("torch", "torch_screened", "torch_fp32", "faiss")
+# The screen's fixed costs (gallery statistics, per-query float64 work) pay off from about here (docs/PERFORMANCE.md).
+SCREEN_MIN_QUERIES, SCREEN_MIN_GALLERY = 4096, 8192
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -74,8 +76,8 @@ def evaluate(
     positive in their searchable set are left out of Recall@K, MAP@R and R-Precision and counted in
     ``num_queries_without_positive``. Clustering uses all items (LOO) or the union of queries and gallery;
     k-means stops after ``kmeans_iters`` iterations or when fewer than 0.1% of points change cluster.
-    ``backend``: ``torch`` (default) is ``torch_screened`` on a CPU that multiplies bf16 natively and
-    ``torch_fp32`` otherwise (GPUs included); ``torch_screened`` is a bf16 screen whose undecided items are
+    ``backend``: ``torch`` (default) is ``torch_screened`` on a CPU that multiplies bf16 natively when there are
+    at least 4,096 queries and 8,192 gallery items, and ``torch_fp32`` otherwise (GPUs included); ``torch_screened`` is a bf16 screen whose undecided items are
     recomputed in float64 (results equal a float64 brute force; see ``screened.py``); ``torch_fp32`` is a float32
     chunked search; both give exact tie order and Recall@K for any K from one count. ``faiss``: a flat L2 index
     searched for the top max(K, R) + 1 (the GPU index when faiss sees a GPU and ``device`` is cuda).
@@ -114,7 +116,8 @@ def evaluate(
         auto = backend == "torch"
         if auto:
             native_bf16 = dev.type == "cpu" and low_precision_dtype(dev) == torch.bfloat16
-            backend = "torch_screened" if native_bf16 else "torch_fp32"
+            big = q_idx.size >= SCREEN_MIN_QUERIES and g_idx.size >= SCREEN_MIN_GALLERY
+            backend = "torch_screened" if native_bf16 and big else "torch_fp32"
         if qmask is None:  # leave-one-out: queries and gallery are the data itself (no copies)
             args = (emb, lab, emb, lab, self_index)
         else:
