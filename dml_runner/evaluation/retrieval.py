@@ -134,6 +134,34 @@ class RetrievalStats:
     num_without_positive: int
 
 
+@dataclass
+class Queries:
+    """What both torch searches need about the queries: positives, self positions, R, labels, scored rows."""
+
+    pidx: PositiveIndex
+    self_index: torch.Tensor  # gallery position of each query, -1 if not in the gallery
+    r: torch.Tensor  # R = number of positives in the searchable set
+    labels: torch.Tensor
+    gallery_labels: torch.Tensor
+    scored: torch.Tensor  # queries with R > 0, the only ones searched
+
+
+def prepare_queries(query_labels: np.ndarray, gallery_labels: np.ndarray, self_index: np.ndarray,
+                    device: torch.device) -> Queries:
+    pidx = build_positive_index(query_labels, gallery_labels, device)
+    selft = torch.as_tensor(self_index, device=device)
+    r_all = pidx.count - (selft >= 0).to(pidx.count.dtype) * (pidx.count > 0).to(pidx.count.dtype)
+    return Queries(pidx, selft, r_all, torch.as_tensor(query_labels, device=device),
+                   torch.as_tensor(gallery_labels, device=device), (r_all > 0).nonzero().ravel())
+
+
+def collect_stats(ranks: list, maps: list, rps: list, num_queries: int, num_scored: int) -> RetrievalStats:
+    """Concatenate per-chunk tensors into :class:`RetrievalStats`."""
+    cat = lambda xs, dt: torch.cat(xs).cpu().numpy() if xs else np.zeros(0, dtype=dt)  # noqa: E731
+    return RetrievalStats(first_rank=cat(ranks, np.int64), map_at_r=cat(maps, np.float64),
+                          r_precision=cat(rps, np.float64), num_without_positive=int(num_queries - num_scored))
+
+
 def exact_retrieval(
     queries: np.ndarray,
     query_labels: np.ndarray,
@@ -152,12 +180,8 @@ def exact_retrieval(
     q = torch.as_tensor(queries, device=device)
     g = torch.as_tensor(gallery, device=device)
     gn = (g * g).sum(dim=1)
-    pidx = build_positive_index(query_labels, gallery_labels, device)
-    selft = torch.as_tensor(self_index, device=device)
-    r_all = pidx.count - (selft >= 0).to(pidx.count.dtype) * (pidx.count > 0).to(pidx.count.dtype)
-    lab_g = torch.as_tensor(gallery_labels, device=device)
-    lab_q = torch.as_tensor(query_labels, device=device)
-    scored = (r_all > 0).nonzero().ravel()
+    qs = prepare_queries(query_labels, gallery_labels, self_index, device)
+    pidx, selft, r_all, lab_q, lab_g, scored = qs.pidx, qs.self_index, qs.r, qs.labels, qs.gallery_labels, qs.scored
     ranks, maps, rps = [], [], []
     # One reusable block: a fresh (chunk x N) tensor per chunk costs as much in page faults as the counting itself.
     block = torch.empty(min(chunk_size, max(scored.numel(), 1)), g.shape[0], device=device)
@@ -179,13 +203,7 @@ def exact_retrieval(
             rps.append(rp)
         ranks.append(first_positive_rank_(dist, t1, p1))
     del block
-    cat = lambda xs, dt: torch.cat(xs).cpu().numpy() if xs else np.zeros(0, dtype=dt)  # noqa: E731
-    return RetrievalStats(
-        first_rank=cat(ranks, np.int64),
-        map_at_r=cat(maps, np.float64),
-        r_precision=cat(rps, np.float64),
-        num_without_positive=int(queries.shape[0] - scored.numel()),
-    )
+    return collect_stats(ranks, maps, rps, queries.shape[0], scored.numel())
 
 
 def faiss_retrieval(

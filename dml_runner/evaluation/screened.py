@@ -31,10 +31,11 @@ import torch
 
 from dml_runner.evaluation.retrieval import (
     RetrievalStats,
-    build_positive_index,
+    collect_stats,
     map_r_and_r_precision,
     ordered_topk,
     positives_of,
+    prepare_queries,
 )
 
 U_BF16 = 2.0**-7  # bound on the bf16 output conversion error (2^-8 when rounded to nearest; 2^-7 if truncated)
@@ -187,12 +188,8 @@ def screened_retrieval(
             return None
         raise ValueError("embeddings too large for the bf16 screen (|x|^2 / 2 beyond the bf16 range of ~3e38); "
                          "use backend 'torch_fp32'")
-    pidx = build_positive_index(query_labels, gallery_labels, device)
-    selft = torch.as_tensor(self_index, device=device)
-    r_all = pidx.count - (selft >= 0).to(pidx.count.dtype) * (pidx.count > 0).to(pidx.count.dtype)
-    lab_g = torch.as_tensor(gallery_labels, device=device)
-    lab_q = torch.as_tensor(query_labels, device=device)
-    scored = (r_all > 0).nonzero().ravel()
+    qs = prepare_queries(query_labels, gallery_labels, self_index, device)
+    pidx, selft, r_all, lab_q, lab_g, scored = qs.pidx, qs.self_index, qs.r, qs.labels, qs.gallery_labels, qs.scored
     ranks, maps, rps = [], [], []
     rows_max = max(1, min(chunk_size, scored.numel()))
     block = torch.empty(rows_max, sc.n_pad, dtype=torch.bfloat16, device=device)
@@ -261,13 +258,7 @@ def screened_retrieval(
             maps.append(ap)
             rps.append(rp)
     del block, mask
-    cat = lambda xs, dt: torch.cat(xs).cpu().numpy() if xs else np.zeros(0, dtype=dt)  # noqa: E731
-    return RetrievalStats(
-        first_rank=cat(ranks, np.int64),
-        map_at_r=cat(maps, np.float64),
-        r_precision=cat(rps, np.float64),
-        num_without_positive=int(queries.shape[0] - scored.numel()),
-    )
+    return collect_stats(ranks, maps, rps, queries.shape[0], scored.numel())
 
 
 def band_limit(gallery_size: int) -> float:
