@@ -5,7 +5,7 @@ from __future__ import annotations
 BYTES_F32 = 4
 # A distance block costs its float32 values, a boolean comparison and its float32 copy for the counting sum.
 BLOCK_BYTES_PER_ELEMENT = 10
-# The bf16-screened search: a bf16 block and its boolean mask.
+# The bf16-screened search: a bf16 block (2 bytes) and, on its near-random path only, a boolean mask.
 SCREENED_BYTES_PER_ELEMENT = 3
 
 
