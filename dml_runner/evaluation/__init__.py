@@ -79,8 +79,9 @@ def evaluate(
     ``backend``: ``torch`` (default) is ``torch_screened`` on a CPU that multiplies bf16 natively when there are
     at least 4,096 queries and 8,192 gallery items, and ``torch_fp32`` otherwise (GPUs included);
     ``torch_screened`` is a bf16 screen whose undecided items are recomputed in float64 (results equal a float64
-    brute force; see ``screened.py``); ``torch_fp32`` is a float32 chunked search; both give exact tie order and Recall@K for any K from one count. ``faiss``: a flat L2 index
-    searched for the top max(K, R) + 1 (the GPU index when faiss sees a GPU and ``device`` is cuda).
+    brute force; see ``screened.py``); ``torch_fp32`` is a float32 chunked search; both give exact tie order and
+    Recall@K for any K from one count. ``faiss``: a flat L2 index searched for the top max(K, R) + 1 (the GPU index
+    when faiss sees a GPU and ``device`` is cuda).
     """
     emb, lab = check_embeddings_labels(embeddings, labels)
     n = emb.shape[0]
