@@ -46,8 +46,8 @@ def app(cfg: DictConfig) -> float | None:
             print(f"dml-run: error: {err}", file=sys.stderr)
             raise SystemExit(1) from None
         raise
-    if results.get("world_size", 1) > 1 and not Path(results["output_dir"], "results.json").exists():
-        return None  # a non-zero rank of a torchrun job: rank 0 reports
+    if results.get("rank", 0) != 0:
+        return None  # a non-zero rank of a torchrun job: rank 0 evaluates and reports
     print(format_results_table(results))
     print(f"outputs: {results['output_dir']}")
     # The value a Hydra sweeper (hparams_search=optuna) optimises: the selection metric on the VALIDATION split,

@@ -238,7 +238,7 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
         "output_dir": str(out_dir),
     }
     if not dist_info.is_main:
-        return results
+        return {**results, "rank": dist_info.rank}  # evaluation ran on rank 0 only: no metrics here
     write_json_atomic(results, out_dir / "results.json")
     _plot_history(out_dir, f"{data.name} / {cfg_choice(hydra_meta, 'loss')}")
     return results

@@ -98,3 +98,19 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "completed" and res["world_size"] == 2
     assert np.load(out / "embeddings.npz")["embeddings"].shape[0] == 896  # evaluation ran once, on all of test
+
+
+def test_a_non_zero_rank_reports_nothing_even_when_rank_0_has_finished(tmp_path, monkeypatch, capsys):
+    """Regression: rank 1 used to decide it was rank 0 when rank 0's results.json already existed (a race), then
+    crashed printing metrics it does not have (evaluation runs on rank 0 only)."""
+    import dml_runner.cli as cli
+    import dml_runner.run as run_mod
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")  # rank 0 was faster
+    monkeypatch.setattr(run_mod, "run", lambda cfg, out_dir, meta: {
+        "rank": 1, "world_size": 2, "metrics": None, "output_dir": str(out_dir)})
+    monkeypatch.setattr(sys, "argv", ["dml-run", f"hydra.run.dir={out}", "trainer=smoke"])
+    cli.main()
+    assert "outputs:" not in capsys.readouterr().out
