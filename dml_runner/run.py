@@ -69,9 +69,12 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
 
 
 def build_evaluate(cfg: DictConfig, recall_at: list[int]) -> Any:
-    from dml_runner.evaluation import evaluate
+    from dml_runner.evaluation import BACKENDS, evaluate
 
     e = cfg.eval
+    if e.backend not in BACKENDS:  # checked before training, not at the first evaluation
+        raise DMLRunnerError(f"eval.backend={e.backend}: unknown retrieval backend; use one of {', '.join(BACKENDS)} "
+                             "(docs/EVALUATION.md)")
     return partial(evaluate, recall_at=tuple(recall_at), metrics=tuple(e.metrics), device=e.device,
                    seed=cfg.trainer.seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
                    kmeans_iters=e.kmeans_iters, backend=e.backend)

@@ -95,3 +95,15 @@ def test_missing_dataset_root_names_the_path_and_the_source(tmp_path):
     assert proc.returncode == 1
     assert str(missing) in proc.stderr and "prepare_data.py" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_eval_backend_option_composes_and_a_bad_one_is_refused_before_training(tmp_path):
+    out = tmp_path / "r"
+    run_cli(["trainer=smoke", "eval.backend=torch_screened", f"hydra.run.dir={out}"], cwd=tmp_path)
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["eval"]["backend"] == "torch_screened" and "recall@1" in res["metrics"]
+    proc = run_cli(["trainer=smoke", "eval.backend=annoy", f"hydra.run.dir={tmp_path / 'bad'}"], cwd=tmp_path,
+                   check=False)
+    assert proc.returncode == 1
+    assert "eval.backend=annoy" in proc.stderr and "torch_screened" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "bad" / "last.pt").exists()

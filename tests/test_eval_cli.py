@@ -88,3 +88,18 @@ def test_cli_refuses_when_memory_too_small(tmp_path, capsys):
     assert main([str(path), "--max-memory-gb", "0.001"]) == 2
     err = capsys.readouterr().err
     assert "estimated memory" in err and "exceeds" in err
+
+
+def test_cli_backends_give_the_same_retrieval_metrics(tmp_path, capsys):
+    x, y = _data(200)
+    path = _write(tmp_path, embeddings=x, labels=y)
+    got = {}
+    for backend in ("torch_screened", "torch_fp32", "torch"):
+        out = tmp_path / f"{backend}.json"
+        assert main([str(path), "--metrics", "recall", "map_at_r", "r_precision", "--json", str(out),
+                     "--device", "cpu", "--backend", backend]) == 0
+        got[backend] = json.loads(out.read_text())
+    assert got["torch_screened"] == got["torch_fp32"] == got["torch"]
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--backend", "annoy"])
+    assert exc.value.code == 2 and "torch_screened" in capsys.readouterr().err
