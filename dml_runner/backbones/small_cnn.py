@@ -31,4 +31,5 @@ def small_cnn(in_channels: int = 1, width: int = 32, embedding_dim: int = 64, no
               dropout: float = 0.0) -> EmbeddingModel:
     trunk = SmallCNN(in_channels=in_channels, width=width)
     head = EmbeddingHead(trunk.feature_dim, embedding_dim, normalize=normalize, dropout=dropout)
-    return EmbeddingModel(trunk, head, info={"arch": "small_cnn", "width": width, "pretrained": False})
+    info = {"arch": "small_cnn", "width": width, "pretrained": False, "weights": "random init"}
+    return EmbeddingModel(trunk, head, info=info)

@@ -5,17 +5,22 @@ Options the papers need:
 - ``feature_layer``: the stage whose output is globally average-pooled. ``avgpool`` (alias ``pool5``, the default)
   is the network's own pooled output before the classifier (ResNet-50: 2048-d, GoogLeNet pool5: 1024-d); a stage
   name (``layer3``, ``inception4e``, ...) pools that stage instead and drops the later ones.
-- ``freeze``: ``none``; ``bn`` keeps every BatchNorm layer in eval mode (running statistics frozen) and its affine
-  parameters fixed, as Divide and Conquer trains ResNet-50; ``all`` freezes the whole CNN (eval mode, no
-  gradients), as the official HDML code does. Enforced by :meth:`TorchvisionTrunk.train`, so ``model.train()``
-  in a training loop cannot undo it.
-- ImageNet weights from torchvision's weight enums (``pretrained=true``, downloaded once into torchvision's cache)
-  or from a local state dict (``weights=/path.pth``, e.g. that cached file copied to an offline machine).
+- ``freeze``: ``none`` trains everything. ``bn`` keeps every BatchNorm layer in eval mode (running statistics
+  frozen) and trains its affine parameters (gamma, beta), as the official Divide and Conquer code does.
+  ``bn_all`` also fixes gamma and beta. ``all`` freezes the whole CNN (eval mode, no gradients), as the official
+  HDML code does. Enforced by :meth:`TorchvisionTrunk.train`, so ``model.train()`` in a training loop cannot undo it.
+- ImageNet weights from torchvision's weight enums (``pretrained=true``: torchvision's loader reads
+  :func:`hub_weights_path` under ``$TORCH_HOME``, downloading it once if it is missing) or from a local state dict
+  (``weights=/path.pth``, e.g. that cached file copied to an offline machine). The model's ``info`` (written to
+  ``results.json`` under ``model``) records which weights were loaded and the sha256 of their file.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -41,7 +46,8 @@ _STAGES = {
                   "inception5a", "inception5b"],
 }
 _POOLED = ("avgpool", "pool5")
-FREEZE_OPTIONS = ("none", "bn", "all")
+FREEZE_OPTIONS = ("none", "bn", "bn_all", "all")
+_SHA256_CHARS = 16  # the recorded prefix of a weights file's sha256
 
 
 def _family(arch: str) -> str:
@@ -77,27 +83,92 @@ def _load_local_weights(net: nn.Module, weights: str, arch: str) -> None:
                              f"unexpected {unexpected[:5]}")
 
 
-def _imagenet_net(arch: str, pretrained: bool, weights: str | None) -> nn.Module:
+def _weights_enum(arch: str) -> torchvision.models.WeightsEnum:
+    if arch not in _WEIGHTS:
+        raise DMLRunnerError(f"backbone.arch={arch!r} is not supported; choose one of {sorted(_WEIGHTS)}")
+    return getattr(torchvision.models, _WEIGHTS[arch]).IMAGENET1K_V1
+
+
+def hub_weights_path(arch: str) -> Path:
+    """Where torchvision's loader looks for ``arch``'s ImageNet weights (``pretrained=true``) under the current
+    ``TORCH_HOME``: ``<torch.hub.get_dir()>/checkpoints/<file name of the weight enum's URL>``."""
+    url = _weights_enum(arch).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
+def hub_weights_available(arch: str) -> bool:
+    """Whether ``pretrained=true`` for ``arch`` can load without a download (the file is in the hub cache)."""
+    return hub_weights_path(arch).is_file()
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """The first characters of ``path``'s sha256 (cached per path, size and modification time)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()[:_SHA256_CHARS]
+    return _HASHES[key]
+
+
+def _hash_in_name(path: Path) -> str | None:
+    """The sha256 prefix torchvision puts into its weight file names (``resnet50-0676ba61.pth`` -> ``0676ba61``)."""
+    stem = path.name.split(".")[0]
+    tail = stem.rsplit("-", 1)[-1] if "-" in stem else ""
+    return tail.lower() if len(tail) >= 8 and all(c in "0123456789abcdefABCDEF" for c in tail) else None
+
+
+def _pretrained_net(arch: str) -> tuple[nn.Module, dict]:
+    """torchvision's own builder with the ImageNet enum; returns the net and the weights record for ``info``."""
+    builder = getattr(torchvision.models, arch)
+    enum = _weights_enum(arch)
+    path = hub_weights_path(arch)
+    try:
+        # No aux_logits/init_weights for GoogLeNet: torchvision builds the aux heads the file has, loads it, then
+        # drops them, and sets transform_input=True (the input rescaling its weights expect).
+        net = builder(weights=enum)
+    except OSError as err:  # no network, proxy, timeout, unwritable cache directory, disk full
+        raise DMLRunnerError(
+            f"backbone.pretrained=true: could not get torchvision's {arch} ImageNet weights from {enum.url} "
+            f"({type(err).__name__}: {err}). On a machine without internet copy that file to {path} "
+            f"(or set TORCH_HOME to a directory whose hub/checkpoints/ holds it), or pass "
+            f"backbone.weights=/path/to/it.pth with backbone.pretrained=false") from err
+    except RuntimeError as err:
+        if "invalid hash value" not in str(err):  # anything but a corrupted download is not disguised
+            if hasattr(err, "add_note"):
+                err.add_note(f"(while building torchvision's {arch} with its ImageNet weights from {path})")
+            raise
+        raise DMLRunnerError(
+            f"backbone.pretrained=true: the download of torchvision's {arch} ImageNet weights from {enum.url} "
+            f"was corrupted ({err}); run again, or copy the file to {path}") from err
+    sha = file_sha256(path) if path.is_file() else None
+    expected = _hash_in_name(path)
+    record = {"weights": f"{type(enum).__name__}.{enum.name}", "weights_file": str(path), "weights_sha256": sha,
+              "weights_match_torchvision": bool(sha and expected and sha.startswith(expected))}
+    return net, record
+
+
+def _imagenet_net(arch: str, pretrained: bool, weights: str | None) -> tuple[nn.Module, dict]:
+    if pretrained:
+        return _pretrained_net(arch)
     builder = getattr(torchvision.models, arch)
     kwargs: dict = {"aux_logits": False, "init_weights": True} if arch == "googlenet" else {}
-    if pretrained:
-        enum = getattr(torchvision.models, _WEIGHTS[arch]).IMAGENET1K_V1
-        kwargs.pop("init_weights", None)
-        try:
-            return builder(weights=enum, **kwargs)
-        except Exception as err:  # offline machine, proxy, corrupt cache...
-            raise DMLRunnerError(
-                f"backbone.pretrained=true: could not get torchvision's {arch} ImageNet weights from {enum.url} "
-                f"({type(err).__name__}: {err}). On a machine without internet copy that file into "
-                f"{torch.hub.get_dir()}/checkpoints/ or pass backbone.weights=/path/to/it.pth "
-                f"with backbone.pretrained=false") from err
     if weights and arch == "googlenet":
         # torchvision's GoogLeNet weights expect its input re-scaling (transform_input), set when it loads them.
         kwargs["transform_input"] = True
     net = builder(weights=None, **kwargs)
-    if weights:
-        _load_local_weights(net, weights, arch)
-    return net
+    if not weights:
+        return net, {"weights": "random init", "weights_file": None, "weights_sha256": None}
+    _load_local_weights(net, weights, arch)
+    path = Path(weights).expanduser().resolve()
+    return net, {"weights": str(path), "weights_file": str(path), "weights_sha256": file_sha256(path)}
 
 
 class TorchvisionTrunk(nn.Module):
@@ -123,7 +194,7 @@ class TorchvisionTrunk(nn.Module):
         else:
             choices = list(_POOLED) + [s for s in stages if not s.startswith(("maxpool", "relu", "bn", "conv"))]
             raise DMLRunnerError(f"backbone.feature_layer={feature_layer!r} for {arch}: choose one of {choices}")
-        net = _imagenet_net(arch, pretrained, weights)
+        net, self.weights_info = _imagenet_net(arch, pretrained, weights)
         # Drop the classifier and every stage after the feature layer; the head's dropout replaces GoogLeNet's.
         for name in stages[last:] + ["fc", "dropout"]:
             if hasattr(net, name):
@@ -136,7 +207,7 @@ class TorchvisionTrunk(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         if freeze == "all":
             self.net.requires_grad_(False)
-        elif freeze == "bn":
+        elif freeze == "bn_all":
             for module in self.batch_norms():
                 module.requires_grad_(False)
         self.feature_dim = self._infer_feature_dim()
@@ -154,11 +225,12 @@ class TorchvisionTrunk(nn.Module):
         return dim
 
     def train(self, mode: bool = True) -> TorchvisionTrunk:
-        """Switch modes, but keep frozen parts in eval mode (BN statistics of ``freeze=bn``, all of ``freeze=all``)."""
+        """Switch modes, but keep frozen parts in eval mode (every BatchNorm for ``freeze=bn``/``bn_all``, the whole
+        CNN for ``freeze=all``), so their running statistics never change."""
         super().train(mode)
         if self.freeze == "all":
             self.net.eval()
-        elif self.freeze == "bn":
+        elif self.freeze in ("bn", "bn_all"):
             for module in self.batch_norms():
                 module.eval()
         return self
@@ -185,7 +257,7 @@ def torchvision_backbone(arch: str = "resnet50", pretrained: bool = False, weigh
     trunk = TorchvisionTrunk(arch, pretrained=pretrained, weights=weights, in_channels=in_channels, freeze=freeze,
                              feature_layer=feature_layer)
     head = EmbeddingHead(trunk.feature_dim, embedding_dim, normalize=normalize, dropout=dropout)
-    info = {"arch": arch, "pretrained": bool(pretrained), "weights": weights, "source": "torchvision",
+    info = {"arch": arch, "pretrained": bool(pretrained), **trunk.weights_info, "source": "torchvision",
             "freeze": freeze, "feature_layer": feature_layer, "feature_dim": trunk.feature_dim}
     if arch == "googlenet":
         info["note"] = ("torchvision GoogLeNet has BatchNorm and a different input transform from the papers' "
