@@ -241,9 +241,13 @@ def test_missing_root_names_path_and_source(tmp_path, name):
     with pytest.raises(DMLRunnerError) as err:
         BUILDERS[name](str(missing))
     message = str(err.value)
-    assert str(missing) in message and "scripts/prepare_data.py" in message
-    if name != "folder":
+    assert str(missing) in message and f"dml-prepare {name} {missing}" in message
+    if name == "folder":  # nothing to download: the message says how to lay out your own images
+        assert "Download" not in message and "<class_name>" in message
+    else:
         assert "http" in message
+    if name == "cub200":  # a stable archive exists: the message offers the download
+        assert f"dml-prepare cub200 {missing} --download" in message
 
 
 SPLIT_FILES = {"cub200": "images.txt", "cars196": "cars_annos.mat", "sop": "Ebay_test.txt",
@@ -257,7 +261,7 @@ def test_missing_split_file_names_path_and_source(tmp_path, name):
     with pytest.raises(DMLRunnerError) as err:
         BUILDERS[name](str(root))
     assert str(root / SPLIT_FILES[name]) in str(err.value) and "http" in str(err.value)
-    assert f"prepare_data.py {name}" in str(err.value)
+    assert f"dml-prepare {name}" in str(err.value)
 
 
 def test_missing_image_is_an_error_naming_it_or_skipped_and_counted(tmp_path):

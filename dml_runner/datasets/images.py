@@ -24,7 +24,7 @@ from dml_runner.datasets.base import DatasetSplits, LabelledDataset, with_valida
 
 log = logging.getLogger(__name__)
 
-# Where each dataset comes from and how its root must look. Used in error messages, scripts/prepare_data.py and
+# Where each dataset comes from and how its root must look. Used in error messages, dml-prepare (dml_runner/prepare.py) and
 # docs/DATASETS.md (keep the three consistent).
 SOURCES: dict[str, dict[str, str]] = {
     "cub200": {
@@ -62,7 +62,7 @@ SOURCES: dict[str, dict[str, str]] = {
     },
     "folder": {
         "title": "your own images",
-        "url": "(bring your own data)",
+        "url": "(your own images: nothing to download)",
         "dir": "<any>",
         "layout": "<root>/<class_name>/<image>.{jpg,png,...} (optionally a split file listing the train classes)",
     },
@@ -78,9 +78,16 @@ class DatasetCountWarning(UserWarning):
 def where_to_get(dataset: str, root: Path | str) -> str:
     """The 'how to fix it' part of every missing-file error."""
     src = SOURCES[dataset]
-    return (f"Download {src['title']} from {src['url']}, lay it out as {src['layout']} and point "
+    if dataset == "folder":
+        return (f"Put your images in {src['layout']} and point dataset.root at that directory; check it with "
+                f"`dml-prepare folder {root}`. See docs/DATASETS.md.")
+    from dml_runner.prepare import ARCHIVES  # the downloader imports this module
+
+    get = (f"Get it with `dml-prepare {dataset} {root} --download`, or download" if dataset in ARCHIVES
+           else "Download")
+    return (f"{get} {src['title']} from {src['url']}, lay it out as {src['layout']} and point "
             f"dataset.root (or $DML_DATA) at it; check the tree with "
-            f"`python scripts/prepare_data.py {dataset} {root}`. See docs/DATASETS.md.")
+            f"`dml-prepare {dataset} {root}`. See docs/DATASETS.md.")
 
 
 def require_dir(root: Path | str, dataset: str) -> Path:
@@ -137,7 +144,7 @@ class ImageListDataset(LabelledDataset):
                 return image.convert("RGB")
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
             raise DMLRunnerError(f"dataset {self.name}: cannot read image {path}: {err} "
-                                 f"(run scripts/prepare_data.py to find every unreadable image)") from err
+                                 f"(run `dml-prepare <dataset> <root>` to find every unreadable image)") from err
 
 
 def _decodes(path: str) -> bool:
@@ -174,7 +181,7 @@ def drop_bad_images(dataset: str, split: str, paths: list[str], labels: np.ndarr
         if not skip_bad_images:
             raise DMLRunnerError(
                 f"dataset {dataset}: {len(bad)} {split} image(s) listed in the split files are {what}, e.g. {bad[0]}. "
-                f"Fix the download (scripts/prepare_data.py {dataset} <root> lists them all) or set "
+                f"Fix the download (`dml-prepare {dataset} <root>` lists them all) or set "
                 f"dataset.skip_bad_images=true to leave them out (they are counted in results.json).")
         bad_set = set(bad)
         keep = np.array([p not in bad_set for p in paths], dtype=bool)
@@ -203,7 +210,7 @@ def check_counts(dataset: str, found: Mapping[str, int], official: Mapping[str, 
     detail = ", ".join(f"{k} {got} (official {want})" for k, (got, want) in diffs.items())
     message = (f"dataset {dataset}: the counts found differ from a full official download: {detail}. "
                f"Results on this tree are NOT comparable with published numbers. "
-               f"Check the download with scripts/prepare_data.py.")
+               f"Check the download with `dml-prepare <dataset> <root>`.")
     info["count_warning"] = message
     log.warning(message)
     warnings.warn(message, DatasetCountWarning, stacklevel=3)
