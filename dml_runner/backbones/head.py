@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class EmbeddingHead(nn.Module):
-    """Pooled features -> dropout -> linear (``embedding_dim``) -> optional L2 normalisation."""
+    """Pooled features -> dropout -> linear (``embedding_dim``) -> [per-slice L2] -> optional L2 normalisation.
 
-    def __init__(self, in_dim: int, embedding_dim: int, normalize: bool = True, dropout: float = 0.0) -> None:
+    ``slices`` (default none): contiguous, disjoint slices covering the embedding; each slice of the linear output
+    is L2-normalised on its own before the slices are concatenated (and, with ``normalize``, the concatenation
+    normalised as a whole). This is the Divide-and-Conquer embedding of the official code (``lib/model.py``
+    ``forward``); :meth:`set_slices` switches it on or off after construction.
+    """
+
+    def __init__(self, in_dim: int, embedding_dim: int, normalize: bool = True, dropout: float = 0.0,
+                 slices: Sequence[slice] | None = None) -> None:
         super().__init__()
         if embedding_dim <= 0:
             raise ValueError(f"backbone.embedding_dim must be positive, got {embedding_dim}")
@@ -19,10 +29,52 @@ class EmbeddingHead(nn.Module):
         self.normalize = normalize
         nn.init.xavier_uniform_(self.fc.weight)  # Xavier init as in Song et al. 2016's fc embedding layer
         nn.init.zeros_(self.fc.bias)
+        self.slices: list[slice] | None = None
+        self.register_buffer("slice_ids", torch.zeros(0, dtype=torch.long), persistent=False)
+        self.set_slices(slices)
+
+    def set_slices(self, slices: Sequence[slice] | None) -> None:
+        """Normalise each of ``slices`` on its own (None: the raw linear output, the default)."""
+        dim = self.fc.out_features
+        if slices is None:
+            self.slices = None
+            self.slice_ids = torch.zeros(0, dtype=torch.long, device=self.fc.weight.device)
+            return
+        slices = list(slices)
+        covered = [i for s in slices for i in range(dim)[s]]
+        if sorted(covered) != list(range(dim)) or any(s.step not in (None, 1) for s in slices):
+            raise ValueError(f"embedding slices {slices} must be contiguous, disjoint and cover all {dim} dims")
+        ids = torch.empty(dim, dtype=torch.long)
+        for k, s in enumerate(slices):
+            ids[s] = k
+        self.slices = slices
+        self.slice_ids = ids.to(self.fc.weight.device)
+
+    def normalize_per_slice(self, z: torch.Tensor) -> torch.Tensor:
+        """Each slice of ``z`` (float32) divided by max(its L2 norm, 1e-12), as ``F.normalize`` per slice."""
+        z = z.float()
+        squares = torch.zeros(z.shape[0], len(self.slices), device=z.device, dtype=z.dtype)
+        squares.index_add_(1, self.slice_ids, z * z)
+        return z / squares.sqrt().clamp_min(1e-12)[:, self.slice_ids]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         z = self.fc(self.dropout(features))
+        if self.slices is not None:
+            z = self.normalize_per_slice(z)
         return F.normalize(z, dim=1) if self.normalize else z
+
+
+def init_sliced_xavier_normal_(fc: nn.Linear, slices: Sequence[slice]) -> None:
+    """Official Divide-and-Conquer initialisation (``init_splitted``): the weight rows of every slice drawn by
+    ``xavier_normal_`` (gain 1) of a ``Linear(in, width)`` on their own, the bias PyTorch's default Linear init
+    U(-1/sqrt(in), 1/sqrt(in))."""
+    fan_in = fc.in_features
+    with torch.no_grad():
+        for s in slices:
+            rows = fc.weight[s]
+            nn.init.xavier_normal_(rows, gain=1.0)  # fan_out = slice width, fan_in = in_features
+        bound = 1.0 / math.sqrt(fan_in)
+        nn.init.uniform_(fc.bias, -bound, bound)
 
 
 class EmbeddingModel(nn.Module):

@@ -1,12 +1,15 @@
 """Divide and Conquer the Embedding Space (Sanakoyeu, Tschernezki, Buechler, Ommer, CVPR 2019).
 
-Divide: k-means (faiss) over the whole, non-augmented training set splits the data into K clusters; learner k owns
-the contiguous embedding slice ``[k*ceil(d/K), min((k+1)*ceil(d/K), d))``, L2-normalised on its own, and is trained
-only on class-balanced batches from cluster k (its own copy of the loss). Cluster batches are interleaved
-round-robin; every ``recluster_every`` epochs the data are re-clustered and the new clusters matched to the old ones
-(Hungarian algorithm on member overlap) so that learner k keeps its data. Conquer: the last ``finetune_epochs``
-train the full embedding on all data (K = 1), exactly as :class:`~dml_runner.methods.standard.StandardMethod`.
-See docs/DIVIDE_CONQUER.md.
+Follows the official code (CompVis/metric-learning-divide-and-conquer); docs/DIVIDE_CONQUER.md lists each choice.
+Divide: k-means (faiss) over the whole, non-augmented training set (by default its L2-normalised pooled backbone
+features) splits the data into K clusters; learner k owns the contiguous embedding slice
+``[k*ceil(d/K), min((k+1)*ceil(d/K), d))``, L2-normalised on its own, and is trained only on class-balanced batches
+from cluster k (its own copy of the loss). Cluster batches are interleaved round-robin; every ``recluster_every``
+epochs the data are re-clustered and the new clusters matched to the old ones (Hungarian algorithm on member
+overlap) so that learner k keeps its data. From epoch ``full_embedding_from`` on (the official code: 8/19 of the
+epochs before the conquer phase) the cluster batches train the full embedding instead of the learner's slice.
+Conquer: the last ``finetune_epochs`` train the full embedding on all data (K = 1). The full embedding, trained and
+evaluated, is the concatenation of the per-slice-normalised slices, normalised as a whole (``embedding: sliced``).
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from dml_runner import DMLRunnerError
+from dml_runner.backbones.head import init_sliced_xavier_normal_
 from dml_runner.methods.base import TrainContext
 from dml_runner.methods.standard import StandardMethod
 
 CLUSTER_ON = ("embedding", "features")
 SMALL_CLUSTER = ("shrink", "skip")
-_MISSING = object()
+EMBEDDING = ("sliced", "whole")
+FC_INIT = ("sliced", "head")
+FULL_EMBEDDING_FROM = ("official", "conquer")
+OFFICIAL_KMEANS_SEED = 1234  # faiss ClusteringParameters' default seed, which the official code never changes
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +60,27 @@ def recluster_epochs(epochs: int, num_clusters: int, recluster_every: int, finet
     return [e for e in range(1, divide_epochs + 1) if (e - 1) % recluster_every == 0]
 
 
-def kmeans_assign(x: np.ndarray, num_clusters: int, niter: int = 100, nredo: int = 5, seed: int = 0) -> np.ndarray:
+def full_embedding_epoch(epochs: int, finetune_epochs: int, full_embedding_from: str | int) -> int:
+    """1-based first epoch in which the cluster batches train the full embedding (> divide epochs: never).
+
+    ``official``: the official ``train.py`` trains the full embedding when the 0-based epoch
+    ``e >= finetune_epoch * 8 / 19`` (finetune_epoch = the first conquer epoch, 0-based), i.e. from 1-based epoch
+    ``ceil(8 F / 19) + 1`` with F = epochs - finetune_epochs (81 of 200 for F = 190). ``conquer``: the paper's
+    reading, slices until the conquer phase. An int: that 1-based epoch.
+    """
+    divide_epochs = max(0, epochs - finetune_epochs)
+    if full_embedding_from == "official":
+        return -(-8 * divide_epochs // 19) + 1
+    if full_embedding_from == "conquer":
+        return divide_epochs + 1
+    if isinstance(full_embedding_from, bool) or not isinstance(full_embedding_from, int) or full_embedding_from < 1:
+        raise DMLRunnerError(f"method.full_embedding_from={full_embedding_from!r}: use official, conquer or a "
+                             "1-based epoch >= 1")
+    return int(full_embedding_from)
+
+
+def kmeans_assign(x: np.ndarray, num_clusters: int, niter: int = 100, nredo: int = 1,
+                  seed: int = OFFICIAL_KMEANS_SEED) -> np.ndarray:
     """faiss k-means over all rows of ``x`` (no subsampling), returns the nearest-centroid id of each row."""
     import faiss
 
@@ -154,16 +181,30 @@ class _TaggedBatches:
 class DivideConquerMethod(StandardMethod):
     """K learners on K embedding slices, each trained on its own k-means cluster of the data; then K = 1.
 
-    ``num_clusters`` K; ``recluster_every`` T epochs; ``finetune_epochs`` last epochs on the full embedding;
-    ``cluster_on`` ``embedding`` (paper) or ``features`` (official code: L2-normalised pooled backbone features);
-    ``niter`` / ``nredo`` of faiss k-means; ``normalize_slices`` L2-normalises each learner's slice;
-    ``small_cluster``: a cluster with fewer classes than a class-balanced batch needs is trained with a smaller
-    batch (``shrink``: its classes x samples_per_class, at least ``min_classes`` classes) or ``skip``-ped; a cluster
-    below ``min_classes`` classes is always skipped (logged).
+    Phases of a run with K > 1 (1-based epochs, E = trainer.epochs, F = E - ``finetune_epochs``):
+
+    - ``divide`` (epochs < ``full_embedding_from``): cluster batches, learner k trains its normalised slice;
+    - ``full`` (``full_embedding_from`` .. F): cluster batches (still re-clustered, one loss per learner) train
+      the full embedding; ``full_embedding_from: official`` = ceil(8 F / 19) + 1 (81 of 200), ``conquer`` = never;
+    - ``conquer`` (F+1 .. E): the full embedding on one cluster holding all data (singleton classes dropped, as the
+      official K = 1 clustering does), learner 0's loss.
+
+    ``embedding``: ``sliced`` (official) makes the head L2-normalise each learner's slice on its own, then the
+    concatenation as a whole, for the full and conquer phases and for evaluation; ``whole`` keeps the head's
+    output (the raw fc output normalised as a whole). ``fc_init``: ``sliced`` re-initialises the head's fc as the
+    official ``init_splitted`` (Xavier-normal per slice, default Linear bias); ``head`` keeps the head's init.
+    ``cluster_on``: ``features`` (official: L2-normalised pooled backbone features) or ``embedding`` (the paper).
+    ``niter`` / ``nredo`` / ``kmeans_seed`` of faiss k-means (official 100 / 1 / 1234 for every clustering; null
+    seed: derived from trainer.seed and the epoch). ``normalize_slices`` L2-normalises each learner's slice in the
+    divide phase. ``small_cluster``: a cluster with fewer classes than a class-balanced batch needs is trained with
+    a smaller batch (``shrink``: its classes x samples_per_class, at least ``min_classes`` classes) or ``skip``-ped;
+    a cluster below ``min_classes`` classes is always skipped (logged). K = 1 is ``method=standard`` exactly.
     """
 
     def __init__(self, num_clusters: int = 8, recluster_every: int = 2, finetune_epochs: int = 10,
-                 cluster_on: str = "embedding", niter: int = 100, nredo: int = 5, normalize_slices: bool = True,
+                 full_embedding_from: str | int = "official", embedding: str = "sliced", fc_init: str = "sliced",
+                 cluster_on: str = "features", niter: int = 100, nredo: int = 1,
+                 kmeans_seed: int | None = OFFICIAL_KMEANS_SEED, normalize_slices: bool = True,
                  small_cluster: str = "shrink", min_classes: int = 2) -> None:
         if num_clusters < 1:
             raise DMLRunnerError(f"method.num_clusters must be >= 1, got {num_clusters}")
@@ -173,6 +214,14 @@ class DivideConquerMethod(StandardMethod):
             raise DMLRunnerError(f"method.finetune_epochs must be >= 0, got {finetune_epochs}")
         if cluster_on not in CLUSTER_ON:
             raise DMLRunnerError(f"method.cluster_on={cluster_on!r}: use one of {CLUSTER_ON}")
+        if embedding not in EMBEDDING:
+            raise DMLRunnerError(f"method.embedding={embedding!r}: use one of {EMBEDDING}")
+        if fc_init not in FC_INIT:
+            raise DMLRunnerError(f"method.fc_init={fc_init!r}: use one of {FC_INIT}")
+        if isinstance(full_embedding_from, str) and full_embedding_from not in FULL_EMBEDDING_FROM:
+            raise DMLRunnerError(f"method.full_embedding_from={full_embedding_from!r}: use one of "
+                                 f"{FULL_EMBEDDING_FROM} or a 1-based epoch")
+        full_embedding_epoch(1, 0, full_embedding_from)  # validates an int
         if small_cluster not in SMALL_CLUSTER:
             raise DMLRunnerError(f"method.small_cluster={small_cluster!r}: use one of {SMALL_CLUSTER}")
         if min_classes < 2:
@@ -180,14 +229,20 @@ class DivideConquerMethod(StandardMethod):
         self.num_clusters = int(num_clusters)
         self.recluster_every = int(recluster_every)
         self.finetune_epochs = int(finetune_epochs)
+        self.full_embedding_from = full_embedding_from
+        self.embedding = embedding
+        self.fc_init = fc_init
         self.cluster_on = cluster_on
         self.niter, self.nredo = int(niter), int(nredo)
+        self.kmeans_seed = None if kmeans_seed is None else int(kmeans_seed)
         self.normalize_slices = normalize_slices
         self.small_cluster = small_cluster
         self.min_classes = int(min_classes)
         self.assignments: np.ndarray | None = None  # raw k-means ids of the last clustering (matching reference)
         self.divide_sampler: InterleavedBatchSampler | None = None
+        self.conquer_sampler: InterleavedBatchSampler | None = None
         self._epoch_log: dict[str, Any] = {}
+        self._phase = "divide"  # of the current epoch (set by on_epoch_start)
         self.active_learners = 0
 
     # -------------------------------------------------------------------------------------------- setup
@@ -201,23 +256,50 @@ class DivideConquerMethod(StandardMethod):
         n = len(ctx.train_set)
         if self.num_clusters > n:
             raise DMLRunnerError(f"method.num_clusters={self.num_clusters} exceeds the {n} training images")
+        if self.num_clusters > 1:
+            self._configure_head(head)
         # learner k has its own copy of the loss (official: one margin loss per cluster); learner 0 uses ctx.loss,
         # which the conquer phase trains and the trainer checkpoints
         self.learner_losses = nn.ModuleList(
             [ctx.loss] + [copy.deepcopy(ctx.loss) for _ in range(self.num_clusters - 1)])
         self.optimizer = ctx.build_optimizer(self.learner_losses)
         self.scheduler = ctx.make_scheduler(self.optimizer) if ctx.make_scheduler else None
-        # the conquer phase (and K = 1) is ordinary training on the whole set, with the same sampler and loader
+        # K = 1 is ordinary training on the whole set, with the same sampler and loader
         self.sampler = ctx.make_sampler(ctx.train_set.labels)
         self.loader = ctx.make_loader(ctx.train_set, self.sampler)
         self.schedule = set(recluster_epochs(ctx.epochs, self.num_clusters, self.recluster_every,
                                              self.finetune_epochs))
+        self.full_from = full_embedding_epoch(ctx.epochs, self.finetune_epochs, self.full_embedding_from)
         if self.num_clusters > 1 and not self.schedule:
             ctx.log(f"divide_conquer: method.finetune_epochs={self.finetune_epochs} >= trainer.epochs="
-                    f"{ctx.epochs}: no divide epoch, this is ordinary training")
+                    f"{ctx.epochs}: no divide epoch, only the conquer phase")
+
+    def _configure_head(self, head: nn.Module) -> None:
+        """Official fc init and evaluated embedding; recorded in the model's info (results.json)."""
+        if self.fc_init == "sliced":
+            init_sliced_xavier_normal_(head.fc, self.slices)
+        if self.embedding == "sliced":
+            head.set_slices(self.slices)
+        info = getattr(self.ctx.model, "info", None)
+        if isinstance(info, dict):
+            width = self.slices[0].stop - self.slices[0].start
+            info["dc_embedding"] = (
+                f"sliced: each of the {len(self.slices)} slices ({width} dims) L2-normalised on its own, then the "
+                "concatenation L2-normalised" if self.embedding == "sliced"
+                else "whole: the fc output L2-normalised as a whole")
+            info["dc_fc_init"] = self.fc_init
+
+    def phase(self, epoch: int) -> str:
+        """``standard`` (K = 1), ``divide``, ``full`` (cluster batches, full embedding) or ``conquer``."""
+        if self.num_clusters <= 1:
+            return "standard"
+        if epoch > self.ctx.epochs - self.finetune_epochs:
+            return "conquer"
+        return "full" if epoch >= self.full_from else "divide"
 
     def in_divide_phase(self, epoch: int) -> bool:
-        return self.num_clusters > 1 and epoch <= self.ctx.epochs - self.finetune_epochs
+        """Cluster batches (the divide and the full-embedding phases)."""
+        return self.phase(epoch) in ("divide", "full")
 
     # -------------------------------------------------------------------------------------------- clustering
     def _cluster_view(self) -> Any:
@@ -225,15 +307,8 @@ class DivideConquerMethod(StandardMethod):
         from dml_runner.datasets.base import SubsetLabelledDataset
 
         train = self.ctx.train_set
-        transform = getattr(self.ctx, "eval_transform", _MISSING)
-        if transform is _MISSING:
-            # TrainContext carries no test-time transform (yet): take the trainer's test split's, via ctx.embed's owner
-            data = getattr(getattr(self.ctx.embed, "__self__", None), "data", None)
-            if data is None:
-                log.warning("divide_conquer: no test-time transform known; clustering uses the training transform")
-                return train
-            transform = data.test.transform
-        return SubsetLabelledDataset(train, np.arange(len(train)), transform=transform)
+        # the trainer hands over the test split's transform (None = images as loaded, no augmentation either)
+        return SubsetLabelledDataset(train, np.arange(len(train)), transform=self.ctx.eval_transform)
 
     def recluster(self, epoch: int) -> None:
         ctx = self.ctx
@@ -243,7 +318,8 @@ class DivideConquerMethod(StandardMethod):
             x = F.normalize(x.float(), dim=1)
         x = x.numpy()
         t_embed = time.time() - t0
-        assign = kmeans_assign(x, self.num_clusters, self.niter, self.nredo, seed=ctx.seed * 7919 + epoch)
+        seed = self.kmeans_seed if self.kmeans_seed is not None else ctx.seed * 7919 + epoch
+        assign = kmeans_assign(x, self.num_clusters, self.niter, self.nredo, seed=seed)
         if self.assignments is not None:
             assign = match_clusters(self.assignments, assign, self.num_clusters)
         self.assignments = assign
@@ -251,36 +327,43 @@ class DivideConquerMethod(StandardMethod):
         self._epoch_log["cluster_time_s"] = round(time.time() - t0, 3)
         self._epoch_log["cluster_embed_time_s"] = round(t_embed, 3)
 
-    def _build_cluster_sampler(self, epoch: int) -> None:
+    def _cluster_sampler(self, k: int, members: np.ndarray, epoch: int) -> Any:
+        """``(k, members, sampler)`` for one cluster, or None (logged) when it cannot be trained."""
         ctx = self.ctx
         labels = ctx.train_set.labels
-        kept = drop_singleton_classes(self.assignments, labels)
         spc = getattr(self.sampler, "samples_per_class", None)
         per_batch = getattr(self.sampler, "classes_per_batch", None)
+        n_classes = np.unique(labels[members]).size
+        batch_size = None
+        if n_classes < self.min_classes:
+            log.warning(f"divide_conquer: epoch {epoch}: cluster {k} has {members.size} images of {n_classes} "
+                        f"class(es) after dropping singleton classes; learner {k} is skipped until re-clustering")
+            return None
+        if per_batch is not None and n_classes < per_batch:
+            if self.small_cluster == "skip":
+                log.warning(f"divide_conquer: epoch {epoch}: cluster {k} has {n_classes} classes < {per_batch} "
+                            f"per batch; learner {k} is skipped (method.small_cluster=skip)")
+                return None
+            batch_size = n_classes * spc
+            ctx.log(f"divide_conquer: epoch {epoch}: cluster {k} has {n_classes} classes < {per_batch} "
+                    f"per batch; its batches hold {n_classes} x {spc} = {batch_size} images")
+        try:
+            sampler = ctx.make_sampler(labels[members], batch_size=batch_size, seed=ctx.seed + 7919 * (k + 1))
+        except ValueError as err:  # the configured sampler cannot batch this cluster
+            log.warning(f"divide_conquer: epoch {epoch}: learner {k} is skipped until re-clustering: {err}")
+            return None
+        return k, members, sampler
+
+    def _build_cluster_sampler(self, epoch: int) -> None:
+        ctx = self.ctx
+        kept = drop_singleton_classes(self.assignments, ctx.train_set.labels)
         clusters, sizes = [], []
         for k in range(self.num_clusters):
             members = np.flatnonzero(kept == k)
             sizes.append(members.size)
-            n_classes = np.unique(labels[members]).size
-            batch_size = None
-            if n_classes < self.min_classes:
-                log.warning(f"divide_conquer: epoch {epoch}: cluster {k} has {members.size} images of {n_classes} "
-                        f"class(es) after dropping singleton classes; learner {k} is skipped until re-clustering")
-                continue
-            if per_batch is not None and n_classes < per_batch:
-                if self.small_cluster == "skip":
-                    log.warning(f"divide_conquer: epoch {epoch}: cluster {k} has {n_classes} classes < {per_batch} "
-                            f"per batch; learner {k} is skipped (method.small_cluster=skip)")
-                    continue
-                batch_size = n_classes * spc
-                ctx.log(f"divide_conquer: epoch {epoch}: cluster {k} has {n_classes} classes < {per_batch} "
-                        f"per batch; its batches hold {n_classes} x {spc} = {batch_size} images")
-            try:
-                sampler = ctx.make_sampler(labels[members], batch_size=batch_size, seed=ctx.seed + 7919 * (k + 1))
-            except ValueError as err:  # the configured sampler cannot batch this cluster
-                log.warning(f"divide_conquer: epoch {epoch}: learner {k} is skipped until re-clustering: {err}")
-                continue
-            clusters.append((k, members, sampler))
+            cluster = self._cluster_sampler(k, members, epoch)
+            if cluster is not None:
+                clusters.append(cluster)
         if not clusters:
             raise DMLRunnerError(
                 f"divide_conquer: no cluster of the {self.num_clusters} holds {self.min_classes} classes; "
@@ -292,26 +375,44 @@ class DivideConquerMethod(StandardMethod):
         ctx.log(f"divide_conquer: epoch {epoch}: cluster sizes {self._epoch_log['cluster_sizes']} "
                 f"({int((kept < 0).sum())} images dropped as singleton classes)")
 
+    def _build_conquer_sampler(self, epoch: int) -> None:
+        """One cluster of all training images, classes with a single image dropped (the official K = 1 phase)."""
+        ctx = self.ctx
+        kept = drop_singleton_classes(np.zeros(len(ctx.train_set), dtype=np.int64), ctx.train_set.labels)
+        cluster = self._cluster_sampler(0, np.flatnonzero(kept == 0), epoch)
+        if cluster is None:
+            raise DMLRunnerError("divide_conquer: the conquer phase cannot batch the training set "
+                                 f"({int((kept == 0).sum())} images of classes with >= 2 images)")
+        self.conquer_sampler = InterleavedBatchSampler([cluster])
+        self.conquer_loader = ctx.make_loader(ctx.train_set, self.conquer_sampler)
+        ctx.log(f"divide_conquer: epoch {epoch}: conquer phase, the full embedding on all data "
+                f"({int((kept < 0).sum())} images of single-image classes dropped)")
+
     # -------------------------------------------------------------------------------------------- training
     def on_epoch_start(self, epoch: int) -> None:
         self._epoch_log = {}
-        if self.in_divide_phase(epoch) and (epoch in self.schedule or self.divide_sampler is None):
+        phase = self._phase = self.phase(epoch)
+        if phase in ("divide", "full") and (epoch in self.schedule or self.divide_sampler is None):
             if epoch not in self.schedule and self.assignments is not None:
                 self._build_cluster_sampler(epoch)  # resumed between re-clusterings: reuse the saved clusters
             else:
                 self.recluster(epoch)
-        elif self.num_clusters > 1 and epoch == self.ctx.epochs - self.finetune_epochs + 1:
-            self.ctx.log(f"divide_conquer: epoch {epoch}: conquer phase, the full embedding on all data")
+        elif phase == "conquer" and self.conquer_sampler is None:
+            self._build_conquer_sampler(epoch)
+        if phase == "full" and epoch == self.full_from:
+            self.ctx.log(f"divide_conquer: epoch {epoch}: cluster batches now train the full embedding")
 
     def batches(self, epoch: int) -> Iterable:
-        if not self.in_divide_phase(epoch):
+        phase = self.phase(epoch)
+        if phase == "standard":
             return super().batches(epoch)
-        self.divide_sampler.set_epoch(epoch)
-        return _TaggedBatches(self.divide_loader, self.divide_sampler.learners)
+        sampler, loader = ((self.conquer_sampler, self.conquer_loader) if phase == "conquer"
+                           else (self.divide_sampler, self.divide_loader))
+        sampler.set_epoch(epoch)
+        return _TaggedBatches(loader, sampler.learners)
 
     def learner_embedding(self, images: torch.Tensor, k: int) -> torch.Tensor:
-        """Learner k's slice of the embedding, before the head's full-vector normalisation (which would couple
-        the slices' gradients), normalised on its own."""
+        """Learner k's slice of the fc output (before any normalisation of the head), normalised on its own."""
         model = self.ctx.model
         z = model.head.fc(model.head.dropout(model.features(images)))[:, self.slices[k]]
         return F.normalize(z.float(), dim=1) if self.normalize_slices else z.float()
@@ -321,12 +422,18 @@ class DivideConquerMethod(StandardMethod):
             return super().compute_loss(batch)
         images, labels, k = batch[0], batch[1], int(batch[2])
         with self.ctx.autocast():
-            embeddings = self.learner_embedding(images, k)
+            if self._phase == "divide":
+                embeddings = self.learner_embedding(images, k)
+            else:  # full-embedding and conquer phases: the embedding the model is evaluated with
+                embeddings = self.ctx.model(images)
         return {"loss": self.learner_losses[k](embeddings.float(), labels)}
 
     def on_epoch_end(self, epoch: int) -> dict[str, Any]:
         out = super().on_epoch_end(epoch)
-        out["dc_learners"] = self.active_learners if self.in_divide_phase(epoch) else 1
+        phase = self.phase(epoch)
+        out["dc_learners"] = self.active_learners if phase in ("divide", "full") else 1
+        if self.num_clusters > 1:
+            out["dc_phase"] = phase
         out.update(self._epoch_log)
         return out
 
