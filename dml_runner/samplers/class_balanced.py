@@ -18,6 +18,8 @@ class ClassBalancedBatchSampler(EpochBatchSampler):
     = ``len(labels) // batch_size``, so an epoch sees about as many images as the dataset holds.
     """
 
+    too_few_classes_fix = "lower trainer.batch_size or raise sampler.samples_per_class"
+
     def __init__(self, labels: np.ndarray, batch_size: int, seed: int = 0, samples_per_class: int = 4) -> None:
         super().__init__(labels, batch_size, seed)
         if samples_per_class <= 0:
@@ -32,7 +34,7 @@ class ClassBalancedBatchSampler(EpochBatchSampler):
             raise ValueError(
                 f"a batch needs {self.classes_per_batch} classes (trainer.batch_size={batch_size} / "
                 f"sampler.samples_per_class={samples_per_class}) but the training set has {self.classes.size}; "
-                "lower the batch size or raise samples_per_class")
+                f"{self.too_few_classes_fix}")
         order = np.argsort(inverse, kind="stable")
         bounds = np.cumsum(np.bincount(inverse))
         self.members = np.split(order, bounds[:-1])  # item indices of each class

@@ -16,6 +16,8 @@ class NPairBatchSampler(ClassBalancedBatchSampler):
     ``batch_size`` must be even.
     """
 
+    too_few_classes_fix = "lower trainer.batch_size (the npair sampler always takes 2 images per class)"
+
     def __init__(self, labels: np.ndarray, batch_size: int, seed: int = 0) -> None:
         if batch_size % 2:
             raise ValueError(f"the npair sampler needs an even trainer.batch_size (N classes x 2), got {batch_size}")
