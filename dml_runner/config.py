@@ -1,65 +1,277 @@
-"""Structured configs (validated schemas) and the location of the config tree.
+"""Structured configs (validated schemas), the checks run before any work, and the location of the config tree.
 
 Only this module, :mod:`dml_runner.cli` and :mod:`dml_runner.callbacks` know about Hydra.
 The `trainer` and `eval` groups are validated against the dataclasses below: a typo (``trainer.epoch=3``) or a
-wrong type (``trainer.epochs=ten``) is refused by Hydra with a message naming the field.
+wrong type (``trainer.epochs=ten``) is refused by Hydra with a message naming the field. Keys forced in with ``+``
+(``+trainer.epoch=3``, Hydra's own hint for that typo) pass Hydra, so :func:`validate_config` refuses them, and
+checks the values of every group, before data are loaded or a step is trained.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import inspect
+import re
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from dml_runner import DMLRunnerError
+
+
+def _opt(default: Any, help: str) -> Any:  # noqa: A002 - the field's one-line description (dml-run --help)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 30
-    batch_size: int = 64
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    amp: bool = True                 # bf16 autocast, CUDA only (ignored on the CPU)
-    channels_last: bool = True       # CUDA only
-    seed: int = 0
-    deterministic: bool = False      # torch.use_deterministic_algorithms (slower on CUDA)
-    eval_every: int = 5              # evaluate every N epochs (and always after the last one)
-    eval_before_training: bool = True  # report the untrained network (epoch 0) so the gain is visible
-    select_on: str = "auto"          # split that chooses best.pt: auto (val if present, else test) | val | test
-    select_metric: str = "recall@1"
-    num_workers: int = 0
-    num_threads: Optional[int] = None  # torch intra-op CPU threads (null: torch's default); 1 suits tiny models
-    pin_memory: bool = True          # used on CUDA
-    persistent_workers: bool = True  # used when num_workers > 0
-    eval_batch_size: int = 256
-    head_lr_mult: float = 1.0        # learning-rate multiplier of the embedding head (Song 2016 uses 10)
-    loss_lr_mult: float = 1.0        # learning-rate multiplier of learnable loss parameters
-    grad_clip: Optional[float] = None
-    max_steps_per_epoch: Optional[int] = None  # cap batches per epoch (smoke tests, quick looks)
-    save_checkpoints: bool = True
-    save_embeddings: bool = True
-    progress: bool = True            # tqdm bars
-    cache_features: bool = False     # frozen trunk: compute pooled features once per image and view, train from them
-    cache_views: int = 1             # augmented views cached per image when cache_features=true
-    resume: Optional[str] = None     # null | auto (the run dir's last.pt) | /path/to/last.pt
+    epochs: int = _opt(30, "epochs to train")
+    batch_size: int = _opt(64, "images per training batch")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    amp: bool = _opt(True, "bf16 autocast, CUDA only (ignored on the CPU)")
+    channels_last: bool = _opt(True, "channels-last memory format, CUDA only")
+    seed: int = _opt(0, "seed of every random generator (a run is repeatable from it)")
+    deterministic: bool = _opt(False, "torch.use_deterministic_algorithms (slower on CUDA)")
+    eval_every: int = _opt(5, "evaluate every N epochs (and always after the last one)")
+    eval_before_training: bool = _opt(True, "report the untrained network (epoch 0) so the gain is visible")
+    select_on: str = _opt("auto", "split that selects best.pt: auto (val if the dataset has one, else the final "
+                                  "epoch) | val | final | test (optimistic: chooses on the test set)")
+    select_metric: str = _opt("recall@1", "metric that selects the checkpoint (recall@K, map@r, nmi, ...)")
+    num_workers: int = _opt(0, "DataLoader worker processes")
+    num_threads: Optional[int] = _opt(None, "torch intra-op CPU threads (null: torch's default)")
+    pin_memory: bool = _opt(True, "pinned host memory for CUDA transfers")
+    persistent_workers: bool = _opt(True, "keep DataLoader workers between epochs (num_workers > 0)")
+    eval_batch_size: int = _opt(256, "images per batch when embedding for evaluation")
+    head_lr_mult: float = _opt(1.0, "learning-rate multiplier of the embedding head (Song 2016 uses 10)")
+    loss_lr_mult: float = _opt(1.0, "learning-rate multiplier of learnable loss parameters")
+    grad_clip: Optional[float] = _opt(None, "clip the gradient norm to this value (null: no clipping)")
+    max_steps_per_epoch: Optional[int] = _opt(None, "cap batches per epoch (smoke tests, quick looks)")
+    save_checkpoints: bool = _opt(True, "write last.pt (every epoch) and best.pt")
+    save_embeddings: bool = _opt(True, "write the final test embeddings to embeddings.npz (for dml-eval)")
+    progress: bool = _opt(True, "tqdm bar on a terminal (one log line per epoch otherwise)")
+    cache_features: bool = _opt(False, "frozen trunk: compute pooled features once per image and view")
+    cache_views: int = _opt(1, "augmented views cached per image when cache_features=true")
+    resume: Optional[str] = _opt(None, "null | auto (an unfinished run with this config) | a run dir or last.pt")
 
 
 @dataclass
 class EvalConfig:
-    recall_at: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    use_dataset_recall_at: bool = True  # a dataset's customary K list (SOP 1..1000, In-shop 1..50) wins
-    metrics: list[str] = field(default_factory=lambda: ["recall", "nmi", "f1", "map_at_r", "r_precision"])
-    device: str = "auto"
-    backend: str = "torch"           # retrieval: torch (auto) | torch_screened | torch_fp32 | faiss (docs/EVALUATION.md)
-    chunk_size: int = 4096
-    kmeans_iters: int = 50
-    seed: Optional[int] = None       # k-means seed; null uses trainer.seed
+    recall_at: list[int] = _opt([1, 2, 4, 8], "K values of Recall@K")
+    use_dataset_recall_at: bool = _opt(True, "a dataset's customary K list (SOP 1..1000, In-shop 1..50) wins")
+    metrics: list[str] = _opt(["recall", "nmi", "f1", "map_at_r", "r_precision"], "metrics to compute")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    backend: str = _opt("torch", "retrieval search: torch (auto) | torch_screened | torch_fp32 | faiss")
+    chunk_size: int = _opt(4096, "queries per block of the retrieval search")
+    kmeans_iters: int = _opt(50, "k-means iterations for NMI and F1")
+    seed: Optional[int] = _opt(None, "k-means seed (null: trainer.seed)")
+
+
+SCHEMAS = {"trainer": TrainerConfig, "eval": EvalConfig}
+# Groups built with hydra.utils.instantiate: their keys must be parameters of the `_target_` they build.
+INSTANTIATED_GROUPS = ("dataset", "transform", "backbone", "sampler", "optimizer", "scheduler", "method", "loss",
+                       "logger")
+TOP_LEVEL_KEYS = set(SCHEMAS) | set(INSTANTIATED_GROUPS) | {"tags", "reference", "hparams_search"}
+SELECT_ON = ("auto", "val", "final", "test")
 
 
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="trainer", name="schema", node=TrainerConfig)
     cs.store(group="eval", name="schema", node=EvalConfig)
+
+
+def schema_help(schema: type) -> list[tuple[str, Any, str]]:
+    """(name, default, one-line description) of every field of a structured config."""
+    out = []
+    for f in fields(schema):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        out.append((f.name, default, f.metadata.get("help", "")))
+    return out
+
+
+def _fail(option: str, value: Any, why: str) -> None:
+    raise DMLRunnerError(f"{option}={_show(value)}: {why}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_show(v) for v in value) + "]"
+    return "null" if value is None else str(value)
+
+
+def _close_matches(key: str, known: list[str]) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(key, known, n=1)
+    return f"did you mean {near[0]}?" if near else ""
+
+
+def _check_known_keys(group: str, keys: list[str], known: list[str], what: str) -> None:
+    for key in keys:
+        if key not in known:
+            hint = _close_matches(key, known) or f"known: {', '.join(known)}"
+            raise DMLRunnerError(f"{group}.{key}: not an option of {what}; {hint}")
+
+
+def _target_parameters(target: str) -> list[str] | None:
+    """Keyword parameters of a `_target_` (None when it takes **kwargs or cannot be inspected)."""
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+        sig = inspect.signature(obj)
+    except Exception:  # noqa: BLE001 - an unimportable target is reported by instantiate with its own message
+        return None
+    params = list(sig.parameters.values())
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"]
+
+
+def _check_target_keys(path: str, node: Any) -> None:
+    """Every key of a node with a `_target_` (and of nested nodes) must be a parameter of that target."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if isinstance(target, str):
+            known = _target_parameters(target)
+            if known is not None:
+                keys = [k for k in node if not str(k).startswith("_")]
+                _check_known_keys(path, keys, known, target)
+        for key, value in node.items():
+            _check_target_keys(f"{path}.{key}", value)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_target_keys(f"{path}[{i}]", value)
+
+
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+
+def _positive_int(option: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(option, value, f"must be an integer >= {minimum}")
+
+
+def _check_trainer(t: dict[str, Any]) -> None:
+    for key in ("epochs", "batch_size", "eval_every", "eval_batch_size", "cache_views"):
+        _positive_int(f"trainer.{key}", t[key])
+    _positive_int("trainer.max_steps_per_epoch", t["max_steps_per_epoch"], allow_none=True)
+    _positive_int("trainer.num_threads", t["num_threads"], allow_none=True)
+    _positive_int("trainer.num_workers", t["num_workers"], minimum=0)
+    if not DEVICE.match(str(t["device"])):
+        _fail("trainer.device", t["device"], "use auto, cpu, cuda or cuda:N")
+    if t["select_on"] not in SELECT_ON:
+        _fail("trainer.select_on", t["select_on"], f"use one of {', '.join(SELECT_ON)}")
+    for key in ("head_lr_mult", "loss_lr_mult"):
+        if not t[key] > 0:
+            _fail(f"trainer.{key}", t[key], "must be > 0")
+    if t["grad_clip"] is not None and not t["grad_clip"] > 0:
+        _fail("trainer.grad_clip", t["grad_clip"], "must be > 0, or null for no clipping")
+
+
+def _check_eval(e: dict[str, Any]) -> None:
+    from dml_runner.evaluation import BACKENDS, KNOWN_METRICS
+
+    if not e["recall_at"]:
+        _fail("eval.recall_at", e["recall_at"], "give at least one K, e.g. eval.recall_at=[1,2,4,8]")
+    bad = [k for k in e["recall_at"] if k < 1]
+    if bad:
+        _fail("eval.recall_at", e["recall_at"], f"every K must be >= 1 (got {_show(bad)}), e.g. [1,2,4,8]")
+    unknown = [m for m in e["metrics"] if m not in KNOWN_METRICS]
+    if unknown or not e["metrics"]:
+        _fail("eval.metrics", e["metrics"], f"use a non-empty list of {', '.join(KNOWN_METRICS)}")
+    if e["backend"] not in BACKENDS:
+        _fail("eval.backend", e["backend"], f"unknown retrieval backend; use one of {', '.join(BACKENDS)} "
+                                            "(docs/EVALUATION.md)")
+    if not DEVICE.match(str(e["device"])):
+        _fail("eval.device", e["device"], "use auto, cpu, cuda or cuda:N")
+    _positive_int("eval.chunk_size", e["chunk_size"])
+    _positive_int("eval.kmeans_iters", e["kmeans_iters"])
+
+
+def _number(option: str, value: Any, minimum: float, strict: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        value > minimum if strict else value >= minimum)
+    if not ok:
+        _fail(option, value, f"must be a number {'>' if strict else '>='} {minimum:g}")
+
+
+def _check_optimizer_scheduler(cfg: dict[str, Any]) -> None:
+    opt = cfg.get("optimizer") or {}
+    if "lr" in opt:
+        _number("optimizer.lr", opt["lr"], 0, strict=True)
+    for key in ("weight_decay", "momentum", "eps"):
+        if key in opt:
+            _number(f"optimizer.{key}", opt[key], 0, strict=False)
+    if "momentum" in opt and not opt["momentum"] < 1:
+        _fail("optimizer.momentum", opt["momentum"], "must be in [0, 1)")
+    sched = cfg.get("scheduler") or {}
+    if "T_max" in sched:
+        _positive_int("scheduler.T_max", sched["T_max"])
+    if "gamma" in sched:
+        _number("scheduler.gamma", sched["gamma"], 0, strict=True)
+    if "milestones" in sched:
+        for m in sched["milestones"]:
+            _positive_int("scheduler.milestones", m)
+    if "eta_min" in sched:
+        _number("scheduler.eta_min", sched["eta_min"], 0, strict=False)
+
+
+def _check_sampler(cfg: dict[str, Any]) -> None:
+    sampler = cfg.get("sampler") or {}
+    batch = cfg["trainer"]["batch_size"]
+    if "samples_per_class" in sampler:
+        spc = sampler["samples_per_class"]
+        _positive_int("sampler.samples_per_class", spc)
+        if str(sampler.get("_target_", "")).endswith("ClassBalancedBatchSampler") and batch % spc:
+            raise DMLRunnerError(f"trainer.batch_size={batch} must be a multiple of sampler.samples_per_class="
+                                 f"{spc} (each batch holds batch_size / samples_per_class classes)")
+
+
+def _check_method(cfg: dict[str, Any]) -> None:
+    method = cfg.get("method") or {}
+    if str(method.get("_target_", "")).endswith("DivideConquerMethod"):
+        k, fine, epochs = method.get("num_clusters", 1), method.get("finetune_epochs", 0), cfg["trainer"]["epochs"]
+        _positive_int("method.num_clusters", k)
+        _positive_int("method.finetune_epochs", fine, minimum=0)
+        _positive_int("method.recluster_every", method.get("recluster_every", 1))
+        if k > 1 and epochs <= fine:
+            raise DMLRunnerError(
+                f"method.finetune_epochs={fine} >= trainer.epochs={epochs}: divide_conquer would never divide "
+                f"(every num_clusters trains the same plain model); set trainer.epochs above {fine} or lower "
+                "method.finetune_epochs")
+
+
+def validate_config(cfg: Any) -> None:
+    """Refuse, with one line naming the option, what would fail or be silently ignored later in a run."""
+    from omegaconf import OmegaConf
+
+    try:
+        tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as err:  # noqa: BLE001 - an unresolvable interpolation or a missing value
+        raise DMLRunnerError(f"the config cannot be resolved: {err}") from err
+    assert isinstance(tree, dict)
+    unknown_top = [k for k in tree if k not in TOP_LEVEL_KEYS]
+    if unknown_top:
+        key = unknown_top[0]
+        raise DMLRunnerError(f"{key}: not a config group or option of dml-run; "
+                             f"{_close_matches(key, sorted(TOP_LEVEL_KEYS)) or 'see dml-run --help'}")
+    for group, schema in SCHEMAS.items():
+        known = [f.name for f in fields(schema)]
+        _check_known_keys(group, list(tree.get(group) or {}), known, f"{group} (dml-run --help lists them)")
+    _check_trainer(tree["trainer"])
+    _check_eval(tree["eval"])
+    for group in INSTANTIATED_GROUPS:
+        if group in tree:
+            _check_target_keys(group, tree[group])
+    _check_optimizer_scheduler(tree)
+    _check_sampler(tree)
+    _check_method(tree)
 
 
 def conf_dir() -> Path:

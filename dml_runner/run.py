@@ -21,7 +21,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dml_runner import DMLRunnerError, __version__
-from dml_runner.config import to_container
+from dml_runner.config import to_container, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +69,9 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
 
 
 def build_evaluate(cfg: DictConfig, recall_at: list[int]) -> Any:
-    from dml_runner.evaluation import BACKENDS, evaluate
+    from dml_runner.evaluation import evaluate
 
-    e = cfg.eval
-    if e.backend not in BACKENDS:  # checked before training, not at the first evaluation
-        raise DMLRunnerError(f"eval.backend={e.backend}: unknown retrieval backend; use one of {', '.join(BACKENDS)} "
-                             "(docs/EVALUATION.md)")
+    e = cfg.eval  # values checked by dml_runner.config.validate_config before training
     return partial(evaluate, recall_at=tuple(recall_at), metrics=tuple(e.metrics), device=e.device,
                    seed=cfg.trainer.seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
                    kmeans_iters=e.kmeans_iters, backend=e.backend)
@@ -162,6 +159,7 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
     from dml_runner.trainer import FitSettings, Trainer, resolve_device, seed_everything
 
     started = time.time()
+    validate_config(cfg)  # every option checked before data are loaded or a step is trained
     out_dir = Path(out_dir)
     dist_info = dist_info_from_env()
     config = to_container(cfg)

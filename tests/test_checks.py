@@ -1,0 +1,72 @@
+"""Checks before work is spent: a bad option is refused with one line naming it, before data or training."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_dml
+from dml_runner import DMLRunnerError
+
+
+@pytest.mark.parametrize("overrides,words", [
+    (["trainer.eval_every=0"], ["trainer.eval_every=0", ">= 1"]),
+    (["trainer.epochs=0"], ["trainer.epochs=0"]),
+    (["eval.recall_at=[0]"], ["eval.recall_at=[0]", ">= 1"]),
+    (["eval.recall_at=[]"], ["eval.recall_at"]),
+    (["eval.metrics=[recal]"], ["eval.metrics"]),
+    (["optimizer.lr=-1"], ["optimizer.lr=-1", "> 0"]),
+    (["optimizer=sgd", "optimizer.momentum=1.5"], ["optimizer.momentum=1.5"]),
+    (["+trainer.epoch=1"], ["trainer.epoch", "did you mean epochs"]),
+    (["+eval.recal_at=[1]"], ["eval.recal_at", "did you mean recall_at"]),
+    (["+epochs=3"], ["epochs", "not a config group or option"]),
+    (["+optimizer.lrr=0.1"], ["optimizer.lrr", "torch.optim.Adam", "did you mean lr"]),
+    (["+loss.marginn=0.1"], ["loss.marginn", "did you mean margin"]),
+    (["transform=rrc_224", "+transform.train.crp=3"], ["transform.train.crp", "did you mean crop"]),
+    (["trainer.select_on=tst"], ["trainer.select_on=tst", "auto, val, final, test"]),
+    (["trainer.device=gpu"], ["trainer.device=gpu"]),
+    (["scheduler=cosine", "scheduler.T_max=0"], ["scheduler.T_max=0"]),
+    (["sampler.samples_per_class=3"], ["trainer.batch_size=20", "sampler.samples_per_class=3"]),
+    (["method=divide_conquer", "method.num_clusters=4", "trainer.epochs=10"],
+     ["method.finetune_epochs=10 >= trainer.epochs=10", "never divide"]),
+])
+def test_bad_options_are_refused_before_anything_is_written(compose_cfg, tmp_path, overrides, words):
+    from dml_runner.run import run
+
+    with pytest.raises(DMLRunnerError) as err:
+        run(compose_cfg(*overrides), tmp_path / "run")
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_divide_conquer_with_room_to_divide_and_one_learner_are_accepted(compose_cfg):
+    from dml_runner.config import validate_config
+
+    validate_config(compose_cfg("method=divide_conquer", "method.num_clusters=4", "trainer.epochs=11"))
+    validate_config(compose_cfg("method=divide_conquer", "method.num_clusters=1", "trainer.epochs=5"))
+
+
+def test_the_command_line_error_is_one_line_and_no_epoch_is_trained(tmp_path):
+    out = tmp_path / "r"
+    proc = run_dml(["trainer.eval_every=0", f"hydra.run.dir={out}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["dml-run: error: trainer.eval_every=0: must be an integer >= 1"], proc.stderr
+    assert not (out / "last.pt").exists() and not (out / "history.csv").exists()
+
+
+def test_every_experiment_and_group_option_passes_the_checks(compose_cfg):
+    """The checks refuse typos, not the shipped configs (paper rows set many keys of every group)."""
+    from dml_runner.config import conf_dir, validate_config
+
+    conf = conf_dir()
+    overrides = [f"+experiment={p.relative_to(conf / 'experiment').with_suffix('')}"
+                 for p in sorted((conf / "experiment").rglob("*.yaml"))]
+    for group in ("dataset", "transform", "backbone", "loss", "sampler", "optimizer", "scheduler", "method",
+                  "logger"):
+        overrides += [f"{group}={p.stem}" for p in sorted((conf / group).glob("*.yaml"))]
+    assert len(overrides) > 60
+    for override in overrides:
+        validate_config(compose_cfg(override))
