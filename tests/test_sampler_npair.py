@@ -54,7 +54,7 @@ def test_odd_batch_size_and_too_few_classes_are_rejected():
         NPairBatchSampler(np.arange(10).repeat(2), batch_size=7, seed=0)
     with pytest.raises(ValueError, match="lower trainer.batch_size") as err:
         NPairBatchSampler(np.arange(3).repeat(4), batch_size=8, seed=0)
-    assert "samples_per_class" not in str(err.value)  # fixed at 2 for this sampler: not a fix to offer
+    assert "raise sampler.samples_per_class" not in str(err.value)  # fixed at 2 here: not a fix to offer
 
 
 def test_config_instantiates():
