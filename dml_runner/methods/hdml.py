@@ -7,7 +7,14 @@ The loss (:class:`~dml_runner.losses.hdml.HDMLLoss`) computes every term; this m
 - the generator optimiser (minimises ``J_gen``) and the softmax-classifier optimiser (``J_cls`` on real features);
 - the schedule: the metric learning rate times ``lr_gamma`` at each of ``lr_milestones`` (in steps or epochs;
   official code: halved at steps 5632 and 6848; the generator and classifier rates stay constant);
-- with ``trainer.cache_features=true`` and a frozen trunk, training from a :class:`FeatureCache`.
+- with ``trainer.cache_features=true`` and a frozen trunk, training from a :class:`FeatureCache`;
+- the weight-decay term of ``J_m``: the metric layers' non-BatchNorm parameters go to the loss as ``decay_params``
+  (official ``main_npair.py``: every trainable variable built before the loss except BatchNorm ones, i.e. the
+  trunk and fc1);
+- evaluation on L2-normalised embeddings while training sees the raw ones (``eval_normalize``; official
+  ``evaluation.py`` evaluates ``tf.nn.l2_normalize(z)``);
+- NaN steps as the official ``nn_Ops.training`` (``loss.nan_to_zero``): an objective whose value is NaN counts as 0,
+  so its optimiser steps with a zero gradient, and training goes on.
 
 Each objective is back-propagated into its own parameters only (``backward(inputs=...)``), as the official
 TensorFlow code's ``minimize(loss, var_list=...)``: ``J_gen`` never moves the metric layers, ``J_metric`` never
@@ -22,24 +29,31 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from dml_runner import DMLRunnerError
-from dml_runner.losses.hdml import HDMLLoss
+from dml_runner.losses.hdml import TF_BN, HDMLLoss
 from dml_runner.methods.base import Method, TrainContext, param_groups
 from dml_runner.methods.feature_cache import FeatureCache, require_frozen_trunk, trunk_is_frozen
 
-_LOGGED = ("metric_real", "metric_syn", "gen", "recon", "soft", "cls", "weight_real", "javg")
+_LOGGED = ("metric_real", "metric_syn", "weight_decay", "gen", "recon", "soft", "cls", "weight_real", "javg")
+_OBJECTIVES = (("loss", "metric"), ("gen", "generator"), ("cls", "classifier"))
+
+
+def _l2_normalize_in_eval(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook: the head's output L2-normalised in eval mode (evaluation), unchanged in training."""
+    return None if module.training else F.normalize(output, dim=1)
 
 
 class HDMLMethod(Method):
     def __init__(self, metric_lr: float | None = None, generator_lr: float = 1e-2, softmax_lr: float = 1e-3,
                  lr_milestones: tuple[int, ...] | list[int] = (5632, 6848), lr_milestone_unit: str = "step",
-                 lr_gamma: float = 0.5, feature_bn: bool = True) -> None:
+                 lr_gamma: float = 0.5, feature_bn: bool = True, eval_normalize: bool = True) -> None:
         if lr_milestone_unit not in ("step", "epoch"):
             raise DMLRunnerError(f"method.lr_milestone_unit={lr_milestone_unit!r}: use step or epoch")
         self.metric_lr, self.generator_lr, self.softmax_lr = metric_lr, generator_lr, softmax_lr
         self.lr_milestones, self.lr_milestone_unit, self.lr_gamma = list(lr_milestones), lr_milestone_unit, lr_gamma
-        self.feature_bn = feature_bn
+        self.feature_bn, self.eval_normalize = feature_bn, eval_normalize
         self.cache: FeatureCache | None = None
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -60,14 +74,19 @@ class HDMLMethod(Method):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed + 7919)
             if self.feature_bn:  # official: pool5 -> BN -> FC; the BN joins the head, so evaluation uses it too
-                model.head.dropout = nn.Sequential(nn.BatchNorm1d(model.feature_dim), model.head.dropout)
+                model.head.dropout = nn.Sequential(nn.BatchNorm1d(model.feature_dim, **TF_BN), model.head.dropout)
             loss.build(model.feature_dim, model.embedding_dim, torch.as_tensor(np.unique(ctx.train_set.labels)))
         model.head.to(ctx.device)
+        if self.eval_normalize:
+            model.head.register_forward_hook(_l2_normalize_in_eval)
         loss.to(ctx.device)
 
         base_lr = self.metric_lr if self.metric_lr is not None else ctx.base_lr
         groups = param_groups(model, nn.Module(), ctx.head_lr_mult, ctx.loss_lr_mult, base_lr)
         self.metric_params = [p for g in groups for p in g["params"]]
+        bn_params = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                     for p in m.parameters()}
+        self.decay_params = [p for p in self.metric_params if id(p) not in bn_params]
         self.generator_params = list(loss.generator.parameters())
         self.classifier_params = list(loss.classifier.parameters())
         self.metric_opt = ctx.make_optimizer(groups)
@@ -88,6 +107,8 @@ class HDMLMethod(Method):
                 "trunk_frozen": frozen, "feature_bn": self.feature_bn, "feature_cache": bool(ctx.cache_features),
                 "cache_views": ctx.cache_views if ctx.cache_features else None, "pulling_factor": loss.pulling_factor,
                 "use_softmax": loss.use_softmax, "use_reconstruction": loss.use_reconstruction,
+                "regular_factor": loss.regular_factor, "nan_to_zero": loss.nan_to_zero,
+                "eval_normalize": self.eval_normalize, "bn": "momentum 0.01 (TF 0.99), eps 1e-3",
                 "lrs": {"metric": base_lr, "generator": self.generator_lr, "softmax": self.softmax_lr}}
         if isinstance(getattr(model, "info", None), dict):
             model.info["hdml"] = info  # recorded in results.json under "model"
@@ -108,8 +129,14 @@ class HDMLMethod(Method):
         else:
             with self.ctx.autocast():
                 features = self.ctx.model.features(inputs)
-        out = self.ctx.loss(features.float(), labels, head=self.ctx.model.head)
-        if not (torch.isfinite(out["gen"]) and torch.isfinite(out["cls"])):
+        out = self.ctx.loss(features.float(), labels, head=self.ctx.model.head, decay_params=self.decay_params)
+        finite = {key: bool(torch.isfinite(out[key])) for key, _ in _OBJECTIVES}
+        if self.ctx.loss.nan_to_zero:
+            # official nn_Ops.training: tf.cond(is_nan(loss), 0, loss), so a NaN objective gives zero gradients
+            out["skipped"] = [key for key, ok in finite.items() if not ok]
+            for key in out["skipped"]:
+                out[key] = out[key].new_zeros(())
+        elif not all(finite.values()):
             out["loss"] = out["loss"] + float("nan")  # let the trainer's NaN guard stop the run with its message
         return out
 
@@ -117,10 +144,14 @@ class HDMLMethod(Method):
         optimisers = (self.metric_opt, self.generator_opt, self.classifier_opt)
         for opt in optimisers:
             opt.zero_grad(set_to_none=True)
-        losses["loss"].backward(inputs=self.metric_params, retain_graph=True)
-        if losses["gen"].requires_grad:
-            losses["gen"].backward(inputs=self.generator_params, retain_graph=True)
-        losses["cls"].backward(inputs=self.classifier_params)
+        owned = {"loss": self.metric_params, "gen": self.generator_params, "cls": self.classifier_params}
+        skipped = losses.get("skipped", [])
+        for key, _ in _OBJECTIVES:
+            if key in skipped:  # NaN objective: Adam still steps, with a zero gradient (as TF's minimize of 0)
+                for p in owned[key]:
+                    p.grad = torch.zeros_like(p)
+            elif losses[key].requires_grad:
+                losses[key].backward(inputs=owned[key], retain_graph=key != "cls")
         if self.ctx.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.metric_params, self.ctx.grad_clip)
         for opt in optimisers:
