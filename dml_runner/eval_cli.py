@@ -38,17 +38,32 @@ def available_memory_bytes() -> int | None:
 def load_npz(path: str) -> dict[str, np.ndarray]:
     if not os.path.exists(path):
         raise InputError(f"{path}: file not found; {FILE_CONTENTS}")
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory; {FILE_CONTENTS}")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"\x93NUMPY"):
+        raise InputError(f"{path}: is a single .npy array, not an .npz archive; save both arrays with "
+                         "numpy.savez(path, embeddings=..., labels=...)")
+    if not head.startswith(b"PK"):
+        kind = "a text file" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else \
+            "empty" if not head else f"a file starting with bytes {head!r}"
+        raise InputError(f"{path}: not an .npz archive (it is {kind}); {FILE_CONTENTS}")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise InputError(f"{path}: not an .npz archive; {FILE_CONTENTS}")
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise InputError(f"{path}: not an .npz archive; {FILE_CONTENTS}")
+        with data:
             arrays = {k: data[k] for k in data.files}
     except InputError:
         raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise InputError(f"{path}: holds Python objects (pickled arrays), which dml-eval does not load; "
+                             f"{FILE_CONTENTS}") from None
         raise InputError(f"{path}: cannot be read as .npz ({exc}); {FILE_CONTENTS}") from None
-    if not isinstance(arrays, dict):
-        raise InputError(f"{path}: not an .npz archive; {FILE_CONTENTS}")
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise InputError(f"{path}: cannot be read as .npz ({exc}); {FILE_CONTENTS}") from None
     missing = [k for k in ("embeddings", "labels") if k not in arrays]
     if missing:
         raise InputError(f"{path}: missing key(s) {missing} (found {sorted(arrays)}); {FILE_CONTENTS}")
@@ -92,18 +107,71 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_arguments(args: argparse.Namespace) -> None:
+    """Options are checked before the file is read, so an error names the option, not the file."""
+    bad = [k for k in args.recall_at if k < 1]
+    if bad:
+        raise InputError(f"--recall-at {' '.join(map(str, bad))}: every K must be >= 1 (e.g. --recall-at 1 2 4 8)")
+    if args.kmeans_iters < 1:
+        raise InputError(f"--kmeans-iters {args.kmeans_iters}: must be >= 1")
+    if args.max_memory_gb is not None and not args.max_memory_gb > 0:
+        raise InputError(f"--max-memory-gb {args.max_memory_gb}: must be > 0")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: PyTorch sees no CUDA device; use --device auto or --device cpu")
+    if args.json:
+        out = os.path.abspath(args.json)
+        parent = os.path.dirname(out)
+        if os.path.isdir(out):
+            raise InputError(f"--json {args.json}: is a directory; give a file name")
+        if not os.path.isdir(parent):
+            raise InputError(f"--json {args.json}: the directory {parent} does not exist; create it first")
+        if not os.access(parent, os.W_OK):
+            raise InputError(f"--json {args.json}: the directory {parent} is not writable")
+
+
+def check_labels(path: str, labels: np.ndarray, query_mask: np.ndarray | None,
+                 gallery_mask: np.ndarray | None) -> int:
+    """Refuse labels whose metrics would be meaningless; return the number of queries without a positive."""
+    lab = np.asarray(labels)
+    n = lab.shape[0]
+    if any(m is not None and np.asarray(m).dtype != np.bool_ for m in (query_mask, gallery_mask)):
+        return 0  # evaluate() refuses non-boolean masks with its own message
+    queries = np.ones(n, bool) if query_mask is None else np.asarray(query_mask, bool)
+    gallery = np.ones(n, bool) if gallery_mask is None else np.asarray(gallery_mask, bool)
+    used = lab[queries | gallery]
+    if np.unique(used).size < 2:
+        raise InputError(f"{path}: all {used.size} items share one label, so every metric is trivially perfect; "
+                         "evaluate embeddings of at least two classes")
+    classes, inverse = np.unique(lab, return_inverse=True)
+    in_gallery = np.bincount(inverse[gallery], minlength=classes.size)
+    positives = in_gallery[inverse[queries]] - gallery[queries]  # same-class gallery items other than itself
+    without = int((positives == 0).sum())
+    if without == int(queries.sum()):
+        raise InputError(f"{path}: no query has another item of its class in the gallery (every class is a "
+                         "singleton), so Recall@K, MAP@R and R-Precision are undefined; each class needs >= 2 items")
+    return without
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_arguments(args)
         arrays = load_npz(args.file)
         emb, lab = arrays["embeddings"], arrays["labels"]
         qmask, gmask = arrays.get("query_mask"), arrays.get("gallery_mask")
         n, dim = emb.shape
         num_classes = int(np.unique(lab).size)
+        without_positive = check_labels(args.file, lab, qmask, gmask)
         need = estimate_memory_bytes(n, dim, num_classes=num_classes, max_memory_gb=args.max_memory_gb)
         limit = args.max_memory_gb * 2**30 if args.max_memory_gb is not None else available_memory_bytes()
         print(f"{args.file}: {n} embeddings x {dim} dims, {num_classes} classes; "
               f"estimated memory {need / 2**30:.2f} GiB", file=sys.stderr)
+        if without_positive:
+            print(f"dml-eval: warning: {without_positive} queries have no other item of their class; they are left "
+                  "out of Recall@K, MAP@R and R-Precision (num_queries_without_positive)", file=sys.stderr)
         if limit is not None and need > limit:
             raise InputError(f"{args.file}: estimated memory {need / 2**30:.2f} GiB exceeds the "
                              f"{'--max-memory-gb limit' if args.max_memory_gb is not None else 'available memory'} "
@@ -119,8 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_table(results))
     if args.json:
-        with open(args.json, "w") as fh:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as fh:
             json.dump(results, fh, indent=2)
+        os.replace(tmp, args.json)
     return 0
 
 

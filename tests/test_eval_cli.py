@@ -65,7 +65,7 @@ def _bad_cases(tmp_path):
     not_npz.write_text("hello")
     return {
         "missing file": (tmp_path / "nope.npz", "not found"),
-        "not an npz": (not_npz, "cannot be read"),
+        "not an npz": (not_npz, "not an .npz archive (it is a text file)"),
         "no labels": (_write(tmp_path, "a.npz", embeddings=x), "labels"),
         "no embeddings": (_write(tmp_path, "b.npz", labels=y), "embeddings"),
         "length mismatch": (_write(tmp_path, "c.npz", embeddings=x, labels=y[:-1]), "mismatch"),
@@ -103,3 +103,64 @@ def test_cli_backends_give_the_same_retrieval_metrics(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([str(path), "--backend", "annoy"])
     assert exc.value.code == 2 and "torch_screened" in capsys.readouterr().err
+
+
+def test_cli_names_what_is_wrong_with_the_file(tmp_path, capsys):
+    x, y = _data()
+    npy = tmp_path / "emb.npy"
+    np.save(npy, x)
+    text = tmp_path / "emb.npz"
+    text.write_text("embeddings,labels\n0.1,1\n")
+    pickled = tmp_path / "obj.npz"
+    np.savez(pickled, embeddings=x, labels=np.array([object()] * len(y), dtype=object))
+    for path, words in ((npy, "single .npy array"), (text, "text file"), (pickled, "pickled")):
+        assert main([str(path), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_option_errors_name_the_option_not_the_file(tmp_path, capsys, monkeypatch):
+    import torch
+
+    x, y = _data()
+    path = _write(tmp_path, embeddings=x, labels=y)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases = [(["--device", "cuda"], "--device cuda: PyTorch sees no CUDA device"),
+             (["--recall-at", "0", "4"], "--recall-at 0: every K must be >= 1"),
+             (["--kmeans-iters", "0"], "--kmeans-iters 0"),
+             (["--json", str(tmp_path / "no_dir" / "m.json")], "does not exist")]
+    for extra, words in cases:
+        assert main([str(path), *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "must be a .npz" not in err and str(path) not in err, err
+
+
+def test_cli_refuses_a_json_path_before_computing(tmp_path, capsys, monkeypatch):
+    from dml_runner import eval_cli
+
+    x, y = _data()
+    path = _write(tmp_path, embeddings=x, labels=y)
+    monkeypatch.setattr(eval_cli, "evaluate", lambda *a, **k: pytest.fail("metrics computed before the check"))
+    assert main([str(path), "--json", str(tmp_path / "missing" / "out.json")]) == 2
+
+
+@pytest.mark.parametrize("labels,words", [
+    (np.arange(80), "singleton"),
+    (np.zeros(80, dtype=int), "share one label"),
+])
+def test_cli_refuses_labels_without_meaningful_metrics(tmp_path, capsys, labels, words):
+    x, _ = _data()
+    path = _write(tmp_path, embeddings=x, labels=labels)
+    assert main([str(path), "--device", "cpu"]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_cli_warns_about_queries_without_a_positive(tmp_path, capsys):
+    x, y = _data()
+    y = y.copy()
+    y[:3] = [100, 101, 102]  # three singleton classes
+    path = _write(tmp_path, embeddings=x, labels=y)
+    assert main([str(path), "--device", "cpu", "--metrics", "recall"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: 3 queries have no other item of their class" in captured.err
+    assert "recall@1" in captured.out
