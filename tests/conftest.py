@@ -51,3 +51,49 @@ def run_dml(args: list[str], cwd, check: bool = True, timeout: int = 900):
 def dml_eval_cmd() -> list[str]:
     script = Path(sys.executable).with_name("dml-eval")
     return [str(script)] if script.exists() else [sys.executable, "-m", "dml_runner.eval_cli"]
+
+
+@pytest.fixture(scope="session")
+def hub_cache(request, tmp_path_factory):
+    """TORCH_HOME holding random ImageNet-shaped weights for every torchvision arch (``tests/hub_cache.py``).
+
+    Built once (kept across sessions in pytest's cache directory, keyed by the torchvision version). Sets
+    ``os.environ["TORCH_HOME"]`` for the rest of the session, so ``backbone.pretrained=true`` in this process and in
+    subprocesses (dml-run) loads these files through torchvision's own code; the old value is restored at the end.
+    Returns the TORCH_HOME path; the files are ``<it>/hub/checkpoints/<torchvision's file name>``.
+    """
+    import torchvision
+
+    from hub_cache import ARCHS, BUILDER_VERSION, build_hub_cache
+
+    key = f"hub-cache-torchvision-{torchvision.__version__}-v{BUILDER_VERSION}".replace("+", "_")
+    try:
+        torch_home = Path(request.config.cache.mkdir(key))
+    except (AttributeError, OSError):  # cache provider disabled (-p no:cacheprovider) or read-only checkout
+        torch_home = tmp_path_factory.mktemp("torch_home")
+    build_hub_cache(torch_home, ARCHS)
+    old = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(torch_home)
+    yield torch_home
+    if old is None:
+        os.environ.pop("TORCH_HOME", None)
+    else:
+        os.environ["TORCH_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def hub_weights_file(hub_cache, tmp_path_factory):
+    """hub_weights_file(arch) -> a local copy of the hub cache's file for ``backbone.weights=/path.pth``."""
+    import shutil
+
+    from hub_cache import checkpoint_name
+
+    folder = tmp_path_factory.mktemp("local_weights")
+
+    def _file(arch: str) -> Path:
+        target = folder / f"{arch}-local.pth"
+        if not target.exists():
+            shutil.copyfile(hub_cache / "hub" / "checkpoints" / checkpoint_name(arch), target)
+        return target
+
+    return _file

@@ -1,35 +1,77 @@
-"""torchvision trunks: feature layers, freezing (BN / whole CNN), weights from a local file or torchvision's enums."""
+"""torchvision trunks: feature layers, freezing (BN / whole CNN), weights from torchvision's enums or a local file.
+
+The pretrained paths run torchvision's real loading code offline, from the ``hub_cache`` fixture (random
+ImageNet-shaped weights under torchvision's file names in a temporary ``TORCH_HOME``, ``tests/hub_cache.py``).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import subprocess
+import sys
 import urllib.error
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from dml_runner import DMLRunnerError
-from dml_runner.backbones import torchvision_backbone
+from dml_runner.backbones import hub_weights_available, hub_weights_path, torchvision_backbone
+from hub_cache import checkpoint_name, structured_images, weights_enum
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
+# Every torchvision option of conf/backbone (small_cnn has no ImageNet weights).
+TORCHVISION_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "small_cnn")
+FEATURE_DIMS = {"googlenet": 1024, "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
 
 def images(n: int = 4, side: int = 64) -> torch.Tensor:
     return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(0))
 
 
-def train_step(model: nn.Module) -> None:
+def train_step(model: nn.Module, side: int = 32) -> None:
+    """One SGD step in train mode on a loss that depends on the embeddings' directions (they are unit length)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.1)
-    loss = model(images(side=32)).pow(2).sum()
+    emb = model(structured_images(4, side, seed=7))
+    loss = (emb[0] * emb[1:]).sum() - (emb[:, : emb.shape[1] // 2]).sum()
     opt.zero_grad()
     loss.backward()
     opt.step()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def spread(model: nn.Module, side: int = 64) -> tuple[float, float, float]:
+    """Eval mode on 8 random structured images: RMS of the pooled features, the smallest pairwise cosine of the
+    pooled features and of the embeddings."""
+    model.eval()
+    x = structured_images(8, side, seed=123)
+    with torch.no_grad():
+        feats, emb = model.features(x), model(x)
+
+    def min_cos(z: torch.Tensor) -> float:
+        z = F.normalize(z.double(), dim=1)
+        cos = z @ z.T
+        return float(cos[~torch.eye(len(z), dtype=torch.bool)].min())
+
+    return float(feats.double().pow(2).mean().sqrt()), min_cos(feats), min_cos(emb)
+
+
+def images_kept_apart(model: nn.Module) -> bool:
+    """Pooled features at a realistic scale that differ between images (real ImageNet weights give cosines of
+    about 0.5-0.9), and embeddings not all the same (some pair below cosine 0.99)."""
+    rms, feat_cos, emb_cos = spread(model)
+    return 0.05 < rms < 50 and feat_cos < 0.95 and emb_cos < 0.99
 
 
 @pytest.mark.parametrize("arch,layer,dim", [
@@ -51,45 +93,11 @@ def test_layer_cut_drops_later_stages():
 
 
 @pytest.mark.parametrize("bad", [{"feature_layer": "fc"}, {"feature_layer": "maxpool"}, {"freeze": "head"},
+                                 {"freeze": "affine"},
                                  {"arch": "vgg16"}])
 def test_bad_options(bad):
     with pytest.raises(DMLRunnerError):
         torchvision_backbone(**{"arch": "resnet18", **bad})
-
-
-def test_freeze_none_updates_bn_statistics():
-    model = torchvision_backbone("resnet18", embedding_dim=8)
-    before = model.trunk.net.bn1.running_mean.clone()
-    train_step(model)
-    assert not torch.equal(before, model.trunk.net.bn1.running_mean)
-
-
-@pytest.mark.parametrize("arch", ["resnet18", "googlenet"])
-def test_freeze_bn_keeps_statistics_and_affine(arch):
-    model = torchvision_backbone(arch, embedding_dim=8, freeze="bn")
-    bns = model.trunk.batch_norms()
-    assert bns and all(not p.requires_grad for m in bns for p in m.parameters())
-    before = {k: v.clone() for k, v in model.trunk.state_dict().items()}
-    train_step(model)
-    assert model.training and model.trunk.training and not any(m.training for m in bns)
-    after = model.trunk.state_dict()
-    bn_keys = {f"net.{n}.{k}" for n, m in model.trunk.net.named_modules() if m in bns
-               for k in ("weight", "bias", "running_mean", "running_var")}
-    assert all(torch.equal(before[k], after[k]) for k in bn_keys)
-    conv_keys = [k for k in before if k.endswith("weight") and k not in bn_keys]
-    assert any(not torch.equal(before[k], after[k]) for k in conv_keys), "the convolutions still train"
-
-
-def test_freeze_all_trains_only_the_head():
-    model = torchvision_backbone("resnet18", embedding_dim=8, freeze="all")
-    assert not any(p.requires_grad for p in model.trunk.parameters())
-    trunk_before = {k: v.clone() for k, v in model.trunk.state_dict().items()}
-    head_before = model.head.fc.weight.detach().clone()
-    train_step(model)
-    assert not model.trunk.net.training
-    assert all(torch.equal(v, model.trunk.state_dict()[k]) for k, v in trunk_before.items())
-    assert not torch.equal(head_before, model.head.fc.weight)
-    assert model.features(images(2)).grad_fn is None
 
 
 def test_weights_from_a_local_file(tmp_path):
@@ -118,23 +126,6 @@ def test_local_weights_errors(tmp_path):
         torchvision_backbone("resnet18", weights=str(junk))
     with pytest.raises(DMLRunnerError, match="not both"):
         torchvision_backbone("resnet18", weights=str(wrong), pretrained=True)
-
-
-def test_pretrained_uses_the_torchvision_enum(monkeypatch):
-    import torchvision.models._api as api
-
-    source = torchvision.models.resnet18(weights=None)
-    requested = []
-
-    def fake_download(url, *args, **kwargs):
-        requested.append(url)
-        return source.state_dict()
-
-    monkeypatch.setattr(api, "load_state_dict_from_url", fake_download)
-    model = torchvision_backbone("resnet18", pretrained=True)
-    assert requested == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url]
-    assert torch.equal(model.trunk.net.conv1.weight, source.conv1.weight)
-    assert model.info["pretrained"] is True
 
 
 def test_pretrained_download_failure_explains_offline_use(monkeypatch):
@@ -166,14 +157,164 @@ def test_backbone_configs_instantiate(name):
     assert model(images(2)).shape == (2, cfg.embedding_dim)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name,dim", [("resnet50", 2048), ("resnet101", 2048)])
-def test_large_backbone_configs_instantiate(name, dim):
-    model = instantiate(OmegaConf.load(CONF / f"{name}.yaml"), in_channels=3)
-    assert model.feature_dim == dim
-
-
 def test_one_channel_inputs_are_repeated():
     model = torchvision_backbone("resnet18", in_channels=1, embedding_dim=8)
     model.eval()
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 8)
+
+
+# ------------------------------------------------------------------------------ weights from the hub cache
+
+
+def test_hub_weights_path_follows_torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = hub_weights_path("resnet50")
+    assert path == tmp_path / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    assert path.name == Path(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url).name
+    assert not hub_weights_available("resnet50")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    assert hub_weights_available("resnet50") and not hub_weights_available("googlenet")
+    with pytest.raises(DMLRunnerError, match="backbone.arch"):
+        hub_weights_path("vgg16")
+
+
+def test_hub_cache_has_torchvisions_names_keys_and_shapes(hub_cache):
+    for arch in ("googlenet", "resnet18", "resnet34", "resnet50", "resnet101"):
+        path = hub_cache / "hub" / "checkpoints" / checkpoint_name(arch)
+        assert path == hub_weights_path(arch) and hub_weights_available(arch)
+        assert path.name == Path(weights_enum(arch).url).name
+    state = torch.load(hub_weights_path("googlenet"), map_location="cpu", weights_only=True)
+    reference = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False).state_dict()
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in reference.items()}
+    assert any(k.startswith("aux1.") for k in state) and any(k.startswith("aux2.") for k in state)
+
+
+def test_googlenet_pretrained_builds_in_a_subprocess(hub_cache):
+    """The command that failed with torchvision's aux_logits ValueError; TORCH_HOME reaches subprocesses."""
+    code = ("import json; from dml_runner.backbones import torchvision_backbone; "
+            "print(json.dumps(torchvision_backbone('googlenet', pretrained=True).info))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    info = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert info["weights"] == "GoogLeNet_Weights.IMAGENET1K_V1" and info["transform_input"] is True
+    assert info["weights_file"] == str(hub_cache / "hub" / "checkpoints" / "googlenet-1378be20.pth")
+    assert info["feature_dim"] == 1024
+
+
+def assert_loaded_from(model: nn.Module, path: Path) -> None:
+    """Every parameter and buffer of the trunk equals the file's tensor; the file's other keys are the heads that
+    the trunk drops (classifier, GoogLeNet's auxiliary classifiers)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net = model.trunk.net.state_dict()
+    assert net and all(torch.equal(v, state[k]) for k, v in net.items())
+    assert all(k.startswith(("fc.", "aux1.", "aux2.")) for k in set(state) - set(net))
+
+
+@pytest.mark.parametrize("name", TORCHVISION_CONFIGS)
+def test_every_backbone_config_loads_pretrained_weights_from_the_hub_cache(compose_cfg, hub_cache, name):
+    cfg = compose_cfg(f"backbone={name}", "backbone.pretrained=true")
+    model = instantiate(cfg.backbone, in_channels=3, _convert_="all")
+    arch = cfg.backbone.arch
+    path = hub_cache / "hub" / "checkpoints" / checkpoint_name(arch)
+    info = model.info
+    assert info["pretrained"] is True and info["weights"] == f"{type(weights_enum(arch)).__name__}.IMAGENET1K_V1"
+    assert info["weights_file"] == str(path) and sha256(path).startswith(info["weights_sha256"])
+    assert len(info["weights_sha256"]) >= 12
+    assert info["weights_match_torchvision"] is False  # random test weights, not torchvision's file
+    assert model.feature_dim == FEATURE_DIMS[arch]
+    assert_loaded_from(model, path)
+    assert images_kept_apart(model), spread(model)
+    if arch == "googlenet":
+        assert model.trunk.transform_input and model.trunk.net.aux1 is None
+
+
+@pytest.mark.parametrize("name", TORCHVISION_CONFIGS)
+def test_every_backbone_config_loads_a_local_weights_file(compose_cfg, hub_weights_file, name):
+    arch = OmegaConf.load(CONF / f"{name}.yaml").arch
+    path = hub_weights_file(arch)
+    cfg = compose_cfg(f"backbone={name}", f"backbone.weights={path}")
+    model = instantiate(cfg.backbone, in_channels=3, _convert_="all")
+    info = model.info
+    assert info["pretrained"] is False and info["weights"] == info["weights_file"] == str(path.resolve())
+    assert sha256(path).startswith(info["weights_sha256"])
+    assert_loaded_from(model, path)
+    if arch == "googlenet":
+        assert model.trunk.transform_input and info["transform_input"] is True
+
+
+def test_random_init_is_recorded():
+    info = torchvision_backbone("resnet18").info
+    assert info["weights"] == "random init" and info["weights_file"] is None and info["weights_sha256"] is None
+
+
+@pytest.mark.parametrize("name", TORCHVISION_CONFIGS)
+def test_torchvisions_own_random_init_collapses_the_features(name):
+    """The check that the hub cache's weights pass fails with torchvision's init: GoogLeNet's pooled features
+    vanish in eval mode (about 1e-11), ResNets' pooled features of different images have cosines above 0.96."""
+    model = torchvision_backbone(OmegaConf.load(CONF / f"{name}.yaml").arch, embedding_dim=128)
+    assert not images_kept_apart(model), spread(model)
+
+
+def test_pretrained_download_failure_is_explained_and_other_errors_are_not_disguised(tmp_path, monkeypatch):
+    import torchvision.models._api as api
+
+    def corrupted(url, *args, **kwargs):
+        raise RuntimeError('invalid hash value (expected "0676ba61", got "deadbeef")')
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", corrupted)
+    with pytest.raises(DMLRunnerError, match="corrupted"):
+        torchvision_backbone("resnet50", pretrained=True)
+    monkeypatch.undo()
+    # A file that is there but does not fit: torchvision's own error, not "could not get the weights".
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    wrong = hub_weights_path("resnet50")
+    wrong.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), wrong)
+    with pytest.raises(RuntimeError, match="state_dict") as err:
+        torchvision_backbone("resnet50", pretrained=True)
+    assert not isinstance(err.value, DMLRunnerError) and "could not get" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------------------------- freezing
+
+
+def bn_keys(model: nn.Module) -> tuple[set[str], set[str]]:
+    """Trunk state-dict keys of the BatchNorm (affine parameters, running statistics)."""
+    affine, stats = set(), set()
+    for name, module in model.trunk.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            affine |= {f"{name}.weight", f"{name}.bias"}
+            stats |= {f"{name}.running_mean", f"{name}.running_var"}
+    return affine, stats
+
+
+def changed(before: dict, after: dict, keys) -> bool:
+    return any((after[k].double() - before[k].double()).abs().max() > 1e-7 for k in keys)
+
+
+@pytest.mark.parametrize("name,freeze", [("resnet18", "none"), ("resnet18", "bn"), ("resnet18", "bn_all"),
+                                         ("resnet18", "all"), ("googlenet", "bn"), ("googlenet", "bn_all")])
+def test_freeze_modes(compose_cfg, hub_cache, name, freeze):
+    cfg = compose_cfg(f"backbone={name}", "backbone.pretrained=true", f"backbone.freeze={freeze}")
+    model = instantiate(cfg.backbone, in_channels=3, _convert_="all")
+    assert model.info["freeze"] == freeze
+    affine, stats = bn_keys(model)
+    params = dict(model.trunk.named_parameters())
+    conv = [k for k in params if k not in affine]
+    assert affine and stats and conv
+    trains_affine, trains_conv = freeze in ("none", "bn"), freeze != "all"
+    assert all(params[k].requires_grad == trains_affine for k in affine)
+    assert all(params[k].requires_grad == trains_conv for k in conv)
+    model.train()
+    bn_training = [m.training for m in model.trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert all(bn_training) if freeze == "none" else not any(bn_training)
+    assert model.training and model.head.training
+    before = {k: v.detach().clone() for k, v in model.trunk.state_dict().items()}
+    head_before = model.head.fc.weight.detach().clone()
+    train_step(model)
+    after = model.trunk.state_dict()
+    assert changed(before, after, stats) == (freeze == "none")
+    assert changed(before, after, affine) == trains_affine
+    assert changed(before, after, conv) == trains_conv
+    assert not torch.equal(head_before, model.head.fc.weight)
