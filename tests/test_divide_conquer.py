@@ -1,4 +1,5 @@
-"""Divide and Conquer (method=divide_conquer, issue 7): slices, matching, schedule, K = 1 equivalence, short runs."""
+"""Divide and Conquer (method=divide_conquer): slices, matching, schedule and phases, the official embedding, fixed
+beta, K = 1 equivalence, the paper rows, short runs."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from dml_runner.backbones.small_cnn import small_cnn
 from dml_runner.datasets.base import DatasetSplits, SubsetLabelledDataset
 from dml_runner.datasets.digits import build as build_digits
 from dml_runner.losses.margin import MarginLoss
+from dml_runner.backbones.head import EmbeddingHead, init_sliced_xavier_normal_
 from dml_runner.methods.divide_conquer import (
     DivideConquerMethod,
     drop_singleton_classes,
+    full_embedding_epoch,
     learner_slices,
     match_clusters,
     recluster_epochs,
@@ -48,13 +51,14 @@ def _small_digits(per_class: int = 40) -> DatasetSplits:
     return DatasetSplits(name="digits", train=SubsetLabelledDataset(full.train, keep), test=full.test)
 
 
-def _trainer(method, tmp_path, epochs: int = 3, seed: int = 0, batch_size: int = 20) -> Trainer:
+def _trainer(method, tmp_path, epochs: int = 3, seed: int = 0, batch_size: int = 20,
+             loss: torch.nn.Module | None = None) -> Trainer:
     """A real Trainer (so the method gets the real TrainContext) on small digits data; the model and loss are
     built after seeding so two calls with the same seed start from the same parameters."""
     torch.manual_seed(seed)
     data = _small_digits()
     model = small_cnn(in_channels=1, width=8, embedding_dim=16)
-    loss = MarginLoss()
+    loss = MarginLoss() if loss is None else loss
 
     def make_sampler(labels, batch_size=None, seed=None):
         return ClassBalancedBatchSampler(labels, batch_size=20 if batch_size is None else batch_size,
@@ -116,20 +120,40 @@ def test_recluster_schedule():
     assert recluster_epochs(5, 4, 2, 5) == []  # all conquer
 
 
-def test_method_reclusters_on_schedule_and_conquers_at_the_end(tmp_path, monkeypatch):
+def test_full_embedding_epoch_follows_the_official_condition():
+    """train.py trains the full embedding when the 0-based epoch e >= finetune_epoch * 8 / 19 (float division),
+    finetune_epoch = the 0-based first conquer epoch; our epochs are 1-based."""
+    assert full_embedding_epoch(200, 10, "official") == 81  # the README command: slices for epochs 0-79
+    for epochs in range(1, 60):
+        for finetune in range(0, epochs + 1):
+            official = next((e for e in range(epochs) if e >= (epochs - finetune) * 8 / 19), epochs) + 1
+            assert full_embedding_epoch(epochs, finetune, "official") == official, (epochs, finetune)
+    assert full_embedding_epoch(200, 10, "conquer") == 191  # the paper: slices until the conquer phase
+    assert full_embedding_epoch(200, 10, 5) == 5
+    for bad in (0, -3, "never", 2.5):
+        with pytest.raises(DMLRunnerError, match="full_embedding_from"):
+            DivideConquerMethod(full_embedding_from=bad)
+
+
+def test_method_phases_recluster_and_conquer(tmp_path, monkeypatch):
+    """6 epochs, 2 conquer: F = 4 divide-side epochs, the full embedding from ceil(8 * 4 / 19) + 1 = 3."""
     method = DivideConquerMethod(num_clusters=2, recluster_every=2, finetune_epochs=2)
     trainer = _trainer(method, tmp_path, epochs=6)
     calls = []
     original = method.recluster
     monkeypatch.setattr(method, "recluster", lambda epoch: (calls.append(epoch), original(epoch)))
+    phases = []
     for epoch in range(1, 7):
         batches = _train_steps(trainer, epoch, steps=2)
-        divide = epoch <= 4
-        assert all((len(b) == 3) == divide for b in batches), epoch  # divide batches carry the learner id
+        assert all(len(b) == 3 for b in batches), epoch  # every batch carries its learner id
         row = method.on_epoch_end(epoch)
+        phases.append(row["dc_phase"])
         assert ("cluster_sizes" in row) == (epoch in (1, 3)), (epoch, row)
-        assert row["dc_learners"] == (2 if divide else 1)
-    assert calls == [1, 3]
+        assert row["dc_learners"] == (2 if epoch <= 4 else 1)
+        if epoch > 4:  # conquer: one cluster of all data, learner 0's loss
+            assert {int(b[2]) for b in batches} == {0}
+    assert phases == ["divide", "divide", "full", "full", "conquer", "conquer"]
+    assert calls == [1, 3]  # re-clustering continues in the full-embedding phase
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -149,6 +173,99 @@ def test_gradients_only_reach_the_learners_slice(tmp_path):
         assert fc.weight.grad[rows].abs().max() > 0, k
         # the trunk is shared by all learners
         assert any(p.grad is not None and p.grad.abs().max() > 0 for p in trainer.model.trunk.parameters())
+
+
+def test_full_embedding_phase_trains_every_slice_with_the_evaluated_embedding(tmp_path):
+    """From full_embedding_from on, a cluster batch's loss is the learner's loss on model(x): the per-slice-normalised,
+    then normalised embedding that evaluation uses, so every fc row gets gradient."""
+    method = DivideConquerMethod(num_clusters=4, finetune_epochs=1, full_embedding_from=2)
+    trainer = _trainer(method, tmp_path, epochs=3)
+    assert [method.phase(e) for e in (1, 2, 3)] == ["divide", "full", "conquer"]
+    images, _ = next(iter(torch.utils.data.DataLoader(trainer.data.train, batch_size=20, shuffle=False)))
+    labels = torch.arange(20) % 5
+    method.on_epoch_start(2)
+    trainer.model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    loss = method.compute_loss((images, labels, 1))["loss"]
+    torch.manual_seed(0)
+    expected = method.learner_losses[1](trainer.model(images), labels)
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert (trainer.model.head.fc.weight.grad.abs().sum(dim=1) > 0).all()
+
+
+def _brute_force_sliced(z: torch.Tensor, slices: list[slice], normalize: bool) -> torch.Tensor:
+    parts = []
+    for s in slices:
+        part = z[:, s]
+        parts.append(torch.stack([row / max(float(torch.sqrt((row ** 2).sum())), 1e-12) for row in part]))
+    out = torch.cat(parts, dim=1)
+    if normalize:
+        out = torch.stack([row / max(float(torch.sqrt((row ** 2).sum())), 1e-12) for row in out])
+    return out
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_per_slice_normalised_embedding_equals_brute_force(normalize):
+    torch.manual_seed(0)
+    head = EmbeddingHead(12, 10, normalize=normalize)
+    features = torch.randn(7, 12)
+    features[3] = 0.0  # a zero slice stays zero (F.normalize's eps), as in the official forward
+    head.fc.bias.data.zero_()
+    slices = learner_slices(10, 4)  # uneven: 3, 3, 3, 1
+    head.set_slices(slices)
+    z = head.fc(features).detach()
+    torch.testing.assert_close(head(features).detach(), _brute_force_sliced(z, slices, normalize))
+    if normalize:  # each slice of the normalised concatenation has norm 1/sqrt(K), except the zero row
+        norms = torch.stack([head(features)[:, s].norm(dim=1) for s in slices], dim=1).detach()
+        torch.testing.assert_close(norms[[0, 1, 2, 4, 5, 6]], torch.full((6, 4), 0.5))
+    head.set_slices(None)
+    torch.testing.assert_close(head(features).detach(), torch.nn.functional.normalize(z, dim=1) if normalize else z)
+    with pytest.raises(ValueError, match="cover"):
+        head.set_slices([slice(0, 5), slice(6, 10)])
+
+
+@pytest.mark.parametrize("embedding", ["sliced", "whole"])
+def test_method_sets_the_evaluated_embedding(tmp_path, embedding):
+    method = DivideConquerMethod(num_clusters=4, finetune_epochs=1, embedding=embedding)
+    trainer = _trainer(method, tmp_path)
+    model = trainer.model.eval()
+    images, _ = next(iter(torch.utils.data.DataLoader(trainer.data.test, batch_size=9, shuffle=False)))
+    with torch.no_grad():
+        z = model.head.fc(model.features(images))
+        expected = _brute_force_sliced(z, learner_slices(16, 4), True) if embedding == "sliced" else \
+            torch.nn.functional.normalize(z, dim=1)
+        torch.testing.assert_close(model(images), expected)
+    assert model.info["dc_embedding"].startswith(embedding)
+
+
+def test_official_sliced_fc_initialisation():
+    """init_splitted: Xavier-normal per slice (std sqrt(2 / (in + width))), default Linear bias U(+-1/sqrt(in)) --
+    told apart from the head's Xavier-uniform over the whole layer (std sqrt(2 / (in + d)), 2.7% smaller)."""
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(2048, 128)
+    torch.nn.init.zeros_(fc.bias)
+    slices = learner_slices(128, 8)
+    init_sliced_xavier_normal_(fc, slices)
+    for s in slices:
+        std = float(fc.weight[s].detach().std())
+        assert abs(std / (2 / (2048 + 16)) ** 0.5 - 1) < 0.015, std
+    assert fc.bias.abs().max() <= 2048 ** -0.5 and fc.bias.abs().min() > 0
+    head = EmbeddingHead(2048, 128)
+    assert abs(float(head.fc.weight.std()) / (2 / (2048 + 128)) ** 0.5 - 1) < 0.015  # what the test tells apart
+
+
+@pytest.mark.parametrize("learn_beta", [False, True])
+def test_fixed_beta_is_not_optimised(tmp_path, learn_beta):
+    method = DivideConquerMethod(num_clusters=2, finetune_epochs=0)
+    trainer = _trainer(method, tmp_path, loss=MarginLoss(learn_beta=learn_beta, sampling="closest"))
+    optimised = {id(p) for g in method.optimizer.param_groups for p in g["params"]}
+    betas = [loss.beta for loss in method.learner_losses]
+    assert len(betas) == 2 and all(b.shape == (1,) for b in betas)  # one value per learner, not per class
+    assert all((id(b) in optimised) == learn_beta for b in betas)
+    assert ("loss" in {g["name"] for g in method.optimizer.param_groups}) == learn_beta
+    _train_steps(trainer, 1, steps=3)
+    assert all(torch.equal(b.detach(), torch.tensor([1.2])) for b in betas) == (not learn_beta)
 
 
 def test_k1_equals_standard_training(tmp_path):
@@ -193,6 +310,66 @@ def test_short_hydra_runs(compose_cfg, tmp_path, num_clusters, cluster_on):
         sizes = [[int(s) for s in str(row).split("|")] for row in history["cluster_sizes"]]
         assert all(len(s) == num_clusters and sum(s) <= results["dataset"]["train_images"] for s in sizes)
         assert (history["cluster_time_s"] >= 0).all()
+
+
+DC_ROWS = ["cars196", "cub200", "inshop", "sop", "vehicleid_large", "vehicleid_medium", "vehicleid_small"]
+
+
+@pytest.mark.parametrize("row", DC_ROWS)
+def test_paper_rows_follow_the_official_code(compose_cfg, row):
+    cfg = compose_cfg(f"+experiment=dc/{row}")
+    m, loss, bb = cfg.method, cfg.loss, cfg.backbone
+    assert m.full_embedding_from == "official" and m.embedding == "sliced" and m.fc_init == "sliced"
+    assert m.cluster_on == "features" and m.niter == 100 and m.nredo == 1 and m.kmeans_seed == 1234
+    assert m.recluster_every == 2 and m.finetune_epochs == 10 and cfg.trainer.epochs == 200
+    assert m.num_clusters == (4 if row == "cub200" else 8)
+    assert loss._target_.endswith("MarginLoss") and loss.learn_beta is False and loss.num_classes is None
+    assert loss.beta == pytest.approx(1.2) and loss.alpha == pytest.approx(0.2)
+    # the repository's closest negatives; CUB/Cars: distance-weighted, which the author says the paper's CUB needs
+    assert loss.sampling == ("distance_weighted" if row in ("cub200", "cars196") else "closest")
+    assert bb.arch == "resnet50" and bb.pretrained is True and bb.freeze == "bn" and bb.dropout == pytest.approx(0.01)
+    assert bb.embedding_dim == 128 and bb.normalize is True
+    assert cfg.trainer.batch_size == 80 and cfg.sampler.samples_per_class == 4 and cfg.transform.name == "rrc_224"
+    assert cfg.optimizer.lr == pytest.approx(1e-5) and cfg.optimizer.weight_decay == pytest.approx(1e-4)
+    deviations = " ".join(cfg.reference.deviations)
+    assert "weights may differ" not in deviations and "final epoch" in deviations
+    if row.startswith("vehicleid"):
+        assert cfg.dataset.protocol == "original" and cfg.dataset.repeats == 10
+        assert cfg.dataset.test_size == row.split("_")[1] and "leave-one-out" in deviations
+
+
+@pytest.mark.parametrize("row", ["margin_cars196", "margin_cub200", "margin_sop", "mdl_cars196", "mdl_cub200",
+                                 "mdl_sop"])
+def test_mdl_rows_declare_their_own_protocol(compose_cfg, row):
+    cfg = compose_cfg(f"+experiment=mdl/{row}")
+    deviations = list(cfg.reference.deviations)
+    assert "no published protocol; the training settings are dml-runner's choice" in deviations
+    assert any("reconstructed from the abstract" in d for d in deviations) == row.startswith("mdl_")
+    assert cfg.backbone.freeze == "bn" and cfg.method._target_.endswith("StandardMethod")
+    assert cfg.loss._target_.endswith("MarginDiscriminateLoss" if row.startswith("mdl_") else "MarginLoss")
+
+
+def test_end_to_end_run_goes_through_every_phase(compose_cfg, tmp_path):
+    """dml-run's path on digits with the rows' loss and method settings: 4 epochs, conquer 1, the full embedding
+    from epoch 2 (by option); the saved test embeddings are the per-slice-normalised, normalised ones."""
+    from dml_runner.run import run
+
+    cfg = compose_cfg("method=divide_conquer", "loss=margin", "loss.learn_beta=false", "loss.sampling=closest",
+                      "trainer=smoke", "trainer.epochs=4", "trainer.eval_every=4", "trainer.max_steps_per_epoch=2",
+                      "trainer.eval_before_training=false", "trainer.save_checkpoints=false",
+                      "eval.metrics=[recall]", "backbone.width=8", "backbone.embedding_dim=16",
+                      "method.num_clusters=2", "method.recluster_every=1", "method.finetune_epochs=1",
+                      "method.full_embedding_from=2", "method.niter=10")
+    results = run(cfg, tmp_path)
+    assert results["status"] == "completed" and results["model"]["dc_embedding"].startswith("sliced")
+    history = pd.read_csv(tmp_path / "history.csv")
+    assert history["dc_phase"].tolist() == ["divide", "full", "full", "conquer"]
+    assert history["cluster_sizes"].notna().tolist() == [True, True, True, False]
+    assert history["dc_learners"].tolist()[-1] == 1 and np.isfinite(history["train_loss"]).all()
+    emb = np.load(tmp_path / "embeddings.npz")["embeddings"]
+    np.testing.assert_allclose(np.linalg.norm(emb[:, :8], axis=1), 0.5 ** 0.5, rtol=1e-2)
+    np.testing.assert_allclose(np.linalg.norm(emb[:, 8:], axis=1), 0.5 ** 0.5, rtol=1e-2)
+    assert np.unique(emb.round(4), axis=0).shape[0] > 1
 
 
 @pytest.mark.parametrize("policy", ["shrink", "skip"])
