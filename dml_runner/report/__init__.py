@@ -1,0 +1,122 @@
+"""`dml-report`: paper tables from run and sweep directories, ours next to theirs.
+
+    dml-report outputs/multirun/2025-01-01/12-00-00 [more dirs ...] [--out outputs/tables]
+               [--checkpoint final|best|best-val|best-test] [--split-by KEY] [--group-by KEY]
+
+Every ``results.json`` under the given directories is one run. Tables: one per reference table and dataset
+(``--split-by`` splits further by a fingerprint field or any dotted config key). Rows: runs whose configs differ only
+in the seed and in settings that cannot change a number share a row (mean +/- sample std over seeds, in percent);
+every other difference makes a separate row named by the differing keys (``pulling_factor=90``). Each row shows the
+paper's number (``dml_runner/reference/<table>.csv``) and our delta, the final epoch by default and, labelled, the
+best-on-validation and best-on-test (test-set selection) values from ``history.csv``. Rows of one table must share
+the protocol fingerprint (dataset split, test transform, embedding size, backbone and weights, evaluation,
+checkpoint choice); batches, losses and methods are per-row recipe. Writes ``report.md``, ``index.html``, one
+``<table>.csv`` and ``<table>.tex`` per table, ``runs.csv``, ``failed.csv`` (if any) and PNG figures into ``--out``.
+Exit status: 0 = tables written; 1 = refused (mixed protocols, a repeated seed) or nothing to report; 2 = usage error.
+See docs/REPORT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dml_runner.report.collect import FINGERPRINT, ReportError, find_runs, load_run
+from dml_runner.report.group import CHECKPOINTS, build_tables
+from dml_runner.report.render import render_html, render_latex, render_markdown, table_frame
+
+__all__ = ["FINGERPRINT", "ReportError", "build_tables", "find_runs", "load_run", "main", "report"]
+
+log = logging.getLogger(__name__)
+
+
+def report(paths: Sequence[Path | str], out: Path | str = "outputs/tables", checkpoint: str = "final",
+           split_by: Sequence[str] = (), allow_mixed: bool = False, metrics: Sequence[str] | None = None,
+           figures: bool = True, tsne_points: int = 300, group_by: Sequence[str] = (),
+           html: bool = True) -> dict[str, Any]:
+    """Build and write every table; returns ``{"tables": [...], "failed": [...], "files": [...]}``."""
+    records = find_runs(paths)
+    if not records:
+        raise ReportError(f"no results.json found under {', '.join(map(str, paths))}")
+    failed = [r for r in records if r["status"] != "completed"]
+    tables = build_tables(records, checkpoint, split_by, allow_mixed, metrics, group_by)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "report.md"]
+    for t in tables:
+        table_frame(t).to_csv(out / f"{t['slug']}.csv", index=False)
+        (out / f"{t['slug']}.tex").write_text(render_latex(t))
+        t["files"] = [out / f"{t['slug']}.csv", out / f"{t['slug']}.tex"]
+        files += t["files"]
+    (out / "report.md").write_text(render_markdown(tables, failed))
+    runs = pd.DataFrame([{k: v for k, v in r.items() if k not in ("metrics", "config", "best_val", "best_test",
+                                                                  "best_checkpoint", "override_keys")} |
+                         dict(r.get("metrics") or {}) for r in records])
+    runs.to_csv(out / "runs.csv", index=False)
+    files.append(out / "runs.csv")
+    if failed:
+        pd.DataFrame(failed).reindex(columns=["dir", "row", "seed", "error"]).to_csv(out / "failed.csv", index=False)
+        files.append(out / "failed.csv")
+    if figures:
+        from dml_runner.report.figures import write_figures
+
+        for t in tables:
+            try:
+                t["figures"] = write_figures(t, out, tsne_points=tsne_points)
+            except Exception as err:  # noqa: BLE001 - the tables are written; a figure must not undo that
+                log.warning("figures of %s failed: %s", t["title"], err)
+                t["figures"] = []
+            files += [f for f, _ in t["figures"]]
+    if html:
+        (out / "index.html").write_text(render_html(tables, failed, out), encoding="utf-8")
+        files.append(out / "index.html")
+    return {"tables": tables, "failed": failed, "files": files}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dml-report", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help="run or sweep directories (searched recursively for results.json)")
+    p.add_argument("--out", default="outputs/tables", help="output directory (default: outputs/tables)")
+    p.add_argument("--checkpoint", choices=tuple(CHECKPOINTS), default="final",
+                   help="metrics in the main columns: final epoch (default); best = the run's best.pt; best-val = "
+                        "best epoch on the validation split; best-test = best epoch on the test split (test-set "
+                        "selection, what the official D&C and HDML codes report)")
+    p.add_argument("--split-by", action="append", default=[], metavar="KEY",
+                   help=f"one table per value of KEY: a fingerprint field ({', '.join(FINGERPRINT)}) or any dotted "
+                        "config key (e.g. method.num_clusters)")
+    p.add_argument("--group-by", action="append", default=[], metavar="KEY",
+                   help="rows by the values of these dotted config keys only (and the experiment row); runs that "
+                        "differ in other settings are pooled and the row's footnote lists them")
+    p.add_argument("--allow-mixed-protocols", action="store_true",
+                   help="put rows with different protocol fingerprints in one table (each row shows its protocol)")
+    p.add_argument("--metrics", nargs="+", help="metric columns (default: the paper table's, else R@K, NMI, F1, MAP@R)")
+    p.add_argument("--no-figures", action="store_true", help="tables only (no learning curves, t-SNE, grids)")
+    p.add_argument("--html", dest="html", action="store_true", default=True,
+                   help="write index.html next to the tables (the default)")
+    p.add_argument("--no-html", dest="html", action="store_false", help="no index.html")
+    p.add_argument("--tsne-points", type=int, default=300, help="t-SNE subsample per row (default 300)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="dml-report: %(message)s")
+    try:
+        result = report(args.paths, args.out, args.checkpoint, args.split_by, args.allow_mixed_protocols,
+                        args.metrics, figures=not args.no_figures, tsne_points=args.tsne_points,
+                        group_by=args.group_by, html=args.html)
+    except ReportError as err:
+        print(f"dml-report: error: {err}", file=sys.stderr)
+        return 1
+    print(render_markdown(result["tables"], result["failed"]))
+    print(f"dml-report: wrote {len(result['files'])} files to {Path(args.out)}"
+          + (f" (open {Path(args.out) / 'index.html'})" if args.html else "")
+          + (f"; {len(result['failed'])} failed run(s) listed separately" if result["failed"] else ""))
+    return 0

@@ -1,0 +1,254 @@
+"""Reading runs: one record per run directory, with its flattened config, protocol fingerprint and metrics.
+
+A record holds the three readings of a run's test metrics that a report can show:
+
+- ``metrics``: the final epoch (results.json ``metrics``);
+- ``best_val``: the test metrics at the epoch that scored best on the validation split (``history.csv``
+  ``val/<metric>``; results.json ``best`` when it was chosen on ``val``);
+- ``best_test``: the test metrics at the epoch that scored best on the *test* split (``history.csv``
+  ``test/<metric>``), i.e. test-set selection, which is what the official Divide & Conquer and HDML codes report.
+
+Both best readings consider trained epochs only (epoch 0, the evaluation before training, never counts) and keep the
+earliest epoch on ties, as the trainer does for ``best.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dml_runner import DMLRunnerError
+
+log = logging.getLogger(__name__)
+
+# Protocol fingerprint: what must be equal before numbers of two rows can share a table.
+FINGERPRINT = ("backbone", "weights", "embedding_dim", "test_transform", "evaluation", "split", "selected_on")
+
+# Config keys (dotted prefixes) that cannot change a reported number: runs differing only in these share a row.
+NEUTRAL_KEYS = (
+    "trainer.num_workers", "trainer.num_threads", "trainer.pin_memory", "trainer.persistent_workers",
+    "trainer.progress", "trainer.save_checkpoints", "trainer.save_embeddings", "trainer.resume",
+    "trainer.eval_batch_size", "eval.chunk_size", "dataset.verify_images", "logger", "tags", "reference", "hydra",
+)
+# Group choices that carry no setting of their own (their effect is in the config keys) or cannot change a number.
+NEUTRAL_CHOICES = ("logger", "hparams_search", "preset", "preset_sampler")
+SEED_KEY = "trainer.seed"
+MISSING = "∅"  # value shown for a key a run's config does not have
+
+
+class ReportError(DMLRunnerError):
+    """A report that cannot be built as asked (the message says why and what to do)."""
+
+
+def find_runs(paths: Sequence[Path | str]) -> list[dict[str, Any]]:
+    """One record per run directory under ``paths`` (completed and failed; job dirs without results.json = failed)."""
+    seen: set[Path] = set()
+    records = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise ReportError(f"{path} does not exist")
+        if path.is_file():
+            candidates = [path]
+            job_dirs: list[Path] = []
+        else:
+            candidates = sorted(path.rglob("results.json"))
+            job_dirs = sorted(p.parent for p in path.rglob(".hydra") if p.is_dir())
+        for res_path in candidates:
+            run_dir = res_path.parent.resolve()
+            if run_dir not in seen:
+                seen.add(run_dir)
+                records.append(load_run(res_path))
+        for job_dir in job_dirs:  # a Hydra job that crashed before writing results.json
+            if job_dir.resolve() not in seen and not (job_dir / "multirun.yaml").exists():
+                seen.add(job_dir.resolve())
+                records.append({"dir": str(job_dir), "status": "failed", "row": job_dir.name, "seed": None,
+                                "error": "no results.json (the job crashed or was killed)"})
+    return records
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted leaf keys of a nested config; lists become tuples (hashable), empty dicts stay as leaves."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(tree, list):
+        return {prefix: tuple(_hashable(v) for v in tree)}
+    return {prefix: _hashable(tree)}
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def is_neutral(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in NEUTRAL_KEYS)
+
+
+def recipe_config(res: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings that can change a number: flattened resolved config plus its group choices.
+
+    Group choices appear under the group's name (``loss: hdml_npair``); config leaves under their dotted key
+    (``loss.pulling_factor: 90``). The seed and neutral keys are left out.
+    """
+    out = {k: v for k, v in flatten(res.get("config") or {}).items() if k != SEED_KEY and not is_neutral(k)}
+    for group, choice in (res.get("choices") or {}).items():
+        if choice is not None and group not in NEUTRAL_CHOICES and not group.startswith("hydra"):
+            out[group] = choice
+    return out
+
+
+def load_run(results_path: Path | str) -> dict[str, Any]:
+    """The fields of one results.json (and its history.csv) that a report needs."""
+    results_path = Path(results_path)
+    try:
+        res = json.loads(results_path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        return {"dir": str(results_path.parent), "status": "failed", "row": results_path.parent.name, "seed": None,
+                "error": f"unreadable results.json ({err})"}
+    cfg = res.get("config") or {}
+    ref = cfg.get("reference") or {}
+    trainer = cfg.get("trainer") or {}
+    rec: dict[str, Any] = {
+        "dir": str(results_path.parent), "status": res.get("status", "unknown"), "error": res.get("error"),
+        "experiment": (res.get("choices") or {}).get("experiment"), "seed": trainer.get("seed"),
+        "ref_paper": ref.get("paper"), "ref_table": ref.get("table"), "paper_row": ref.get("row"),
+        "row": ref.get("row") or run_label(res),
+        "deviations": [str(d) for d in ref.get("deviations") or []], "note": ref.get("note") or "",
+        "dataset": dataset_label(res), "overrides": list(res.get("overrides") or []),
+        "override_keys": {o.partition("=")[0].lstrip("+~") for o in res.get("overrides") or []},
+        "smoke": "smoke" in (cfg.get("tags") or []), "config": recipe_config(res),
+        "select_metric": trainer.get("select_metric") or "recall@1",
+    }
+    rec.update(fingerprint(res))
+    rec["batch"] = batch_label(res)
+    rec["frozen"] = (res.get("model") or {}).get("freeze") or (cfg.get("backbone") or {}).get("freeze") or "none"
+    rec["metrics"] = res.get("metrics") or {}
+    rec["recall_at"] = list((res.get("dataset") or {}).get("recall_at") or [])
+    rec["best_checkpoint"] = (res.get("best") or {}).get("test_metrics") or {}
+    rec.update(best_epochs(results_path.parent, res, rec["select_metric"]))
+    return rec
+
+
+def best_epochs(run_dir: Path, res: dict[str, Any], metric: str) -> dict[str, Any]:
+    """``best_val`` / ``best_test``: test metrics at the trained epoch best on val / test ``metric`` (+ epochs)."""
+    out: dict[str, Any] = {"best_val": {}, "best_val_epoch": None, "best_test": {}, "best_test_epoch": None}
+    history = None
+    path = Path(run_dir) / "history.csv"
+    if path.is_file():
+        try:
+            history = pd.read_csv(path)
+        except (OSError, ValueError, pd.errors.EmptyDataError) as err:
+            log.warning("%s unreadable (%s): no best-epoch values for this run", path, err)
+    for split in ("val", "test"):
+        picked = _best_row(history, split, metric) if history is not None else None
+        if picked is not None:
+            epoch, row = picked
+            out[f"best_{split}"] = {c.split("/", 1)[1]: float(v) for c, v in row.items()
+                                    if c.startswith("test/") and v is not None and not math.isnan(v)}
+            out[f"best_{split}_epoch"] = epoch
+    best = res.get("best") or {}
+    split = best.get("split")
+    if split in ("val", "test") and not out[f"best_{split}"] and best.get("metric") == metric:
+        out[f"best_{split}"] = dict(best.get("test_metrics") or {})  # no history.csv: the trainer's own choice
+        out[f"best_{split}_epoch"] = best.get("epoch")
+    return out
+
+
+def _best_row(history: pd.DataFrame, split: str, metric: str) -> tuple[int, pd.Series] | None:
+    col = f"{split}/{metric}"
+    if col not in history or "epoch" not in history:
+        return None
+    trained = history[(history["epoch"] > 0) & history[col].notna()]
+    if trained.empty:
+        return None
+    pos = int(trained[col].to_numpy().argmax())  # first maximum = earliest epoch on ties
+    row = trained.iloc[pos]
+    return int(row["epoch"]), row
+
+
+def run_label(res: dict[str, Any]) -> str:
+    """A row name for a run without an experiment file: its group choices and overrides, seed left out."""
+    choices = res.get("choices") or {}
+    if choices.get("experiment"):
+        return str(choices["experiment"])
+    parts = [f"{g}={choices[g]}" for g in ("loss", "method") if choices.get(g) and choices[g] != "standard"]
+    for item in res.get("overrides") or []:
+        key = item.partition("=")[0].lstrip("+~")
+        if key == SEED_KEY or is_neutral(key) or key in ("loss", "method"):
+            continue
+        parts.append(item)
+    return " ".join(parts) or "default"
+
+
+def dataset_label(res: dict[str, Any]) -> str:
+    cfg_ds = (res.get("config") or {}).get("dataset") or {}
+    name = (res.get("dataset") or {}).get("name") or (res.get("choices") or {}).get("dataset") or "?"
+    if cfg_ds.get("test_size"):  # VehicleID small/medium/large are separate tables in the papers
+        name = f"{name}_{cfg_ds['test_size']}"
+    return str(name)
+
+
+def batch_label(res: dict[str, Any]) -> str:
+    """How training batches are built, e.g. ``npair 128 (2/class)``: part of a row's recipe, not of the protocol."""
+    cfg = res.get("config") or {}
+    sampler = cfg.get("sampler") or {}
+    sampler_name = (res.get("choices") or {}).get("sampler") or str(sampler.get("_target_", "?")).rsplit(".", 1)[-1]
+    per_class = sampler.get("samples_per_class")
+    if per_class is None and sampler_name == "npair":
+        per_class = 2
+    batch = f"{sampler_name} {(cfg.get('trainer') or {}).get('batch_size', '?')}"
+    return batch + (f" ({per_class}/class)" if per_class else "")
+
+
+def _compact(params: dict[str, Any] | None, skip: Sequence[str] = ("_target_", "train")) -> str:
+    if not isinstance(params, dict):
+        return ""
+    return ",".join(f"{k}={v}" for k, v in params.items() if k not in skip and v is not None)
+
+
+def fingerprint(res: dict[str, Any]) -> dict[str, Any]:
+    """The protocol of a run: dataset split/protocol, test transform, embedding size, backbone and weights,
+    evaluation (metrics, K list, query/gallery) and checkpoint choice."""
+    cfg = res.get("config") or {}
+    model = res.get("model") or {}
+    backbone = cfg.get("backbone") or {}
+    choices = res.get("choices") or {}
+    data = res.get("dataset") or {}
+    cfg_ds = cfg.get("dataset") or {}
+    transform_cfg = cfg.get("transform") or {}
+    name = (data.get("info") or {}).get("transform") or transform_cfg.get("name") or choices.get("transform")
+    if name in (None, "none") and cfg_ds.get("default_transform"):
+        name = f"{cfg_ds['default_transform']} (dataset default)"
+    test = _compact(transform_cfg.get("test"))
+    embedding_dim = model.get("embedding_dim", backbone.get("embedding_dim"))
+    pretrained = bool(model.get("pretrained", backbone.get("pretrained", False)))
+    weights = backbone.get("weights") or model.get("weights")
+    eval_cfg = cfg.get("eval") or {}
+    ks = data.get("recall_at") or eval_cfg.get("recall_at") or []
+    evaluation = f"{data.get('eval_mode', '?')} R@{','.join(map(str, ks))}"
+    if eval_cfg.get("metrics"):
+        evaluation += " " + ",".join(map(str, eval_cfg["metrics"]))
+    split = ",".join(f"{k}={cfg_ds[k]}" for k in ("protocol", "split_file", "val_fraction", "repeats")
+                     if cfg_ds.get(k) is not None)
+    return {
+        "backbone": model.get("arch") or backbone.get("arch") or choices.get("backbone"),
+        "weights": str(weights) if weights else ("pretrained" if pretrained else "random init"),
+        "embedding_dim": int(embedding_dim) if embedding_dim is not None else None,
+        "test_transform": f"{name or 'none'}" + (f" [{test}]" if test else ""),
+        "evaluation": evaluation,
+        "split": split or "default",
+        "selected_on": res.get("checkpoint_selected_on") or "?",
+    }
