@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 
 from dml_runner.reference import load_reference, reference_tables
-from dml_runner.report import main, report
+from dml_runner.report import ReportError, main, report
 
 
 def write_run(run_dir: Path, *, table: str | None = "hdml_table1_cub200", row: str = "npair", seed: int = 0,
               metrics: dict | None = None, dataset: str = "cub200", embedding_dim: int = 512,
               backbone: str = "googlenet", status: str = "completed", deviations=(), note: str = "",
               selected_on: str = "test", batch: int = 128, sampler: str = "npair", extra_cfg: dict | None = None,
-              overrides=None) -> Path:
+              overrides=None, history: dict | None = None, choices: dict | None = None) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ".hydra").mkdir(exist_ok=True)
     cfg = {"trainer": {"seed": seed, "batch_size": batch}, "backbone": {"arch": backbone, "embedding_dim": embedding_dim,
@@ -27,8 +27,8 @@ def write_run(run_dir: Path, *, table: str | None = "hdml_table1_cub200", row: s
     if table:
         cfg["reference"] = {"paper": table.split("_")[0], "table": table, "row": row,
                             "deviations": list(deviations), "note": note}
-    cfg.update(extra_cfg or {})
-    res = {"status": status, "config": cfg, "choices": {"sampler": sampler, "loss": row},
+    _merge(cfg, extra_cfg or {})
+    res = {"status": status, "config": cfg, "choices": {"sampler": sampler, "loss": row, **(choices or {})},
            "overrides": overrides if overrides is not None else [f"trainer.seed={seed}"]}
     if status == "completed":
         res.update({"metrics": metrics or {}, "best": {"epoch": 1, "split": selected_on, "test_metrics": metrics or {}},
@@ -38,7 +38,17 @@ def write_run(run_dir: Path, *, table: str | None = "hdml_table1_cub200", row: s
     else:
         res["error"] = "RuntimeError: boom"
     (run_dir / "results.json").write_text(json.dumps(res))
+    if history is not None:
+        pd.DataFrame(history).to_csv(run_dir / "history.csv", index=False)
     return run_dir
+
+
+def _merge(into: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def read_table(out: Path, slug: str) -> pd.DataFrame:
@@ -102,7 +112,7 @@ def test_paper_only_rows_and_marks(tmp_path):
     assert paper_only["n_seeds"].eq(0).all()
     md = (tmp_path / "out" / "report.md").read_text()
     assert "DAML (N-pair) [daml_npair] (paper only)" in md
-    assert "N-pair [npair] ‡" in md and "deviates from the paper's protocol: torchvision GoogLeNet" in md
+    assert "N-pair [npair] ‡" in md and "deviates from the paper's protocol or the official code: torchvision" in md
     tex = (tmp_path / "out" / f"{result['tables'][0]['slug']}.tex").read_text()
     assert r"\begin{tabular}" in tex and r"$^\ddagger$" in tex and "daml\\_npair" in tex
 
@@ -135,11 +145,10 @@ def test_embedding_size_is_matched_and_rerun_source_flagged(tmp_path):
 
 def test_different_fingerprints_are_refused_unless_allowed(tmp_path, capsys):
     write_run(tmp_path / "r0", row="npair", metrics={"recall@1": 0.5}, selected_on="test")
-    write_run(tmp_path / "r1", row="triplet", metrics={"recall@1": 0.4}, selected_on="val", batch=120,
-              sampler="class_balanced")
+    write_run(tmp_path / "r1", row="triplet", metrics={"recall@1": 0.4}, selected_on="val", embedding_dim=128)
     assert main([str(tmp_path), "--out", str(tmp_path / "out"), "--no-figures"]) == 1
     err = capsys.readouterr().err
-    assert "different protocols" in err and "selected_on" in err and "batch" in err
+    assert "different protocols" in err and "selected_on" in err and "embedding_dim" in err
     assert "--allow-mixed-protocols" in err
     assert not (tmp_path / "out" / "report.md").exists()
     assert main([str(tmp_path), "--out", str(tmp_path / "out"), "--no-figures", "--allow-mixed-protocols"]) == 0
@@ -197,6 +206,197 @@ def test_plain_runs_without_reference_are_named_by_their_overrides(tmp_path):
         rows == {"loss=contrastive", "loss=triplet"}
     md = (tmp_path / "out" / "report.md").read_text()
     assert "paper" not in md.split("## runs / digits")[1].split("\n\n")[2]  # no paper columns without paper numbers
+
+
+# ----------------------------------------------------------------------------------------- grouping rule
+
+def ours_rows(result: dict, table: int = 0) -> dict[str, dict]:
+    return {e["row"]: e for e in result["tables"][table]["rows"] if e["kind"] == "ours"}
+
+
+def test_rows_of_one_paper_table_may_use_different_batches(tmp_path):
+    """N-pair batches for N-pair-style rows and class-balanced batches for triplets share one table."""
+    write_run(tmp_path / "npair", row="npair", metrics={"recall@1": 0.5}, sampler="npair", batch=128)
+    write_run(tmp_path / "triplet", row="triplet", metrics={"recall@1": 0.4}, sampler="class_balanced", batch=120,
+              extra_cfg={"sampler": {"samples_per_class": 3}, "loss": {"margin": 1.0}})
+    result = report([tmp_path], tmp_path / "out", figures=False)
+    (table,) = result["tables"]
+    assert not table["mixed"]
+    rows = ours_rows(result)
+    assert rows["npair"]["batch"] == "npair 128 (2/class)"
+    assert rows["triplet"]["batch"] == "class_balanced 120 (3/class)"
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| Method | batch | seeds |" in md and "class_balanced 120 (3/class)" in md
+    assert "trainer.batch_size" in rows["triplet"]["recipe"]
+
+
+def test_overrides_under_loss_method_dataset_make_separate_rows(tmp_path):
+    """A method.num_clusters sweep, two dataset.root trees and two folders: one row each, named by the key."""
+    for seed in (0, 1):
+        for k in (2, 4):
+            write_run(tmp_path / "dc" / f"k{k}s{seed}", table=None, seed=seed, dataset="cub200",
+                      metrics={"recall@1": 0.1 * k + 0.01 * seed},
+                      extra_cfg={"method": {"_target_": "DivideConquer", "num_clusters": k}},
+                      overrides=[f"method.num_clusters={k}", f"trainer.seed={seed}"])
+    result = report([tmp_path / "dc"], tmp_path / "out", figures=False)
+    rows = ours_rows(result)
+    assert set(rows) == {"num_clusters=2", "num_clusters=4"}
+    assert rows["num_clusters=2"]["n_seeds"] == 2 and rows["num_clusters=4"]["recall@1"] == pytest.approx(40.5)
+    for root in ("/data/a/CUB_200_2011", "/data/b/CUB_200_2011"):
+        write_run(tmp_path / "roots" / root.split("/")[2], table=None, dataset="cub200", metrics={"recall@1": 0.3},
+                  extra_cfg={"dataset": {"root": root}})
+    rows = ours_rows(report([tmp_path / "roots"], tmp_path / "out2", figures=False))
+    assert set(rows) == {"root=/data/a/CUB_200_2011", "root=/data/b/CUB_200_2011"}
+    assert all(e["n_seeds"] == 1 for e in rows.values())
+    # --split-by and --group-by take any dotted config key
+    result = report([tmp_path / "dc"], tmp_path / "out3", figures=False, split_by=["method.num_clusters"])
+    assert [t["slug"] for t in result["tables"]] == ["runs_cub200_method.num_clusters2",
+                                                     "runs_cub200_method.num_clusters4"]
+    with pytest.raises(ReportError, match="--split-by method.num_cluster: no run has this config key"):
+        report([tmp_path / "dc"], tmp_path / "out4", figures=False, split_by=["method.num_cluster"])
+
+
+def test_experiment_rows_split_by_what_differs_and_keep_their_paper_number(tmp_path):
+    for pf in (0, 90):
+        write_run(tmp_path / f"pf{pf}", row="hdml_npair", metrics={"recall@1": 0.5 + pf / 1000},
+                  extra_cfg={"loss": {"pulling_factor": pf}}, overrides=[f"loss.pulling_factor={pf}"])
+    result = report([tmp_path], tmp_path / "out", figures=False)
+    rows = ours_rows(result)
+    assert set(rows) == {"hdml_npair pulling_factor=0", "hdml_npair pulling_factor=90"}
+    paper = load_reference("hdml_table1_cub200").query("row == 'hdml_npair' and metric == 'recall@1'")["value"]
+    assert rows["hdml_npair pulling_factor=90"]["recall@1_paper"] == pytest.approx(float(paper.iloc[0]))
+    assert rows["hdml_npair pulling_factor=90"]["recall@1"] == pytest.approx(59.0)
+    assert "hdml_npair" not in {e["row"] for e in result["tables"][0]["rows"] if e["kind"] == "paper only"}
+
+
+def test_a_row_holding_a_seed_twice_is_an_error(tmp_path, capsys):
+    write_run(tmp_path / "a", row="npair", seed=0, metrics={"recall@1": 0.5})
+    write_run(tmp_path / "b", row="npair", seed=0, metrics={"recall@1": 0.6})
+    assert main([str(tmp_path), "--out", str(tmp_path / "out"), "--no-figures"]) == 1
+    err = capsys.readouterr().err
+    assert "holds seed 0 twice" in err and str(tmp_path / "a") in err and str(tmp_path / "b") in err
+
+
+def test_neutral_settings_and_seed_copies_share_a_row(tmp_path):
+    for seed, workers in ((0, 0), (1, 4)):
+        write_run(tmp_path / str(seed), row="npair", seed=seed, metrics={"recall@1": 0.5},
+                  extra_cfg={"trainer": {"num_workers": workers, "progress": bool(seed)},
+                             "dataset": {"seed": seed, "root": "/data/CUB_200_2011"}, "logger": {"x": seed}})
+    rows = ours_rows(report([tmp_path], tmp_path / "out", figures=False))
+    assert list(rows) == ["npair"] and rows["npair"]["n_seeds"] == 2 and rows["npair"]["seeds"] == "0 1"
+
+
+def test_group_by_pools_other_settings_and_names_them(tmp_path):
+    for seed, every in ((0, 5), (1, 10)):
+        write_run(tmp_path / str(seed), table=None, seed=seed, metrics={"recall@1": 0.5},
+                  extra_cfg={"trainer": {"eval_every": every}, "loss": {"margin": 0.2}})
+    assert len(ours_rows(report([tmp_path], tmp_path / "out", figures=False))) == 2  # eval_every can change a number
+    result = report([tmp_path], tmp_path / "out", figures=False, group_by=["loss.margin"])
+    (row,) = ours_rows(result).values()
+    assert row["n_seeds"] == 2 and row["pooled"] == "trainer.eval_every=5/10"
+    assert "pooled runs that differ in trainer.eval_every=5/10" in (tmp_path / "out" / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------- best epochs
+
+def test_best_on_validation_and_on_test_from_history(tmp_path):
+    """Final by default; best-on-test = test metrics of the trained epoch with the best test R@1 (ties: earliest,
+    epoch 0 never), best-on-val likewise from val/recall@1."""
+    histories = [
+        {"epoch": [0, 1, 2, 3], "val/recall@1": [0.9, 0.3, 0.5, 0.4], "test/recall@1": [0.99, 0.60, 0.55, 0.60],
+         "test/nmi": [0.9, 0.40, 0.50, 0.45]},
+        {"epoch": [0, 1, 2, 3], "val/recall@1": [0.1, 0.6, 0.2, 0.6], "test/recall@1": [0.10, 0.50, 0.70, 0.65],
+         "test/nmi": [0.1, 0.30, 0.20, 0.35]},
+    ]
+    for seed, h in enumerate(histories):
+        write_run(tmp_path / str(seed), row="npair", seed=seed, selected_on="val", history=h,
+                  metrics={"recall@1": h["test/recall@1"][-1], "nmi": h["test/nmi"][-1]})
+    frame_of = {}
+    for checkpoint in ("final", "best-test", "best-val"):
+        result = report([tmp_path], tmp_path / checkpoint, figures=False, checkpoint=checkpoint)
+        frame_of[checkpoint] = read_table(tmp_path / checkpoint, result["tables"][0]["slug"]).set_index("row")
+    row = frame_of["final"].loc["npair"]
+    # expected values computed here from the histories, independently of the report code
+    def pick(h, split):
+        trained = [i for i, e in enumerate(h["epoch"]) if e > 0]
+        best = max(trained, key=lambda i: (h[f"{split}/recall@1"][i], -i))
+        return h["epoch"][best], h["test/recall@1"][best], h["test/nmi"][best]
+    test_picks = [pick(h, "test") for h in histories]
+    val_picks = [pick(h, "val") for h in histories]
+    assert [p[0] for p in test_picks] == [1, 2] and [p[0] for p in val_picks] == [2, 1]
+    assert row["recall@1"] == pytest.approx(100 * np.mean([0.60, 0.65]))
+    assert row["recall@1_best_test"] == pytest.approx(100 * np.mean([p[1] for p in test_picks]))
+    assert row["nmi_best_test"] == pytest.approx(100 * np.mean([p[2] for p in test_picks]))
+    assert row["recall@1_best_val"] == pytest.approx(100 * np.mean([p[1] for p in val_picks]))
+    assert row["best_test_epochs"] == "1 2"
+    best_test = frame_of["best-test"].loc["npair"]
+    assert best_test["recall@1"] == pytest.approx(row["recall@1_best_test"])
+    assert best_test["recall@1_delta"] == pytest.approx(best_test["recall@1"] - 51.9)
+    assert frame_of["best-val"].loc["npair", "recall@1"] == pytest.approx(row["recall@1_best_val"])
+    md = (tmp_path / "final" / "report.md").read_text()
+    assert "R@1 best-on-val" in md and "R@1 best-on-test ¶" in md and "test-set selection" in md
+    assert "Metrics: final epoch." in md
+    assert "Metrics: best epoch on the test split" in (tmp_path / "best-test" / "report.md").read_text()
+
+
+def test_runs_without_history_have_no_best_columns(tmp_path):
+    write_run(tmp_path / "a", row="npair", selected_on="val", metrics={"recall@1": 0.5})
+    result = report([tmp_path], tmp_path / "out", figures=False)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "best-on-test" not in md
+    # results.json's best (chosen on val, no history.csv) still gives the best-on-val reading
+    assert ours_rows(result)["npair"]["recall@1_best_val"] == pytest.approx(50.0)
+
+
+# ----------------------------------------------------------------------------------------- html
+
+def assert_html_well_formed_and_linked(index: Path) -> set[str]:
+    """Balanced tags (html.parser) and every href/src a file that exists; returns the linked names."""
+    from html.parser import HTMLParser
+
+    void = {"meta", "img", "br", "hr", "link", "input"}
+
+    class Checker(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.stack, self.links, self.errors = [], [], []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in void:
+                self.stack.append(tag)
+            self.links += [v for k, v in attrs if k in ("href", "src") and v and not v.startswith("#")]
+
+        def handle_endtag(self, tag):
+            if not self.stack or self.stack[-1] != tag:
+                self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+            else:
+                self.stack.pop()
+
+    checker = Checker()
+    text = index.read_text(encoding="utf-8")
+    checker.feed(text)
+    checker.close()
+    assert text.startswith("<!DOCTYPE html>") and not checker.errors and not checker.stack, checker.errors
+    for link in checker.links:
+        assert "://" not in link and not link.startswith("/"), link  # relative: readable without a server
+        assert (index.parent / link).is_file(), link
+    return {Path(link).name for link in checker.links}
+
+
+def test_html_page_has_every_table_and_only_existing_links(tmp_path):
+    write_run(tmp_path / "a", row="npair", metrics={"recall@1": 0.5}, deviations=["a <b> & c"])
+    write_run(tmp_path / "b", table="divide_conquer", row="cub200", embedding_dim=128, backbone="resnet50",
+              metrics={"recall@1": 0.6})
+    (tmp_path / "c" / ".hydra").mkdir(parents=True)  # a failed job
+    result = report([tmp_path], tmp_path / "out", figures=False)
+    index = tmp_path / "out" / "index.html"
+    linked = assert_html_well_formed_and_linked(index)
+    text = index.read_text(encoding="utf-8")
+    for t in result["tables"]:
+        assert f'id="{t["slug"]}"' in text and f"{t['slug']}.csv" in linked and f"{t['slug']}.tex" in linked
+    assert "a &lt;b&gt; &amp; c" in text and "Protocol of our rows" in text and "Failed runs" in text
+    assert report([tmp_path], tmp_path / "plain", figures=False, html=False)
+    assert not (tmp_path / "plain" / "index.html").exists()
 
 
 # ----------------------------------------------------------------------------------------- figures

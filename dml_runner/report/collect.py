@@ -161,7 +161,7 @@ def best_epochs(run_dir: Path, res: dict[str, Any], metric: str) -> dict[str, An
             out[f"best_{split}_epoch"] = epoch
     best = res.get("best") or {}
     split = best.get("split")
-    if split in ("val", "test") and not out[f"best_{split}"] and best.get("metric") == metric:
+    if split in ("val", "test") and not out[f"best_{split}"] and best.get("metric", metric) == metric:
         out[f"best_{split}"] = dict(best.get("test_metrics") or {})  # no history.csv: the trainer's own choice
         out[f"best_{split}_epoch"] = best.get("epoch")
     return out
