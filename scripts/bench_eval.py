@@ -5,6 +5,9 @@ Each side runs in its own subprocess on the same synthetic SOP-shaped data so pe
   python scripts/bench_eval.py --quick          # 8,000 x 128, 1,500 classes (seconds)
   python scripts/bench_eval.py --scaling        # ours at N = 10k, 30k, 60k, 120k (class size as SOP)
   python scripts/bench_eval.py --device cuda    # same on a GPU (faiss-gpu / torch CUDA)
+  python scripts/bench_eval.py --kmeans [--kmeans-n 30000 --dim 128]   # k-means: ours vs faiss.Kmeans, time + NMI
+Every run first prints the CPU model, the instruction-set flags detected and the paths the auto settings choose
+(DML_CPU_PATH / DML_KMEANS_PRECISION / DML_EVAL_SEARCH force them; docs/EVALUATION.md).
 """
 
 from __future__ import annotations
@@ -62,6 +65,62 @@ def worker(side: str, path: str, device: str, recall_at: list[int]) -> None:
     print(json.dumps({"side": side, "wall_s": wall, "call_s": call, "peak_rss_gb": peak / 2**30, "metrics": res}))
 
 
+def print_cpu(device: str) -> None:
+    from dml_runner.evaluation import cpu_info, describe_paths
+
+    info = cpu_info()
+    paths = describe_paths(device)
+    print(f"cpu: {info.summary()}")
+    env = {k: os.environ[k] for k in ("DML_CPU_PATH", "DML_KMEANS_PRECISION", "DML_EVAL_SEARCH",
+                                      "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    print(f"chosen on {device}: search {paths['search']} (from 4,096 queries x 8,192 gallery items; smaller: "
+          f"torch_fp32), k-means {paths['kmeans_precision']}, {paths['threads']} threads"
+          + (f"; env {env}" if env else ""), flush=True)
+
+
+def blobs(n: int, dim: int, k: int, seed: int = 0, sep: float = 10.0) -> tuple[np.ndarray, np.ndarray]:
+    """k Gaussian blobs of unit variance whose centres are N(0, sep^2) per dimension (well separated)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    y[:k] = np.arange(k)
+    return (rng.normal(size=(k, dim))[y] * sep + rng.standard_normal((n, dim))).astype(np.float32), y
+
+
+def kmeans_bench(a: argparse.Namespace) -> list[dict]:
+    """Ours (auto precision and forced float32) against faiss.Kmeans (random seeding; 20 iterations as
+    pytorch-metric-learning runs it, and 50 = our maximum), same data, same process, one after the other."""
+    import torch
+
+    from dml_runner.evaluation import kmeans, nmi_from_assignments
+
+    n = a.kmeans_n
+    classes = max(2, round(n * a.classes / a.n))
+    cases = [(f"SOP-shaped {n} x {a.dim}, k={classes}", *make_data(n, a.dim, classes)),
+             (f"blobs {n} x 32, k=100, sep 10", *blobs(n, 32, 100))]
+    runs = [("ours auto", dict(backend="torch", niter=50)), ("ours fp32", dict(backend="torch", niter=50,
+                                                                                 precision="fp32")),
+            ("faiss niter=20", dict(backend="faiss", niter=20)), ("faiss niter=50", dict(backend="faiss", niter=50))]
+    rows = []
+    for name, x, y in cases:
+        k = int(np.unique(y).size)
+        for label, kw in runs:
+            nmis, times, iters = [], [], []
+            for seed in range(a.kmeans_seeds):
+                t0 = time.perf_counter()
+                _, assign, it = kmeans(x, k, seed=seed, device=a.device, return_iters=True, **kw)
+                if a.device == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+                nmis.append(nmi_from_assignments(assign, y))
+                iters.append(it)
+            row = dict(case=name, run=label, time_s=float(np.median(times)), nmi_mean=float(np.mean(nmis)),
+                       nmi_min=float(np.min(nmis)), iters=float(np.mean(iters)))
+            rows.append(row)
+            print(f"{name:40s} {label:16s} time {row['time_s']:7.2f} s  NMI mean {row['nmi_mean']:.4f} "
+                  f"min {row['nmi_min']:.4f}  iterations {row['iters']:.1f}", flush=True)
+    return rows
+
+
 def run_side(side: str, path: str, device: str, recall_at: list[int]) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--data", path, "--device", device,
            "--recall-at", *map(str, recall_at)]
@@ -82,12 +141,22 @@ def main() -> None:
     p.add_argument("--scaling", action="store_true", help="ours only at N = 10k, 30k, 60k, 120k")
     p.add_argument("--sizes", type=int, nargs="+", help="with --scaling: the N values (default 10k 30k 60k 120k)")
     p.add_argument("--skip-pml", action="store_true")
+    p.add_argument("--kmeans", action="store_true", help="k-means only: ours vs faiss.Kmeans (time, NMI)")
+    p.add_argument("--kmeans-n", type=int, default=30_000, help="with --kmeans: points (classes as SOP's ratio)")
+    p.add_argument("--kmeans-seeds", type=int, default=3, help="with --kmeans: seeds per run (median time)")
     p.add_argument("--json", help="write all results to this file")
     p.add_argument("--worker", choices=["ours", "pml"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         worker(a.worker, a.data, a.device, a.recall_at)
+        return
+    print_cpu(a.device)
+    if a.kmeans:
+        rows = kmeans_bench(a)
+        if a.json:
+            with open(a.json, "w") as fh:
+                json.dump(rows, fh, indent=2)
         return
     if a.quick:
         a.n, a.dim, a.classes = 8000, 128, 1500

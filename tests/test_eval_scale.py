@@ -1,4 +1,5 @@
-"""Fast paths of the evaluation engine against brute-force oracles: bf16 k-means pieces and the memory model."""
+"""k-means (dml_runner/evaluation/kmeans.py) against brute-force oracles on every assignment precision, and the
+memory model. Every precision runs on every CPU (bf16 products are emulated by torch where the CPU lacks them)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from dml_runner.evaluation import estimate_memory_bytes, evaluate
-from dml_runner.evaluation.kmeans import BLOCK, _assign, block_argmax, torch_kmeans
+from dml_runner.evaluation import estimate_memory_bytes, evaluate, kmeans, nmi_from_assignments
+from dml_runner.evaluation.kmeans import BLOCK, _assign, _draw, augment, block_argmax, kmeanspp, torch_kmeans
+
+PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16"])
+
+
+def _blobs(k: int, per: int = 25, d: int = 16, sep: float = 10.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(k), per)
+    return (rng.normal(size=(k, d))[y] * sep + rng.normal(size=(k * per, d))).astype(np.float32), y
 
 
 def test_block_argmax_matches_first_argmax_with_ties():
@@ -24,32 +33,104 @@ def test_assignment_matches_brute_force_nearest_centroid(dtype):
     x = (centroids[rng.integers(0, 70, 500)] + 0.3 * rng.normal(size=(500, 32))).astype(np.float32)
     d = ((x[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1)
     want = d.argmin(1)
-    x_aug = torch.cat([torch.from_numpy(x), torch.ones(500, 1)], 1).to(dtype)
-    got = _assign(x_aug, torch.from_numpy(centroids), dtype, chunk=128).numpy()
+    got = _assign(augment(torch.from_numpy(x), dtype), torch.from_numpy(centroids), dtype, chunk=128).numpy()
     assert np.array_equal(got, want)
 
 
-def test_torch_kmeans_is_a_lloyd_fixed_point_and_recovers_clusters():
-    rng = np.random.default_rng(2)
-    y = np.repeat(np.arange(12), 25)
-    x = (rng.normal(size=(12, 16))[y] * 10 + rng.normal(size=(300, 16))).astype(np.float32)
-    assign, iters = torch_kmeans(x, 12, seed=0, iters=100, tol=0.0, dtype=torch.float32)
-    means = np.stack([x[assign == k].mean(0) for k in np.unique(assign)])
-    ids = np.unique(assign)
-    nearest = ids[((x[:, None] - means[None]) ** 2).sum(-1).argmin(1)]
-    assert np.array_equal(nearest, assign) and iters < 100
-    r = evaluate(x, y, metrics=("nmi", "f1"), device="cpu", seed=0)
-    assert r["nmi"] > 0.9
+def test_bf16_assignment_keeps_the_norm_term_accurate():
+    """Large offsets: |c|^2 / 2 ~ 1e4 must not round away differences of ~10 (a one-part bf16 term would)."""
+    rng = np.random.default_rng(4)
+    centroids = (rng.normal(size=(8, 4)) + 100.0).astype(np.float32)
+    x = (centroids[rng.integers(0, 8, 400)] + 0.05 * rng.normal(size=(400, 4))).astype(np.float32)
+    want = ((x[:, None, :].astype(np.float64) - centroids[None]) ** 2).sum(-1).argmin(1)
+    got = kmeans(x, 8, seed=0, precision="bf16")[1]
+    assert nmi_from_assignments(got, want) > 0.99
 
 
-def test_kmeans_backends_agree_on_easy_data():
-    rng = np.random.default_rng(3)
-    y = np.repeat(np.arange(5), 40)
-    x = (rng.normal(size=(5, 8))[y] * 20 + rng.normal(size=(200, 8))).astype(np.float32)
-    a = evaluate(x, y, metrics=("nmi", "f1"), device="cpu", kmeans_backend="torch")
-    b = evaluate(x, y, metrics=("nmi", "f1"), device="cpu", kmeans_backend="faiss")
-    # Both are Lloyd from random seeds: either may stop in a local optimum (two seeds in one class) on 5 classes.
-    assert a["nmi"] > 0.8 and b["nmi"] > 0.8
+def test_draw_is_proportional_to_the_weights():
+    gen = torch.Generator().manual_seed(0)
+    picks = _draw(torch.tensor([0.0, 1.0, 3.0]), 20_000, gen).numpy()
+    freq = np.bincount(picks, minlength=3) / picks.size
+    assert freq[0] == 0 and freq[2] == pytest.approx(0.75, abs=0.02)
+    uniform = np.bincount(_draw(torch.zeros(4), 20_000, gen).numpy(), minlength=4) / 20_000
+    assert np.allclose(uniform, 0.25, atol=0.02)
+
+
+@pytest.mark.parametrize("rounds", [128, 5])
+def test_kmeanspp_puts_one_seed_in_every_far_blob(rounds):
+    """Blobs 100 sigma apart: D^2 sampling never picks a covered blob; rounds=5 (8 draws per round) keeps that
+    through the in-round acceptance (without it: 31-35 of 40 blobs covered)."""
+    x, y = _blobs(40, per=10, sep=100.0, seed=1)
+    init = kmeanspp(torch.from_numpy(x), 40, torch.Generator().manual_seed(0), rounds=rounds).numpy()
+    assert init.size == 40 and np.unique(init).size == 40
+    covered = np.unique(y[init]).size
+    assert covered == 40 if rounds == 128 else covered >= 38
+
+
+@PRECISIONS
+def test_lloyd_reaches_a_fixed_point_and_recovers_clusters(precision):
+    x, y = _blobs(12, seed=2)
+    assign, iters = torch_kmeans(x, 12, seed=0, iters=100, tol=0.0,
+                                 dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
+    assert iters < 100
+    assert nmi_from_assignments(assign, y) > 0.99
+    if precision == "fp32":  # exact argmin: the assignments are those of their own means
+        ids = np.unique(assign)
+        means = np.stack([x[assign == k].mean(0) for k in ids])
+        nearest = ids[((x[:, None] - means[None]) ** 2).sum(-1).argmin(1)]
+        assert np.array_equal(nearest, assign)
+
+
+@PRECISIONS
+@pytest.mark.parametrize("k, sep", [(5, 20.0), (12, 10.0), (30, 10.0)])
+def test_well_separated_blobs_are_recovered_for_every_seed(precision, k, sep):
+    """Greedy k-means++ seeds every blob; random seeding (the former init) failed here (NMI 0.69-0.90)."""
+    for seed in range(4):
+        x, y = _blobs(k, sep=sep, seed=seed + 3, d=8 if k == 5 else 16)
+        r = evaluate(x, y, metrics=("nmi", "f1"), device="cpu", seed=seed, kmeans_precision=precision)
+        assert r["nmi"] > 0.99 and r["f1"] > 0.98, (seed, r)
+
+
+def test_faiss_backend_runs_through_the_same_api():
+    x, y = _blobs(5, per=40, d=8, sep=20.0, seed=3)
+    c, a = kmeans(x, 5, seed=0, backend="faiss")
+    assert c.shape == (5, 8) and a.shape == (200,) and a.min() >= 0 and a.max() < 5
+    assert nmi_from_assignments(a, y) > 0.6  # random seeding: may merge two blobs, not more
+
+
+def test_api_returns_consistent_centroids_for_numpy_and_torch_inputs():
+    x, y = _blobs(6, seed=5)
+    c, a = kmeans(x, 6, seed=1, niter=30, precision="fp32")
+    assert c.dtype == np.float32 and c.shape == (6, 16) and a.dtype == np.int64
+    d = ((x[:, None, :].astype(np.float64) - c[None]) ** 2).sum(-1)
+    assert np.array_equal(d.argmin(1), a)  # returned assignments belong to the returned centroids
+    c2, a2 = kmeans(torch.from_numpy(x), 6, seed=1, niter=30, precision="fp32")
+    assert np.array_equal(a, a2) and np.allclose(c, c2)
+
+
+def test_nredo_keeps_the_lowest_cost_run():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(300, 4)).astype(np.float32)  # no structure: runs end in different optima
+
+    def cost(c, a):
+        return float(((x - c[a]) ** 2).sum())
+
+    single = [cost(*kmeans(x, 9, seed=s, precision="fp32")) for s in range(3)]
+    best = cost(*kmeans(x, 9, seed=0, nredo=3, precision="fp32"))
+    assert best == pytest.approx(min(single), rel=1e-6)
+
+
+def test_more_clusters_than_distinct_points_and_bad_options():
+    x = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)
+    c, a = kmeans(x, 5, seed=0, niter=10)
+    assert np.isfinite(c).all() and a.min() >= 0 and a.max() < 5
+    assert np.unique(a).size == 3  # every distinct point is its own cluster
+    with pytest.raises(ValueError, match="backend"):
+        kmeans(x, 2, backend="sklearn")
+    with pytest.raises(ValueError, match="precision"):
+        kmeans(x, 2, precision="fp16")
+    with pytest.raises(ValueError, match="niter"):
+        kmeans(x, 2, niter=0)
 
 
 def test_memory_estimate_is_linear_in_n():

@@ -19,7 +19,8 @@ from dml_runner.evaluation._validation import (
     check_recall_at,
 )
 from dml_runner.evaluation.clustering import f1_from_assignments, kmeans_assignments, nmi_from_assignments
-from dml_runner.evaluation.kmeans import low_precision_dtype
+from dml_runner.evaluation.cpu import cpu_info, describe_paths, use_bf16_screen
+from dml_runner.evaluation.kmeans import kmeans, low_precision_dtype
 from dml_runner.evaluation.memory import SCREENED_BYTES_PER_ELEMENT, estimate_memory_bytes, rows_per_chunk
 from dml_runner.evaluation.retrieval import exact_retrieval, faiss_retrieval
 from dml_runner.evaluation.screened import screened_retrieval
@@ -32,9 +33,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "BACKENDS",
     "KNOWN_METRICS",
+    "cpu_info",
+    "describe_paths",
     "evaluate",
     "estimate_memory_bytes",
     "f1_from_assignments",
+    "kmeans",
     "kmeans_assignments",
     "nmi_from_assignments",
     "resolve_device",
@@ -67,6 +71,7 @@ def evaluate(
     max_memory_gb: float | None = None,
     kmeans_backend: str = "torch",
     backend: str = "torch",
+    kmeans_precision: str = "auto",
 ) -> dict[str, float]:
     """Compute DML metrics; returns ``recall@K``, ``nmi``, ``f1``, ``map@r``, ``r_precision`` (as requested),
     ``num_queries`` and ``num_queries_without_positive``.
@@ -75,9 +80,12 @@ def evaluate(
     searched against ``gallery_mask`` items, an item in both excluded from its own results. Queries without any
     positive in their searchable set are left out of Recall@K, MAP@R and R-Precision and counted in
     ``num_queries_without_positive``. Clustering uses all items (LOO) or the union of queries and gallery;
-    k-means stops after ``kmeans_iters`` iterations or when fewer than 0.1% of points change cluster.
+    k-means (greedy k-means++ seeding) stops after ``kmeans_iters`` iterations or when at most 0.1% of points
+    change cluster; ``kmeans_precision`` (auto | bf16 | fp32) is its assignment product (auto: bf16 where the CPU
+    multiplies it natively and on CUDA; env DML_KMEANS_PRECISION / DML_CPU_PATH, docs/EVALUATION.md).
     ``backend``: ``torch`` (default) is ``torch_screened`` on a CPU that multiplies bf16 natively when there are
-    at least 4,096 queries and 8,192 gallery items, and ``torch_fp32`` otherwise (GPUs included);
+    at least 4,096 queries and 8,192 gallery items, and ``torch_fp32`` otherwise (GPUs included; env
+    DML_EVAL_SEARCH / DML_CPU_PATH force the choice);
     ``torch_screened`` is a bf16 screen whose undecided items are recomputed in float64 (results equal a float64
     brute force; see ``screened.py``); ``torch_fp32`` is a float32 chunked search; both give exact tie order and
     Recall@K for any K from one count. ``faiss``: a flat L2 index searched for the top max(K, R) + 1 (the GPU index
@@ -116,9 +124,8 @@ def evaluate(
             raise ValueError(f"unknown retrieval backend {backend!r}; use one of {', '.join(BACKENDS)}")
         auto = backend == "torch"
         if auto:
-            native_bf16 = dev.type == "cpu" and low_precision_dtype(dev) == torch.bfloat16
             big = q_idx.size >= SCREEN_MIN_QUERIES and g_idx.size >= SCREEN_MIN_GALLERY
-            backend = "torch_screened" if native_bf16 and big else "torch_fp32"
+            backend = "torch_screened" if big and use_bf16_screen(dev) else "torch_fp32"
         if qmask is None:  # leave-one-out: queries and gallery are the data itself (no copies)
             args = (emb, lab, emb, lab, self_index)
         else:
@@ -153,7 +160,7 @@ def evaluate(
     if "nmi" in wanted or "f1" in wanted:
         x, y = emb[cluster_idx], lab[cluster_idx]
         assign = kmeans_assignments(x, np.unique(y).size, seed=seed, iters=kmeans_iters, backend=kmeans_backend,
-                                    device=str(dev))
+                                    device=str(dev), precision=kmeans_precision)
         if "nmi" in wanted:
             out["nmi"] = nmi_from_assignments(assign, y)
         if "f1" in wanted:

@@ -45,28 +45,16 @@ def nmi_from_assignments(assignments: np.ndarray, labels: np.ndarray) -> float:
 
 def kmeans_assignments(
     x: np.ndarray, k: int, *, seed: int = 0, iters: int = 50, backend: str = "torch",
-    device: str = "cpu", tol: float = 1e-3,
+    device: str = "cpu", tol: float = 1e-3, precision: str = "auto",
 ) -> np.ndarray:
-    """Cluster id of every row of ``x`` after seeded k-means with k clusters.
+    """Cluster id of every row of ``x`` after seeded k-means with k clusters (:func:`dml_runner.evaluation.kmeans.
+    kmeans`).
 
-    backend ``torch`` (default): our Lloyd iterations with bf16 assignment and early stop when fewer than ``tol`` of
-    the points change cluster (``dml_runner.evaluation.kmeans``); ``faiss``: faiss.Kmeans for exactly ``iters``
-    iterations (faiss GPU when ``device`` is cuda and faiss sees a GPU).
+    backend ``torch`` (default): greedy k-means++ seeding, Lloyd iterations with a bf16 or float32 assignment
+    (``precision``: auto | bf16 | fp32) and early stop when at most ``tol`` of the points change cluster;
+    ``faiss``: faiss.Kmeans (random seeding) for exactly ``iters`` iterations (GPU when ``device`` is cuda and
+    faiss sees a GPU).
     """
-    if backend == "torch":
-        from dml_runner.evaluation.kmeans import torch_kmeans
+    from dml_runner.evaluation.kmeans import kmeans
 
-        return torch_kmeans(x, k, seed=seed, iters=iters, tol=tol, device=device)[0]
-    if backend != "faiss":
-        raise ValueError(f"unknown k-means backend {backend!r}; use 'torch' or 'faiss'")
-    import faiss
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n, d = x.shape
-    k = max(1, min(int(k), n))
-    use_gpu = str(device).startswith("cuda") and faiss.get_num_gpus() > 0
-    km = faiss.Kmeans(d, k, niter=int(iters), seed=int(seed), gpu=use_gpu,
-                      max_points_per_centroid=max(256, n), verbose=False)
-    km.train(x)
-    _, assign = km.index.search(x, 1)
-    return assign.ravel().astype(np.int64)
+    return kmeans(x, k, niter=iters, seed=seed, backend=backend, device=device, tol=tol, precision=precision)[1]

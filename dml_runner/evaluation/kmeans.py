@@ -1,33 +1,47 @@
-"""Lloyd k-means in torch with low-precision (bf16) assignment and early stopping.
+"""k-means: greedy k-means++ seeding, Lloyd iterations with a bf16 or float32 assignment, early stop.
 
-Assignment: argmin_k |x - c_k|^2 = argmax_k (x . c_k - |c_k|^2 / 2); the |c_k|^2 / 2 term rides in the matmul as an
-extra input column, so one (chunk x k) product and one argmax per chunk are the whole assignment step. On CPUs with
-AMX/AVX512-BF16 (and on GPUs) the bf16 product runs several times faster than float32; its rounding (about 2^-8
-relative) can only flip points that are near-equidistant from two centroids. Stops when fewer than ``tol`` of the
-points change cluster (or after ``iters`` iterations). Init: ``k`` distinct random points (seeded), as in faiss;
-an empty cluster is re-seeded on a random point of a cluster with >= 2 points.
+Public API: :func:`kmeans` ``(x, k, *, niter, seed, backend, ...) -> (centroids, assignments)`` for float32 numpy
+arrays or torch tensors (CPU or CUDA); evaluation (NMI, F1) and any method that clusters call it.
+
+- **Seeding**: greedy k-means++ (Arthur & Vassilvitskii 2007, with the ``2 + ln k`` local trials of scikit-learn):
+  each new centre is the best of a few candidates drawn with probability proportional to D(x)^2, the squared
+  distance to the nearest centre so far. Each step reads the data once, so for large k the centres are drawn in
+  about ``SEED_ROUNDS`` rounds of ``ceil(k / SEED_ROUNDS)`` D^2 draws each (k-means||-style oversampling), each draw
+  kept with the probability that makes it a sequential k-means++ draw given those kept before it in its round
+  (rejection sampling, so two draws rarely land in one cluster); below ``SEED_ROUNDS`` clusters the seeding is
+  exactly greedy k-means++.
+- **Assignment**: argmin_k |x - c_k|^2 = argmax_k (x . c_k - |c_k|^2 / 2) on mean-centred data; |c_k|^2 / 2 rides in
+  the product as two extra columns (a two-part split, so bf16 keeps it to ~2^-16), so one (chunk x k) product and a
+  block argmax per chunk are the whole step. bf16 (where the CPU multiplies it natively, and on CUDA) or float32:
+  :func:`dml_runner.evaluation.cpu.kmeans_dtype`; bf16 rounding can only flip points near-equidistant from two
+  centroids.
+- **Stop**: when at most ``tol`` of the points change cluster, or after ``niter`` iterations. An empty cluster is
+  re-seeded on the point farthest from its centroid.
+- ``backend="faiss"``: faiss.Kmeans (random seeding, exactly ``niter`` iterations), as pytorch-metric-learning runs
+  it; ``"auto"`` is ``torch`` (see docs/PERFORMANCE.md, "k-means: ours vs faiss").
 """
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
-
-def low_precision_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware multiplies it natively (CUDA, or CPU with AVX512-BF16/AMX), else float32."""
-    if device.type == "cuda":
-        return torch.bfloat16
-    try:
-        cap = torch.backends.cpu.get_cpu_capability()
-        if "AVX512" in cap and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return torch.bfloat16
-    except Exception:  # pragma: no cover
-        pass
-    return torch.float32
-
+from dml_runner.evaluation.cpu import kmeans_dtype
 
 BLOCK = 64
+SEED_ROUNDS = 128  # at most this many sequential passes over the data to seed
+# Seeding steps on at most this many values run on one CPU thread: each step is a few small ops whose OpenMP
+# start-up and barriers cost more than the work (3-12x slower with 2 threads on a busy 2-core machine).
+SEED_ONE_THREAD_VALUES = 2**22
+KMEANS_BACKENDS = ("auto", "torch", "faiss")
+
+
+def low_precision_dtype(device: torch.device) -> torch.dtype:
+    """The k-means assignment dtype chosen for ``device`` (honours DML_KMEANS_PRECISION / DML_CPU_PATH)."""
+    return kmeans_dtype(device)
 
 
 def block_argmax(s: torch.Tensor) -> torch.Tensor:
@@ -43,14 +57,24 @@ def block_argmax(s: torch.Tensor) -> torch.Tensor:
     return best_block * BLOCK + inside
 
 
+def augment(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[x, 1, 1] in ``dtype``: the two ones pick up the two parts of -|c|^2 / 2."""
+    n = x.shape[0]
+    return torch.cat([x, torch.ones(n, 2, device=x.device)], dim=1).to(dtype)
+
+
 def _assign(x_aug: torch.Tensor, centroids: torch.Tensor, dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    """Nearest centroid of every row of ``x_aug`` (from :func:`augment`), lowest index among exact ties."""
     k, d = centroids.shape
     kp = -(-k // BLOCK) * BLOCK
-    c_aug = torch.zeros(kp, d + 1, device=centroids.device)
-    c_aug[:k, :d] = centroids
-    c_aug[:k, d] = -0.5 * (centroids * centroids).sum(1)
+    half = -0.5 * (centroids.double() ** 2).sum(1)
+    hi = half.to(dtype)
+    lo = (half - hi.double()).to(dtype)
+    c_aug = torch.zeros(kp, d + 2, device=centroids.device, dtype=dtype)
+    c_aug[:k, :d] = centroids.to(dtype)
+    c_aug[:k, d] = hi
+    c_aug[:k, d + 1] = lo
     c_aug[k:, d] = -1e30  # padding centroids never win
-    c_aug = c_aug.to(dtype)
     out = torch.empty(x_aug.shape[0], dtype=torch.int64, device=x_aug.device)
     scores = torch.empty(min(chunk, x_aug.shape[0]), kp, dtype=dtype, device=x_aug.device)  # reused
     for s in range(0, x_aug.shape[0], chunk):
@@ -59,39 +83,188 @@ def _assign(x_aug: torch.Tensor, centroids: torch.Tensor, dtype: torch.dtype, ch
     return out
 
 
-def torch_kmeans(
-    x: np.ndarray | torch.Tensor, k: int, *, seed: int = 0, iters: int = 50, tol: float = 1e-3,
-    device: torch.device | str = "cpu", dtype: torch.dtype | None = None, chunk: int = 8192,
-) -> tuple[np.ndarray, int]:
-    """Cluster ids (n,) and the number of iterations run."""
-    dev = torch.device(device)
-    xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=dev)
-    n, _ = xt.shape
-    k = max(1, min(int(k), n))
-    dtype = dtype or low_precision_dtype(dev)
-    gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    centroids = xt[torch.randperm(n, generator=gen)[:k].to(dev)].clone()
-    x_aug = torch.cat([xt, torch.ones(n, 1, device=dev)], dim=1).to(dtype)
+def _sq_dist_to(x: torch.Tensor, xn: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(n, m) squared distances of the rows of x (squared norms xn) to the rows of c, float32, >= 0."""
+    return torch.addmm(xn[:, None] + (c * c).sum(1)[None, :], x, c.T, alpha=-2.0).clamp_min_(0.0)
+
+
+def _draw(weights: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
+    """m indices drawn with probability proportional to ``weights`` (uniformly when they are all zero)."""
+    cum = torch.cumsum(weights.double(), 0)
+    total = float(cum[-1])
+    u = torch.rand(m, generator=gen, dtype=torch.float64).to(weights.device)
+    if total <= 0.0:
+        return (u * weights.numel()).long().clamp_max_(weights.numel() - 1)
+    return torch.searchsorted(cum, u * total, right=True).clamp_max_(weights.numel() - 1)
+
+
+@contextmanager
+def _cpu_threads(x: torch.Tensor):
+    """One intra-op thread for small CPU problems (SEED_ONE_THREAD_VALUES), the current setting otherwise."""
+    before = torch.get_num_threads()
+    small = x.device.type == "cpu" and x.numel() <= SEED_ONE_THREAD_VALUES and before > 1
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if small:
+            torch.set_num_threads(before)
+
+
+def kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None = None,
+             rounds: int = SEED_ROUNDS) -> torch.Tensor:
+    """Indices of k seed points: greedy k-means++ (``trials`` candidates per centre, default 2 + ln k), in at most
+    ``rounds`` passes over the data (several distinct D^2 draws per pass when k > rounds)."""
+    with _cpu_threads(x):
+        return _kmeanspp(x, k, gen, trials, rounds)
+
+
+def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None, rounds: int) -> torch.Tensor:
+    n = x.shape[0]
+    xn = (x * x).sum(1)
+    first = torch.randint(n, (1,), generator=gen).to(x.device)
+    chosen = [first]
+    d2 = _sq_dist_to(x, xn, x[first])[:, 0]
+    count = 1
+    per_round = max(1, -(-(k - 1) // max(rounds, 1)))
+    trials = trials or (2 + int(math.log(k)) if per_round == 1 else 1)
+    while count < k:
+        m = min(per_round, k - count)
+        if m == 1:
+            cand = _draw(d2, trials, gen)
+            dc = _sq_dist_to(x, xn, x[cand])
+            best = int(torch.minimum(d2[:, None], dc).sum(0).argmin())
+            pick = cand[best : best + 1]
+            d2 = torch.minimum(d2, dc[:, best])
+        else:
+            cand = _draw(d2, m, gen)
+            dc = _sq_dist_to(x, xn, x[cand])
+            keep = _sequential_acceptance(dc[cand].cpu().double().numpy(), d2[cand].cpu().double().numpy(),
+                                          torch.rand(cand.numel(), generator=gen, dtype=torch.float64).numpy())
+            keep_t = torch.as_tensor(keep, device=x.device)
+            pick = cand[keep_t]
+            d2 = torch.minimum(d2, dc[:, keep_t].amin(1))
+        chosen.append(pick)
+        count += pick.numel()
+    return torch.cat(chosen)[:k]
+
+
+def _sequential_acceptance(cc: np.ndarray, d2: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Which of m candidates drawn at once (proportional to D^2) to keep, in draw order, so that each kept one is
+    distributed as a sequential k-means++ draw given the ones kept before it (rejection sampling): candidate j is
+    kept with probability min(1, min over kept a of |c_j - c_a|^2 / D_j^2). A candidate drawn twice, or lying in
+    the cell of a kept one, is thus mostly dropped (drawn again in a later round). cc: (m, m) squared distances
+    between the candidates, d2: their D^2, u: m uniforms."""
+    m = d2.size
+    kept = np.zeros(m, dtype=bool)
+    for j in range(m):
+        thr = u[j] * d2[j]
+        if d2[j] > 0 and (not kept.any() or bool((cc[kept, j] > thr).all())):
+            kept[j] = True
+    return kept
+
+
+def _lloyd(xt, x_aug, k, gen, niter, tol, dtype, chunk, init):
+    n = xt.shape[0]
+    dev = xt.device
+    centroids = xt[init].clone()
     ones = torch.ones(n, device=dev)
     assign = torch.full((n,), -1, dtype=torch.int64, device=dev)
     it = 0
-    for it in range(1, int(iters) + 1):
+    for it in range(1, int(niter) + 1):
         new = _assign(x_aug, centroids, dtype, chunk)
         changed = int((new != assign).sum())
         assign = new
         if changed <= tol * n:
             # converged: these assignments are (up to the tolerance) those of the final centroids, so the extra
             # assignment pass against updated centroids (a full n x k product) is skipped
-            return assign.cpu().numpy(), it
+            return centroids, assign, it
         sums = torch.zeros_like(centroids).index_add_(0, assign, xt)
         counts = torch.zeros(k, device=dev).index_add_(0, assign, ones)
         nonempty = counts > 0
         centroids[nonempty] = sums[nonempty] / counts[nonempty, None]
         empty = (~nonempty).nonzero().ravel()
         if empty.numel():
-            # Re-seed empty clusters on random points of clusters with >= 2 points (faiss splits big clusters).
-            donors = (counts[assign] >= 2).nonzero().ravel()
-            if donors.numel():
-                pick = torch.randint(donors.numel(), (empty.numel(),), generator=gen).to(dev)
-                centroids[empty] = xt[donors[pick]]
-    return _assign(x_aug, centroids, dtype, chunk).cpu().numpy(), it
+            # re-seed each empty cluster on one of the points farthest from their centroids (as scikit-learn)
+            far = ((xt - centroids[assign]) ** 2).sum(1)
+            far[counts[assign] < 2] = -1.0  # never empty another cluster
+            centroids[empty] = xt[torch.topk(far, min(empty.numel(), n)).indices[: empty.numel()]]
+    return centroids, _assign(x_aug, centroids, dtype, chunk), it
+
+
+def _inertia(xt: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor) -> float:
+    return float(((xt - centroids[assign]) ** 2).sum(dtype=torch.float64))
+
+
+def kmeans(
+    x: np.ndarray | torch.Tensor, k: int, *, niter: int = 50, seed: int = 0, backend: str = "auto",
+    device: torch.device | str | None = None, tol: float = 1e-3, precision: str = "auto", nredo: int = 1,
+    chunk: int = 8192, return_iters: bool = False,
+):
+    """k-means of the rows of ``x`` (n, d) into ``k`` clusters: ``(centroids (k, d) float32, assignments (n,)
+    int64)`` as numpy arrays (plus the iterations of the kept run when ``return_iters``).
+
+    ``backend``: ``auto`` (= ``torch``), ``torch`` (this module) or ``faiss`` (faiss.Kmeans, GPU when ``device`` is
+    cuda and faiss sees one). ``device``: where the torch backend runs (default: the tensor's device, else cpu).
+    ``precision``: the assignment product, ``auto`` | ``bf16`` | ``fp32`` (``cpu.kmeans_dtype``). ``nredo``: runs
+    from seeds ``seed``, ``seed + 1``, ...; the one with the lowest sum of squared distances is kept. ``tol``: stop
+    when at most this fraction of points changes cluster (0: only at a fixed point). k is clipped to n.
+    """
+    if backend not in KMEANS_BACKENDS:
+        raise ValueError(f"unknown k-means backend {backend!r}; use one of {', '.join(KMEANS_BACKENDS)}")
+    if int(niter) <= 0 or int(nredo) <= 0:
+        raise ValueError(f"k-means niter and nredo must be positive; got niter={niter}, nredo={nredo}")
+    if device is None:
+        device = x.device if isinstance(x, torch.Tensor) else "cpu"
+    dev = torch.device(device)
+    if isinstance(x, torch.Tensor):
+        xt = x.detach().to(device=dev, dtype=torch.float32)
+    else:
+        xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=dev)
+    if xt.ndim != 2 or xt.shape[0] < 1:
+        raise ValueError(f"k-means needs a non-empty (n, d) array; got shape {tuple(xt.shape)}")
+    n = xt.shape[0]
+    k = max(1, min(int(k), n))
+    if backend == "faiss":
+        return _faiss_kmeans(xt.cpu().numpy(), k, niter=niter, seed=seed, nredo=nredo, gpu=dev.type == "cuda",
+                             return_iters=return_iters)
+    dtype = kmeans_dtype(dev, precision)
+    mean = xt.mean(0, keepdim=True)
+    xc = xt - mean  # k-means is translation invariant; centring keeps the bf16 products small
+    x_aug = augment(xc, dtype)
+    best = None
+    for r in range(int(nredo)):
+        gen = torch.Generator(device="cpu").manual_seed(int(seed) + r)
+        init = kmeanspp(xc, k, gen)
+        c, a, it = _lloyd(xc, x_aug, k, gen, niter, tol, dtype, chunk, init)
+        cost = _inertia(xc, c, a) if nredo > 1 else 0.0
+        if best is None or cost < best[0]:
+            best = (cost, c, a, it)
+    _, c, a, it = best
+    out = ((c + mean).cpu().numpy(), a.cpu().numpy())
+    return (*out, it) if return_iters else out
+
+
+def _faiss_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, nredo: int, gpu: bool, return_iters: bool):
+    import faiss
+
+    n, d = x.shape
+    use_gpu = gpu and faiss.get_num_gpus() > 0
+    km = faiss.Kmeans(d, k, niter=int(niter), nredo=int(nredo), seed=int(seed) % 2**31, gpu=use_gpu,
+                      max_points_per_centroid=max(256, n), verbose=False)
+    km.train(x)
+    _, assign = km.index.search(x, 1)
+    out = (np.ascontiguousarray(km.centroids, dtype=np.float32), assign.ravel().astype(np.int64))
+    return (*out, int(niter)) if return_iters else out
+
+
+def torch_kmeans(
+    x: np.ndarray | torch.Tensor, k: int, *, seed: int = 0, iters: int = 50, tol: float = 1e-3,
+    device: torch.device | str = "cpu", dtype: torch.dtype | None = None, chunk: int = 8192,
+) -> tuple[np.ndarray, int]:
+    """Cluster ids (n,) and the number of iterations run (the torch backend of :func:`kmeans`)."""
+    precision = {None: "auto", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
+    _, assign, it = kmeans(x, k, niter=iters, seed=seed, backend="torch", device=device, tol=tol,
+                           precision=precision, chunk=chunk, return_iters=True)
+    return assign, it
