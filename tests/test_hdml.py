@@ -1,4 +1,5 @@
-"""HDML (issue 6): augmentor formula, objectives and optimiser ownership, reductions, feature cache, configs."""
+"""HDML: augmentor formula, objectives against small numpy ports of the official TF code, optimiser ownership,
+the official triplet sampler, NaN handling, evaluation normalisation, feature cache, the paper rows' configs."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from dml_runner.losses.hdml import HDMLLoss, RunningLossMean, hardness_aware_neg
 from dml_runner.methods.feature_cache import FeatureCache, SeededView, trunk_is_frozen
 
 NPAIR = ("loss=hdml_npair", "method=hdml", "sampler=npair", "trainer.batch_size=10")
-TRIPLET = ("loss=hdml_triplet", "method=hdml")
+TRIPLET = ("loss=hdml_triplet", "method=hdml")  # sampler=hdml_triplets, batch 6 on digits (preset_sampler)
+MINED = ("sampler=class_balanced", "trainer.batch_size=12")  # in-batch mining (loss.mining=all|semihard|hard)
 QUIET = ("trainer.progress=false", "trainer.num_workers=0")
 
 
@@ -109,7 +111,7 @@ def test_augmentor_nan_safe_when_javg_tiny(j_avg, alpha):
 
 @pytest.mark.parametrize("metric", ["npair", "triplet"])
 def test_full_objective_nan_safe_when_averages_tiny(metric):
-    loss, head, head_module = toy_hdml(metric)
+    loss, head, head_module = toy_hdml(metric, **({"mining": "all"} if metric == "triplet" else {}))
     for avg in (loss.javg, loss.jgen_avg):
         avg.mean.fill_(0.0)
     features, labels = npair_batch()
@@ -153,7 +155,7 @@ def test_synthetic_labels_are_the_negatives_labels_npair():
 
 
 def test_synthetic_labels_are_the_negatives_labels_triplet():
-    loss, head, _ = toy_hdml("triplet", pulling_factor=7.0, mining="all")
+    loss, head, _ = toy_hdml("triplet", pulling_factor=7.0, mining="all", squared=False, reduction="mean")
     features, labels = npair_batch()
     out = loss(features, labels, head=head)
     syn = out["synthetic_labels"].reshape(3, -1)  # anchors, positives, pulled negatives
@@ -171,7 +173,7 @@ def test_ablations_switch_terms_off():
     assert float(out["soft"].detach()) == 0.0 and float(out["recon"].detach()) > 0
 
 
-@pytest.mark.parametrize("overrides", [NPAIR, TRIPLET + ("loss.mining=semihard",)])
+@pytest.mark.parametrize("overrides", [NPAIR, TRIPLET, TRIPLET + MINED + ("loss.mining=semihard",)])
 def test_each_objective_reaches_only_its_optimisers_parameters(compose_cfg, tmp_path, overrides):
     trainer = build_trainer(compose_cfg, tmp_path, *overrides, "loss.pulling_factor=30")
     method, model, loss = trainer.method, trainer.model, trainer.loss
@@ -216,14 +218,16 @@ def test_each_objective_reaches_only_its_optimisers_parameters(compose_cfg, tmp_
 
 @pytest.mark.parametrize("plain, hdml", [
     (("loss=npair", "sampler=npair", "trainer.batch_size=10"), NPAIR + ("loss.l2reg=0.003",)),
-    (("loss=triplet", "loss.margin=1.0", "loss.mining=all"), TRIPLET + ("loss.mining=all",)),
+    (("loss=triplet", "loss.margin=1.0", "loss.mining=all", *MINED),
+     TRIPLET + MINED + ("loss.mining=all", "loss.squared=false", "loss.reduction=mean")),
 ])
 def test_pulling_factor_zero_is_plain_training(compose_cfg, tmp_path, plain, hdml):
     """Same seed: identical loss values at every step and identical metric-layer parameters after them."""
     steps = 4
     standard = build_trainer(compose_cfg, tmp_path / "a", *plain)
     reference = train_steps(standard, steps)
-    ours = build_trainer(compose_cfg, tmp_path / "b", *hdml, "loss.pulling_factor=0", "method.feature_bn=false")
+    ours = build_trainer(compose_cfg, tmp_path / "b", *hdml, "loss.pulling_factor=0", "method.feature_bn=false",
+                         "loss.regular_factor=0")
     values = train_steps(ours, steps)
     assert values == reference
     a, b = standard.model.state_dict(), ours.model.state_dict()
@@ -326,3 +330,281 @@ def test_pulling_factor_sweep_writes_summary_and_plot(tmp_path):
     assert summary["status"].tolist() == ["completed", "completed"]
     assert sorted(summary["loss.pulling_factor"]) == [0, 90]
     assert (sweep / "sweep_loss.pulling_factor.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ official ports
+# Small numpy ports of the official TensorFlow formulas (wzzheng/HDML), written from the TF code, independent of ours.
+def tf_distance(x, y):  # lib/nn_Ops.py distance: sqrt(sum (x - y)^2), keep dims
+    return np.sqrt(((x - y) ** 2).sum(1, keepdims=True))
+
+
+def tf_pulling(kind, emb, j_avg, alpha):
+    """lib/HDML.py Pulling: N-pair on [anchors; positives], triplet on [anchors; positives; negatives]."""
+    def pull(anc, pos, neg):
+        d_ap, d_an = tf_distance(anc, pos), tf_distance(anc, neg)
+        neg2 = anc + (neg - anc) * ((d_ap + (d_an - d_ap) * np.exp(-alpha / j_avg)) / d_an)
+        return np.where(d_ap >= d_an, neg, neg2)
+
+    if kind == "triplet":
+        anc, pos, neg = np.split(emb, 3)
+        return np.concatenate([anc, pos, pull(anc, pos, neg)])
+    anc, pos = np.split(emb, 2)
+    n = anc.shape[0]
+    anc_tile, pos_tile = np.repeat(anc, n, 0), np.repeat(pos, n, 0)  # tf.reshape(tf.tile(x, [1, n]), [-1, d])
+    neg_tile = np.tile(pos, (n, 1))                                    # tf.tile(neg, [n, 1])
+    return np.concatenate([anc, pull(anc_tile, pos_tile, neg_tile)])
+
+
+def tf_triplet_loss(emb, margin=1.0):  # lib/Loss_ops.py triplet_loss on Loss()'s three splits
+    a, p, n = np.split(emb, 3)
+    return np.maximum(((a - p) ** 2).sum(1) - ((a - n) ** 2).sum(1) + margin, 0.0).sum()
+
+
+def tf_xent(logits, targets):  # mean sparse softmax cross-entropy (also softmax_cross_entropy with one-hot rows)
+    top = logits.max(1, keepdims=True)
+    lse = np.log(np.exp(logits - top).sum(1)) + top[:, 0]
+    return float((lse - logits[np.arange(len(targets)), targets]).mean())
+
+
+def tf_npairs_loss(anc, pos, reg):  # Loss_ops.npairs_loss with distinct classes: labels_remapped = identity
+    l2 = 0.25 * reg * (((anc ** 2).sum(1)).mean() + ((pos ** 2).sum(1)).mean())
+    return l2 + tf_xent(anc @ pos.T, np.arange(len(anc)))
+
+
+def tf_new_npair_loss(anc, cand, reg):  # Loss_ops.new_npair_loss, equal_shape=False: anchor i vs rows i*n..i*n+n-1
+    n = anc.shape[0]
+    l2 = 0.25 * reg * (((anc ** 2).sum(1)).mean() + ((cand ** 2).sum(1)).mean())
+    xent = np.mean([tf_xent(anc[i:i + 1] @ cand[i * n:(i + 1) * n].T, np.array([i])) for i in range(n)])
+    return l2 + xent
+
+
+def tf_l2_loss(params):  # tf.nn.l2_loss summed: sum v^2 / 2
+    return sum(float((p.detach().double().numpy() ** 2).sum()) / 2 for p in params)
+
+
+def official_case(metric):
+    """Our loss with a plain (unnormalised) linear head, as the official fc1, on the official batch layout."""
+    torch.manual_seed(3)
+    if metric == "triplet":
+        labels = torch.tensor([3, 5, 7, 3, 5, 7, 9, 11, 13])  # [anchors; positives; negatives]
+        loss = HDMLLoss(metric="triplet", pulling_factor=7.0, beta=5e3, regular_factor=1e-3)
+    else:
+        labels = torch.tensor([3, 5, 7, 9, 3, 5, 7, 9])  # [anchors; positives]
+        loss = HDMLLoss(metric="npair", pulling_factor=90.0, beta=1e4, l2reg=3e-3, regular_factor=5e-3)
+    loss.build(feature_dim=6, embedding_dim=4, class_ids=torch.tensor([3, 5, 7, 9, 11, 13]))
+    head = torch.nn.Linear(6, 4)
+    features = 2.0 * torch.randn(labels.numel(), 6)
+    loss.javg.mean.fill_(20.0 if metric == "npair" else 5.0)  # exp(-alpha / J_avg) well inside (0, 1)
+    loss.jgen_avg.mean.fill_(1e4)
+    return loss, head, features, labels
+
+
+@pytest.mark.parametrize("metric", ["triplet", "npair"])
+def test_objectives_match_a_port_of_the_official_code(metric):
+    """J_m (+ weight decay), the augmentor, J_syn, J_metric, J_recon, J_soft and the recorded J_m, against numpy ports
+    of main_npair.py / main_triplet.py, lib/HDML.py and lib/Loss_ops.py on the official batch layouts."""
+    loss, head, features, labels = official_case(metric)
+    params = list(head.parameters())
+    out = loss(features, labels, head=head, decay_params=params)
+
+    z = head(features).detach().double().numpy()
+    j_avg = float(loss.javg.mean)
+    aug = tf_pulling(metric, z, j_avg, loss.pulling_factor)
+    gen = loss.generator(torch.cat([head(features), torch.as_tensor(aug, dtype=torch.float32)])).detach()
+    y_p, y_q = gen[:len(labels)].double().numpy(), gen[len(labels):]
+    z_q = head(y_q).detach().double().numpy()
+    y_q = y_q.double().numpy()
+    wd = loss.regular_factor * tf_l2_loss(params)
+    w = math.exp(-loss.beta / float(loss.jgen_avg.mean))
+    W, b = loss.classifier.weight.detach().double().numpy().T, loss.classifier.bias.detach().double().numpy()
+    index = {c: i for i, c in enumerate(loss.class_ids.tolist())}
+    if metric == "triplet":
+        j_m = tf_triplet_loss(z) + wd
+        j_syn = tf_triplet_loss(z_q)
+        # main_triplet.py: one mean CE over the whole synthetic tuple, with the batch labels
+        j_soft = 1e4 * 0.5 * tf_xent(y_q @ W + b, np.array([index[c] for c in labels.tolist()]))
+    else:
+        n = len(labels) // 2
+        j_m = tf_npairs_loss(z[:n], z[n:], loss.l2reg) + wd
+        j_syn = tf_new_npair_loss(z_q[:n], z_q[n:], loss.l2reg)
+        pos_labels = np.array([index[c] for c in labels[n:].tolist()])
+        anc_labels = np.array([index[c] for c in labels[:n].tolist()])
+        # HDML.genSoftmax: mean CE over the N x N tile (labels tiled) + mean CE over the anchors
+        j_soft = 1e4 * 0.5 * (tf_xent(y_q[n:] @ W + b, np.tile(pos_labels, n)) + tf_xent(y_q[:n] @ W + b, anc_labels))
+    j_recon = 0.5 * float(((y_p - features.double().numpy()) ** 2).sum())
+    assert float(out["metric_real"].detach() + out["weight_decay"].detach()) == pytest.approx(j_m, rel=1e-5)
+    assert float(out["weight_decay"]) == pytest.approx(wd, rel=1e-6) and wd > 0
+    assert float(out["metric_syn"]) == pytest.approx(j_syn, rel=1e-4)
+    assert float(out["loss"]) == pytest.approx(w * j_m + (1 - w) * j_syn, rel=1e-4)
+    assert float(out["soft"]) == pytest.approx(j_soft, rel=1e-4)
+    assert float(out["recon"]) == pytest.approx(j_recon, rel=1e-4)
+    # the running mean J_avg is fed the weighted J_m, weight decay included (main_*.py fetch J_m = exp(..) * J_m)
+    assert float(out["metric_recorded"]) == pytest.approx(w * j_m, rel=1e-5)
+    for _ in range(64):
+        loss.record(out)
+    assert float(loss.javg.mean) == pytest.approx(w * j_m, rel=1e-5)
+
+
+def test_triplet_soft_is_one_mean_not_a_sum_of_part_means():
+    """With unequal per-part cross-entropies, one mean over 3m rows differs from the sum of the three part means."""
+    loss, head, features, labels = official_case("triplet")
+    out = loss(features, labels, head=head)
+    per_part = float(out["soft"]) / (1e4 * 0.5)
+    assert per_part < 3 * math.log(6) * 0.9  # one mean CE is ~log(6) at init; the sum of 3 part means is ~3x that
+
+
+def test_fixed_triplets_refuse_another_layout():
+    loss, head, features, _ = official_case("triplet")
+    with pytest.raises(DMLRunnerError, match="sampler=hdml_triplets"):
+        loss(features, torch.tensor([3, 3, 3, 5, 5, 5, 7, 7, 7]), head=head)
+    with pytest.raises(DMLRunnerError, match="multiple of 3"):
+        loss(features[:8], torch.tensor([3, 5, 3, 5, 7, 9, 11, 13]), head=head)
+
+
+def test_batchnorm_uses_the_tensorflow_momentum_and_eps(compose_cfg, tmp_path):
+    trainer = build_trainer(compose_cfg, tmp_path, *NPAIR)
+    bns = [m for m in [*trainer.model.head.modules(), *trainer.loss.generator.modules()]
+           if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(bns) == 2
+    for bn in bns:  # tf.layers.batch_normalization: moving = 0.99 moving + 0.01 batch, eps 1e-3
+        bn.train()
+        x = torch.randn(16, bn.num_features) + 3.0
+        before = bn.running_mean.clone()
+        out = bn(x)
+        assert torch.allclose(bn.running_mean, 0.99 * before + 0.01 * x.mean(0), atol=1e-6)
+        want = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-3) * bn.weight + bn.bias
+        assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_weight_decay_covers_the_trainable_non_batchnorm_metric_parameters(compose_cfg, tmp_path):
+    trainer = build_trainer(compose_cfg, tmp_path, *NPAIR)
+    method, model = trainer.method, trainer.model
+    bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for p in m.parameters()}
+    decayed = {id(p) for p in method.decay_params}
+    assert decayed == {id(p) for p in model.parameters() if p.requires_grad and id(p) not in bn}
+    assert {id(model.head.fc.weight), id(model.head.fc.bias)} <= decayed
+    assert not decayed & {id(p) for p in [*trainer.loss.generator.parameters(), *trainer.loss.classifier.parameters()]}
+
+
+def test_evaluation_sees_l2_normalised_embeddings_training_the_raw_ones(compose_cfg, tmp_path):
+    trainer = build_trainer(compose_cfg, tmp_path, *NPAIR, "backbone.normalize=false")
+    model, loss = trainer.model, trainer.loss
+    images = next(iter(trainer.method.batches(1)))[0][:4]
+    model.train()
+    raw = model.head(model.features(images))
+    assert not torch.allclose(raw.norm(dim=1), torch.ones(4), atol=1e-3)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(images).norm(dim=1), torch.ones(4), atol=1e-5)
+    untouched = build_trainer(compose_cfg, tmp_path / "b", *NPAIR, "backbone.normalize=false",
+                              "method.eval_normalize=false").model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(untouched(images).norm(dim=1), torch.ones(4), atol=1e-3)
+    assert loss.metric == "npair"
+
+
+@pytest.mark.parametrize("nan_to_zero", [True, False])
+def test_a_nan_objective_counts_as_zero_as_the_official_code(compose_cfg, tmp_path, monkeypatch, nan_to_zero):
+    trainer = build_trainer(compose_cfg, tmp_path, *NPAIR, f"loss.nan_to_zero={str(nan_to_zero).lower()}")
+    method, loss = trainer.method, trainer.loss
+    forward = type(loss).forward
+
+    def nan_metric(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(type(loss), "forward", nan_metric)
+    trainer.model.train()
+    losses = method.compute_loss(trainer.to_device(next(iter(method.batches(1)))))
+    if not nan_to_zero:  # the trainer's NaN guard stops the run
+        assert math.isnan(float(losses["loss"]))
+        return
+    assert losses["skipped"] == ["loss"] and float(losses["loss"]) == 0.0
+    metric_before = [p.detach().clone() for p in method.metric_params]
+    gen_before = [p.detach().clone() for p in method.generator_params]
+    method.backward_and_step(losses)
+    # TF minimize(0): zero gradients, Adam still takes its (first: zero) step; the generator trains normally
+    assert all(p.grad is not None and not p.grad.any() for p in method.metric_params)
+    assert all(torch.equal(a, p.detach()) for a, p in zip(metric_before, method.metric_params))
+    assert any(not torch.equal(a, p.detach()) for a, p in zip(gen_before, method.generator_params))
+    assert all(method.metric_opt.state[p]["step"] == 1 for p in method.metric_params)
+
+
+# ------------------------------------------------------------------------------------------------ triplet sampler
+def test_official_triplet_sampler_layout():
+    from dml_runner.samplers.hdml_triplets import HDMLTripletBatchSampler
+
+    labels = np.repeat(np.arange(30), 4)
+    sampler = HDMLTripletBatchSampler(labels, batch_size=30, seed=5)
+    sampler.set_epoch(2)
+    batches = list(sampler)
+    assert len(batches) == len(labels) // 30 and batches == list(sampler)  # deterministic per (seed, epoch)
+    for batch in batches:
+        a, p, n = np.split(np.asarray(batch), 3)
+        assert (labels[a] == labels[p]).all() and (a != p).all()
+        classes = np.concatenate([labels[a], labels[n]])
+        assert len(set(classes.tolist())) == 20  # 2m distinct classes: m anchor classes, m negative classes
+    sampler.set_epoch(3)
+    assert list(sampler) != batches
+    with pytest.raises(ValueError, match="multiple of 3"):
+        HDMLTripletBatchSampler(labels, batch_size=32)
+    with pytest.raises(ValueError, match="2 x 20 distinct classes"):
+        HDMLTripletBatchSampler(labels, batch_size=60)
+
+
+# ------------------------------------------------------------------------------------------------ the paper rows
+ROWS = [f"hdml/{table}/{row}" for table in ("table1_cub200", "table2_cars196", "table3_sop")
+        for row in ("hdml_npair", "hdml_triplet")]
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_rows_compose_with_the_official_values(compose_cfg, row):
+    cfg = compose_cfg(f"+experiment={row}")
+    dataset = cfg.dataset._target_.rsplit(".", 1)[-1].lower()
+    assert cfg.backbone.normalize is False and cfg.backbone.freeze == "none" and cfg.backbone.pretrained
+    assert cfg.method.eval_normalize and cfg.method.feature_bn and cfg.loss.nan_to_zero
+    assert cfg.loss.regular_factor == (1e-3 if "cub" in row else 5e-3)
+    assert cfg.loss.beta == (1e4 if "cars" in row else 5e3)
+    if row.endswith("triplet"):
+        assert cfg.sampler._target_.endswith("HDMLTripletBatchSampler") and cfg.trainer.batch_size == 120
+        assert (cfg.loss.mining, cfg.loss.squared, cfg.loss.reduction, cfg.loss.margin) == ("fixed", True, "sum", 1.0)
+    else:
+        assert cfg.sampler._target_.endswith("NPairBatchSampler") and cfg.trainer.batch_size == 128
+        assert cfg.loss.l2reg == (1.5e-2 if "cub" in row else 3e-3)
+    frozen = compose_cfg(f"+experiment={row}", "backbone.freeze=all", "trainer.cache_features=true")
+    assert frozen.backbone.freeze == "all" and frozen.trainer.cache_features and dataset
+
+
+def test_every_hdml_table_row_declares_its_differences(compose_cfg):
+    from pathlib import Path
+
+    rows = sorted(Path(__file__).resolve().parent.parent.glob("conf/experiment/hdml/*/*.yaml"))
+    assert len(rows) == 27
+    for path in rows:
+        cfg = compose_cfg(f"+experiment=hdml/{path.parent.name}/{path.stem}")
+        text = " ".join(cfg.reference.deviations)
+        assert "GoogLeNet" in text and "best test NMI" in text and "bf16" in text
+        assert "freezes" not in text  # the official trunk is trained (trainable tf.get_variable)
+        if not path.stem.startswith("hdml_"):
+            assert "weight decay" in text and "NaN" in text and ("raw" in text or "L2-normalised" in text)
+
+
+@pytest.mark.slow
+def test_a_row_runs_with_the_frozen_trunk_and_feature_cache(compose_cfg, tmp_path):
+    """The paper row itself (GoogLeNet, caffe_227, official triplet sampler, HDML) on a tiny CUB tree, with the
+    frozen-trunk option and two cached augmentation views; the random GoogLeNet stands in for the weight files."""
+    from datasets_fixtures import make_cub200
+    from dml_runner.run import run
+
+    root = make_cub200(tmp_path, classes=(1, 2, 3, 4, 101, 102, 103), per_class=3)
+    cfg = compose_cfg("+experiment=hdml/table1_cub200/hdml_triplet", f"dataset.root={root}", "backbone.pretrained=false",
+                      "backbone.freeze=all", "trainer.cache_features=true", "trainer.cache_views=2",
+                      "trainer.batch_size=6", "trainer.epochs=1", "trainer.eval_every=1", "trainer.amp=false",
+                      "trainer.save_checkpoints=false", "eval.kmeans_iters=5", *QUIET)
+    results = run(cfg, tmp_path / "out")
+    assert results["status"] == "completed"
+    hdml = json.loads((tmp_path / "out" / "results.json").read_text())["model"]["hdml"]
+    assert hdml["trunk_frozen"] and hdml["feature_cache"] and hdml["cache_views"] == 2
+    emb = np.load(tmp_path / "out" / "embeddings.npz")["embeddings"]
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)

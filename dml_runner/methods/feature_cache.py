@@ -1,10 +1,12 @@
 """Pooled trunk features computed once per image and augmentation view, for training with a frozen trunk.
 
-With a frozen CNN (``backbone.freeze=all``, the official HDML setting) every epoch pushes the same images through
-the same network: only the layers after the pooled features learn. :class:`FeatureCache` runs the trunk once over
-``views`` augmented copies of the training set (view ``v`` of image ``i`` drawn under a fixed seed, so a cache is
-reproducible) and then serves batches of features: each epoch picks one cached view per image, at random from
-``(seed, epoch)``. Used by ``trainer.cache_features=true`` (``trainer.cache_views`` = number of views).
+With a frozen CNN (``backbone.freeze=all``; an option for HDML, whose official code fine-tunes the CNN) every epoch
+pushes the same images through the same network: only the layers after the pooled features learn.
+:class:`FeatureCache` runs the trunk once over ``views`` augmented copies of the training set (view ``v`` of image
+``i`` drawn under a fixed seed, so a cache is reproducible) and then serves batches of features: each epoch picks one
+cached view per image, at random from ``(seed, epoch)``. The augmentation is thereby limited to ``views`` fixed draws
+per image, where an uncached run draws a new crop and flip at every step. Used by ``trainer.cache_features=true``
+(``trainer.cache_views`` = number of views).
 """
 
 from __future__ import annotations

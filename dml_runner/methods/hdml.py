@@ -103,7 +103,7 @@ class HDMLMethod(Method):
                     f"{self.cache.nbytes() / 2**20:.1f} MiB")
         else:
             self.loader = ctx.make_loader(ctx.train_set, self.sampler)
-        info = {"metric": loss.metric, "trunk": "frozen (official code)" if frozen else "fine-tuned (paper)",
+        info = {"metric": loss.metric, "trunk": "frozen (option)" if frozen else "fine-tuned (paper and official code)",
                 "trunk_frozen": frozen, "feature_bn": self.feature_bn, "feature_cache": bool(ctx.cache_features),
                 "cache_views": ctx.cache_views if ctx.cache_features else None, "pulling_factor": loss.pulling_factor,
                 "use_softmax": loss.use_softmax, "use_reconstruction": loss.use_reconstruction,
