@@ -255,10 +255,58 @@ def test_official_sliced_fc_initialisation():
     assert abs(float(head.fc.weight.std()) / (2 / (2048 + 128)) ** 0.5 - 1) < 0.015  # what the test tells apart
 
 
+def _official_margin_loss(x: torch.Tensor, labels: torch.Tensor) -> float:
+    """A loop port of the official lib/loss/sampler.py + margin_loss.py (beta 1.2, alpha 0.2, cutoff 0.5), with the
+    PyTorch 0.4/1.0 semantics the code ran under (uint8 masks add up: 1 + 1 = 2)."""
+    n = len(labels)
+    sq = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)
+    d = sq.clamp(min=1e-4).sqrt()
+    pos = (labels[:, None] == labels[None, :]).float() - torch.eye(n)
+    num_neg = int(pos.sum()) // n
+    masked = d + 1e6 * ((pos > 0).float() + (d < 0.5).float())
+    neg = torch.zeros(n, n)
+    neg.scatter_(1, masked.topk(max(1, min(num_neg, n)), dim=1, largest=False)[1], 1.0)
+    a_idx, p_idx, n_idx = [], [], []
+    for i in range(n):
+        a_idx += [i] * num_neg
+        p_idx += [j for j in range(n) if pos[i, j] > 0]
+        n_idx += [j for j in range(n) if neg[i, j] > 0]
+        shortest = min(len(a_idx), len(p_idx), len(n_idx))
+        a_idx, p_idx, n_idx = a_idx[:shortest], p_idx[:shortest], n_idx[:shortest]
+    anchors, positives, negatives = x[a_idx], x[p_idx], x[n_idx]
+    d_ap = ((positives - anchors) ** 2).sum(1).add(1e-8).sqrt()
+    d_an = ((negatives - anchors) ** 2).sum(1).add(1e-8).sqrt()
+    pos_loss, neg_loss = torch.relu(d_ap - 1.2 + 0.2), torch.relu(1.2 - d_an + 0.2)
+    pair_cnt = int((pos_loss > 0).sum() + (neg_loss > 0).sum())
+    total = float(pos_loss.sum() + neg_loss.sum())
+    return total / pair_cnt if pair_cnt > 0 else total
+
+
+@pytest.mark.parametrize("case", ["balanced", "uneven", "collapsed", "tight_clusters"])
+def test_closest_exact_sampling_equals_the_official_sampler(case):
+    torch.manual_seed(1)
+    labels = torch.arange(20) // 4
+    x = torch.randn(20, 16)
+    if case == "uneven":  # duplicated classes (the official sampler draws small clusters' classes with replacement)
+        labels = torch.tensor([0] * 8 + [1] * 4 + [2] * 4 + [3] * 2 + [4] * 2)
+    if case == "collapsed":  # every distance < 0.5: the official sampler fills up with the anchor itself
+        x = torch.ones(20, 16) + 1e-3 * torch.randn(20, 16)
+    if case == "tight_clusters":  # 18 items within D < 0.5, two far: most anchors have 2 negatives at D >= 0.5, not 3
+        x = torch.ones(20, 16) + 0.02 * torch.randn(20, 16)
+        x[18:] = torch.randn(2, 16)
+    x = torch.nn.functional.normalize(x, dim=1)
+    ours = float(MarginLoss(learn_beta=False, sampling="closest_exact")(x, labels))
+    assert ours == pytest.approx(_official_margin_loss(x, labels), abs=1e-4)
+    simplified = float(MarginLoss(learn_beta=False, sampling="closest")(x, labels))
+    assert (simplified == pytest.approx(ours, abs=1e-6)) == (case == "balanced")  # the cases tell the two apart
+    if case == "collapsed":  # the simplified rule finds no triplet at all there, the official one pushes apart
+        assert simplified == 0.0 and ours > 1.0
+
+
 @pytest.mark.parametrize("learn_beta", [False, True])
 def test_fixed_beta_is_not_optimised(tmp_path, learn_beta):
     method = DivideConquerMethod(num_clusters=2, finetune_epochs=0)
-    trainer = _trainer(method, tmp_path, loss=MarginLoss(learn_beta=learn_beta, sampling="closest"))
+    trainer = _trainer(method, tmp_path, loss=MarginLoss(learn_beta=learn_beta, sampling="closest_exact"))
     optimised = {id(p) for g in method.optimizer.param_groups for p in g["params"]}
     betas = [loss.beta for loss in method.learner_losses]
     assert len(betas) == 2 and all(b.shape == (1,) for b in betas)  # one value per learner, not per class
@@ -326,7 +374,7 @@ def test_paper_rows_follow_the_official_code(compose_cfg, row):
     assert loss._target_.endswith("MarginLoss") and loss.learn_beta is False and loss.num_classes is None
     assert loss.beta == pytest.approx(1.2) and loss.alpha == pytest.approx(0.2)
     # the repository's closest negatives; CUB/Cars: distance-weighted, which the author says the paper's CUB needs
-    assert loss.sampling == ("distance_weighted" if row in ("cub200", "cars196") else "closest")
+    assert loss.sampling == ("distance_weighted" if row in ("cub200", "cars196") else "closest_exact")
     assert bb.arch == "resnet50" and bb.pretrained is True and bb.freeze == "bn" and bb.dropout == pytest.approx(0.01)
     assert bb.embedding_dim == 128 and bb.normalize is True
     assert cfg.trainer.batch_size == 80 and cfg.sampler.samples_per_class == 4 and cfg.transform.name == "rrc_224"
@@ -354,7 +402,7 @@ def test_end_to_end_run_goes_through_every_phase(compose_cfg, tmp_path):
     from epoch 2 (by option); the saved test embeddings are the per-slice-normalised, normalised ones."""
     from dml_runner.run import run
 
-    cfg = compose_cfg("method=divide_conquer", "loss=margin", "loss.learn_beta=false", "loss.sampling=closest",
+    cfg = compose_cfg("method=divide_conquer", "loss=margin", "loss.learn_beta=false", "loss.sampling=closest_exact",
                       "trainer=smoke", "trainer.epochs=4", "trainer.eval_every=4", "trainer.max_steps_per_epoch=2",
                       "trainer.eval_before_training=false", "trainer.save_checkpoints=false",
                       "eval.metrics=[recall]", "backbone.width=8", "backbone.embedding_dim=16",
