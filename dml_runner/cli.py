@@ -27,16 +27,33 @@ def _hydra_meta() -> dict[str, Any]:
             "job_num": hc.job.num if hc.mode == RunMode.MULTIRUN else None}
 
 
+def interrupt_message(stop: Any) -> str:
+    where = getattr(stop, "run_dir", "")
+    if getattr(stop, "resume_command", None):
+        return (f"interrupted by {stop.signame}; epoch {stop.checkpoint_epoch} is checkpointed in {where}; resume "
+                f"with: {stop.resume_command}")
+    if getattr(stop, "restart_command", None):
+        return f"interrupted by {stop.signame} before the first epoch ended; start again with: {stop.restart_command}"
+    return f"interrupted by {stop.signame} after the run finished ({where})"
+
+
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def app(cfg: DictConfig) -> float | None:
     from dml_runner.run import format_results_table, run, write_failure
+
+    from dml_runner.trainer import RunInterrupted
 
     meta = _hydra_meta()
     out_dir = Path(meta["output_dir"])
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         results = run(cfg, out_dir, meta)
+    except RunInterrupted as stop:
+        # one line, no traceback; 130 / 143 as a shell reports a process ended by SIGINT / SIGTERM
+        print(f"dml-run: {interrupt_message(stop)}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
     except (DMLRunnerError, Exception) as err:  # noqa: BLE001 - recorded, then re-raised or reported
+        out_dir = getattr(err, "run_dir", out_dir)
         write_failure(out_dir, cfg, err, meta)
         if multirun:
             # One crashed job must not lose the sweep: it is recorded as failed and the sweep goes on.

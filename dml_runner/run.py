@@ -6,14 +6,20 @@ so tests and notebooks can call :func:`run` with a config composed by Hydra's co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import platform
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -153,14 +159,123 @@ def load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise :class:`RunInterrupted` (in the main thread; elsewhere the handlers stay).
+
+    After the first signal, further ones are ignored until the block ends, so recording where the run stopped
+    is not itself interrupted by an impatient second Ctrl-C.
+    """
+    from dml_runner.trainer import RunInterrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        raise RunInterrupted(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def resume_command(hydra_meta: dict[str, Any] | None, run_dir: Path) -> str:
+    """The dml-run command line that continues ``run_dir``: this run's overrides, its directory and its log."""
+    keep = [o for o in (hydra_meta or {}).get("overrides", [])
+            if not o.lstrip("+~").startswith(("trainer.resume=", "hydra.run.dir="))]
+    run_dir = Path(run_dir).resolve()
+    return shlex.join(["dml-run", *keep, f"trainer.resume={run_dir}", f"hydra.run.dir={run_dir}"])
+
+
+def original_command(hydra_meta: dict[str, Any] | None) -> str:
+    return shlex.join(["dml-run", *(hydra_meta or {}).get("overrides", [])])
+
+
+def _record_interrupt(run_dir: Path, cfg: DictConfig, interrupt: Any, hydra_meta: dict[str, Any] | None) -> None:
+    """results.json with status "interrupted", the checkpointed epoch and the command that resumes the run."""
+    path = run_dir / "results.json"
+    if path.is_file() and json.loads(path.read_text()).get("status") == "completed":
+        interrupt.resume_command = None  # it finished before the signal: nothing to resume
+        return
+    has_checkpoint = (run_dir / "last.pt").is_file()
+    epoch = interrupt.checkpoint_epoch
+    if epoch is None and has_checkpoint:
+        import torch
+
+        epoch = int(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["epoch"])
+    interrupt.checkpoint_epoch = epoch if has_checkpoint else None
+    interrupt.resume_command = resume_command(hydra_meta, run_dir) if has_checkpoint else None
+    interrupt.restart_command = original_command(hydra_meta)
+    log.warning("interrupted by %s; %s", interrupt.signame,
+                f"epoch {epoch} is checkpointed, resume with: {interrupt.resume_command}" if has_checkpoint else
+                "no epoch was completed")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic({
+        "status": "interrupted", "signal": interrupt.signame,
+        "checkpoint": str(run_dir / "last.pt") if has_checkpoint else None,
+        "checkpoint_epoch": interrupt.checkpoint_epoch,
+        "resume_command": interrupt.resume_command or interrupt.restart_command,
+        **(hydra_meta or {}), "config": to_container(cfg), "output_dir": str(run_dir)}, path)
+
+
+def _continue_log_in(run_dir: Path, here: Path) -> None:
+    """A resumed run logs into the original run's log file (appended), and this invocation's directory, which
+    then holds only Hydra's copy of the config, is removed."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent.resolve() == here.resolve():
+            handler.flush()
+            stray = Path(handler.baseFilename)
+            target = run_dir / stray.name
+            with open(target, "a") as fh:
+                fh.write(stray.read_text() if stray.is_file() else "")
+            moved = logging.FileHandler(target, mode="a")
+            moved.setFormatter(handler.formatter)
+            moved.setLevel(handler.level)
+            root.removeHandler(handler)
+            handler.close()
+            root.addHandler(moved)
+            stray.unlink(missing_ok=True)
+    if here.is_dir() and {p.name for p in here.iterdir()} <= {".hydra"}:
+        shutil.rmtree(here, ignore_errors=True)
+
+
 def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train and evaluate one configuration; writes results.json, history.csv, embeddings.npz and checkpoints."""
+    """Train and evaluate one configuration; writes results.json, history.csv, embeddings.npz and checkpoints.
+
+    SIGINT/SIGTERM stop it with :class:`dml_runner.trainer.RunInterrupted` after results.json records the
+    interruption and the command that resumes the run (the checkpoint of the last completed epoch is kept).
+    Any exception carries ``run_dir``: the directory the run wrote to (a resumed run writes to the original one).
+    """
+    from dml_runner.distributed import dist_info_from_env
+    from dml_runner.trainer import RunInterrupted
+
+    where = {"out_dir": Path(out_dir)}
+    with signals_interrupt():
+        try:
+            return _run(cfg, Path(out_dir), hydra_meta, where)
+        except RunInterrupted as interrupt:
+            interrupt.run_dir = where["out_dir"]
+            if dist_info_from_env().is_main:
+                _record_interrupt(where["out_dir"], cfg, interrupt, hydra_meta)
+            raise
+        except Exception as err:
+            err.run_dir = where["out_dir"]  # type: ignore[attr-defined]
+            raise
+
+
+def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, where: dict[str, Path]) -> dict[str, Any]:
     from dml_runner.distributed import dist_info_from_env
     from dml_runner.trainer import FitSettings, Trainer, resolve_device, seed_everything
 
     started = time.time()
     validate_config(cfg)  # every option checked before data are loaded or a step is trained
-    out_dir = Path(out_dir)
     dist_info = dist_info_from_env()
     config = to_container(cfg)
     resume_path = find_resume_checkpoint(cfg.trainer.get("resume"), out_dir, config)
@@ -170,8 +285,11 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
         raise DMLRunnerError(f"{out_dir} already holds a run (checkpoints or results.json); continue it with "
                              "trainer.resume=auto, or choose another hydra.run.dir")
     if resume_path and resume_path.parent.resolve() != out_dir.resolve():
-        log.info("resuming the run in %s", resume_path.parent)
+        log.info("resuming the run in %s (its log continues there)", resume_path.parent)
+        if dist_info.is_main:
+            _continue_log_in(resume_path.parent, out_dir)
         out_dir = resume_path.parent
+    where["out_dir"] = out_dir
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(config, out_dir / "config.json")
@@ -299,7 +417,9 @@ def format_results_table(results: dict[str, Any]) -> str:
         rows.append(("untrained (epoch 0)", results["untrained_metrics"]))
     rows.append((f"final (epoch {results['final_epoch']})", results["metrics"]))
     best = results.get("best")
-    if best:
+    if best and best["split"] == "test":
+        rows.append((f"best on TEST (epoch {best['epoch']}, optimistic)", best["test_metrics"]))
+    elif best and best["split"] != "final":
         rows.append((f"best on {best['split']} (epoch {best['epoch']})", best["test_metrics"]))
     keys = [k for k in results["metrics"] if not k.startswith("num_")]
     width = max(len(r[0]) for r in rows)
@@ -309,6 +429,9 @@ def format_results_table(results: dict[str, Any]) -> str:
     ds = results["dataset"]
     header = (f"test metrics (%) on {ds['name']}: {ds['test_images']} images, {ds['test_classes']} unseen classes; "
               f"device {results['device']}, {results['wall_time_s']:.1f} s")
+    if best and best["split"] == "final":
+        lines.append("selected checkpoint: the final epoch (last.pt); no validation split to choose on "
+                     "(dataset.val_fraction>0 adds one)")
     return header + "\n" + "\n".join(lines)
 
 

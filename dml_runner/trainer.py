@@ -10,6 +10,7 @@ import csv
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,21 @@ class TrainingDivergedError(DMLRunnerError):
 
 class OutOfMemoryError(DMLRunnerError):
     """The device ran out of memory during training."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the run stops, keeping the checkpoint of the last completed epoch.
+
+    A KeyboardInterrupt, so no ``except Exception`` on the way up swallows it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.signame = signal.Signals(signum).name
+        self.checkpoint_epoch: int | None = None  # filled in by the Trainer (None: no checkpoint yet)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -170,7 +186,9 @@ class Trainer:
         self.untrained: dict[str, float] | None = None
         self._last_emb: np.ndarray | None = None
         self._last_test: dict[str, float] | None = None
+        self._pending_eval: dict[str, Any] | None = None  # a trained epoch whose evaluation has not finished
         self.start_epoch = 1
+        self.checkpoint_epoch: int | None = None  # the epoch last.pt holds
 
         def sampler_factory(labels: Any, batch_size: int | None = None, seed: int | None = None) -> Any:
             sampler = make_sampler(labels, batch_size=batch_size, seed=seed)
@@ -193,13 +211,21 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- helpers
     def _selection_split(self) -> str:
+        """The split that chooses best.pt; the final epoch when there is no validation split.
+
+        The test set chooses only when asked for explicitly (``trainer.select_on=test``): a checkpoint chosen on the
+        test classes reports an optimistic number.
+        """
         choice = self.s.select_on
         if choice == "auto":
-            return "val" if self.data.val is not None else "test"
+            return "val" if self.data.val is not None else "final"
         if choice == "val" and self.data.val is None:
             raise DMLRunnerError("trainer.select_on=val needs a validation split: set dataset.val_fraction>0")
-        if choice not in ("val", "test"):
-            raise DMLRunnerError(f"trainer.select_on={choice!r}: use auto, val or test")
+        if choice not in ("val", "test", "final"):
+            raise DMLRunnerError(f"trainer.select_on={choice!r}: use auto, val, final or test")
+        if choice == "test":
+            log.warning("trainer.select_on=test: best.pt is chosen on the TEST set, so its numbers are optimistic "
+                        "(use it only to compare with papers that did the same)")
         return choice
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -262,6 +288,9 @@ class Trainer:
     def fit(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
         try:
             return self._fit(resume)
+        except RunInterrupted as interrupt:
+            interrupt.checkpoint_epoch = self.checkpoint_epoch
+            raise
         finally:
             if self.logger is not None:
                 self.logger.close()
@@ -271,8 +300,13 @@ class Trainer:
         start = time.time()
         if resume is not None:
             self._restore(resume)
+            self.checkpoint_epoch = self.start_epoch - 1
         elif s.eval_before_training:
             self.untrained = self._evaluate_epoch(0, train_loss=float("nan"), epoch_time=0.0, extra={})
+        if self._pending_eval is not None:  # interrupted during an evaluation: the trained epoch was kept
+            self._evaluate_epoch(**self._pending_eval)
+            self._pending_eval = None
+            self._save_last(self.start_epoch - 1)
         for epoch in range(self.start_epoch, s.epochs + 1):
             t0 = time.time()
             seed_everything(epoch_seed(s.seed, epoch))
@@ -291,14 +325,22 @@ class Trainer:
             epoch_time = time.time() - t0
             log.info("epoch %d/%d: train loss %.4f (%.1f s)", epoch, s.epochs, train_loss, epoch_time)
             if epoch % s.eval_every == 0 or epoch == s.epochs:
-                self._evaluate_epoch(epoch, train_loss, epoch_time, extra)
+                # the trained epoch is saved before its evaluation, so an interrupt during evaluation loses nothing
+                self._pending_eval = {"epoch": epoch, "train_loss": train_loss, "epoch_time": epoch_time,
+                                      "extra": extra}
+                self._save_last(epoch)
+                self._evaluate_epoch(**self._pending_eval)
+                self._pending_eval = None
             else:
                 self._record(epoch, train_loss, epoch_time, extra, {})
-            if s.save_checkpoints and self.dist.is_main:
-                save_atomic(self._checkpoint(epoch), self.out_dir / "last.pt")
+            self._save_last(epoch)
             self._barrier()
         if self._last_emb is None and self.dist.is_main:  # resumed after the final evaluation
             self._last_test, self._last_emb = self.evaluate_split("test")
+        if self.select_split == "final":  # no validation split: the final epoch is the selected checkpoint
+            self.best = {"epoch": s.epochs, "split": "final", "metric": s.select_metric,
+                         "value": (self._last_test or {}).get(s.select_metric), "test_metrics": self._last_test,
+                         "checkpoint": "last.pt"}
         if s.save_embeddings and self.dist.is_main:
             self._save_embeddings(self._last_emb)
         return {"final": {"epoch": s.epochs, "metrics": self._last_test},
@@ -314,8 +356,9 @@ class Trainer:
         total = len(batches) if hasattr(batches, "__len__") else None
         if s.max_steps_per_epoch:
             total = min(total or s.max_steps_per_epoch, s.max_steps_per_epoch)
-        bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{s.epochs}",
-                   disable=not s.progress or not self.dist.is_main, leave=False, dynamic_ncols=True)
+        # a bar only on a terminal: in a log file its redraws are noise (the epoch's log line says the same)
+        bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{s.epochs}", leave=False, dynamic_ncols=True,
+                   disable=not (s.progress and self.dist.is_main and sys.stderr.isatty()))
         running, n_steps = 0.0, 0
         for step, batch in enumerate(bar, start=1):
             if s.max_steps_per_epoch and step > s.max_steps_per_epoch:
@@ -349,13 +392,14 @@ class Trainer:
         split_metrics["test"], self._last_emb = self.evaluate_split("test")
         self._last_test = split_metrics["test"]
         self._record(epoch, train_loss, epoch_time, extra, split_metrics)
-        chosen = split_metrics[self.select_split]
+        chosen = split_metrics["test" if self.select_split == "final" else self.select_split]
         key = self.s.select_metric
         if key not in chosen:
             raise DMLRunnerError(f"trainer.select_metric={key!r} is not computed; available: {sorted(chosen)}")
-        log.info("epoch %d: %s", epoch, ", ".join(f"{self.select_split} {k} {v:.4f}" for k, v in chosen.items()
-                                                  if k.startswith(("recall@", "nmi", "map@r"))))
-        if epoch > 0 and (self.best is None or chosen[key] > self.best["value"]):
+        shown = "test" if self.select_split == "final" else self.select_split
+        log.info("epoch %d: %s", epoch, ", ".join(f"{shown} {k} {v:.4f}" for k, v in chosen.items()
+                                                  if k in ("recall@1", "nmi", "map@r")))
+        if self.select_split != "final" and epoch > 0 and (self.best is None or chosen[key] > self.best["value"]):
             self.best = {"epoch": epoch, "split": self.select_split, "metric": key, "value": chosen[key],
                          "test_metrics": split_metrics["test"]}
             if self.s.save_checkpoints:
@@ -396,7 +440,12 @@ class Trainer:
                 "method": self.method.state_dict(), "metrics": metrics or {},
                 "history": self.history, "best": self.best, "untrained": self.untrained,
                 "last_test": self._last_test, "rng": {"torch": torch.get_rng_state()},
-                "config": self.config}
+                "pending_eval": self._pending_eval, "config": self.config}
+
+    def _save_last(self, epoch: int) -> None:
+        if self.s.save_checkpoints and self.dist.is_main:
+            save_atomic(self._checkpoint(epoch), self.out_dir / "last.pt")
+            self.checkpoint_epoch = epoch
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -406,6 +455,7 @@ class Trainer:
         self.best = state.get("best")
         self.untrained = state.get("untrained")
         self._last_test = state.get("last_test")
+        self._pending_eval = state.get("pending_eval")
         self.start_epoch = int(state["epoch"]) + 1
         if self.dist.is_main and self.history:
             self._write_history()

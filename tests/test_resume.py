@@ -1,4 +1,5 @@
-"""Resume: a run killed with SIGKILL mid-run and resumed ends exactly where the uninterrupted run ends."""
+"""Resume: a run killed (SIGKILL) or interrupted (SIGINT/SIGTERM) mid-run and resumed ends exactly where the
+uninterrupted run ends; an interrupt records itself and the command that resumes the run."""
 
 import json
 import os
@@ -93,3 +94,131 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"epoch": 1}
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+
+
+# --- interrupts (SIGINT / SIGTERM) --------------------------------------------------------------------------------
+
+def _tiny_trainer(out_dir, loss=None, evaluate_fn=None, epochs=3):
+    from functools import partial
+
+    import numpy as np
+
+    from dml_runner.backbones import small_cnn
+    from dml_runner.datasets.base import DatasetSplits, TensorLabelledDataset
+    from dml_runner.evaluation import evaluate
+    from dml_runner.losses.triplet import TripletLoss
+    from dml_runner.methods import StandardMethod
+    from dml_runner.samplers import ClassBalancedBatchSampler
+    from dml_runner.trainer import FitSettings, Trainer, seed_everything
+
+    seed_everything(0)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(60, 1, 8, 8, generator=g)
+    labels = np.repeat(np.arange(6), 10)
+    data = DatasetSplits(name="tiny", train=TensorLabelledDataset(images[:40], labels[:40]),
+                         test=TensorLabelledDataset(images[40:], labels[40:]))
+    settings = FitSettings(epochs=epochs, batch_size=8, eval_every=2, progress=False, eval_before_training=True)
+    return Trainer(settings, data, small_cnn(in_channels=1, width=4, embedding_dim=8, dropout=0.2),
+                   loss or TripletLoss(), StandardMethod(), partial(torch.optim.Adam, lr=0.01), None,
+                   lambda labels, batch_size=None, seed=None: ClassBalancedBatchSampler(
+                       labels, batch_size or 8, 0 if seed is None else seed, samples_per_class=2),
+                   evaluate_fn or partial(evaluate, recall_at=(1,), metrics=("recall", "map_at_r"), device="cpu"),
+                   out_dir)
+
+
+def _interrupt_at(call: int, fn):
+    """Wrap ``fn`` so that its ``call``-th call raises RunInterrupted(SIGINT), as the signal handler does."""
+    from dml_runner.trainer import RunInterrupted
+
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise RunInterrupted(signal.SIGINT)
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _resume_and_compare(tmp_path, expected):
+    from dml_runner.run import load_checkpoint
+
+    trainer = _tiny_trainer(tmp_path / "cut")
+    state = load_checkpoint(tmp_path / "cut" / "last.pt", {})
+    got = trainer.fit(resume=state)
+    assert got["final"]["metrics"] == pytest.approx(expected["final"]["metrics"], abs=1e-6)
+    assert got["untrained"] == pytest.approx(expected["untrained"])
+    import pandas as pd
+
+    full, cut = (pd.read_csv(tmp_path / d / "history.csv").drop(columns="epoch_time_s") for d in ("full", "cut"))
+    pd.testing.assert_frame_equal(cut, full, atol=1e-6)  # every epoch once, the same numbers
+
+
+def test_interrupt_during_evaluation_keeps_the_trained_epoch(tmp_path):
+    """last.pt is written before an evaluation: an interrupt there keeps the epoch and evaluates it on resume."""
+    from functools import partial
+
+    from dml_runner.evaluation import evaluate
+    from dml_runner.trainer import RunInterrupted
+
+    expected = _tiny_trainer(tmp_path / "full").fit()
+    metric = partial(evaluate, recall_at=(1,), metrics=("recall", "map_at_r"), device="cpu")
+    cut = _tiny_trainer(tmp_path / "cut", evaluate_fn=_interrupt_at(2, metric))  # call 1: epoch 0, call 2: epoch 2
+    with pytest.raises(RunInterrupted) as stop:
+        cut.fit()
+    assert stop.value.checkpoint_epoch == 2
+    ckpt = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["pending_eval"]["epoch"] == 2
+    _resume_and_compare(tmp_path, expected)
+
+
+def test_interrupt_mid_epoch_resumes_from_the_last_epoch_boundary(tmp_path):
+    from dml_runner.losses.triplet import TripletLoss
+    from dml_runner.trainer import RunInterrupted
+
+    expected = _tiny_trainer(tmp_path / "full").fit()
+    loss = TripletLoss()
+    loss.forward = _interrupt_at(40 // 8 + 3, loss.forward)  # step 3 of epoch 2
+    with pytest.raises(RunInterrupted) as stop:
+        _tiny_trainer(tmp_path / "cut", loss=loss).fit()
+    assert stop.value.checkpoint_epoch == 1
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
+    _resume_and_compare(tmp_path, expected)
+
+
+@pytest.mark.slow
+def test_sigterm_records_the_interrupt_and_its_command_resumes_in_the_same_directory(tmp_path):
+    import shlex
+
+    args = ARGS + ["trainer.eval_every=1"]
+    full = tmp_path / "full"
+    subprocess.run(dml_run_cmd() + args + [f"hydra.run.dir={full}"], cwd=tmp_path, check=True, capture_output=True,
+                   timeout=600)
+    expected = json.loads((full / "results.json").read_text())
+
+    run_dir = tmp_path / "cut"
+    proc = subprocess.Popen(dml_run_cmd() + args + [f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["status"] == "interrupted" and res["signal"] == "SIGTERM" and res["checkpoint_epoch"] >= 1
+    command = res["resume_command"]
+    assert command in lines[0] and f"hydra.run.dir={run_dir}" in command
+    log_before = (run_dir / "cli.log").read_text()
+
+    resumed = subprocess.run(dml_run_cmd() + shlex.split(command)[1:], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    got = json.loads((run_dir / "results.json").read_text())
+    assert got["status"] == "completed" and got["metrics"] == pytest.approx(expected["metrics"], abs=1e-6)
+    log_after = (run_dir / "cli.log").read_text()
+    assert log_after.startswith(log_before) and "resumed after epoch" in log_after
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "full"]  # no stray run directory
