@@ -11,8 +11,12 @@ Protocols (``protocol``):
   :class:`DatasetSplits` carries the first draw as ``query_mask`` / ``gallery_mask`` and ``info["protocol_repeats"]``;
   :func:`vehicleid_gallery_draws` gives every draw (the first equals the masks) for the trainer to average over.
   An id with a single image contributes no query (its image is a gallery distractor).
-- ``loo``: leave-one-out Recall@K over the whole test list (as Divide and Conquer evaluated); queries without
-  any positive (ids with one image, counted in ``info["singleton_test_classes"]``) are excluded by the evaluator.
+- ``loo``: leave-one-out Recall@K over the whole test list (the official Divide-and-Conquer code's evaluation, on
+  the 2,400-id list only); queries without any positive (ids with one image, counted in
+  ``info["singleton_test_classes"]``) are left out of Recall@K by the evaluator and counted in
+  ``num_queries_without_positive``, where the official code counts them as misses. Under ``original`` every query
+  has a positive (its id's gallery image). The D&C paper rows use ``original``: the official code's LOO R@1 on the
+  large list (91.54, its README) is far above the paper's 82.9, so the paper's table most likely used it.
 
 Official counts (line counts of the released V1.0 lists; the 2016 paper's table gives slightly different numbers):
 train 113,346 images / 13,164 ids; test 7,332 / 800 (small), 12,995 / 1,600 (medium), 20,038 / 2,400 (large).
