@@ -401,8 +401,8 @@ def test_html_page_has_every_table_and_only_existing_links(tmp_path):
 
 # ----------------------------------------------------------------------------------------- figures
 
-@pytest.mark.slow
-def test_figures_curves_tsne_and_retrieval_grid_from_digits(tmp_path):
+def digits_runs(root: Path, n_runs: int) -> list[Path]:
+    """``n_runs`` run directories on the digits test set with class-structured embeddings and a history."""
     from sklearn.datasets import load_digits
 
     labels = load_digits().target
@@ -410,17 +410,65 @@ def test_figures_curves_tsne_and_retrieval_grid_from_digits(tmp_path):
     rng = np.random.default_rng(0)
     digits_cfg = {"_target_": "dml_runner.datasets.digits.build", "train_classes": [0, 1, 2, 3, 4],
                   "test_classes": [5, 6, 7, 8, 9], "max_shift": 0, "val_fraction": 0.0, "seed": 0}
-    for seed in (0, 1):
-        run = write_run(tmp_path / "sweep" / str(seed), table=None, row="x", seed=seed, dataset="digits",
-                        metrics={"recall@1": 0.9, "nmi": 0.5}, extra_cfg={"dataset": digits_cfg})
+    runs = []
+    for i in range(n_runs):
+        run = write_run(root / str(i), table=None, seed=0, dataset="digits", metrics={"recall@1": 0.9, "nmi": 0.5},
+                        extra_cfg={"dataset": digits_cfg, "loss": {"margin": 0.1 * i}},
+                        overrides=[f"loss.margin={0.1 * i}"],
+                        history={"epoch": [0, 1, 2], "test/recall@1": [0.5, 0.8, 0.9], "test/nmi": [0.1, 0.4, 0.5]})
         emb = np.eye(5)[test_labels - 5] + 0.3 * rng.normal(size=(len(test_labels), 5))
-        np.savez(run / "embeddings.npz", embeddings=emb.astype(np.float32), labels=test_labels)
-        pd.DataFrame({"epoch": [0, 1, 2], "test/recall@1": [0.5, 0.8, 0.9], "test/nmi": [0.1, 0.4, 0.5]}) \
-            .to_csv(run / "history.csv", index=False)
-    result = report([tmp_path / "sweep"], tmp_path / "out", tsne_points=150)
-    names = {Path(f).name for f in result["files"]}
-    assert "runs_digits_curves.png" in names
-    assert any(n.endswith("_tsne.png") for n in names) and any(n.endswith("_retrieval.png") for n in names)
-    for f in result["files"]:
-        if str(f).endswith(".png"):
-            assert Path(f).stat().st_size > 1000
+        np.savez(run / "embeddings.npz", embeddings=np.hstack([emb, 0.1 * rng.normal(size=(len(emb), 59))])
+                 .astype(np.float32), labels=test_labels)
+        runs.append(run)
+    return runs
+
+
+def test_retrieval_queries_come_from_different_classes():
+    from dml_runner.report.figures import query_per_class
+
+    labels = np.repeat(np.arange(12), 7)
+    queries = query_per_class(labels, np.arange(len(labels)), 5, seed=3)
+    assert len(queries) == 5 and len(set(labels[queries])) == 5
+    assert labels[queries].min() == 0 and labels[queries].max() == 11  # spread over the classes, not the first five
+    few = query_per_class(np.array([0, 0, 0, 1, 1]), np.arange(5), 4)
+    assert len(set(few)) == 4 and set(np.array([0, 0, 0, 1, 1])[few]) == {0, 1}  # round-robin, no repeats
+
+
+def test_tsne_keeps_neighbourhoods():
+    """Classes keep their neighbourhoods in 2-D about as well as in the input space; labels that do not follow the
+    input (shuffled) get chance agreement."""
+    from dml_runner.plots import tsne_2d
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(6), 40)
+    x = rng.normal(size=(240, 32)) + 4 * np.eye(32)[labels]
+    def knn_agreement(y, lab):
+        d = ((y[:, None] - y[None]) ** 2).sum(-1)
+        np.fill_diagonal(d, np.inf)
+        return (lab[np.argsort(d, 1)[:, :5]] == lab[:, None]).mean()
+    y = tsne_2d(x)
+    assert y.shape == (240, 2) and np.isfinite(y).all()
+    assert knn_agreement(y, labels) > knn_agreement(x, labels) - 0.05 > 0.8
+    assert knn_agreement(y, rng.permutation(labels)) < 0.35
+
+
+@pytest.mark.slow
+def test_figures_for_ten_rows_titled_by_row_and_fast(tmp_path):
+    import time
+
+    from dml_runner.report.figures import write_figures
+
+    digits_runs(tmp_path / "sweep", 10)
+    result = report([tmp_path / "sweep"], tmp_path / "out", figures=False)
+    (table,) = result["tables"]
+    start = time.perf_counter()
+    figures = write_figures(table, tmp_path / "out")
+    elapsed = time.perf_counter() - start
+    names = {Path(f).name for f, _ in figures}
+    rows = [e["row"] for e in table["rows"]]
+    assert rows[1] == "margin=0.1" and len(rows) == 10
+    assert "runs_digits_curves.png" in names and "runs_digits_tsne.png" in names
+    assert {f"runs_digits_{r}_retrieval.png" for r in rows} <= names  # one grid per row, named by the row
+    assert all(Path(f).stat().st_size > 1000 for f, _ in figures)
+    # the budget is 10 s on a free core; this machine's tests share 2 cores with other jobs
+    assert elapsed < 30, f"figures of 10 small runs took {elapsed:.1f} s"
