@@ -297,6 +297,33 @@ def test_group_by_pools_other_settings_and_names_them(tmp_path):
     assert "pooled runs that differ in trainer.eval_every=5/10" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow
+def test_pulling_factor_sweep_of_dml_run_gives_one_row_per_value(tmp_path, capsys):
+    """The path a user runs: `dml-run -m loss=hdml_npair loss.pulling_factor=0,90`, then `dml-report <sweep>`."""
+    from conftest import run_dml
+
+    sweep = tmp_path / "sweep"
+    run_dml(["-m", "loss=hdml_npair", "loss.pulling_factor=0,90", "trainer.epochs=2", "trainer.eval_every=1",
+             "trainer.max_steps_per_epoch=4", "trainer.progress=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    out = tmp_path / "tables"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    frame = pd.read_csv(out / "runs_digits.csv").set_index("row")
+    assert sorted(frame.index) == ["pulling_factor=0", "pulling_factor=90"]
+    for pf, job in ((0, "0"), (90, "1")):
+        row = frame.loc[f"pulling_factor={pf}"]
+        results = json.loads((sweep / job / "results.json").read_text())
+        assert results["config"]["loss"]["pulling_factor"] == pf and row["n_seeds"] == 1
+        assert row["recall@1"] == pytest.approx(100 * results["metrics"]["recall@1"])
+        history = pd.read_csv(sweep / job / "history.csv")
+        trained = history[history["epoch"] > 0]
+        assert row["recall@1_best_test"] == pytest.approx(100 * trained["test/recall@1"].max())
+        assert row["recipe"] == f"loss.pulling_factor={pf}"
+    md = capsys.readouterr().out
+    assert "| pulling_factor=0 | 1 |" in md and "R@1 best-on-test ¶" in md
+    linked = assert_html_well_formed_and_linked(out / "index.html")
+    assert {"runs_digits_tsne.png", "runs_digits_pulling_factor=90_retrieval.png", "runs_digits.csv"} <= linked
+
+
 # ----------------------------------------------------------------------------------------- best epochs
 
 def test_best_on_validation_and_on_test_from_history(tmp_path):
