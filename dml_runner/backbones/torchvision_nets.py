@@ -7,8 +7,8 @@ Options the papers need:
   name (``layer3``, ``inception4e``, ...) pools that stage instead and drops the later ones.
 - ``freeze``: ``none`` trains everything. ``bn`` keeps every BatchNorm layer in eval mode (running statistics
   frozen) and trains its affine parameters (gamma, beta), as the official Divide and Conquer code does.
-  ``bn_all`` also fixes gamma and beta. ``all`` freezes the whole CNN (eval mode, no gradients), as the official
-  HDML code does. Enforced by :meth:`TorchvisionTrunk.train`, so ``model.train()`` in a training loop cannot undo it.
+  ``bn_all`` also fixes gamma and beta. ``all`` freezes the whole CNN (eval mode, no gradients; with
+  ``trainer.cache_features`` the features are computed once). Enforced by :meth:`TorchvisionTrunk.train`, so ``model.train()`` in a training loop cannot undo it.
 - ImageNet weights from torchvision's weight enums (``pretrained=true``: torchvision's loader reads
   :func:`hub_weights_path` under ``$TORCH_HOME``, downloading it once if it is missing) or from a local state dict
   (``weights=/path.pth``, e.g. that cached file copied to an offline machine). The model's ``info`` (written to
