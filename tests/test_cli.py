@@ -17,10 +17,13 @@ def test_dml_run_writes_the_run_directory(tmp_path):
     out = tmp_path / "run"
     proc = run_cli(["trainer=smoke", f"hydra.run.dir={out}"], cwd=tmp_path)
     assert "untrained (epoch 0)" in proc.stdout and "recall@1" in proc.stdout
-    for name in ("results.json", "history.csv", "embeddings.npz", "last.pt", "best.pt"):
+    for name in ("results.json", "history.csv", "embeddings.npz", "last.pt"):
         assert (out / name).is_file(), name
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "completed"
+    # digits has no validation split: the final epoch is the selected checkpoint, never the test set's best
+    assert res["checkpoint_selected_on"] == "final" and not (out / "best.pt").exists()
+    assert "best on" not in proc.stdout and "selected checkpoint: the final epoch" in proc.stdout
     assert set(res["metrics"]) >= {"recall@1", "recall@2", "recall@4", "recall@8", "nmi", "f1", "map@r",
                                     "r_precision"}
     assert res["dataset"]["train_images"] == 901 and res["dataset"]["test_images"] == 896
@@ -107,3 +110,17 @@ def test_eval_backend_option_composes_and_a_bad_one_is_refused_before_training(t
     assert proc.returncode == 1
     assert "eval.backend=annoy" in proc.stderr and "torch_screened" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "bad" / "last.pt").exists()
+
+
+def test_checkpoint_selection_never_uses_the_test_set_unless_asked(tmp_path):
+    """auto: a class-disjoint validation split when the dataset has one; test selection is explicit and labelled."""
+    val = tmp_path / "val"
+    run_cli(["trainer=smoke", "trainer.epochs=2", "dataset.val_fraction=0.4", "trainer.batch_size=12", "trainer.save_embeddings=false",
+             f"hydra.run.dir={val}"], cwd=tmp_path)
+    res = json.loads((val / "results.json").read_text())
+    assert res["checkpoint_selected_on"] == "val" and res["best"]["split"] == "val" and (val / "best.pt").is_file()
+    test = tmp_path / "test"
+    proc = run_cli(["trainer=smoke", "trainer.select_on=test", "trainer.save_embeddings=false",
+                    f"hydra.run.dir={test}"], cwd=tmp_path)
+    assert json.loads((test / "results.json").read_text())["checkpoint_selected_on"] == "test"
+    assert "best on TEST (epoch 1, optimistic)" in proc.stdout and "optimistic" in (test / "cli.log").read_text()
