@@ -253,6 +253,10 @@ def test_official_sliced_fc_initialisation():
     assert fc.bias.abs().max() <= 2048 ** -0.5 and fc.bias.abs().min() > 0
     head = EmbeddingHead(2048, 128)
     assert abs(float(head.fc.weight.std()) / (2 / (2048 + 128)) ** 0.5 - 1) < 0.015  # what the test tells apart
+    again = torch.nn.Linear(2048, 128)
+    init_sliced_xavier_normal_(fc, slices, seed=1)
+    init_sliced_xavier_normal_(again, slices, seed=1)  # seeded: the same values on every rank and device
+    assert torch.equal(fc.weight, again.weight) and torch.equal(fc.bias, again.bias)
 
 
 def _official_margin_loss(x: torch.Tensor, labels: torch.Tensor) -> float:

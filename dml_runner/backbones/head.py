@@ -64,17 +64,20 @@ class EmbeddingHead(nn.Module):
         return F.normalize(z, dim=1) if self.normalize else z
 
 
-def init_sliced_xavier_normal_(fc: nn.Linear, slices: Sequence[slice]) -> None:
+def init_sliced_xavier_normal_(fc: nn.Linear, slices: Sequence[slice], seed: int | None = None) -> None:
     """Official Divide-and-Conquer initialisation (``init_splitted``): the weight rows of every slice drawn by
     ``xavier_normal_`` (gain 1) of a ``Linear(in, width)`` on their own, the bias PyTorch's default Linear init
-    U(-1/sqrt(in), 1/sqrt(in))."""
-    fan_in = fc.in_features
+    U(-1/sqrt(in), 1/sqrt(in)). ``seed``: drawn on the CPU from a generator seeded with it (the same values on
+    every device and rank; the official code seeds with ``random_seed + 1``), else from the global RNG."""
+    generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+    weight = torch.empty(fc.weight.shape)
+    for s in slices:
+        nn.init.xavier_normal_(weight[s], gain=1.0, generator=generator)  # fan_out = slice width, fan_in = in
+    bound = 1.0 / math.sqrt(fc.in_features)
+    bias = torch.empty(fc.out_features).uniform_(-bound, bound, generator=generator)
     with torch.no_grad():
-        for s in slices:
-            rows = fc.weight[s]
-            nn.init.xavier_normal_(rows, gain=1.0)  # fan_out = slice width, fan_in = in_features
-        bound = 1.0 / math.sqrt(fan_in)
-        nn.init.uniform_(fc.bias, -bound, bound)
+        fc.weight.copy_(weight)
+        fc.bias.copy_(bias)
 
 
 class EmbeddingModel(nn.Module):

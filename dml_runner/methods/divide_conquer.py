@@ -277,7 +277,7 @@ class DivideConquerMethod(StandardMethod):
     def _configure_head(self, head: nn.Module) -> None:
         """Official fc init and evaluated embedding; recorded in the model's info (results.json)."""
         if self.fc_init == "sliced":
-            init_sliced_xavier_normal_(head.fc, self.slices)
+            init_sliced_xavier_normal_(head.fc, self.slices, seed=self.ctx.seed + 1)
         if self.embedding == "sliced":
             head.set_slices(self.slices)
         info = getattr(self.ctx.model, "info", None)
