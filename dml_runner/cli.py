@@ -73,7 +73,88 @@ def app(cfg: DictConfig) -> float | None:
     return best.get("value") if best.get("split") == "val" else None
 
 
+# One line per config group for `dml-run --help` (tests/test_cli.py checks that every group of conf/ has one).
+GROUP_HELP = {
+    "dataset": "images and their class-disjoint train/test split (dml_runner/datasets)",
+    "transform": "image resizing, cropping and augmentation",
+    "backbone": "the embedding network (dml_runner/backbones)",
+    "sampler": "how training batches are drawn (dml_runner/samplers)",
+    "optimizer": "torch optimiser: optimizer.lr, optimizer.weight_decay, ...",
+    "scheduler": "learning-rate schedule, stepped once per epoch",
+    "method": "the training procedure around the loss (dml_runner/methods)",
+    "loss": "the metric-learning loss (dml_runner/losses)",
+    "trainer": "training loop; its options are listed below",
+    "eval": "evaluation metrics; its options are listed below",
+    "logger": "per-epoch metrics file (dml_runner/loggers.py)",
+    "hparams_search": "hyperparameter search over the validation split (hparams_search=optuna)",
+    "experiment": "a paper's table row, as +experiment=<paper>/<table>/<row> (docs/REPRODUCING.md)",
+}
+# Selected automatically from the dataset (and sampler); listed for completeness, never chosen by hand.
+AUTOMATIC_GROUPS = ("preset", "preset_sampler")
+
+
+def _options(group_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(group_dir).with_suffix("")) for p in group_dir.rglob("*.yaml"))
+
+
+def _defaults() -> dict[str, str]:
+    import yaml
+
+    out: dict[str, str] = {}
+    for item in yaml.safe_load((conf_dir() / "config.yaml").read_text()).get("defaults", []):
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if isinstance(value, str) and "$" not in value:
+                    out[key] = value
+    return out
+
+
+def format_help() -> str:
+    """`dml-run --help`: what each group does, its options (default marked *), then the trainer and eval keys."""
+    from dml_runner.config import SCHEMAS, schema_help
+
+    conf = conf_dir()
+    defaults = _defaults()
+    lines = ["dml-run: train and evaluate a deep-metric-learning model; every setting is a Hydra override.",
+             "usage: dml-run [group=option ...] [group.key=value ...]      e.g. dml-run loss=contrastive optimizer.lr=1e-4",
+             "       dml-run -m key=a,b,c ...   (a sweep: one run per value, summary.csv and plots in the sweep dir)",
+             "", "config groups (group=option; * the default):"]
+    groups = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name not in AUTOMATIC_GROUPS
+                    and p.name != "hydra")
+    width = max(len(g) for g in groups)
+    for group in groups:
+        options = _options(conf / group)
+        if group == "experiment":
+            families = sorted({o.split("/")[0] for o in options})
+            shown = f"{len(options)} rows under " + ", ".join(f"{f}/" for f in families)
+        else:
+            shown = ", ".join(o + ("*" if defaults.get(group) == o else "") for o in options)
+        lines.append(f"  {group:<{width}}  {GROUP_HELP.get(group, '')}: {shown}")
+    for group, schema in SCHEMAS.items():
+        lines += ["", f"{group} options ({group}.KEY=VALUE; default in brackets):"]
+        rows = schema_help(schema)
+        key_width = max(len(name) for name, _, _ in rows)
+        for name, default, text in rows:
+            lines.append(f"  {name:<{key_width}}  {text} [{_show_default(default)}]")
+    lines += ["", "the other groups' keys: `dml-run <group>=<option> --cfg job` prints the composed config.",
+              "hydra: --cfg job | --info | --hydra-help | hydra/launcher=local_parallel|slurm (sweep jobs)"]
+    return "\n".join(lines)
+
+
+def _show_default(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
 def main() -> None:
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        print(format_help())
+        return
     app()
 
 

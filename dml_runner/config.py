@@ -37,8 +37,8 @@ class TrainerConfig:
     deterministic: bool = _opt(False, "torch.use_deterministic_algorithms (slower on CUDA)")
     eval_every: int = _opt(5, "evaluate every N epochs (and always after the last one)")
     eval_before_training: bool = _opt(True, "report the untrained network (epoch 0) so the gain is visible")
-    select_on: str = _opt("auto", "split that selects best.pt: auto (val if the dataset has one, else the final "
-                                  "epoch) | val | final | test (optimistic: chooses on the test set)")
+    select_on: str = _opt("auto", "checkpoint choice: auto (val split if any, else the final epoch) | val | final "
+                                  "| test (optimistic)")
     select_metric: str = _opt("recall@1", "metric that selects the checkpoint (recall@K, map@r, nmi, ...)")
     num_workers: int = _opt(0, "DataLoader worker processes")
     num_threads: Optional[int] = _opt(None, "torch intra-op CPU threads (null: torch's default)")

@@ -115,8 +115,11 @@ def test_eval_backend_option_composes_and_a_bad_one_is_refused_before_training(t
 def test_checkpoint_selection_never_uses_the_test_set_unless_asked(tmp_path):
     """auto: a class-disjoint validation split when the dataset has one; test selection is explicit and labelled."""
     val = tmp_path / "val"
-    run_cli(["trainer=smoke", "trainer.epochs=2", "dataset.val_fraction=0.4", "trainer.batch_size=12", "trainer.save_embeddings=false",
-             f"hydra.run.dir={val}"], cwd=tmp_path)
+    proc = run_cli(["trainer=smoke", "trainer.epochs=2", "dataset.val_fraction=0.4", "trainer.batch_size=12",
+                    "trainer.save_embeddings=false", "trainer.progress=true", f"hydra.run.dir={val}"], cwd=tmp_path)
+    # not a terminal: no progress bar redraws, one log line per epoch instead
+    assert "\r" not in proc.stderr + proc.stdout and "it/s" not in proc.stderr + proc.stdout
+    assert "epoch 1/2: train loss" in proc.stdout and "epoch 2/2: train loss" in proc.stdout
     res = json.loads((val / "results.json").read_text())
     assert res["checkpoint_selected_on"] == "val" and res["best"]["split"] == "val" and (val / "best.pt").is_file()
     test = tmp_path / "test"
@@ -124,3 +127,23 @@ def test_checkpoint_selection_never_uses_the_test_set_unless_asked(tmp_path):
                     f"hydra.run.dir={test}"], cwd=tmp_path)
     assert json.loads((test / "results.json").read_text())["checkpoint_selected_on"] == "test"
     assert "best on TEST (epoch 1, optimistic)" in proc.stdout and "optimistic" in (test / "cli.log").read_text()
+
+
+def test_help_describes_every_group_and_option_in_one_line(tmp_path):
+    from dml_runner.cli import AUTOMATIC_GROUPS, GROUP_HELP
+    from dml_runner.config import TrainerConfig, conf_dir
+    from dml_runner.config import fields as schema_fields
+
+    proc = run_cli(["--help"], cwd=tmp_path)
+    text = proc.stdout
+    assert "schema" not in text and "powered by Hydra" not in text
+    groups = [p.name for p in conf_dir().iterdir() if p.is_dir() and p.name not in (*AUTOMATIC_GROUPS, "hydra")]
+    for group in groups:
+        assert group in GROUP_HELP, f"conf/{group} has no line in dml_runner.cli.GROUP_HELP"
+        line = next(line for line in text.splitlines() if line.strip().startswith(group + " "))
+        assert GROUP_HELP[group] in line
+    loss_line = next(line for line in text.splitlines() if line.strip().startswith("loss "))
+    assert "triplet*" in loss_line and "contrastive" in loss_line
+    for f in schema_fields(TrainerConfig):
+        assert any(line.strip().startswith(f.name + " ") for line in text.splitlines()), f.name
+        assert f.metadata.get("help"), f"TrainerConfig.{f.name} has no help text"
