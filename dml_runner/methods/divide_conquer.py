@@ -279,14 +279,17 @@ class DivideConquerMethod(StandardMethod):
         if self.fc_init == "sliced":
             init_sliced_xavier_normal_(head.fc, self.slices, seed=self.ctx.seed + 1)
         if self.embedding == "sliced":
+            if not hasattr(head, "set_slices"):
+                raise DMLRunnerError("method.embedding=sliced needs the backbone's EmbeddingHead; use "
+                                     "method.embedding=whole with this model")
             head.set_slices(self.slices)
         info = getattr(self.ctx.model, "info", None)
         if isinstance(info, dict):
             width = self.slices[0].stop - self.slices[0].start
+            whole = "L2-normalised" if getattr(head, "normalize", True) else "not normalised (backbone.normalize=false)"
             info["dc_embedding"] = (
-                f"sliced: each of the {len(self.slices)} slices ({width} dims) L2-normalised on its own, then the "
-                "concatenation L2-normalised" if self.embedding == "sliced"
-                else "whole: the fc output L2-normalised as a whole")
+                f"sliced: each of the {len(self.slices)} slices ({width} dims) L2-normalised on its own, the "
+                f"concatenation {whole}" if self.embedding == "sliced" else f"whole: the fc output {whole} as a whole")
             info["dc_fc_init"] = self.fc_init
 
     def phase(self, epoch: int) -> str:
