@@ -155,7 +155,11 @@ def main() -> None:
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         print(format_help())
         return
+    from dml_runner import callbacks
+
     app()
+    if callbacks.FAILED_JOBS:  # a sweep with failed jobs (listed by the sweep summary) is not a success
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

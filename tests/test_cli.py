@@ -51,7 +51,12 @@ def test_dml_run_writes_the_run_directory(tmp_path):
 def test_multirun_writes_a_summary_and_survives_a_failed_job(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", "trainer=smoke", "trainer.eval_before_training=false", "trainer.save_checkpoints=false",
-                    "trainer.select_metric=recall@1,no_such_metric", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+                    "trainer.select_metric=recall@1,no_such_metric", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
+                   check=False)
+    assert proc.returncode == 1  # a sweep with a failed job is not a success ...
+    assert "1 of 2 sweep jobs did not complete" in proc.stderr  # ... and the failed job is listed
+    assert "job 1 (trainer=smoke" in proc.stderr and "no_such_metric" in proc.stderr
+    assert (sweep / "sweep_trainer.select_metric.png").is_file()  # a categorical sweep gets a chart too
     summary = pd.read_csv(sweep / "summary.csv")
     assert summary["status"].tolist() == ["completed", "failed"], proc.stdout
     assert "no_such_metric" in summary.loc[1, "error"]
