@@ -359,7 +359,7 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
     if not dist_info.is_main:
         return {**results, "rank": dist_info.rank}  # evaluation ran on rank 0 only: no metrics here
     write_json_atomic(results, out_dir / "results.json")
-    _plot_history(out_dir, f"{data.name} / {cfg_choice(hydra_meta, 'loss')}")
+    _plot_history(out_dir, f"{data.name} / {cfg_choice(hydra_meta, 'loss')}", outcome["best"])
     return results
 
 
@@ -367,14 +367,15 @@ def cfg_choice(hydra_meta: dict[str, Any] | None, group: str) -> str:
     return str((hydra_meta or {}).get("choices", {}).get(group, ""))
 
 
-def _plot_history(out_dir: Path, title: str) -> None:
+def _plot_history(out_dir: Path, title: str, best: dict[str, Any] | None) -> None:
     """learning_curves.png next to history.csv; a plotting failure never fails a finished run."""
     import pandas as pd
 
-    from dml_runner.plots import plot_learning_curves
+    from dml_runner.learning_curves import plot_learning_curves
 
     try:
-        plot_learning_curves(pd.read_csv(out_dir / "history.csv"), out_dir / "learning_curves.png", title=title)
+        plot_learning_curves(pd.read_csv(out_dir / "history.csv"), out_dir / "learning_curves.png", best=best,
+                             title=title)
     except Exception as err:  # noqa: BLE001
         log.warning("could not plot learning curves: %s", err)
 
