@@ -112,7 +112,10 @@ def distance_weighted_triplets(
 
 
 def closest_negative_triplets(dist: Tensor, labels: Tensor, cutoff: float = 0.5) -> Triplets:
-    """Negative selection of the official Divide-and-Conquer code (CompVis, ``lib/loss/sampler.py``).
+    """Negative selection of the official Divide-and-Conquer code (CompVis, ``lib/loss/sampler.py``) on balanced batches.
+
+    Equal to the official sampler only when every anchor has enough negatives at ``d >= cutoff``; the margin loss's
+    ``sampling="closest_exact"`` ports that sampler line by line.
 
     Every positive pair (a, p) is kept; anchor a takes as many negatives as it has positives, the closest ones
     with ``d_an >= cutoff``; the k-th positive of a (in index order) is paired with its k-th such negative, and
