@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dml_runner.evaluation import estimate_memory_bytes, evaluate, kmeans, nmi_from_assignments
-from dml_runner.evaluation.kmeans import BLOCK, _assign, _draw, augment, block_argmax, kmeanspp, torch_kmeans
+from dml_runner.evaluation import estimate_memory_bytes, evaluate, nmi_from_assignments
+from dml_runner.evaluation.kmeans import BLOCK, _assign, _draw, augment, block_argmax, kmeans, kmeanspp, torch_kmeans
 
 PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16"])
 

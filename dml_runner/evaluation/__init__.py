@@ -20,7 +20,7 @@ from dml_runner.evaluation._validation import (
 )
 from dml_runner.evaluation.clustering import f1_from_assignments, kmeans_assignments, nmi_from_assignments
 from dml_runner.evaluation.cpu import cpu_info, describe_paths, use_bf16_screen
-from dml_runner.evaluation.kmeans import kmeans, low_precision_dtype
+from dml_runner.evaluation.kmeans import low_precision_dtype  # noqa: F401  (the k-means API: evaluation.kmeans.kmeans)
 from dml_runner.evaluation.memory import SCREENED_BYTES_PER_ELEMENT, estimate_memory_bytes, rows_per_chunk
 from dml_runner.evaluation.retrieval import exact_retrieval, faiss_retrieval
 from dml_runner.evaluation.screened import screened_retrieval
@@ -38,7 +38,6 @@ __all__ = [
     "evaluate",
     "estimate_memory_bytes",
     "f1_from_assignments",
-    "kmeans",
     "kmeans_assignments",
     "nmi_from_assignments",
     "resolve_device",

@@ -35,7 +35,7 @@ BLOCK = 64
 SEED_ROUNDS = 128  # at most this many sequential passes over the data to seed
 # Seeding steps on at most this many values run on one CPU thread: each step is a few small ops whose OpenMP
 # start-up and barriers cost more than the work (3-12x slower with 2 threads on a busy 2-core machine).
-SEED_ONE_THREAD_VALUES = 2**22
+SEED_ONE_THREAD_VALUES = 2**20
 KMEANS_BACKENDS = ("auto", "torch", "faiss")
 
 
@@ -84,8 +84,8 @@ def _assign(x_aug: torch.Tensor, centroids: torch.Tensor, dtype: torch.dtype, ch
 
 
 def _sq_dist_to(x: torch.Tensor, xn: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """(n, m) squared distances of the rows of x (squared norms xn) to the rows of c, float32, >= 0."""
-    return torch.addmm(xn[:, None] + (c * c).sum(1)[None, :], x, c.T, alpha=-2.0).clamp_min_(0.0)
+    """(m, n) squared distances of the rows of c to the rows of x (squared norms xn), float32, >= 0."""
+    return torch.addmm((c * c).sum(1)[:, None] + xn[None, :], c, x.T, alpha=-2.0).clamp_min_(0.0)
 
 
 def _draw(weights: torch.Tensor, m: int, gen: torch.Generator) -> torch.Tensor:
@@ -125,7 +125,7 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
     xn = (x * x).sum(1)
     first = torch.randint(n, (1,), generator=gen).to(x.device)
     chosen = [first]
-    d2 = _sq_dist_to(x, xn, x[first])[:, 0]
+    d2 = _sq_dist_to(x, xn, x[first])[0]
     count = 1
     per_round = max(1, -(-(k - 1) // max(rounds, 1)))
     trials = trials or (2 + int(math.log(k)) if per_round == 1 else 1)
@@ -134,17 +134,19 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
         if m == 1:
             cand = _draw(d2, trials, gen)
             dc = _sq_dist_to(x, xn, x[cand])
-            best = int(torch.minimum(d2[:, None], dc).sum(0).argmin())
+            best = int(torch.minimum(d2[None, :], dc).sum(1).argmin())
             pick = cand[best : best + 1]
-            d2 = torch.minimum(d2, dc[:, best])
+            d2 = torch.minimum(d2, dc[best])
         else:
             cand = _draw(d2, m, gen)
-            dc = _sq_dist_to(x, xn, x[cand])
-            keep = _sequential_acceptance(dc[cand].cpu().double().numpy(), d2[cand].cpu().double().numpy(),
+            xc = x[cand].double()
+            cc = ((xc[:, None, :] - xc[None, :, :]) ** 2).sum(2)  # (m, m), m ~ k / SEED_ROUNDS
+            keep = _sequential_acceptance(cc.cpu().numpy(), d2[cand].cpu().double().numpy(),
                                           torch.rand(cand.numel(), generator=gen, dtype=torch.float64).numpy())
-            keep_t = torch.as_tensor(keep, device=x.device)
-            pick = cand[keep_t]
-            d2 = torch.minimum(d2, dc[:, keep_t].amin(1))
+            pick = cand[torch.as_tensor(keep, device=x.device)]
+            xp = x[pick]
+            nearest = torch.addmm((xp * xp).sum(1)[:, None] + xn[None, :], xp, x.T, alpha=-2.0).amin(0)
+            d2 = torch.minimum(d2, nearest.clamp_min_(0.0))
         chosen.append(pick)
         count += pick.numel()
     return torch.cat(chosen)[:k]
