@@ -89,6 +89,7 @@ def plot_curves_by_group(histories: dict[str, list[pd.DataFrame]], out_png: Path
             ax.plot(mean.index, mean, marker="o", ms=3, label=f"{name} (n={len(parts)})")
             ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
             drawn = True
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{split} {metric} (%)")
         ax.grid(alpha=0.3)

@@ -440,8 +440,8 @@ def digits_runs(root: Path, n_runs: int) -> list[Path]:
     runs = []
     for i in range(n_runs):
         run = write_run(root / str(i), table=None, seed=0, dataset="digits", metrics={"recall@1": 0.9, "nmi": 0.5},
-                        extra_cfg={"dataset": digits_cfg, "loss": {"margin": 0.1 * i}},
-                        overrides=[f"loss.margin={0.1 * i}"],
+                        extra_cfg={"dataset": digits_cfg, "loss": {"margin": round(0.1 * i, 2)}},
+                        overrides=[f"loss.margin={round(0.1 * i, 2)}"],
                         history={"epoch": [0, 1, 2], "test/recall@1": [0.5, 0.8, 0.9], "test/nmi": [0.1, 0.4, 0.5]})
         emb = np.eye(5)[test_labels - 5] + 0.3 * rng.normal(size=(len(test_labels), 5))
         np.savez(run / "embeddings.npz", embeddings=np.hstack([emb, 0.1 * rng.normal(size=(len(emb), 59))])

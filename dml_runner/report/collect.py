@@ -241,7 +241,7 @@ def fingerprint(res: dict[str, Any]) -> dict[str, Any]:
     evaluation = f"{data.get('eval_mode', '?')} R@{','.join(map(str, ks))}"
     if eval_cfg.get("metrics"):
         evaluation += " " + ",".join(map(str, eval_cfg["metrics"]))
-    split = ",".join(f"{k}={cfg_ds[k]}" for k in ("protocol", "split_file", "val_fraction", "repeats")
+    split = " ".join(f"{k} {cfg_ds[k]}" for k in ("protocol", "split_file", "val_fraction", "repeats")
                      if cfg_ds.get(k) is not None)
     return {
         "backbone": model.get("arch") or backbone.get("arch") or choices.get("backbone"),

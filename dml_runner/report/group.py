@@ -224,8 +224,10 @@ def _check_seeds(name: str, members: list[dict[str, Any]]) -> None:
 
 
 def recipe_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """Config keys whose values differ between the rows of a table: the per-row recipe."""
-    return [k for k in _differing([r["runs"][0]["config"] for r in rows]) if not is_neutral(k)]
+    """Config keys whose values differ between the rows of a table: the per-row recipe. A ``_target_`` is left out
+    when its group's choice differs too (the choice names it), and so is the experiment file (the row names it)."""
+    keys = [k for k in _differing([r["runs"][0]["config"] for r in rows]) if not is_neutral(k)]
+    return [k for k in keys if k != "experiment" and not (k.endswith("._target_") and k.split(".")[0] in keys)]
 
 
 # --------------------------------------------------------------------------------------------- numbers

@@ -123,7 +123,7 @@ def protocol_line(table: dict[str, Any]) -> str:
         return ""
     chosen = {
         "final": "final epoch",
-        "best": "best.pt (chosen on " + "/".join(sorted({e["selected_on"] for e in ours})) + ")",
+        "best": "the run's selected checkpoint (chosen on " + "/".join(sorted({e["selected_on"] for e in ours})) + ")",
         "best-val": "best epoch on the validation split",
         "best-test": f"best epoch on the test split ({PILCROW} test-set selection, optimistic)",
     }[table["checkpoint"]]
@@ -213,7 +213,8 @@ h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2.2em;border-bottom:1px solid 
 table{border-collapse:collapse;font-size:.85em;margin:.8em 0;display:block;overflow-x:auto}
 th,td{border:1px solid #ddd;padding:.3em .55em;text-align:right;white-space:nowrap}
 th{background:#f3f3f3;position:sticky;top:0}td:first-child,th:first-child{text-align:left}
-tr.paper-only td{color:#888}tr:nth-child(even) td{background:#fafafa}
+tr.paper-only td{color:#888}td{background:#fff}tr:nth-child(even) td{background:#fafafa}
+td:first-child{position:sticky;left:0;z-index:1}
 .protocol,.recipe{font-size:.85em;color:#444}.description{font-size:.9em;color:#555;border-left:3px solid #ccc;
 padding-left:.8em}.notes{font-size:.82em;color:#333}.smoke{color:#b00;font-weight:bold}
 .files{font-size:.85em}.figures{display:flex;flex-wrap:wrap;gap:1em}
