@@ -8,8 +8,10 @@
 Targets: table1, table2, table3 (HDML CUB / Cars / SOP), lifted, dc, mdl; a target's rows are the files under
 ``conf/experiment/<dir>/`` (``--rows 'lifted_*'`` picks some by glob). Before anything trains, every dataset a row
 needs is checked under ``$DML_DATA`` (``--data``); a missing one stops the run with the ``scripts/prepare_data.py``
-command. ``--smoke`` generates fixture trees (tests/datasets_fixtures.py) and trains small_cnn with trainer=smoke
-for a step or two: minutes on a CPU, numbers meaningless, pipeline identical. Extra Hydra overrides go after ``--``.
+command. ``--smoke`` generates fixture trees (tests/datasets_fixtures.py) and trains every row's own backbone (ImageNet
+weights from the torchvision hub cache when it holds them, else random init with a notice), transform, sampler,
+loss and method for a step or two, on fewer classes per batch and 64-px crops: minutes on a CPU, numbers
+meaningless, pipeline identical; it prints what it shrank per row. Extra Hydra overrides go after ``--``.
 Exit status: 0 = table written; 1 = a row, dataset or job failed (the report lists failed jobs); 2 = usage error.
 """
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import inspect
 import os
 import subprocess
 import sys
@@ -34,9 +35,18 @@ TARGETS: dict[str, dict[str, Any]] = {
     "dc": {"dirs": ["dc"], "title": "Divide and Conquer (CUB, Cars, SOP, In-shop, VehicleID)"},
     "mdl": {"dirs": ["mdl"], "title": "MDL, reconstructed from the abstract (CUB, Cars, SOP)"},
 }
-SMOKE_TRAINER = ["trainer=smoke", "trainer.epochs=1", "trainer.max_steps_per_epoch=2", "trainer.batch_size=6",
-                 "trainer.eval_every=1", "trainer.progress=false", "trainer.num_workers=0",
-                 "trainer.save_checkpoints=false", "trainer.amp=false", "tags=[smoke]"]
+# --smoke shrinks what the issue's rule allows (epochs, steps, data, classes per batch, image size) and keeps the
+# row's backbone and weight loading, transform, sampler and batch layout, loss, method and report.
+SMOKE_STEPS = 2             # batches per epoch (a Divide and Conquer divide epoch: one per learner, at least this)
+SMOKE_CLASSES = 4           # classes (pairs, triplets) per batch; images per class as the row has them
+SMOKE_DC_CLASSES = 2        # classes per batch within one Divide and Conquer cluster (the row: 20)
+SMOKE_BATCH = 16            # a batch without a classes x images layout
+SMOKE_SIDE = 64             # crop side in pixels; GoogLeNet and the ResNets (output stride 32) accept >= 32
+SMOKE_TRAINER = ["trainer.progress=false", "trainer.num_workers=0", "trainer.save_checkpoints=false",
+                 "trainer.amp=false", "trainer.eval_before_training=false", "tags=[smoke]"]
+# Batch layouts other than classes x images: images per unit, the unit (the batch shrinks by whole units).
+BATCH_UNITS = {"HDMLTripletBatchSampler": (3, "triplets [a; p; n]"), "PairStreamBatchSampler": (2, "stream pairs")}
+SIZE_KEYS = ("crop", "resize", "size")  # transform arguments in pixels, scaled together with the crop
 
 
 class PlanError(Exception):
@@ -67,7 +77,7 @@ def compose(overrides: list[str]) -> Any:
 
     register_configs()
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+        return hydra_compose("config", overrides=overrides, return_hydra_config=True)
 
 
 def resolve_rows(rows: list[str], extra: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -108,46 +118,115 @@ def check_data(cfgs: dict[str, Any]) -> list[str]:
 
 
 def make_fixtures(cfgs: dict[str, Any], parent: Path) -> Path:
-    """Fixture trees for every dataset the rows need, in the official layouts, under ``parent``."""
+    """Fixture trees for every dataset the rows need, in the official layouts and big enough for the smoke batches
+    (tests/datasets_fixtures.py: SMOKE_SIZE), under ``parent``."""
     sys.path.insert(0, str(REPO / "tests"))
-    from datasets_fixtures import MAKERS
+    from datasets_fixtures import ROOT_DIRS, SMOKE_SIZE, make_tree
 
     parent.mkdir(parents=True, exist_ok=True)
     for name in sorted({dataset_name(c) for c in cfgs.values()}):
-        if name in MAKERS and not _fixture_exists(parent, name):
-            MAKERS[name](parent)
+        if name in ROOT_DIRS and not (parent / ROOT_DIRS[name]).is_dir():
+            make_tree(name, parent, SMOKE_SIZE)
     return parent
 
 
-def _fixture_exists(parent: Path, name: str) -> bool:
-    dirs = {"cub200": "CUB_200_2011", "cars196": "cars196", "sop": "Stanford_Online_Products", "inshop": "InShop",
-            "vehicleid": "VehicleID_V1.0", "folder": "my_images"}
-    return (parent / dirs[name]).is_dir()
+def hub_weights(arch: str) -> tuple[bool, Path]:
+    """(whether torchvision's hub cache holds ``arch``'s ImageNet weights file, the path it would have)."""
+    try:
+        from dml_runner.backbones.torchvision_nets import hub_weights_available, hub_weights_path
+    except ImportError:  # an older dml_runner: torchvision's own rule (hub dir / checkpoints / the URL's file name)
+        import torch
+        import torchvision
+
+        url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
+        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+        return path.is_file(), path
+    return hub_weights_available(arch), Path(hub_weights_path(arch))
 
 
-def smoke_overrides(row: str, cfg: Any, extra: list[str]) -> list[str]:
-    """Overrides that turn a row into a CPU smoke run: small_cnn, a couple of steps, small crops, tiny batches.
+def _target(node: Any) -> str:
+    return str(node.get("_target_", "")) if node is not None else ""
 
-    The paper's backbone keys that small_cnn does not take (``pretrained``, ``freeze``, ...) are deleted.
+
+def smoke_overrides(row: str, cfg: Any, extra: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra overrides that shrink ``row`` to a CPU smoke run, one line per thing shrunk or changed).
+
+    Shrunk: epochs and steps, the batch (fewer classes, the same images per class), the image size (crop and
+    resize scaled together to a SMOKE_SIDE crop). Kept: backbone and its weights (ImageNet weights from the
+    torchvision hub cache; where the cache lacks them, random init with a notice), transform, sampler, loss,
+    method. A Divide and Conquer row keeps a divide epoch (clustering, per-learner batches) and its conquer phase.
     """
-    from dml_runner.backbones import small_cnn
-
-    out = ["backbone=small_cnn", *SMOKE_TRAINER]
-    accepted = set(inspect.signature(small_cnn).parameters)
-    small = compose([f"+experiment={row}", "backbone=small_cnn", *extra]).backbone
-    out += [f"~backbone.{k}" for k in small if k not in accepted and k != "_target_"]
-    if "samples_per_class" in cfg.sampler:
-        out.append("sampler.samples_per_class=2")
+    del extra  # user overrides follow these on the command line and win (Hydra: the last value of a key)
+    out, notes = list(SMOKE_TRAINER), []
+    # A multirun composes its base config before the swept +experiment: a key of a group the base does not select
+    # (transform.train.crop without a transform) cannot be set there. The groups these overrides touch are
+    # therefore named, with the row's own choices (the composed config is the same).
+    choices = cfg.hydra.runtime.choices
+    out += [f"{group}={choices[group]}" for group in ("backbone", "transform", "method") if choices.get(group)]
+    backbone = cfg.backbone
+    arch = backbone.get("arch")
+    if backbone.get("pretrained") and arch:
+        present, path = hub_weights(str(arch))
+        if present:
+            notes.append(f"weights: {arch} ImageNet weights from the torchvision hub cache ({path})")
+        else:
+            out.append("backbone.pretrained=false")
+            notes.append(f"NOTICE: {path} is not in the torchvision hub cache: backbone.pretrained=false, {arch} "
+                         "starts from RANDOM weights (put the file there, or set TORCH_HOME, to load it)")
+    # the batch: fewer classes, the same images per class
+    method = _target(cfg.get("method"))
+    divide_conquer = method.endswith("DivideConquerMethod") and int(cfg.method.num_clusters) > 1
+    batch = int(cfg.trainer.batch_size)
+    sampler = _target(cfg.sampler).rsplit(".", 1)[-1]
+    per_class = cfg.sampler.get("samples_per_class")
+    if per_class or sampler == "NPairBatchSampler":
+        per_class = int(per_class or 2)
+        classes = min(batch // per_class, SMOKE_DC_CLASSES if divide_conquer else SMOKE_CLASSES)
+        small = classes * per_class
+        notes.append(f"batch: {batch} = {batch // per_class} classes x {per_class} -> {small} = {classes} x "
+                     f"{per_class}" + (" (within one cluster)" if divide_conquer else ""))
+    elif sampler in BATCH_UNITS:
+        size, unit = BATCH_UNITS[sampler]
+        small = min(batch // size, SMOKE_CLASSES) * size
+        notes.append(f"batch: {batch} = {batch // size} {unit} -> {small} = {small // size} {unit}")
+    else:
+        small = min(batch, SMOKE_BATCH)
+        notes.append(f"batch: {batch} -> {small} images")
+    out.append(f"trainer.batch_size={small}")
+    # the image size: every pixel size of a transform scaled with its crop
     for split in ("train", "test"):
-        spec = cfg.transform.get(split)
-        if spec:
-            if "crop" in spec:
-                out.append(f"transform.{split}.crop=32")
-            if "resize" in spec:
-                out.append(f"transform.{split}.resize=36")
-    if cfg.get("method") and "num_clusters" in cfg.method:
-        out.append("method.num_clusters=2")
-    return out
+        spec = cfg.transform.get(split) if cfg.get("transform") else None
+        if not spec or not spec.get("crop") or int(spec.crop) <= SMOKE_SIDE:
+            continue
+        scale = SMOKE_SIDE / int(spec.crop)
+        changed = []
+        for key in SIZE_KEYS:
+            value = spec.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                out.append(f"transform.{split}.{key}={max(1, round(value * scale))}")
+                changed.append(f"{key} {value} -> {max(1, round(value * scale))}")
+        notes.append(f"image ({split}): {', '.join(changed)} px")
+    # epochs and steps
+    epochs = int(cfg.trainer.epochs)
+    if divide_conquer:
+        from dml_runner.methods.divide_conquer import full_embedding_epoch
+
+        k, steps = int(cfg.method.num_clusters), max(SMOKE_STEPS, int(cfg.method.num_clusters))
+        out += ["trainer.epochs=3", "method.finetune_epochs=1", "trainer.eval_every=3",
+                f"trainer.max_steps_per_epoch={steps}"]
+        full_from = cfg.method.get("full_embedding_from", "conquer")
+        if isinstance(full_from, int) and not isinstance(full_from, bool):
+            out.append("method.full_embedding_from=2")  # an epoch of the row's schedule: the smoke run's second
+            full_from = 2
+        first_full = full_embedding_epoch(3, 1, full_from)
+        phases = "divide 1 (clustering)" + (", full embedding on cluster batches 2" if first_full == 2 else
+                                            ", divide 2") + ", conquer 3"
+        notes.append(f"epochs: {epochs} -> 3 ({phases}; method.finetune_epochs {cfg.method.finetune_epochs} -> 1), "
+                     f"at most {steps} steps per epoch (one batch per learner, K = {k})")
+    else:
+        out += ["trainer.epochs=1", "trainer.eval_every=1", f"trainer.max_steps_per_epoch={SMOKE_STEPS}"]
+        notes.append(f"epochs: {epochs} -> 1, at most {SMOKE_STEPS} steps")
+    return out, notes
 
 
 def dml_run_cmd() -> list[str]:
@@ -175,11 +254,16 @@ def plan(target: str, seeds: int, smoke: bool, rows_glob: str | None, extra: lis
     problems = check_data(cfgs)
     if problems:
         raise PlanError("missing data, nothing was trained:\n" + "\n".join(problems))
-    # A real run is ONE multirun over rows x seeds. A smoke run deletes the paper backbone's keys (~backbone.x),
-    # which Hydra cannot do while the experiment itself is swept: there, one multirun per row (over the seeds).
+    # A real run is ONE multirun over rows x seeds. A smoke run shrinks each row by its own batch layout, image size
+    # and method: one multirun per set of rows that share the same shrinking overrides.
     if smoke:
-        groups = [([row], smoke_overrides(row, cfg, extra), sweep_root / row.replace("/", "__"))
-                  for row, cfg in cfgs.items()]
+        by_overrides: dict[tuple[str, ...], list[str]] = {}
+        for row, cfg in cfgs.items():
+            over, notes = smoke_overrides(row, cfg, extra)
+            print(f"SMOKE {row}: " + "; ".join(notes))
+            by_overrides.setdefault(tuple(over), []).append(row)
+        groups = [(members, list(over), sweep_root / f"group{i}")
+                  for i, (over, members) in enumerate(by_overrides.items())]
     else:
         groups = [(list(cfgs), [], sweep_root)]
     commands = []
@@ -201,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("target", choices=sorted(TARGETS))
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (default 3)")
     p.add_argument("--data", help="directory holding the dataset directories (sets $DML_DATA)")
-    p.add_argument("--smoke", action="store_true", help="fixture data, small_cnn, trainer=smoke (CPU, minutes)")
+    p.add_argument("--smoke", action="store_true", help="fixture data, a step or two, small batches and crops, the rows' own components (CPU, minutes)")
     p.add_argument("--rows", help="comma-separated globs over the row file names, e.g. 'lifted_*,*_cub200'")
     p.add_argument("--out", help="sweep directory (default outputs/reproduce/<target>[-smoke]/<time>)")
     p.add_argument("--tables", help="report directory (default outputs/tables/<target>[-smoke])")

@@ -12,6 +12,7 @@ learn something on them in a smoke reproduction run. Example::
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,56 @@ def make_folder(parent: Path, n_classes: int = 6, per_class: int = 3, size: tupl
 
 MAKERS = {"cub200": make_cub200, "cars196": make_cars196, "sop": make_sop, "inshop": make_inshop,
           "vehicleid": make_vehicleid, "folder": make_folder}
+ROOT_DIRS = {"cub200": "CUB_200_2011", "cars196": "cars196", "sop": "Stanford_Online_Products", "inshop": "InShop",
+             "vehicleid": "VehicleID_V1.0", "folder": "my_images"}
+
+
+@dataclass(frozen=True)
+class TreeSize:
+    """How big a fixture tree is: training classes x images per class, and test classes (same images per class).
+
+    Training classes and images bound the batches a row can draw (an N-pair batch of N classes x 2, a
+    class-balanced batch of P x K, K Divide and Conquer learners each needing classes of their own); test classes
+    bound the retrieval evaluation.
+    """
+
+    train_classes: int
+    per_class: int
+    test_classes: int = 6
+
+
+# Smoke reproduction runs and the per-row real-path tests: a few classes per batch, up to K = 8 Divide and Conquer
+# clusters of ~4 classes each, 4 images per class (the largest images-per-class of the rows' batches).
+SMOKE_SIZE = TreeSize(train_classes=32, per_class=4, test_classes=6)
+# One step at a row's full batch: 64 classes x 2 (N-pair), 40 x 3 (triplets), 20 x 4 (Divide and Conquer).
+FULL_BATCH_SIZE = TreeSize(train_classes=64, per_class=4, test_classes=4)
+
+
+def make_tree(name: str, parent: Path, size: TreeSize, image_size: tuple[int, int] = SIZE) -> Path:
+    """The ``name`` tree under ``parent`` in its official layout, holding ``size``'s classes; returns its root.
+
+    CUB and Cars keep their class-number split (training classes from 1, test classes from the first test class),
+    SOP its train/test lists, In-shop its train/query/gallery partition (per test item: all images but one are
+    queries, one is the gallery), VehicleID its train list and three test lists.
+    """
+    parent = Path(parent)
+    train, k = list(range(1, size.train_classes + 1)), size.per_class
+    if name in ("cub200", "cars196"):
+        first_test = {"cub200": 101, "cars196": 99}[name]
+        if size.train_classes >= first_test or size.test_classes >= first_test:
+            raise ValueError(f"{name} has {first_test - 1} training and {first_test - 1} test classes")
+        return MAKERS[name](parent, [*train, *range(first_test, first_test + size.test_classes)], k, image_size)
+    test = list(range(1001, 1001 + size.test_classes))
+    if name == "sop":
+        return make_sop(parent, train, test, k, image_size)
+    if name == "inshop":
+        return make_inshop(parent, train, test, train_per_item=k, query_per_item=max(1, k - 1), gallery_per_item=1,
+                           size=image_size)
+    if name == "vehicleid":
+        return make_vehicleid(parent, train, test, per_id=k, singleton_ids=(), size=image_size)
+    if name == "folder":
+        return make_folder(parent, n_classes=size.train_classes + size.test_classes, per_class=k, size=image_size)
+    raise ValueError(f"no fixture tree for dataset {name!r}; choose one of {sorted(MAKERS)}")
 
 
 def make_all(parent: Path) -> dict[str, Path]:

@@ -1,11 +1,9 @@
-"""conf/experiment: every file composes with the paper's hyperparameters, points at a reference row, and a handful
-train on a tiny CPU setting (fixture data, small_cnn). Also the `logger` config group and its classes."""
+"""conf/experiment: every file composes with the paper's hyperparameters and points at a reference row (each row
+trains on the real path in tests/test_real_path.py). Also the `logger` config group and its classes."""
 
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -17,15 +15,6 @@ from dml_runner.reference import load_reference, reference_tables
 CONF = conf_dir()
 EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in
                      (CONF / "experiment").rglob("*.yaml"))
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _reproduce():
-    spec = importlib.util.spec_from_file_location("reproduce", REPO / "scripts" / "reproduce.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("reproduce", module)
-    spec.loader.exec_module(module)
-    return module
 
 
 def needs_options(name: str) -> list[str]:
@@ -116,30 +105,6 @@ def test_hdml_and_divide_conquer_hyperparameters(compose_cfg):
     assert compose_cfg("+experiment=dc/sop").method.num_clusters == 8
     vid = compose_cfg("+experiment=dc/vehicleid_small")
     assert vid.dataset.test_size == "small" and vid.dataset.protocol == "loo"
-
-
-SMOKE_ROWS = ["hdml/table1_cub200/npair", "hdml/table1_cub200/hdml_npair", "lifted/triplet_sop", "dc/inshop",
-              "mdl/mdl_cars196"]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", SMOKE_ROWS)
-def test_experiment_trains_on_a_tiny_cpu_setting(compose_cfg, tmp_path, monkeypatch, name):
-    """The row's own config with reproduce.py's SMOKE overrides, on fixture data, through dml_runner.run.run."""
-    skip_if_unavailable(name)
-    from datasets_fixtures import MAKERS
-
-    from dml_runner.run import run
-
-    reproduce = _reproduce()
-    monkeypatch.setenv("DML_DATA", str(tmp_path / "data"))
-    cfg = compose_cfg(f"+experiment={name}")
-    MAKERS[reproduce.dataset_name(cfg)](tmp_path / "data")
-    overrides = [o for o in reproduce.smoke_overrides(name, cfg, []) if o != "tags=[smoke]"]
-    cfg = compose_cfg(f"+experiment={name}", *overrides, "trainer.eval_before_training=false")
-    results = run(cfg, tmp_path / "run")
-    assert results["status"] == "completed" and results["config"]["reference"]["row"] == cfg.reference.row
-    assert results["model"]["arch"] == "small_cnn" and 0.0 <= results["metrics"]["recall@1"] <= 1.0
 
 
 # ----------------------------------------------------------------------------------------- logger group
