@@ -116,7 +116,7 @@ def format_help() -> str:
     conf = conf_dir()
     defaults = _defaults()
     lines = ["dml-run: train and evaluate a deep-metric-learning model; every setting is a Hydra override.",
-             "usage: dml-run [group=option ...] [group.key=value ...]      e.g. dml-run loss=contrastive optimizer.lr=1e-4",
+             "usage: dml-run [group=option ...] [group.key=value ...]  (e.g. loss=contrastive optimizer.lr=1e-4)",
              "       dml-run -m key=a,b,c ...   (a sweep: one run per value, summary.csv and plots in the sweep dir)",
              "", "config groups (group=option; * the default):"]
     groups = sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name not in AUTOMATIC_GROUPS
