@@ -38,10 +38,12 @@ test-fast: $(STAMP) ## Run the tests not marked slow
 clean-outputs: ## Delete outputs/ run directories (asks first)
 	@read -p "delete everything under outputs/ ? [y/N] " ans && [ "$$ans" = y ] && find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} + || echo kept
 
-# --- paper reproduction (issue 9)
+# --- paper reproduction
 # make reproduce-<table> [SEEDS=3] [DATA=/path/to/datasets] [SMOKE=1] [REPRODUCE_OPTS="--rows 'npair,hdml_*'"]
 # [ARGS="hydra overrides for every job"]: scripts/reproduce.py checks rows and data, runs one Hydra multirun
 # (rows x seeds) and writes the table with dml-report into outputs/tables/<table>[-smoke]/ (docs/REPRODUCING.md).
+# SMOKE=1: fixture data, a step or two, fewer classes per batch and 64-px crops, each row's own backbone, weights
+# (from $TORCH_HOME's hub cache when there, else random init with a NOTICE), transform, sampler, loss and method.
 SEEDS ?= 3
 DATA ?=
 SMOKE ?=
