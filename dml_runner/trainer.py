@@ -340,7 +340,7 @@ class Trainer:
         if self.select_split == "final":  # no validation split: the final epoch is the selected checkpoint
             self.best = {"epoch": s.epochs, "split": "final", "metric": s.select_metric,
                          "value": (self._last_test or {}).get(s.select_metric), "test_metrics": self._last_test,
-                         "checkpoint": "last.pt"}
+                         "checkpoint": "last.pt" if s.save_checkpoints else None}
         if s.save_embeddings and self.dist.is_main:
             self._save_embeddings(self._last_emb)
         return {"final": {"epoch": s.epochs, "metrics": self._last_test},
