@@ -319,7 +319,7 @@ def test_pulling_factor_sweep_of_dml_run_gives_one_row_per_value(tmp_path, capsy
         assert row["recall@1_best_test"] == pytest.approx(100 * trained["test/recall@1"].max())
         assert row["recipe"] == f"loss.pulling_factor={pf}"
     md = capsys.readouterr().out
-    assert "| pulling_factor=0 | 1 |" in md and "R@1 best-on-test ¶" in md
+    assert "| pulling_factor=0 | 1 |" in md and "R@1 best-on-test (test-set selection) ¶" in md
     linked = assert_html_well_formed_and_linked(out / "index.html")
     assert {"runs_digits_tsne.png", "runs_digits_pulling_factor=90_retrieval.png", "runs_digits.csv"} <= linked
 
@@ -361,9 +361,18 @@ def test_best_on_validation_and_on_test_from_history(tmp_path):
     assert best_test["recall@1_delta"] == pytest.approx(best_test["recall@1"] - 51.9)
     assert frame_of["best-val"].loc["npair", "recall@1"] == pytest.approx(row["recall@1_best_val"])
     md = (tmp_path / "final" / "report.md").read_text()
-    assert "R@1 best-on-val" in md and "R@1 best-on-test ¶" in md and "test-set selection" in md
+    assert "R@1 best-on-val" in md and "R@1 best-on-test (test-set selection) ¶" in md and "test-set selection" in md
     assert "Metrics: final epoch." in md
     assert "Metrics: best epoch on the test split" in (tmp_path / "best-test" / "report.md").read_text()
+    # the official HDML code kept the epoch with the best test NMI: --select-metric nmi
+    assert main([str(tmp_path / "0"), str(tmp_path / "1"), "--out", str(tmp_path / "nmi"), "--no-figures",
+                 "--select-metric", "nmi"]) == 0
+    by_nmi = pd.read_csv(tmp_path / "nmi" / "hdml_table1_cub200_cub200.csv").set_index("row").loc["npair"]
+    nmi_epochs = [1 + int(np.argmax(h["test/nmi"][1:])) for h in histories]
+    assert by_nmi["best_test_epochs"] == " ".join(map(str, nmi_epochs)) == "2 3"
+    assert by_nmi["recall@1_best_test"] == pytest.approx(
+        100 * np.mean([h["test/recall@1"][e] for h, e in zip(histories, nmi_epochs)]))
+    assert "NMI best-on-test (test-set selection) ¶" in (tmp_path / "nmi" / "report.md").read_text()
 
 
 def test_runs_without_history_have_no_best_columns(tmp_path):

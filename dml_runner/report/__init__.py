@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 def report(paths: Sequence[Path | str], out: Path | str = "outputs/tables", checkpoint: str = "final",
            split_by: Sequence[str] = (), allow_mixed: bool = False, metrics: Sequence[str] | None = None,
            figures: bool = True, tsne_points: int = 300, group_by: Sequence[str] = (),
-           html: bool = True) -> dict[str, Any]:
+           html: bool = True, select_metric: str | None = None) -> dict[str, Any]:
     """Build and write every table; returns ``{"tables": [...], "failed": [...], "files": [...]}``."""
-    records = find_runs(paths)
+    records = find_runs(paths, select_metric)
     if not records:
         raise ReportError(f"no results.json found under {', '.join(map(str, paths))}")
     failed = [r for r in records if r["status"] != "completed"]
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-by", action="append", default=[], metavar="KEY",
                    help="rows by the values of these dotted config keys only (and the experiment row); runs that "
                         "differ in other settings are pooled and the row's footnote lists them")
+    p.add_argument("--select-metric", metavar="METRIC",
+                   help="metric that picks the best-on-val/best-on-test epoch (default: each run's "
+                        "trainer.select_metric, recall@1; the official HDML code kept the best test nmi)")
     p.add_argument("--allow-mixed-protocols", action="store_true",
                    help="put rows with different protocol fingerprints in one table (each row shows its protocol)")
     p.add_argument("--metrics", nargs="+", help="metric columns (default: the paper table's, else R@K, NMI, F1, MAP@R)")
@@ -111,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = report(args.paths, args.out, args.checkpoint, args.split_by, args.allow_mixed_protocols,
                         args.metrics, figures=not args.no_figures, tsne_points=args.tsne_points,
-                        group_by=args.group_by, html=args.html)
+                        group_by=args.group_by, html=args.html, select_metric=args.select_metric)
     except ReportError as err:
         print(f"dml-report: error: {err}", file=sys.stderr)
         return 1

@@ -46,8 +46,10 @@ class ReportError(DMLRunnerError):
     """A report that cannot be built as asked (the message says why and what to do)."""
 
 
-def find_runs(paths: Sequence[Path | str]) -> list[dict[str, Any]]:
-    """One record per run directory under ``paths`` (completed and failed; job dirs without results.json = failed)."""
+def find_runs(paths: Sequence[Path | str], select_metric: str | None = None) -> list[dict[str, Any]]:
+    """One record per run directory under ``paths`` (completed and failed; job dirs without results.json = failed).
+
+    ``select_metric`` picks the best-on-val/test epochs (default: each run's ``trainer.select_metric``)."""
     seen: set[Path] = set()
     records = []
     for raw in paths:
@@ -64,7 +66,7 @@ def find_runs(paths: Sequence[Path | str]) -> list[dict[str, Any]]:
             run_dir = res_path.parent.resolve()
             if run_dir not in seen:
                 seen.add(run_dir)
-                records.append(load_run(res_path))
+                records.append(load_run(res_path, select_metric))
         for job_dir in job_dirs:  # a Hydra job that crashed before writing results.json
             if job_dir.resolve() not in seen and not (job_dir / "multirun.yaml").exists():
                 seen.add(job_dir.resolve())
@@ -110,7 +112,7 @@ def recipe_config(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_run(results_path: Path | str) -> dict[str, Any]:
+def load_run(results_path: Path | str, select_metric: str | None = None) -> dict[str, Any]:
     """The fields of one results.json (and its history.csv) that a report needs."""
     results_path = Path(results_path)
     try:
@@ -130,7 +132,7 @@ def load_run(results_path: Path | str) -> dict[str, Any]:
         "dataset": dataset_label(res), "overrides": list(res.get("overrides") or []),
         "override_keys": {o.partition("=")[0].lstrip("+~") for o in res.get("overrides") or []},
         "smoke": "smoke" in (cfg.get("tags") or []), "config": recipe_config(res),
-        "select_metric": trainer.get("select_metric") or "recall@1",
+        "select_metric": select_metric or trainer.get("select_metric") or "recall@1",
     }
     rec.update(fingerprint(res))
     rec["batch"] = batch_label(res)

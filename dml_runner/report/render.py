@@ -57,7 +57,7 @@ def extra_readings(table: dict[str, Any]) -> list[str]:
 
 def reading_title(reading: str, metric: str) -> str:
     title = f"{metric_title(metric)} {READING_TITLES[reading]}"
-    return title + f" {PILCROW}" if reading == "best_test" else title
+    return title + f" (test-set selection) {PILCROW}" if reading == "best_test" else title
 
 
 def _cells(table: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
@@ -111,7 +111,7 @@ def _cells(table: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]
     if "best_test" in extras or table["checkpoint"] == "best-test":
         epochs = "; ".join(f"{e['row']}: {e['best_test_epochs']}" for e in ours if e.get("best_test_epochs"))
         notes.insert(0, f"{PILCROW} best-on-test = test-set selection: per run, the test metrics of the trained "
-                        "epoch with the highest test selection metric (trainer.select_metric) among the evaluated "
+                        f"epoch with the highest test {metric_title(ours[0]['select_metric'])} among the evaluated "
                         "epochs (every trainer.eval_every). Optimistic; it is what the official Divide & Conquer "
                         "and HDML codes report." + (f" Epochs picked: {epochs}." if epochs else ""))
     return header, body, list(dict.fromkeys(notes))
