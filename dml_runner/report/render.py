@@ -212,15 +212,30 @@ color:#222;line-height:1.4}
 h1{font-size:1.6em}h2{font-size:1.25em;margin-top:2.2em;border-bottom:1px solid #ccc;padding-bottom:.2em}
 table{border-collapse:collapse;font-size:.85em;margin:.8em 0;display:block;overflow-x:auto}
 th,td{border:1px solid #ddd;padding:.3em .55em;text-align:right;white-space:nowrap}
-th{background:#f3f3f3;position:sticky;top:0}td:first-child,th:first-child{text-align:left}
+th{background:#f3f3f3}th.metric{text-align:center}td:first-child,th:first-child{text-align:left}
 tr.paper-only td{color:#888}td{background:#fff}tr:nth-child(even) td{background:#fafafa}
 td:first-child{position:sticky;left:0;z-index:1}
 .protocol,.recipe{font-size:.85em;color:#444}.description{font-size:.9em;color:#555;border-left:3px solid #ccc;
 padding-left:.8em}.notes{font-size:.82em;color:#333}.smoke{color:#b00;font-weight:bold}
 .files{font-size:.85em}.figures{display:flex;flex-wrap:wrap;gap:1em}
-figure{margin:0;border:1px solid #ddd;padding:.4em;background:#fff}figure img{max-width:640px;height:auto;display:block}
-figcaption{font-size:.8em;color:#555;margin-top:.3em}nav ul{columns:2;font-size:.9em}
+figure{margin:0;border:1px solid #ddd;padding:.4em;background:#fff}figure img{max-width:min(600px,100%);height:auto;display:block}
+figcaption{font-size:.8em;color:#555;margin-top:.3em}nav ul{font-size:.9em}
 """
+
+
+def _html_header(table: dict[str, Any], header: list[str]) -> str:
+    """Two header rows when paper numbers are shown (a metric over its ours / paper / Δ columns), else one."""
+    esc = html.escape
+    if not has_paper_numbers(table):
+        return "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead>"
+    n_metric_cols = 3 * len(table["metrics"])
+    first = header.index(f"{metric_title(table['metrics'][0])} ours")
+    lead, tail = header[:first], header[first + n_metric_cols:]
+    top = "".join(f'<th rowspan="2">{esc(h)}</th>' for h in lead)
+    top += "".join(f'<th colspan="3" class="metric">{esc(metric_title(m))}</th>' for m in table["metrics"])
+    top += "".join(f'<th rowspan="2">{esc(h)}</th>' for h in tail)
+    sub = "".join("<th>ours</th><th>paper</th><th>Δ</th>" for _ in table["metrics"])
+    return f"<thead><tr>{top}</tr><tr>{sub}</tr></thead>"
 
 
 def render_html(tables: list[dict[str, Any]], failed: list[dict[str, Any]], out_dir: Path) -> str:
@@ -251,7 +266,7 @@ def render_html(tables: list[dict[str, Any]], failed: list[dict[str, Any]], out_
         if recipe_line(t):
             parts.append(f'<p class="recipe">{esc(recipe_line(t).replace("`", ""))}</p>')
         parts.append("<table>")
-        parts.append("<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr></thead>")
+        parts.append(_html_header(t, header))
         parts.append("<tbody>")
         for e, row in zip(t["rows"], body):
             cls = ' class="paper-only"' if e["kind"] == "paper only" else ""
