@@ -27,8 +27,7 @@ from dml_runner.report.collect import FINGERPRINT, MISSING, ReportError, is_neut
 # checkpoint_selected_on split), "best-val"/"best-test" the best epoch on validation/test from history.csv.
 CHECKPOINTS = {"final": "metrics", "best": "best_checkpoint", "best-val": "best_val", "best-test": "best_test"}
 READINGS = {"final": "metrics", "best_val": "best_val", "best_test": "best_test"}  # per-row readings (columns)
-READING_TITLES = {"final": "final", "best_val": "best-on-val", "best_test": "best-on-test",
-                  "best_checkpoint": "best.pt"}
+READING_TITLES = {"final": "final", "best_val": "best-on-val", "best_test": "best-on-test"}
 
 
 def split_value(run: dict[str, Any], key: str) -> Any:
@@ -133,8 +132,6 @@ def table_slug(table: dict[str, Any]) -> str:
 def _format_value(value: Any) -> str:
     if isinstance(value, tuple):
         return "[" + ",".join(_format_value(v) for v in value) + "]"
-    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
-        return str(value)
     return str(value)
 
 

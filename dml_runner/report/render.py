@@ -218,7 +218,8 @@ td:first-child{position:sticky;left:0;z-index:1}
 .protocol,.recipe{font-size:.85em;color:#444}.description{font-size:.9em;color:#555;border-left:3px solid #ccc;
 padding-left:.8em}.notes{font-size:.82em;color:#333}.smoke{color:#b00;font-weight:bold}
 .files{font-size:.85em}.figures{display:flex;flex-wrap:wrap;gap:1em}
-figure{margin:0;border:1px solid #ddd;padding:.4em;background:#fff}figure img{max-width:min(600px,100%);height:auto;display:block}
+figure{margin:0;border:1px solid #ddd;padding:.4em;background:#fff}
+figure img{max-width:min(600px,100%);height:auto;display:block}
 figcaption{font-size:.8em;color:#555;margin-top:.3em}nav ul{font-size:.9em}
 """
 
