@@ -233,14 +233,14 @@ def test_rows_of_one_paper_table_may_use_different_batches(tmp_path):
 def test_overrides_under_loss_method_dataset_make_separate_rows(tmp_path):
     """A method.num_clusters sweep, two dataset.root trees and two folders: one row each, named by the key."""
     for seed in (0, 1):
-        for k in (2, 4):
+        for k in (16, 2, 4):
             write_run(tmp_path / "dc" / f"k{k}s{seed}", table=None, seed=seed, dataset="cub200",
                       metrics={"recall@1": 0.1 * k + 0.01 * seed},
                       extra_cfg={"method": {"_target_": "DivideConquer", "num_clusters": k}},
                       overrides=[f"method.num_clusters={k}", f"trainer.seed={seed}"])
     result = report([tmp_path / "dc"], tmp_path / "out", figures=False)
     rows = ours_rows(result)
-    assert set(rows) == {"num_clusters=2", "num_clusters=4"}
+    assert list(rows) == ["num_clusters=2", "num_clusters=4", "num_clusters=16"]  # ordered by value
     assert rows["num_clusters=2"]["n_seeds"] == 2 and rows["num_clusters=4"]["recall@1"] == pytest.approx(40.5)
     for root in ("/data/a/CUB_200_2011", "/data/b/CUB_200_2011"):
         write_run(tmp_path / "roots" / root.split("/")[2], table=None, dataset="cub200", metrics={"recall@1": 0.3},
@@ -251,7 +251,8 @@ def test_overrides_under_loss_method_dataset_make_separate_rows(tmp_path):
     # --split-by and --group-by take any dotted config key
     result = report([tmp_path / "dc"], tmp_path / "out3", figures=False, split_by=["method.num_clusters"])
     assert [t["slug"] for t in result["tables"]] == ["runs_cub200_method.num_clusters2",
-                                                     "runs_cub200_method.num_clusters4"]
+                                                     "runs_cub200_method.num_clusters4",
+                                                     "runs_cub200_method.num_clusters16"]
     with pytest.raises(ReportError, match="--split-by method.num_cluster: no run has this config key"):
         report([tmp_path / "dc"], tmp_path / "out4", figures=False, split_by=["method.num_cluster"])
 

@@ -83,7 +83,7 @@ def build_tables(records: list[dict[str, Any]], checkpoint: str = "final", split
         key = (r.get("ref_table"), r.get("dataset"), *(split_value(r, k) for k in split_by))
         tables.setdefault(key, []).append(r)
     out = []
-    for key, runs in sorted(tables.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    for key, runs in sorted(tables.items(), key=lambda kv: tuple(natural_key(str(x)) for x in kv[0])):
         table = dict(zip(["ref_table", "dataset", *split_by], key))
         prints = sorted({tuple(r[f] for f in FINGERPRINT) for r in runs}, key=str)
         mixed = len(prints) > 1
@@ -209,6 +209,12 @@ def group_rows(runs: list[dict[str, Any]], group_by: Sequence[str] = ()) -> list
     return out
 
 
+def natural_key(name: str) -> tuple:
+    """Sort key that orders numbers by value: ``pulling_factor=30`` before ``pulling_factor=120``."""
+    parts = re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", name)
+    return tuple((0, float(p), "") if i % 2 else (1, 0.0, p) for i, p in enumerate(parts) if p)
+
+
 def _check_seeds(name: str, members: list[dict[str, Any]]) -> None:
     seen: dict[Any, str] = {}
     for m in members:
@@ -320,7 +326,7 @@ def _make_table(table: dict[str, Any], runs: list[dict[str, Any]], checkpoint: s
             entry[f"{reading}_epochs"] = " ".join(str(r.get(f"{reading}_epoch")) for r in members
                                                   if r.get(f"{reading}_epoch") is not None)
         rows.append(entry)
-    rows.sort(key=lambda e: (_row_order(ref, e["paper_row"]), e["row"]))
+    rows.sort(key=lambda e: (_row_order(ref, e["paper_row"]), natural_key(e["row"])))
     if ref is not None and not ref.empty:  # paper-only rows: published numbers none of our rows matches (e.g. DAML)
         ours = {(e["paper_row"], e["embedding_dim"]) for e in rows}
         for (row_key, dim), _part in ref.groupby(["row", "embedding_dim"], sort=False):
@@ -337,7 +343,7 @@ def _make_table(table: dict[str, Any], runs: list[dict[str, Any]], checkpoint: s
                                   f"{m}_{reading}_n": 0})
                 _paper_cells(entry, m, paper["values"].get(m))
             rows.append(entry)
-        rows.sort(key=lambda e: (_row_order(ref, e["paper_row"]), e["kind"] != "ours", e["row"]))
+        rows.sort(key=lambda e: (_row_order(ref, e["paper_row"]), e["kind"] != "ours", natural_key(e["row"])))
     description = ""
     if table.get("ref_table"):
         from dml_runner.reference import table_description
