@@ -244,6 +244,8 @@ def _continue_log_in(run_dir: Path, here: Path) -> None:
             stray.unlink(missing_ok=True)
     if here.is_dir() and {p.name for p in here.iterdir()} <= {".hydra"}:
         shutil.rmtree(here, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the date folder Hydra made for it, when nothing else is in it
+            here.parent.rmdir()
 
 
 def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -44,6 +44,9 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path):
     assert got["best"]["epoch"] == expected["best"]["epoch"]
     history = (killed / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 3  # header + epochs 1..3, no duplicated epoch
+    # the resumed invocation logged into the original run's log and left no run directory of its own
+    assert "resumed after epoch" in (killed / "cli.log").read_text()
+    assert [p.parent.name + "/" + p.name for p in (tmp_path / "outputs").glob("runs/*")] == ["runs/killed"]
 
 
 def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
