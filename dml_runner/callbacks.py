@@ -160,9 +160,46 @@ def _describe_failure(row: dict[str, Any]) -> str:
     return text + (f": {row['error']}" if row.get("error") else "")
 
 
+def sweep_jobs(task_overrides: list[str]) -> list[list[str]]:
+    """The override lists of the jobs a basic-sweeper multirun will launch (``a=1,2 b=x,y``: four jobs)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(task_overrides))
+    return [job for batch in BasicSweeper.split_arguments(parsed, max_batch_size=None) for job in batch]
+
+
+def check_sweep(config: DictConfig, config_name: str | None) -> list[str]:
+    """Compose and check every job of a basic-sweeper multirun before the first one starts; one line per bad job."""
+    from hydra import compose
+
+    from dml_runner import DMLRunnerError
+    from dml_runner.config import validate_config
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return []  # other sweepers (Optuna) draw their jobs as they go
+    problems = []
+    for num, overrides in enumerate(sweep_jobs(list(config.hydra.overrides.task))):
+        try:
+            validate_config(compose(config_name=config_name or "config", overrides=overrides))
+        except DMLRunnerError as err:
+            problems.append(f"job {num} ({' '.join(overrides)}): {err}")
+    return problems
+
+
 class SweepSummary(Callback):
-    """Writes ``summary.csv`` and one chart per swept parameter into the sweep directory when a multirun ends;
-    lists the failed jobs (and records them in :data:`FAILED_JOBS` so that dml-run exits non-zero)."""
+    """Checks every job of a sweep before the first one starts; writes ``summary.csv`` and one chart per swept
+    parameter into the sweep directory when a multirun ends, and lists the failed jobs (also recorded in
+    :data:`FAILED_JOBS`, so that dml-run exits non-zero)."""
+
+    def on_multirun_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        problems = check_sweep(config, config_name)
+        if problems:
+            print(f"dml-run: error: {len(problems)} sweep job(s) would fail their config checks; no job was "
+                  "started:", file=sys.stderr)
+            for line in problems:
+                print(f"  {line}", file=sys.stderr)
+            raise SystemExit(1)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         import pandas as pd

@@ -75,3 +75,15 @@ def test_every_experiment_and_group_option_passes_the_checks():
     with initialize_config_dir(str(conf), version_base="1.3"):
         for override in overrides:
             validate_config(compose("config", overrides=[override]))
+
+
+def test_a_sweep_is_checked_job_by_job_before_any_job_starts(tmp_path):
+    """`-m method=divide_conquer method.num_clusters=1,2,4` with too few epochs: every K>1 would train plain."""
+    sweep = tmp_path / "sweep"
+    proc = run_dml(["-m", "method=divide_conquer", "method.num_clusters=1,2,4", "trainer.epochs=5",
+                    f"hydra.sweep.dir={sweep}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "2 sweep job(s) would fail their config checks; no job was started" in proc.stderr
+    assert "job 1 (method=divide_conquer method.num_clusters=2 trainer.epochs=5): method.finetune_epochs=10" \
+        in proc.stderr
+    assert not list(tmp_path.glob("sweep/*/results.json"))
