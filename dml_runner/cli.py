@@ -28,6 +28,7 @@ def _hydra_meta() -> dict[str, Any]:
 
 
 def interrupt_message(stop: Any) -> str:
+    """One line for a run stopped by a signal (see dml_runner.run.run): what is kept and how to continue."""
     where = getattr(stop, "run_dir", "")
     if getattr(stop, "resume_command", None):
         return (f"interrupted by {stop.signame}; epoch {stop.checkpoint_epoch} is checkpointed in {where}; resume "
@@ -40,7 +41,6 @@ def interrupt_message(stop: Any) -> str:
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def app(cfg: DictConfig) -> float | None:
     from dml_runner.run import format_results_table, run, write_failure
-
     from dml_runner.trainer import RunInterrupted
 
     meta = _hydra_meta()
