@@ -71,3 +71,7 @@ reproduce-dc: $(STAMP) ## Divide and Conquer (CUB, Cars, SOP, In-shop, VehicleID
 
 reproduce-mdl: $(STAMP) ## MDL (reconstructed from the abstract) vs margin loss on CUB, Cars, SOP x SEEDS
 	$(REPRODUCE) mdl $(REPRODUCE_ARGS)
+
+.PHONY: gpu-check
+gpu-check: $(STAMP) ## On a CUDA machine: every GPU path (backbones, eval backends vs CPU, faiss-gpu, torchrun/NCCL), one table
+	$(PY) scripts/gpu_check.py $(ARGS)
