@@ -5,11 +5,11 @@ arrays or torch tensors (CPU or CUDA); evaluation (NMI, F1) and any method that 
 
 - **Seeding**: greedy k-means++ (Arthur & Vassilvitskii 2007, with the ``2 + ln k`` local trials of scikit-learn):
   each new centre is the best of a few candidates drawn with probability proportional to D(x)^2, the squared
-  distance to the nearest centre so far. Each step reads the data once, so for large k the centres are drawn in
-  about ``SEED_ROUNDS`` rounds of ``ceil(k / SEED_ROUNDS)`` D^2 draws each (k-means||-style oversampling), each draw
-  kept with the probability that makes it a sequential k-means++ draw given those kept before it in its round
-  (rejection sampling, so two draws rarely land in one cluster); below ``SEED_ROUNDS`` clusters the seeding is
-  exactly greedy k-means++.
+  distance to the nearest centre so far. Each step reads the data once, so for k > ``GREEDY_MAX_K`` the centres are
+  drawn in about ``SEED_ROUNDS`` rounds of ``ceil(k / SEED_ROUNDS)`` D^2 draws each (k-means||-style oversampling),
+  each draw kept with the probability that makes it a sequential k-means++ draw given those kept before it in its
+  round (rejection sampling, so two draws rarely land in one cluster); up to ``GREEDY_MAX_K`` clusters the seeding
+  is exactly greedy k-means++.
 - **Assignment**: argmin_k |x - c_k|^2 = argmax_k (x . c_k - |c_k|^2 / 2) on mean-centred data; |c_k|^2 / 2 rides in
   the product as two extra columns (a two-part split, so bf16 keeps it to ~2^-16), so one (chunk x k) product and a
   block argmax per chunk are the whole step. bf16 (where the CPU multiplies it natively, and on CUDA) or float32:
@@ -32,7 +32,8 @@ import torch
 from dml_runner.evaluation.cpu import kmeans_dtype
 
 BLOCK = 64
-SEED_ROUNDS = 128  # at most this many sequential passes over the data to seed
+GREEDY_MAX_K = 256  # up to this k: exact greedy k-means++ (k passes over the data, 2 + ln k candidates each)
+SEED_ROUNDS = 64  # above it: about this many passes over the data, several draws per pass
 # Seeding steps on at most this many values run on one CPU thread: each step is a few small ops whose OpenMP
 # start-up and barriers cost more than the work (3-12x slower with 2 threads on a busy 2-core machine).
 SEED_ONE_THREAD_VALUES = 2**20
@@ -113,9 +114,11 @@ def _cpu_threads(x: torch.Tensor):
 
 
 def kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None = None,
-             rounds: int = SEED_ROUNDS) -> torch.Tensor:
-    """Indices of k seed points: greedy k-means++ (``trials`` candidates per centre, default 2 + ln k), in at most
-    ``rounds`` passes over the data (several distinct D^2 draws per pass when k > rounds)."""
+             rounds: int | None = None) -> torch.Tensor:
+    """Indices of k seed points: greedy k-means++ (``trials`` candidates per centre, default 2 + ln k) in k passes
+    over the data, or (default when k > GREEDY_MAX_K) in about ``rounds`` passes of several D^2 draws each."""
+    if rounds is None:
+        rounds = k if k <= GREEDY_MAX_K else SEED_ROUNDS
     with _cpu_threads(x):
         return _kmeanspp(x, k, gen, trials, rounds)
 
