@@ -1,6 +1,6 @@
 """Hardness-Aware Deep Metric Learning (Zheng, Chen, Lu, Zhou, CVPR 2019) over the N-pair and triplet losses.
 
-Pieces (METHODS.md §4; names as in the paper):
+Pieces (docs/PAPERS.md §4; names as in the paper):
 
 - :func:`hardness_aware_negatives`, the augmentor: a negative ``z-`` of anchor ``z`` (positive ``z+``) is pulled
   toward the anchor, ``z^- = z + [d+ + (d- - d+) exp(-alpha / J_avg)] / d- * (z- - z)`` when ``d+ < d-``, unchanged

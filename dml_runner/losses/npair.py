@@ -24,7 +24,7 @@ def npair_loss(embeddings: Tensor, labels: Tensor, l2_reg: float) -> Tensor:
 
 
 class NPairLoss(nn.Module):
-    """Multi-class N-pair loss (Sohn 2016, Eq. 6) plus the embedding regulariser of METHODS.md §4::
+    """Multi-class N-pair loss (Sohn 2016, Eq. 6) plus the embedding regulariser of docs/PAPERS.md §4::
 
         L = 1/N sum_i log(1 + sum_{j != i} exp(f_i . f+_j - f_i . f+_i))
             + 0.25 * l2_reg * (mean_i |f_i|^2 + mean_i |f+_i|^2)

@@ -1,6 +1,6 @@
 """Published numbers of the reproduced papers, as data: one CSV per paper table (``<table>.csv``, in percent).
 
-Every line is ONE number with its ``source`` and a ``verified`` flag exactly as /work/shared/METHODS.md states them;
+Every line is ONE number with its ``source`` and a ``verified`` flag as docs/PAPERS.md states them;
 ``trainable = false`` marks paper-only rows (e.g. DAML, not implemented here). These are the papers' numbers, never
 dml-runner's. Lines starting with ``#`` describe the table. Example::
 

@@ -105,7 +105,7 @@ def _cells(table: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]
         if unverified:
             sources = "; ".join(dict.fromkeys(e[f"{m}_paper_source"] for m in unverified))
             notes.append(f"{DAGGER} {e['row']} ({', '.join(metric_title(m) for m in unverified)}): unverified "
-                         f"published number (METHODS.md); source: {sources}" +
+                         f"published number (no independent copy confirms it); source: {sources}" +
                          (f"; {e['note']}" if e["note"] and e["kind"] != "ours" else "") + ".")
         body.append(cells)
     if "best_test" in extras or table["checkpoint"] == "best-test":
