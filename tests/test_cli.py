@@ -101,7 +101,7 @@ def test_missing_dataset_root_names_the_path_and_the_source(tmp_path):
     proc = run_cli(["dataset=cub200", f"dataset.root={missing}", "trainer=smoke", f"hydra.run.dir={tmp_path / 'r'}"],
                    cwd=tmp_path, check=False)
     assert proc.returncode == 1
-    assert str(missing) in proc.stderr and "prepare_data.py" in proc.stderr
+    assert str(missing) in proc.stderr and f"dml-prepare cub200 {missing}" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
