@@ -370,3 +370,33 @@ def test_resolve_transforms_accepts_names_specs_and_none():
     assert "mine" in name and "dataset default" in name
     with pytest.raises(ValueError, match="unknown transform"):
         resolve_transforms("blur", "rrc_224")
+
+
+def test_digits_image_protocol_holds_out_the_same_images_of_every_digit():
+    from dml_runner.datasets.digits import build as build_digits
+
+    a, b = build_digits(protocol="images", seed=0), build_digits(protocol="images", seed=7)
+    train_labels, test_labels = np.asarray(a.train.labels), np.asarray(a.test.labels)
+    assert set(train_labels.tolist()) == set(test_labels.tolist()) == set(range(10))
+    counts = np.bincount(test_labels) / (np.bincount(test_labels) + np.bincount(train_labels))
+    assert np.all(np.abs(counts - 0.3) < 0.01)  # a stratified 30% of each digit
+    assert len(a.train) + len(a.test) == 1797
+    assert torch.equal(torch.stack([a.test[i][0] for i in range(len(a.test))]),
+                       torch.stack([b.test[i][0] for i in range(len(b.test))]))  # the same test set for every seed
+    test_images = {a.test[i][0].numpy().tobytes() for i in range(len(a.test))}
+    a.train.transform = None
+    assert not any(a.train[i][0].numpy().tobytes() in test_images for i in range(0, len(a.train), 7))
+    assert a.info["protocol"] == "images"
+
+
+def test_digits_protocol_errors_name_the_option():
+    from dml_runner.datasets.digits import build as build_digits
+
+    with pytest.raises(ValueError, match="dataset.protocol='writers'"):
+        build_digits(protocol="writers")
+    with pytest.raises(ValueError, match="dataset.val_fraction"):
+        build_digits(protocol="images", val_fraction=0.2)
+    with pytest.raises(ValueError, match="dataset.test_fraction"):
+        build_digits(protocol="images", test_fraction=1.5)
+    with pytest.raises(ValueError, match="protocol=images"):
+        build_digits(protocol="classes", train_classes=(0, 1), test_classes=(1, 2))

@@ -29,23 +29,45 @@ class RandomShift:
 
 
 def build(train_classes: Sequence[int] = (0, 1, 2, 3, 4), test_classes: Sequence[int] = (5, 6, 7, 8, 9),
-          max_shift: int = 1, val_fraction: float = 0.0, seed: int = 0) -> DatasetSplits:
-    """Load sklearn's digits, scale pixels to [0, 1] and split by class."""
+          max_shift: int = 1, val_fraction: float = 0.0, seed: int = 0, protocol: str = "classes",
+          test_fraction: float = 0.3) -> DatasetSplits:
+    """Load sklearn's digits, scale pixels to [0, 1] and split them.
+
+    ``protocol="classes"``: train on ``train_classes``, retrieve the unseen ``test_classes`` (class-disjoint, as DML
+    benchmarks). ``protocol="images"``: every class in both splits, a fixed stratified ``test_fraction`` of the
+    images held out for retrieval (the same test images for every seed).
+    """
     from sklearn.datasets import load_digits
 
-    overlap = set(train_classes) & set(test_classes)
-    if overlap:
-        raise ValueError(f"dataset.train_classes and dataset.test_classes overlap: {sorted(overlap)}; "
-                         "DML evaluation needs class-disjoint splits")
     bunch = load_digits()
     images = torch.from_numpy(bunch.images.astype(np.float32) / 16.0).unsqueeze(1)  # (N, 1, 8, 8)
     labels = bunch.target.astype(np.int64)
-    train_idx = np.flatnonzero(np.isin(labels, list(train_classes)))
-    test_idx = np.flatnonzero(np.isin(labels, list(test_classes)))
+    if protocol == "images":
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"dataset.test_fraction={test_fraction}: give a fraction in (0, 1)")
+        rng = np.random.default_rng(2019)  # fixed: every seed retrieves the same held-out images
+        held = np.zeros(labels.size, dtype=bool)
+        for c in np.unique(labels):
+            members = np.flatnonzero(labels == c)
+            held[rng.choice(members, size=max(2, round(test_fraction * members.size)), replace=False)] = True
+        train_idx, test_idx = np.flatnonzero(~held), np.flatnonzero(held)
+    elif protocol == "classes":
+        overlap = set(train_classes) & set(test_classes)
+        if overlap:
+            raise ValueError(f"dataset.train_classes and dataset.test_classes overlap: {sorted(overlap)}; "
+                             "a class-disjoint split needs them apart (dataset.protocol=images holds out images)")
+        train_idx = np.flatnonzero(np.isin(labels, list(train_classes)))
+        test_idx = np.flatnonzero(np.isin(labels, list(test_classes)))
+    else:
+        raise ValueError(f"dataset.protocol={protocol!r}: choose 'classes' (class-disjoint) or 'images'")
     if train_idx.size == 0 or test_idx.size == 0:
         raise ValueError("dataset.train_classes / dataset.test_classes must name digits 0-9")
+    if protocol == "images" and val_fraction > 0:
+        raise ValueError("dataset.val_fraction>0 holds out training CLASSES, which protocol=images also tests on; "
+                         "use dataset.protocol=classes for a class-disjoint validation split")
     train = TensorLabelledDataset(images[train_idx], labels[train_idx], transform=RandomShift(max_shift),
                                   name="digits")
     test = TensorLabelledDataset(images[test_idx], labels[test_idx], name="digits")
-    splits = DatasetSplits(name="digits", train=train, test=test, info={"source": "sklearn.datasets.load_digits"})
+    splits = DatasetSplits(name="digits", train=train, test=test,
+                           info={"source": "sklearn.datasets.load_digits", "protocol": protocol})
     return with_validation_split(splits, val_fraction, seed)
