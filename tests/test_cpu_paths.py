@@ -18,7 +18,7 @@ import dml_runner.evaluation.kmeans as km
 from dml_runner.evaluation import cpu
 from test_metrics import KS, RETRIEVAL, _check, brute_retrieval
 
-ENV_VARS = (cpu.ENV_CPU_PATH, cpu.ENV_KMEANS, cpu.ENV_SEARCH)
+ENV_VARS = (cpu.ENV_CPU_PATH, cpu.ENV_KMEANS, cpu.ENV_SEARCH, cpu.ENV_SCREEN)
 
 
 @pytest.fixture
@@ -33,51 +33,78 @@ def test_detection_reports_the_cpu_and_a_consistent_choice(clean_env):
     assert info.model and info.torch_capability
     if info.native_bf16:
         assert info.flags & {"avx512_bf16", "amx_bf16", "bf16"}
-    assert cpu.kmeans_dtype("cpu") == (torch.bfloat16 if info.native_bf16 else torch.float32)
-    assert cpu.use_bf16_screen("cpu") == info.native_bf16
-    assert cpu.kmeans_dtype("cuda") == torch.bfloat16 and not cpu.use_bf16_screen("cuda")  # no GPU needed
+    want = torch.bfloat16 if info.native_bf16 else torch.float32
+    assert cpu.kmeans_dtype("cpu") == want and cpu.screen_dtype("cpu") == want
+    assert cpu.use_screen("cpu")  # bf16 or float32 screen on every CPU (size thresholds apply in evaluate)
+    assert cpu.kmeans_dtype("cuda") == torch.bfloat16 and not cpu.use_screen("cuda")  # no GPU needed
     paths = cpu.describe_paths("cpu")
-    assert paths["search"] in ("torch_screened", "torch_fp32") and "native bf16" in info.summary()
+    assert paths["search"] == f"torch_screened ({str(want).replace('torch.', '')})" and "native bf16" in info.summary()
 
 
-@pytest.mark.parametrize("path, dtype, screen", [("bf16", torch.bfloat16, True), ("fp32", torch.float32, False)])
-def test_dml_cpu_path_forces_every_feature(clean_env, path, dtype, screen):
+@pytest.mark.parametrize("path, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_dml_cpu_path_forces_every_feature(clean_env, path, dtype):
     clean_env.setenv(cpu.ENV_CPU_PATH, path)
-    assert cpu.kmeans_dtype("cpu") == dtype and cpu.use_bf16_screen("cpu") == screen
-    assert cpu.kmeans_dtype("cuda") == torch.bfloat16 and not cpu.use_bf16_screen("cuda")  # a CPU setting only
+    assert cpu.kmeans_dtype("cpu") == dtype and cpu.screen_dtype("cpu") == dtype
+    assert cpu.kmeans_dtype("cuda") == torch.bfloat16 == cpu.screen_dtype("cuda")  # a CPU setting only
 
 
 def test_precedence_argument_then_feature_variable_then_cpu_path(clean_env):
     clean_env.setenv(cpu.ENV_CPU_PATH, "bf16")
     clean_env.setenv(cpu.ENV_KMEANS, "fp32")
+    clean_env.setenv(cpu.ENV_SCREEN, "fp32")
     clean_env.setenv(cpu.ENV_SEARCH, "fp32")
-    assert cpu.kmeans_dtype("cpu") == torch.float32 and not cpu.use_bf16_screen("cpu")
+    assert cpu.kmeans_dtype("cpu") == torch.float32 == cpu.screen_dtype("cpu") and not cpu.use_screen("cpu")
     assert cpu.kmeans_dtype("cpu", "bf16") == torch.bfloat16  # the explicit argument wins
     clean_env.setenv(cpu.ENV_SEARCH, "screened")
-    assert cpu.use_bf16_screen("cuda")  # the per-feature variable applies to any device
+    clean_env.setenv(cpu.ENV_SCREEN, "bf16")
+    assert cpu.use_screen("cuda") and cpu.screen_dtype("cuda") == torch.bfloat16  # per-feature: any device
 
 
 @pytest.mark.parametrize("name", ENV_VARS)
 def test_a_bad_value_names_the_variable(clean_env, name):
     clean_env.setenv(name, "fast")
     with pytest.raises(ValueError, match=name):
-        cpu.kmeans_dtype("cpu") if name != cpu.ENV_SEARCH else cpu.use_bf16_screen("cpu")
+        cpu.kmeans_dtype("cpu") if name != cpu.ENV_SEARCH else cpu.use_screen("cpu")
+        cpu.screen_dtype("cpu")
 
 
-@pytest.mark.parametrize("search", ["screened", "fp32"])
-def test_auto_backend_follows_the_forced_search(clean_env, search):
-    """Both searches run on this CPU whatever it is, and give the float64 brute-force numbers."""
+@pytest.mark.parametrize("search, precision", [("screened", "bf16"), ("screened", "fp32"), ("fp32", "auto")])
+def test_auto_backend_follows_the_forced_search(clean_env, search, precision):
+    """Every search runs on this CPU whatever it is, and gives the float64 brute-force numbers."""
     x = np.random.default_rng(0).normal(size=(300, 12)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 30, 300)
     clean_env.setenv(cpu.ENV_SEARCH, search)
+    clean_env.setenv(cpu.ENV_SCREEN, precision)
     clean_env.setattr(ev, "SCREEN_MIN_QUERIES", 1)
     clean_env.setattr(ev, "SCREEN_MIN_GALLERY", 1)
+    clean_env.setattr(ev, "SCREEN_FP32_MIN", 1)
     called = []
     for name in ("exact_retrieval", "screened_retrieval"):
         real = getattr(ev, name)
-        clean_env.setattr(ev, name, lambda *a, _r=real, _n=name, **k: called.append(_n) or _r(*a, **k))
+        clean_env.setattr(ev, name, lambda *a, _r=real, _n=name, **k: called.append((_n, k.get("dtype"))) or
+                          _r(*a, **k))
     _check(ev.evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu"), brute_retrieval(x, y))
-    assert called == ["screened_retrieval" if search == "screened" else "exact_retrieval"]
+    if search == "screened":
+        assert called == [("screened_retrieval", torch.bfloat16 if precision == "bf16" else torch.float32)]
+    else:
+        assert called == [("exact_retrieval", None)]
+
+
+def test_the_float32_screen_waits_for_larger_sizes(clean_env):
+    """Auto on a CPU without native bf16: the float32 screen only from SCREEN_FP32_MIN queries and gallery items."""
+    clean_env.setenv(cpu.ENV_SCREEN, "fp32")
+    x = np.random.default_rng(0).normal(size=(300, 12)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 30, 300)
+    clean_env.setattr(ev, "SCREEN_MIN_QUERIES", 1)
+    clean_env.setattr(ev, "SCREEN_MIN_GALLERY", 1)
+    called = []
+    real = ev.screened_retrieval
+    clean_env.setattr(ev, "screened_retrieval", lambda *a, **k: called.append(1) or real(*a, **k))
+    ev.evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu")
+    assert not called
+    clean_env.setattr(ev, "SCREEN_FP32_MIN", 300)
+    ev.evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu")
+    assert called
 
 
 @pytest.mark.parametrize("path", ["bf16", "fp32"])
@@ -107,8 +134,13 @@ out = {"native_bf16": cpu_info().native_bf16, "paths": describe_paths("cpu"),
 xr = rng.normal(size=(400, 10)).astype(np.float32)
 yr = rng.integers(0, 40, 400)
 want = brute_retrieval(xr, yr)
-out["retrieval_ok"] = {b: all(abs(evaluate(xr, yr, recall_at=KS, metrics=RETRIEVAL, device="cpu", backend=b)[k] - v)
-                              < 1e-9 for k, v in want.items()) for b in ("torch_screened", "torch_fp32")}
+import os
+ok = {}
+for b, p in (("torch_screened", "bf16"), ("torch_screened", "fp32"), ("torch_fp32", "auto")):
+    os.environ["DML_SCREEN_PRECISION"] = p
+    got = evaluate(xr, yr, recall_at=KS, metrics=RETRIEVAL, device="cpu", backend=b)
+    ok[b + "_" + p] = all(abs(got[k] - v) < 1e-9 for k, v in want.items())
+out["retrieval_ok"] = ok
 print(json.dumps(out))
 """
 
@@ -127,6 +159,6 @@ def test_an_avx2_only_cpu_emulated_runs_every_path():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["native_bf16"] is False and out["paths"]["torch_isa"] == "AVX2"
-    assert out["paths"]["kmeans_precision"] == "float32" and out["paths"]["search"] == "torch_fp32"
+    assert out["paths"]["kmeans_precision"] == "float32" and out["paths"]["search"] == "torch_screened (float32)"
     assert min(out["nmi"].values()) > 0.99, out["nmi"]
     assert all(out["retrieval_ok"].values()), out["retrieval_ok"]

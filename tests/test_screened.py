@@ -25,6 +25,13 @@ def _screened(x, y, **kw):
     return evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu", backend="torch_screened", **kw)
 
 
+@pytest.fixture(params=["bf16", "fp32"])
+def precision(request, monkeypatch):
+    """Both screen precisions on every CPU (bf16 is emulated by torch where the CPU lacks it)."""
+    monkeypatch.setenv("DML_SCREEN_PRECISION", request.param)
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[request.param]
+
+
 def test_row_count_and_mask_nonzero_match_naive():
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand(37, 3 * scr.COL_ALIGN, generator=gen) < 0.01
@@ -36,11 +43,12 @@ def test_row_count_and_mask_nonzero_match_naive():
     assert torch.equal(r, r0) and torch.equal(c, c0)
 
 
-def test_block_max_handles_signs_and_infinities():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_max_handles_signs_and_infinities(dtype):
     gen = torch.Generator().manual_seed(1)
-    z = (torch.randn(9, 4 * scr.BLOCK, generator=gen) * 3).to(torch.bfloat16)
+    z = (torch.randn(9, 4 * scr.BLOCK, generator=gen) * 3).to(dtype)
     z[0, : scr.BLOCK] = -float("inf")  # a block of -inf only
-    z[1, scr.BLOCK : 2 * scr.BLOCK] = -torch.rand(scr.BLOCK, generator=gen).to(torch.bfloat16)  # all negative
+    z[1, scr.BLOCK : 2 * scr.BLOCK] = -torch.rand(scr.BLOCK, generator=gen).to(dtype)  # all negative
     z[2, 0] = -0.0
     want = z.float().view(9, 4, scr.BLOCK).amax(dim=2)
     assert torch.equal(scr.block_max(z).float(), want)
@@ -54,24 +62,24 @@ def test_split3_recovers_float64_values():
 
 
 @pytest.mark.parametrize("scale", [1.0, 1e-3, 250.0])
-def test_error_bound_covers_every_pair(scale):
-    """The bf16 product, shifted, stays within the bound of s - shift (+ the bf16 output rounding) for all pairs."""
+def test_error_bound_covers_every_pair(scale, precision):
+    """The shifted product stays within the bound of s - shift (+ the output rounding) for all pairs."""
     rng = np.random.default_rng(2)
     q = torch.as_tensor((rng.normal(size=(64, 40)) * scale).astype(np.float32))
     g = torch.as_tensor((rng.normal(size=(700, 40)) * scale * rng.uniform(0.5, 2, size=(700, 1))).astype(np.float32))
-    sc = scr.Screen(q, g)
+    sc = scr.Screen(q, g, dtype=precision)
     rows = torch.arange(64)
     shift = torch.as_tensor(rng.normal(size=64) * scale * scale)
     e, sparts = sc.error_bound(rows, shift)
-    z = sc.product(rows, sparts, torch.empty(64, sc.n_pad, dtype=torch.bfloat16))[:, : sc.n].double()
+    z = sc.product(rows, sparts, torch.empty(64, sc.n_pad, dtype=precision))[:, : sc.n].double()
     exact = q.double() @ g.double().T - sc.half_sq_g[None, :] - shift[:, None]
     err = (z - exact).abs()
-    allowed = e[:, None] + scr.U_BF16 * z.abs()
+    allowed = e[:, None] + scr.U_OUT[precision] * z.abs()
     assert bool((err <= allowed).all())
     assert float((err / allowed).max()) > 1e-3  # the comparison is not vacuous
 
 
-def test_screen_is_exact_where_bf16_alone_is_not():
+def test_screen_is_exact_where_bf16_alone_is_not(precision):
     """On data with near-ties the plain bf16 ranking differs from float64, the screened result does not."""
     x, y = _clustered()
     want = brute_retrieval(x, y)
@@ -81,7 +89,7 @@ def test_screen_is_exact_where_bf16_alone_is_not():
     assert any(rough[k] != pytest.approx(want[k], abs=1e-12) for k in want)
 
 
-def test_forcing_the_band_path_and_the_float64_fallback_keeps_the_results(monkeypatch):
+def test_forcing_the_band_path_and_the_float64_fallback_keeps_the_results(monkeypatch, precision):
     x, y = _clustered(seed=3)
     want = brute_retrieval(x, y)
     calls = {"full": 0}
@@ -100,6 +108,7 @@ def test_forcing_the_band_path_and_the_float64_fallback_keeps_the_results(monkey
 
 def test_without_the_recheck_the_counts_go_wrong(monkeypatch):
     """Mutation check: a zero error bound (trusting bf16) must break exactness on near-tied data."""
+    monkeypatch.setenv("DML_SCREEN_PRECISION", "bf16")  # the float32 screen's error may be too small to show
     x, y = _clustered(seed=4)
     want = brute_retrieval(x, y)
 
@@ -113,14 +122,14 @@ def test_without_the_recheck_the_counts_go_wrong(monkeypatch):
 
 
 @pytest.mark.parametrize("n", [2, 3, 65, 1025])
-def test_small_and_unaligned_galleries(n):
+def test_small_and_unaligned_galleries(n, precision):
     rng = np.random.default_rng(n)
     x = rng.normal(size=(n, 5)).astype(np.float32)
     y = rng.integers(0, max(1, n // 3), n)
     _check(_screened(x, y), brute_retrieval(x, y))
 
 
-def test_screened_equals_float32_search_on_continuous_data():
+def test_screened_equals_float32_search_on_continuous_data(precision):
     x, y = _clustered(n=900, seed=5)
     kw = dict(recall_at=(1, 4, 16, 100), metrics=RETRIEVAL, device="cpu", chunk_size=128)
     a = evaluate(x, y, backend="torch_screened", **kw)
@@ -131,7 +140,7 @@ def test_screened_equals_float32_search_on_continuous_data():
 def test_auto_backend_falls_back_to_float32_when_the_band_is_too_wide(monkeypatch, caplog):
     import dml_runner.evaluation as ev
 
-    # the auto backend takes the screen on a CPU with native bf16; forced here so that every CPU runs this path
+    # the auto backend takes the screen on every CPU (bf16 or float32); forced anyway, so a CUDA default cannot skip it
     monkeypatch.setenv("DML_EVAL_SEARCH", "screened")
     x, y = _clustered(seed=6)
     want = brute_retrieval(x, y)
@@ -143,6 +152,7 @@ def test_auto_backend_falls_back_to_float32_when_the_band_is_too_wide(monkeypatc
     calls.clear()
     monkeypatch.setattr(ev, "SCREEN_MIN_QUERIES", 1)
     monkeypatch.setattr(ev, "SCREEN_MIN_GALLERY", 1)
+    monkeypatch.setattr(ev, "SCREEN_FP32_MIN", 1)
     _check(evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu"), want)
     assert not calls  # normal data: the screen decides
     monkeypatch.setattr(scr, "band_limit", lambda n: 0.0)  # any band is "too wide"

@@ -19,15 +19,19 @@ from dml_runner.evaluation._validation import (
     check_recall_at,
 )
 from dml_runner.evaluation.clustering import f1_from_assignments, kmeans_assignments, nmi_from_assignments
-from dml_runner.evaluation.cpu import cpu_info, describe_paths, use_bf16_screen
+from dml_runner.evaluation.cpu import cpu_info, describe_paths, screen_dtype, use_screen
 from dml_runner.evaluation.kmeans import low_precision_dtype  # noqa: F401  (the k-means API: evaluation.kmeans.kmeans)
 from dml_runner.evaluation.memory import SCREENED_BYTES_PER_ELEMENT, estimate_memory_bytes, rows_per_chunk
 from dml_runner.evaluation.retrieval import exact_retrieval, faiss_retrieval
 from dml_runner.evaluation.screened import screened_retrieval
 
 BACKENDS = ("torch", "torch_screened", "torch_fp32", "faiss")
-# The screen's fixed costs (gallery statistics, per-query float64 work) pay off from about here (docs/PERFORMANCE.md).
+# The screen's fixed costs (gallery statistics, per-query float64 work) pay off from about here (docs/PERFORMANCE.md):
+# bf16 screen (native bf16) from 4,096 queries x 8,192 gallery items; the float32 screen, whose product costs as much
+# as the float32 search's, only saves the passes after the product: measured slower at 10,000 x 10,000, faster
+# (-25% CPU time) at 30,000 x 30,000 on an emulated AVX2-only CPU.
 SCREEN_MIN_QUERIES, SCREEN_MIN_GALLERY = 4096, 8192
+SCREEN_FP32_MIN = 20_000
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -82,12 +86,13 @@ def evaluate(
     k-means (greedy k-means++ seeding) stops after ``kmeans_iters`` iterations or when at most 0.1% of points
     change cluster; ``kmeans_precision`` (auto | bf16 | fp32) is its assignment product (auto: bf16 where the CPU
     multiplies it natively and on CUDA; env DML_KMEANS_PRECISION / DML_CPU_PATH, docs/EVALUATION.md).
-    ``backend``: ``torch`` (default) is ``torch_screened`` on a CPU that multiplies bf16 natively when there are
-    at least 4,096 queries and 8,192 gallery items, and ``torch_fp32`` otherwise (GPUs included; env
-    DML_EVAL_SEARCH / DML_CPU_PATH force the choice);
-    ``torch_screened`` is a bf16 screen whose undecided items are recomputed in float64 (results equal a float64
-    brute force; see ``screened.py``); ``torch_fp32`` is a float32 chunked search; both give exact tie order and
-    Recall@K for any K from one count. ``faiss``: a flat L2 index searched for the top max(K, R) + 1 (the GPU index
+    ``backend``: ``torch`` (default) is ``torch_screened`` on a CPU: with a bf16 screen where the CPU multiplies
+    bf16 natively, from 4,096 queries and 8,192 gallery items, with a float32 screen elsewhere, from 20,000 of each;
+    ``torch_fp32`` otherwise and on GPUs (env DML_EVAL_SEARCH, DML_SCREEN_PRECISION, DML_CPU_PATH force the
+    choices, docs/EVALUATION.md);
+    ``torch_screened`` is a bf16 (or float32) screen whose undecided items are recomputed in float64 (results equal
+    a float64 brute force; see ``screened.py``); ``torch_fp32`` is a float32 chunked search; both give exact tie
+    order and Recall@K for any K from one count. ``faiss``: a flat L2 index searched for the top max(K, R) + 1 (the GPU index
     when faiss sees a GPU and ``device`` is cuda).
     """
     emb, lab = check_embeddings_labels(embeddings, labels)
@@ -124,7 +129,9 @@ def evaluate(
         auto = backend == "torch"
         if auto:
             big = q_idx.size >= SCREEN_MIN_QUERIES and g_idx.size >= SCREEN_MIN_GALLERY
-            backend = "torch_screened" if big and use_bf16_screen(dev) else "torch_fp32"
+            if screen_dtype(dev) == torch.float32:
+                big = min(q_idx.size, g_idx.size) >= max(SCREEN_FP32_MIN, SCREEN_MIN_QUERIES)
+            backend = "torch_screened" if big and use_screen(dev) else "torch_fp32"
         if qmask is None:  # leave-one-out: queries and gallery are the data itself (no copies)
             args = (emb, lab, emb, lab, self_index)
         else:
@@ -134,10 +141,11 @@ def evaluate(
             stats = faiss_retrieval(*args, max_k=max(ks), need_ranking=need_ranking, use_gpu=dev.type == "cuda",
                                     chunk_size=chunk)
         elif backend == "torch_screened":
+            sdtype = screen_dtype(dev)
             chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb,
-                                   bytes_per_element=SCREENED_BYTES_PER_ELEMENT)
+                                   bytes_per_element=SCREENED_BYTES_PER_ELEMENT[sdtype])
             stats = screened_retrieval(*args, need_ranking=need_ranking, device=dev, chunk_size=chunk,
-                                       give_up_if_weak=auto)
+                                       give_up_if_weak=auto, dtype=sdtype)
             if stats is None:
                 log.info("retrieval: the bf16 screen leaves too many items undecided (embeddings close to random); "
                          "using the float32 search")

@@ -25,6 +25,7 @@ import torch
 ENV_CPU_PATH = "DML_CPU_PATH"  # auto | bf16 | fp32
 ENV_KMEANS = "DML_KMEANS_PRECISION"  # auto | bf16 | fp32
 ENV_SEARCH = "DML_EVAL_SEARCH"  # auto | screened | fp32
+ENV_SCREEN = "DML_SCREEN_PRECISION"  # auto | bf16 | fp32
 PRECISIONS = ("auto", "bf16", "fp32")
 SEARCHES = ("auto", "screened", "fp32")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it may not use bf16 instructions
@@ -101,22 +102,20 @@ def _env(name: str, allowed: tuple[str, ...]) -> str:
     return val
 
 
-def forced_precision(requested: str = "auto", device: torch.device | str = "cpu") -> str:
-    """The k-means precision the user forced (argument, DML_KMEANS_PRECISION, DML_CPU_PATH on a CPU), or
-    ``auto``."""
+def forced_precision(requested: str = "auto", device: torch.device | str = "cpu", variable: str = ENV_KMEANS) -> str:
+    """The precision the user forced (argument, the per-feature ``variable``, DML_CPU_PATH on a CPU), or ``auto``."""
     if requested not in PRECISIONS:
-        raise ValueError(f"kmeans precision {requested!r} is not one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"precision {requested!r} is not one of {', '.join(PRECISIONS)}")
     if requested != "auto":
         return requested
-    per_feature = _env(ENV_KMEANS, PRECISIONS)
+    per_feature = _env(variable, PRECISIONS)
     if per_feature != "auto" or torch.device(device).type != "cpu":
         return per_feature
     return _env(ENV_CPU_PATH, PRECISIONS)
 
 
-def kmeans_dtype(device: torch.device | str, requested: str = "auto") -> torch.dtype:
-    """Assignment precision of k-means: forced, else bf16 on CUDA and on CPUs with native bf16, else float32."""
-    forced = forced_precision(requested, device)
+def _precision(device: torch.device | str, requested: str, variable: str) -> torch.dtype:
+    forced = forced_precision(requested, device, variable)
     if forced != "auto":
         return torch.bfloat16 if forced == "bf16" else torch.float32
     if torch.device(device).type == "cuda":
@@ -124,18 +123,24 @@ def kmeans_dtype(device: torch.device | str, requested: str = "auto") -> torch.d
     return torch.bfloat16 if cpu_info().native_bf16 else torch.float32
 
 
-def use_bf16_screen(device: torch.device | str) -> bool:
-    """Whether the ``torch`` retrieval backend may run the bf16 screen (size thresholds apply on top): forced by
-    DML_EVAL_SEARCH, else DML_CPU_PATH (CPU only), else native bf16 on a CPU (never on CUDA unless forced)."""
+def kmeans_dtype(device: torch.device | str, requested: str = "auto") -> torch.dtype:
+    """Assignment precision of k-means: forced, else bf16 on CUDA and on CPUs with native bf16, else float32."""
+    return _precision(device, requested, ENV_KMEANS)
+
+
+def screen_dtype(device: torch.device | str, requested: str = "auto") -> torch.dtype:
+    """Product precision of the screened search: forced (DML_SCREEN_PRECISION, DML_CPU_PATH), else bf16 on CUDA and
+    on CPUs with native bf16, else float32."""
+    return _precision(device, requested, ENV_SCREEN)
+
+
+def use_screen(device: torch.device | str) -> bool:
+    """Whether the ``torch`` retrieval backend runs the screened search (size thresholds apply on top): forced by
+    DML_EVAL_SEARCH, else on every CPU (bf16 or float32 screen, :func:`screen_dtype`), never on CUDA."""
     search = _env(ENV_SEARCH, SEARCHES)
     if search != "auto":
         return search == "screened"
-    if torch.device(device).type != "cpu":
-        return False
-    path = _env(ENV_CPU_PATH, PRECISIONS)
-    if path != "auto":
-        return path == "bf16"
-    return cpu_info().native_bf16
+    return torch.device(device).type == "cpu"
 
 
 def describe_paths(device: torch.device | str = "cpu") -> dict[str, str]:
@@ -143,5 +148,6 @@ def describe_paths(device: torch.device | str = "cpu") -> dict[str, str]:
     info = cpu_info()
     return {"cpu": info.model, "flags": " ".join(sorted(info.flags)), "torch_isa": info.torch_capability,
             "native_bf16": str(info.native_bf16), "kmeans_precision": str(kmeans_dtype(device)).replace("torch.", ""),
-            "search": "torch_screened" if use_bf16_screen(device) else "torch_fp32",
+            "search": (f"torch_screened ({str(screen_dtype(device)).replace('torch.', '')})" if use_screen(device)
+                       else "torch_fp32"),
             "threads": str(torch.get_num_threads())}

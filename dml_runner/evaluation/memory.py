@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import torch
+
 BYTES_F32 = 4
 # A distance block costs its float32 values, a boolean comparison and its float32 copy for the counting sum.
 BLOCK_BYTES_PER_ELEMENT = 10
-# The bf16-screened search: a bf16 block (2 bytes) and, on its near-random path only, a boolean mask.
-SCREENED_BYTES_PER_ELEMENT = 3
+# The screened search: a bf16 (2 bytes) or float32 (4 bytes) block and, on its near-random path only, a boolean mask.
+SCREENED_BYTES_PER_ELEMENT = {torch.bfloat16: 3, torch.float32: 5}
 
 
 def rows_per_chunk(gallery_size: int, chunk_size: int, max_memory_gb: float | None, budget_gb: float = 0.5,

@@ -39,6 +39,11 @@ from dml_runner.evaluation.retrieval import (
 )
 
 U_BF16 = 2.0**-7  # bound on the bf16 output conversion error (2^-8 when rounded to nearest; 2^-7 if truncated)
+# The screen's product precision: bf16 where the CPU multiplies it natively, float32 elsewhere (same algorithm: the
+# float32 screen's band is ~2^16 times thinner, its product ~2-8x slower). Output rounding bound and the integer
+# type whose order matches the float's bit patterns (for the block maxima).
+U_OUT = {torch.bfloat16: U_BF16, torch.float32: 2.0**-23}
+INT_VIEW = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
 U_F32 = 2.0**-24
 COL_ALIGN = 1024  # gallery padded to a multiple: 8 bools per int64 word, 128 words per byte-lane segment
 SEGMENT_WORDS = 128
@@ -49,12 +54,12 @@ PAD_SCORE = -1e30
 BAND_SWITCH = 64  # mean candidate blocks per row above which the sure items are counted, not listed
 
 
-def split3(v: torch.Tensor) -> torch.Tensor:
-    """(n,) float64 -> (n, 3) bf16 parts whose float64 sum equals v to ~2^-24 relative."""
+def split3(v: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(n,) float64 -> (n, 3) ``dtype`` parts whose float64 sum equals v to ~2^-24 relative (bf16; float32: 2^-72)."""
     parts = []
     rest = v.clone()
     for _ in range(3):
-        p = rest.to(torch.bfloat16)
+        p = rest.to(dtype)
         parts.append(p)
         rest = rest - p.to(torch.float64)
     return torch.stack(parts, dim=1)
@@ -94,15 +99,18 @@ def pair_scores(q: torch.Tensor, g: torch.Tensor, half_sq_g: torch.Tensor, rows:
 
 
 class Screen:
-    """The augmented bf16 gallery and the per-query error-bound terms."""
+    """The augmented low-precision (bf16 or float32) gallery and the per-query error-bound terms."""
 
-    def __init__(self, q: torch.Tensor, g: torch.Tensor, row_chunk: int = 8192):
+    def __init__(self, q: torch.Tensor, g: torch.Tensor, row_chunk: int = 8192, dtype: torch.dtype = torch.bfloat16):
         dev = q.device
+        if dtype not in U_OUT:
+            raise ValueError(f"screen dtype must be bfloat16 or float32; got {dtype}")
+        self.dtype = dtype
         self.n, d = g.shape
         self.d = d
         self.k = -(-(d + 6) // 8) * 8  # K: the embedding, 3 + 3 extra columns, padded
         self.n_pad = -(-self.n // COL_ALIGN) * COL_ALIGN
-        self.ga = torch.zeros(self.n_pad, self.k, dtype=torch.bfloat16, device=dev)
+        self.ga = torch.zeros(self.n_pad, self.k, dtype=dtype, device=dev)
         self.ga[:, d + 3 : d + 6] = 1
         self.ga[self.n :, d] = PAD_SCORE  # padding columns never pass any threshold
         self.half_sq_g = torch.empty(self.n, dtype=torch.float64, device=dev)
@@ -112,9 +120,9 @@ class Screen:
         for s in range(0, self.n, row_chunk):
             e = min(s + row_chunk, self.n)
             gd = g[s:e].double()
-            gb = gd.to(torch.bfloat16)
+            gb = gd.to(dtype)
             hsq = 0.5 * (gd * gd).sum(dim=1)
-            parts = split3(-hsq)
+            parts = split3(-hsq, dtype)
             self.half_sq_g[s:e] = hsq
             self.ga[s:e, :d] = gb
             self.ga[s:e, d : d + 3] = parts
@@ -123,7 +131,7 @@ class Screen:
             e_g[s:e] = (gd - gb.double()).norm(dim=1)
             gparts_abs[s:e] = parts.double().abs().sum(dim=1)
             g_resid[s:e] = (-hsq - parts.double().sum(dim=1)).abs()
-        self.qb = q.to(torch.bfloat16)
+        self.qb = q.to(dtype)
         self.qb_norm = torch.empty(q.shape[0], dtype=torch.float64, device=dev)
         self.e_q = torch.empty(q.shape[0], dtype=torch.float64, device=dev)
         for s in range(0, q.shape[0], row_chunk):
@@ -136,7 +144,7 @@ class Screen:
         self.gparts_abs_max, self.g_resid_max = mx(gparts_abs), mx(g_resid)
 
     def fits_bf16(self) -> bool:
-        """False when a value or a squared norm overflowed the bf16 range (embeddings of norm > ~1e19)."""
+        """False when a value or a squared norm overflowed the bf16 / float32 range (embeddings of norm > ~1e19)."""
         limit = 1e38
         return bool(torch.isfinite(self.ga).all()) and bool(torch.isfinite(self.qb).all()) and max(
             self.gparts_abs_max, self.g_norm_max, float(self.qb_norm.max()) if self.qb_norm.numel() else 0.0) < limit
@@ -144,7 +152,7 @@ class Screen:
     def error_bound(self, rows: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Bound on |fp32 result - exact (s - shift)| for the product of ``rows`` with every gallery item, and the
         bf16 parts of -shift."""
-        sparts = split3(-shift)
+        sparts = split3(-shift, self.dtype)
         s_resid = (-shift - sparts.double().sum(dim=1)).abs()
         rounding = self.e_q[rows] * self.g_norm_max + self.qb_norm[rows] * self.e_g_max
         magnitude = self.qb_norm[rows] * self.gb_norm_max + self.gparts_abs_max + sparts.double().abs().sum(dim=1)
@@ -153,7 +161,7 @@ class Screen:
         return bound * 1.0625 + 1e-30, sparts
 
     def product(self, rows: torch.Tensor, sparts: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        qa = torch.empty(rows.numel(), self.k, dtype=torch.bfloat16, device=self.qb.device)
+        qa = torch.empty(rows.numel(), self.k, dtype=self.dtype, device=self.qb.device)
         qa.zero_()
         qa[:, : self.d] = self.qb[rows]
         qa[:, self.d : self.d + 3] = 1
@@ -172,16 +180,30 @@ def screened_retrieval(
     device: torch.device = torch.device("cpu"),
     chunk_size: int = 2048,
     give_up_if_weak: bool = False,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> RetrievalStats | None:
-    """Same statistics as :func:`dml_runner.evaluation.retrieval.exact_retrieval`, from a certified bf16 screen.
+    """Same statistics as :func:`dml_runner.evaluation.retrieval.exact_retrieval`, from a certified screen whose
+    product runs in ``dtype`` (bf16, or float32 where the CPU has no native bf16); either way the results are those
+    of float64 arithmetic.
 
     ``give_up_if_weak``: return None after the first chunk when its band (items the screen cannot decide) is so wide
     that the float64 rechecks would cost more than a float32 search (embeddings close to random: many items lie
     within the bf16 error of each query's nearest positive); the caller then runs the float32 search.
     """
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        # the error bound assumes float32 products: no bf16 / TF32 inside "float32" matrix products
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            return screened_retrieval(queries, query_labels, gallery, gallery_labels, self_index,
+                                      need_ranking=need_ranking, device=device, chunk_size=chunk_size,
+                                      give_up_if_weak=give_up_if_weak, dtype=dtype)
+        finally:
+            torch.set_float32_matmul_precision(before)
     q = torch.as_tensor(queries, device=device, dtype=torch.float32)
     g = torch.as_tensor(gallery, device=device, dtype=torch.float32)
-    sc = Screen(q, g)
+    sc = Screen(q, g, dtype=dtype)
+    u_out, int_view = U_OUT[dtype], INT_VIEW[dtype]
     n = sc.n
     if not sc.fits_bf16():
         if give_up_if_weak:
@@ -192,7 +214,7 @@ def screened_retrieval(
     pidx, selft, r_all, lab_q, lab_g, scored = qs.pidx, qs.self_index, qs.r, qs.labels, qs.gallery_labels, qs.scored
     ranks, maps, rps = [], [], []
     rows_max = max(1, min(chunk_size, scored.numel()))
-    block = torch.empty(rows_max, sc.n_pad, dtype=torch.bfloat16, device=device)
+    block = torch.empty(rows_max, sc.n_pad, dtype=dtype, device=device)
     mask = None  # boolean block, only for the many-candidates path
     for s in range(0, scored.numel(), chunk_size):
         rows = scored[s : s + chunk_size]
@@ -219,14 +241,14 @@ def screened_retrieval(
         z[has_self, sel[has_self]] = -float("inf")
         # s >= t1 -> fp32 result >= gap - e > 0 -> z >= 0 (rounding keeps the sign), so z < 0 is surely farther;
         # z > hi -> s - shift >= z / (1 + u) - e > gap, i.e. surely nearer than the nearest positive.
-        hi = (gap + e) * (1 + 1.01 * U_BF16)
+        hi = (gap + e) * (1 + 1.01 * u_out)
         # Block maxima (int16 max/min of 64-column blocks): a block holds a candidate (z >= 0, sign bit clear)
         # iff its int16 max is >= 0; the maxima also serve the top-R search of MAP@R.
         bmax, has_cand = block_max(z, with_nonnegative=True)
         cb_r, cb_b = has_cand.nonzero(as_tuple=True)
         if cb_r.numel() <= BAND_SWITCH * c:
             vals = z.view(c, -1, BLOCK)[cb_r, cb_b]  # the candidate blocks only
-            k, j = (vals.view(torch.int16) >= 0).nonzero(as_tuple=True)
+            k, j = (vals.view(int_view) >= 0).nonzero(as_tuple=True)
             ri, cj = cb_r[k], cb_b[k] * BLOCK + j
             sure = vals[k, j].double() > hi[ri]
             rank = torch.zeros(c, dtype=torch.int64, device=device).index_add_(
@@ -237,8 +259,8 @@ def screened_retrieval(
             if mask is None:
                 mask = torch.empty(rows_max, sc.n_pad, dtype=torch.bool, device=device)
             m = mask[:c]
-            torch.ge(z.view(torch.int16), 0, out=m)  # sign bit clear: +0 or positive (-inf self, padding excluded)
-            hi_b = (hi * (1 + 2.0**-6)).to(torch.bfloat16)  # rounded up: z > hi_b still implies z > hi
+            torch.ge(z.view(int_view), 0, out=m)  # sign bit clear: +0 or positive (-inf self, padding excluded)
+            hi_b = (hi * (1 + 64 * u_out)).to(dtype)  # rounded up: z > hi_b still implies z > hi
             sure_mask = torch.gt(z, hi_b[:, None])
             rank = row_count(sure_mask)
             torch.logical_xor(m, sure_mask, out=m)
@@ -276,10 +298,10 @@ def block_max(z: torch.Tensor, with_nonnegative: bool = False):
     >= 0 and its int16 min otherwise.
     """
     c, n = z.shape
-    zi = z.view(torch.int16).view(c, n // BLOCK, BLOCK)
+    zi = z.view(INT_VIEW[z.dtype]).view(c, n // BLOCK, BLOCK)
     hi, lo = zi.amax(dim=2), zi.amin(dim=2)
     nonneg = hi >= 0
-    bmax = torch.where(nonneg, hi, lo).view(torch.bfloat16)
+    bmax = torch.where(nonneg, hi, lo).view(z.dtype)
     return (bmax, nonneg) if with_nonnegative else bmax
 
 
@@ -348,7 +370,7 @@ def _certified_top(q, g, sc: Screen, z, bmax, sub, rows, rn, shift, e, slack, rm
     if kb < nb:  # items in blocks that were not fetched
         z_last = torch.maximum(z_last, bv[:, -1].float())
     z_last = z_last.double()
-    left_out_max = z_last + e + U_BF16 * 1.01 * z_last.abs()
+    left_out_max = z_last + e + U_OUT[z.dtype] * 1.01 * z_last.abs()
     exhausted = ~torch.isfinite(z_last) | (z_last <= PAD_SCORE / 2)
     return idx_o[:, :rmax], exhausted | (v_r > left_out_max)
 
