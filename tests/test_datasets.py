@@ -387,6 +387,10 @@ def test_digits_image_protocol_holds_out_the_same_images_of_every_digit():
     a.train.transform = None
     assert not any(a.train[i][0].numpy().tobytes() in test_images for i in range(0, len(a.train), 7))
     assert a.info["protocol"] == "images"
+    v = build_digits(protocol="images", val_fraction=0.2, seed=3)
+    val_labels, train_labels = np.asarray(v.val.labels), np.asarray(v.train.labels)
+    assert set(val_labels.tolist()) == set(range(10)) and len(v.val) + len(v.train) == len(a.train)
+    assert abs(len(v.val) / len(a.train) - 0.2) < 0.01 and v.val.transform is None  # test-time view, no shift
 
 
 def test_digits_protocol_errors_name_the_option():
@@ -395,7 +399,7 @@ def test_digits_protocol_errors_name_the_option():
     with pytest.raises(ValueError, match="dataset.protocol='writers'"):
         build_digits(protocol="writers")
     with pytest.raises(ValueError, match="dataset.val_fraction"):
-        build_digits(protocol="images", val_fraction=0.2)
+        build_digits(protocol="images", val_fraction=1.2)
     with pytest.raises(ValueError, match="dataset.test_fraction"):
         build_digits(protocol="images", test_fraction=1.5)
     with pytest.raises(ValueError, match="protocol=images"):

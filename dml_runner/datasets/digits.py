@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from dml_runner.datasets.base import DatasetSplits, TensorLabelledDataset, with_validation_split
+from dml_runner.datasets.base import (DatasetSplits, SubsetLabelledDataset, TensorLabelledDataset,
+                                      with_validation_split)
 
 
 class RandomShift:
@@ -34,8 +35,9 @@ def build(train_classes: Sequence[int] = (0, 1, 2, 3, 4), test_classes: Sequence
     """Load sklearn's digits, scale pixels to [0, 1] and split them.
 
     ``protocol="classes"``: train on ``train_classes``, retrieve the unseen ``test_classes`` (class-disjoint, as DML
-    benchmarks). ``protocol="images"``: every class in both splits, a fixed stratified ``test_fraction`` of the
-    images held out for retrieval (the same test images for every seed).
+    benchmarks; ``val_fraction`` holds out training classes). ``protocol="images"``: every class in both splits, a
+    fixed stratified ``test_fraction`` of the images held out for retrieval (the same test images for every seed);
+    ``val_fraction`` holds out that share of each digit's training images.
     """
     from sklearn.datasets import load_digits
 
@@ -62,12 +64,29 @@ def build(train_classes: Sequence[int] = (0, 1, 2, 3, 4), test_classes: Sequence
         raise ValueError(f"dataset.protocol={protocol!r}: choose 'classes' (class-disjoint) or 'images'")
     if train_idx.size == 0 or test_idx.size == 0:
         raise ValueError("dataset.train_classes / dataset.test_classes must name digits 0-9")
-    if protocol == "images" and val_fraction > 0:
-        raise ValueError("dataset.val_fraction>0 holds out training CLASSES, which protocol=images also tests on; "
-                         "use dataset.protocol=classes for a class-disjoint validation split")
     train = TensorLabelledDataset(images[train_idx], labels[train_idx], transform=RandomShift(max_shift),
                                   name="digits")
     test = TensorLabelledDataset(images[test_idx], labels[test_idx], name="digits")
     splits = DatasetSplits(name="digits", train=train, test=test,
                            info={"source": "sklearn.datasets.load_digits", "protocol": protocol})
+    if protocol == "images":
+        return _image_validation_split(splits, val_fraction, seed)
     return with_validation_split(splits, val_fraction, seed)
+
+
+def _image_validation_split(splits: DatasetSplits, val_fraction: float, seed: int) -> DatasetSplits:
+    """protocol=images: the validation split holds out images of every digit, as the test split does."""
+    if not val_fraction:
+        return splits
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"dataset.val_fraction={val_fraction}: give a fraction in (0, 1)")
+    labels = np.asarray(splits.train.labels)
+    rng = np.random.default_rng([seed, 1])
+    held = np.zeros(labels.size, dtype=bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        held[rng.choice(members, size=max(1, round(val_fraction * members.size)), replace=False)] = True
+    splits.val = SubsetLabelledDataset(splits.train, np.flatnonzero(held), transform=splits.test.transform)
+    splits.train = SubsetLabelledDataset(splits.train, np.flatnonzero(~held))
+    splits.info["val_fraction"] = val_fraction
+    return splits
