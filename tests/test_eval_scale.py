@@ -56,12 +56,12 @@ def test_draw_is_proportional_to_the_weights():
     assert np.allclose(uniform, 0.25, atol=0.02)
 
 
-@pytest.mark.parametrize("rounds", [None, 5])
-def test_kmeanspp_puts_one_seed_in_every_far_blob(rounds):
+@pytest.mark.parametrize("rounds, low", [(None, None), (5, None), (5, torch.bfloat16)])
+def test_kmeanspp_puts_one_seed_in_every_far_blob(rounds, low):
     """Blobs 100 sigma apart: D^2 sampling never picks a covered blob; rounds=5 (8 draws per round) keeps that
-    through the in-round acceptance (without it: 31-35 of 40 blobs covered)."""
+    through the in-round acceptance (without it: 31-35 of 40 blobs covered), with float32 or bf16 products."""
     x, y = _blobs(40, per=10, sep=100.0, seed=1)
-    init = kmeanspp(torch.from_numpy(x), 40, torch.Generator().manual_seed(0), rounds=rounds).numpy()
+    init = kmeanspp(torch.from_numpy(x), 40, torch.Generator().manual_seed(0), rounds=rounds, low=low).numpy()
     assert init.size == 40 and np.unique(init).size == 40
     covered = np.unique(y[init]).size
     assert covered == 40 if rounds is None else covered >= 38

@@ -114,16 +114,20 @@ def _cpu_threads(x: torch.Tensor):
 
 
 def kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None = None,
-             rounds: int | None = None) -> torch.Tensor:
+             rounds: int | None = None, low: torch.dtype | None = None) -> torch.Tensor:
     """Indices of k seed points: greedy k-means++ (``trials`` candidates per centre, default 2 + ln k) in k passes
-    over the data, or (default when k > GREEDY_MAX_K) in about ``rounds`` passes of several D^2 draws each."""
+    over the data, or (default when k > GREEDY_MAX_K) in about ``rounds`` passes of several D^2 draws each.
+
+    ``low`` (e.g. bf16): the product of the rounds runs in this precision (D^2 only weights the draws: its rounding
+    changes which points are drawn, not the result's correctness); the greedy steps stay float32."""
     if rounds is None:
         rounds = k if k <= GREEDY_MAX_K else SEED_ROUNDS
     with _cpu_threads(x):
-        return _kmeanspp(x, k, gen, trials, rounds)
+        return _kmeanspp(x, k, gen, trials, rounds, low)
 
 
-def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None, rounds: int) -> torch.Tensor:
+def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None, rounds: int,
+              low: torch.dtype | None) -> torch.Tensor:
     n = x.shape[0]
     xn = (x * x).sum(1)
     first = torch.randint(n, (1,), generator=gen).to(x.device)
@@ -132,6 +136,7 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
     count = 1
     per_round = max(1, -(-(k - 1) // max(rounds, 1)))
     trials = trials or (2 + int(math.log(k)) if per_round == 1 else 1)
+    x_low = x.to(low) if per_round > 1 and low is not None and low != x.dtype else None
     while count < k:
         m = min(per_round, k - count)
         if m == 1:
@@ -148,7 +153,11 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
                                           torch.rand(cand.numel(), generator=gen, dtype=torch.float64).numpy())
             pick = cand[torch.as_tensor(keep, device=x.device)]
             xp = x[pick]
-            nearest = torch.addmm((xp * xp).sum(1)[:, None] + xn[None, :], xp, x.T, alpha=-2.0).amin(0)
+            if x_low is None:
+                nearest = torch.addmm((xp * xp).sum(1)[:, None] + xn[None, :], xp, x.T, alpha=-2.0).amin(0)
+            else:
+                prod = torch.mm(x_low[pick], x_low.T).float()
+                nearest = torch.add((xp * xp).sum(1)[:, None], prod, alpha=-2.0).amin(0) + xn
             d2 = torch.minimum(d2, nearest.clamp_min_(0.0))
         chosen.append(pick)
         count += pick.numel()
@@ -241,7 +250,7 @@ def kmeans(
     best = None
     for r in range(int(nredo)):
         gen = torch.Generator(device="cpu").manual_seed(int(seed) + r)
-        init = kmeanspp(xc, k, gen)
+        init = kmeanspp(xc, k, gen, low=dtype)
         c, a, it = _lloyd(xc, x_aug, k, gen, niter, tol, dtype, chunk, init)
         cost = _inertia(xc, c, a) if nredo > 1 else 0.0
         if best is None or cost < best[0]:
