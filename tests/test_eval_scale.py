@@ -67,6 +67,24 @@ def test_kmeanspp_puts_one_seed_in_every_far_blob(rounds, low):
     assert covered == 40 if rounds is None else covered >= 38
 
 
+@pytest.mark.parametrize("rounds", [None, 7])
+def test_seeding_assigns_every_point_to_its_nearest_seed(rounds):
+    """The seeding's by-product (Lloyd's first assignment) is the brute-force nearest seed."""
+    x, _ = _blobs(30, per=12, sep=3.0, seed=8)
+    init, assign = kmeanspp(torch.from_numpy(x), 30, torch.Generator().manual_seed(2), rounds=rounds,
+                            return_assign=True)
+    seeds = x[init.numpy()]
+    d = ((x[:, None, :].astype(np.float64) - seeds[None]) ** 2).sum(-1)
+    assert (assign.numpy() == d.argmin(1)).mean() > 0.995  # float32 rounding may flip a near-tie
+
+
+def test_duplicated_points_with_many_clusters_terminate():
+    """k above GREEDY_MAX_K with few distinct points: all D^2 reach 0, the rounds still finish."""
+    x = np.repeat(np.eye(4, dtype=np.float32), 100, axis=0)
+    c, a = kmeans(x, 300, seed=0, niter=5)
+    assert c.shape == (300, 4) and np.unique(a).size == 4
+
+
 @PRECISIONS
 def test_lloyd_reaches_a_fixed_point_and_recovers_clusters(precision):
     x, y = _blobs(12, seed=2)

@@ -114,25 +114,29 @@ def _cpu_threads(x: torch.Tensor):
 
 
 def kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None = None,
-             rounds: int | None = None, low: torch.dtype | None = None) -> torch.Tensor:
+             rounds: int | None = None, low: torch.dtype | None = None, return_assign: bool = False):
     """Indices of k seed points: greedy k-means++ (``trials`` candidates per centre, default 2 + ln k) in k passes
     over the data, or (default when k > GREEDY_MAX_K) in about ``rounds`` passes of several D^2 draws each.
 
     ``low`` (e.g. bf16): the product of the rounds runs in this precision (D^2 only weights the draws: its rounding
-    changes which points are drawn, not the result's correctness); the greedy steps stay float32."""
+    changes which points are drawn, not the result's correctness); the greedy steps stay float32.
+    ``return_assign``: also the position (in the returned seeds) of each point's nearest seed, as the seeding's
+    distances found it (Lloyd's first assignment, without another pass over the data)."""
     if rounds is None:
         rounds = k if k <= GREEDY_MAX_K else SEED_ROUNDS
     with _cpu_threads(x):
-        return _kmeanspp(x, k, gen, trials, rounds, low)
+        seeds, assign = _kmeanspp(x, k, gen, trials, rounds, low)
+    return (seeds, assign) if return_assign else seeds
 
 
 def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None, rounds: int,
-              low: torch.dtype | None) -> torch.Tensor:
+              low: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[0]
     xn = (x * x).sum(1)
     first = torch.randint(n, (1,), generator=gen).to(x.device)
     chosen = [first]
     d2 = _sq_dist_to(x, xn, x[first])[0]
+    assign = torch.zeros(n, dtype=torch.int64, device=x.device)
     count = 1
     per_round = max(1, -(-(k - 1) // max(rounds, 1)))
     trials = trials or (2 + int(math.log(k)) if per_round == 1 else 1)
@@ -144,7 +148,9 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
             dc = _sq_dist_to(x, xn, x[cand])
             best = int(torch.minimum(d2[None, :], dc).sum(1).argmin())
             pick = cand[best : best + 1]
-            d2 = torch.minimum(d2, dc[best])
+            closer = dc[best] < d2
+            assign[closer] = count
+            d2 = torch.where(closer, dc[best], d2)
         else:
             cand = _draw(d2, m, gen)
             xc = x[cand].double()
@@ -154,14 +160,18 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
             pick = cand[torch.as_tensor(keep, device=x.device)]
             xp = x[pick]
             if x_low is None:
-                nearest = torch.addmm((xp * xp).sum(1)[:, None] + xn[None, :], xp, x.T, alpha=-2.0).amin(0)
+                nearest, which = torch.addmm((xp * xp).sum(1)[:, None] + xn[None, :], xp, x.T, alpha=-2.0).min(0)
             else:
                 prod = torch.mm(x_low[pick], x_low.T).float()
-                nearest = torch.add((xp * xp).sum(1)[:, None], prod, alpha=-2.0).amin(0) + xn
-            d2 = torch.minimum(d2, nearest.clamp_min_(0.0))
+                nearest, which = torch.add((xp * xp).sum(1)[:, None], prod, alpha=-2.0).min(0)
+                nearest += xn
+            nearest.clamp_min_(0.0)
+            closer = nearest < d2
+            assign[closer] = count + which[closer]
+            d2 = torch.where(closer, nearest, d2)
         chosen.append(pick)
         count += pick.numel()
-    return torch.cat(chosen)[:k]
+    return torch.cat(chosen), assign
 
 
 def _sequential_acceptance(cc: np.ndarray, d2: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -172,14 +182,16 @@ def _sequential_acceptance(cc: np.ndarray, d2: np.ndarray, u: np.ndarray) -> np.
     between the candidates, d2: their D^2, u: m uniforms."""
     m = d2.size
     kept = np.zeros(m, dtype=bool)
-    for j in range(m):
-        thr = u[j] * d2[j]
-        if d2[j] > 0 and (not kept.any() or bool((cc[kept, j] > thr).all())):
+    kept[0] = True  # the first draw of a round is an exact D^2 draw (and the round always makes progress)
+    for j in range(1, m):
+        if d2[j] > 0 and bool((cc[kept, j] > u[j] * d2[j]).all()):
             kept[j] = True
     return kept
 
 
-def _lloyd(xt, x_aug, k, gen, niter, tol, dtype, chunk, init):
+def _lloyd(xt, x_aug, k, gen, niter, tol, dtype, chunk, init, init_assign=None):
+    """Lloyd iterations from the seed points ``init``; ``init_assign``: the first assignment, when the seeding
+    already found each point's nearest seed."""
     n = xt.shape[0]
     dev = xt.device
     centroids = xt[init].clone()
@@ -187,7 +199,7 @@ def _lloyd(xt, x_aug, k, gen, niter, tol, dtype, chunk, init):
     assign = torch.full((n,), -1, dtype=torch.int64, device=dev)
     it = 0
     for it in range(1, int(niter) + 1):
-        new = _assign(x_aug, centroids, dtype, chunk)
+        new = init_assign if it == 1 and init_assign is not None else _assign(x_aug, centroids, dtype, chunk)
         changed = int((new != assign).sum())
         assign = new
         if changed <= tol * n:
@@ -250,8 +262,8 @@ def kmeans(
     best = None
     for r in range(int(nredo)):
         gen = torch.Generator(device="cpu").manual_seed(int(seed) + r)
-        init = kmeanspp(xc, k, gen, low=dtype)
-        c, a, it = _lloyd(xc, x_aug, k, gen, niter, tol, dtype, chunk, init)
+        init, init_assign = kmeanspp(xc, k, gen, low=dtype, return_assign=True)
+        c, a, it = _lloyd(xc, x_aug, k, gen, niter, tol, dtype, chunk, init, init_assign)
         cost = _inertia(xc, c, a) if nredo > 1 else 0.0
         if best is None or cost < best[0]:
             best = (cost, c, a, it)
