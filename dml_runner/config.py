@@ -67,6 +67,7 @@ class EvalConfig:
     chunk_size: int = _opt(4096, "queries per block of the retrieval search")
     kmeans_iters: int = _opt(50, "k-means iterations for NMI and F1")
     seed: Optional[int] = _opt(None, "k-means seed (null: trainer.seed)")
+    normalize: bool = _opt(False, "L2-normalise the embeddings for evaluation only (training sees them raw)")
 
 
 SCHEMAS = {"trainer": TrainerConfig, "eval": EvalConfig}

@@ -314,6 +314,8 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
     if data.info.get("count_warning"):
         log.warning("DATASET COUNTS DIFFER FROM THE OFFICIAL ONES: %s", data.info["count_warning"])
     model = _instantiate(cfg.backbone, "backbone", in_channels=data.train.in_channels)
+    if cfg.eval.normalize:
+        model.head.eval_normalize = True
     loss = _instantiate(cfg.loss, "loss")
     method = _instantiate(cfg.method, "method")
     make_optimizer = _instantiate(cfg.optimizer, "optimizer")

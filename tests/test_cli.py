@@ -158,3 +158,16 @@ def test_help_describes_every_group_and_option_in_one_line(tmp_path):
     for f in schema_fields(TrainerConfig):
         assert any(line.strip().startswith(f.name + " ") for line in text.splitlines()), f.name
         assert f.metadata.get("help"), f"TrainerConfig.{f.name} has no help text"
+
+
+@pytest.mark.slow
+def test_eval_normalize_evaluates_unit_embeddings_of_a_raw_trained_head(tmp_path):
+    """eval.normalize=true: training sees the raw head output, evaluation and embeddings.npz the L2-normalised one."""
+    norms = {}
+    for flag in ("true", "false"):
+        out = tmp_path / flag
+        run_cli(["trainer=smoke", "backbone.normalize=false", f"eval.normalize={flag}", f"hydra.run.dir={out}"],
+                cwd=tmp_path)
+        norms[flag] = np.linalg.norm(np.load(out / "embeddings.npz")["embeddings"], axis=1)
+    assert np.allclose(norms["true"], 1.0, atol=1e-5)
+    assert not np.allclose(norms["false"], 1.0, atol=1e-2)  # the head itself does not normalise

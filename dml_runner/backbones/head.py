@@ -27,6 +27,9 @@ class EmbeddingHead(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(in_dim, embedding_dim)
         self.normalize = normalize
+        # L2-normalise in eval mode only (evaluation, saved embeddings) while training sees the raw output:
+        # eval.normalize / method=hdml's eval_normalize, as the official HDML evaluation does.
+        self.eval_normalize = False
         nn.init.xavier_uniform_(self.fc.weight)  # Xavier init as in Song et al. 2016's fc embedding layer
         nn.init.zeros_(self.fc.bias)
         self.slices: list[slice] | None = None
@@ -61,7 +64,7 @@ class EmbeddingHead(nn.Module):
         z = self.fc(self.dropout(features))
         if self.slices is not None:
             z = self.normalize_per_slice(z)
-        return F.normalize(z, dim=1) if self.normalize else z
+        return F.normalize(z, dim=1) if self.normalize or (self.eval_normalize and not self.training) else z
 
 
 def init_sliced_xavier_normal_(fc: nn.Linear, slices: Sequence[slice], seed: int | None = None) -> None:

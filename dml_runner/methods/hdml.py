@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-import torch.nn.functional as F
 
 from dml_runner import DMLRunnerError
 from dml_runner.losses.hdml import TF_BN, HDMLLoss
@@ -38,11 +37,6 @@ from dml_runner.methods.feature_cache import FeatureCache, require_frozen_trunk,
 
 _LOGGED = ("metric_real", "metric_syn", "weight_decay", "gen", "recon", "soft", "cls", "weight_real", "javg")
 _OBJECTIVES = (("loss", "metric"), ("gen", "generator"), ("cls", "classifier"))
-
-
-def _l2_normalize_in_eval(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-    """Forward hook: the head's output L2-normalised in eval mode (evaluation), unchanged in training."""
-    return None if module.training else F.normalize(output, dim=1)
 
 
 class HDMLMethod(Method):
@@ -78,7 +72,7 @@ class HDMLMethod(Method):
             loss.build(model.feature_dim, model.embedding_dim, torch.as_tensor(np.unique(ctx.train_set.labels)))
         model.head.to(ctx.device)
         if self.eval_normalize:
-            model.head.register_forward_hook(_l2_normalize_in_eval)
+            model.head.eval_normalize = True
         loss.to(ctx.device)
 
         base_lr = self.metric_lr if self.metric_lr is not None else ctx.base_lr
