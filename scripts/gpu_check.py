@@ -51,7 +51,8 @@ class Sizes:
         self.image = 40 if dry else 288  # generated JPEG side
         self.crop = 32 if dry else 224
         self.resize = 36 if dry else 256
-        self.classes, self.per_class = (8, 6) if dry else (32, 12)
+        # the folder split trains on half of the classes: enough images there for `steps` full batches per epoch
+        self.classes, self.per_class = (8, 6) if dry else (64, 32)
         self.batch = 8 if dry else 64  # class-balanced: 4 images per class
         self.steps = steps or (2 if dry else 12)
         self.workers = 0 if dry else min(8, os.cpu_count() or 1)

@@ -190,6 +190,16 @@ def screened_retrieval(
     that the float64 rechecks would cost more than a float32 search (embeddings close to random: many items lie
     within the bf16 error of each query's nearest positive); the caller then runs the float32 search.
     """
+    cuda_bf16 = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    if torch.device(device).type == "cuda" and dtype == torch.bfloat16 and cuda_bf16:
+        # the error bound assumes float32 accumulation: no bf16 partial sums inside cuBLAS
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+        try:
+            return screened_retrieval(queries, query_labels, gallery, gallery_labels, self_index,
+                                      need_ranking=need_ranking, device=device, chunk_size=chunk_size,
+                                      give_up_if_weak=give_up_if_weak, dtype=dtype)
+        finally:
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = cuda_bf16
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         # the error bound assumes float32 products: no bf16 / TF32 inside "float32" matrix products
         before = torch.get_float32_matmul_precision()
