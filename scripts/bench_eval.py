@@ -7,7 +7,9 @@ Each side runs in its own subprocess on the same synthetic SOP-shaped data so pe
   python scripts/bench_eval.py --device cuda    # same on a GPU (faiss-gpu / torch CUDA)
   python scripts/bench_eval.py --kmeans [--kmeans-n 30000 --dim 128]   # k-means: ours vs faiss.Kmeans, time + NMI
 Every run first prints the CPU model, the instruction-set flags detected and the paths the auto settings choose
-(DML_CPU_PATH / DML_KMEANS_PRECISION / DML_EVAL_SEARCH force them; docs/EVALUATION.md).
+(DML_CPU_PATH / DML_KMEANS_PRECISION / DML_EVAL_SEARCH / DML_SCREEN_PRECISION force them; docs/EVALUATION.md).
+An AVX2-only CPU on an AVX-512 machine: ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+OPENBLAS_CORETYPE=Haswell (torch kernels, oneDNN, torch's MKL BLAS, faiss's OpenBLAS).
 """
 
 from __future__ import annotations
@@ -71,10 +73,12 @@ def print_cpu(device: str) -> None:
     info = cpu_info()
     paths = describe_paths(device)
     print(f"cpu: {info.summary()}")
-    env = {k: os.environ[k] for k in ("DML_CPU_PATH", "DML_KMEANS_PRECISION", "DML_EVAL_SEARCH",
-                                      "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
-    print(f"chosen on {device}: search {paths['search']} (from 4,096 queries x 8,192 gallery items; smaller: "
-          f"torch_fp32), k-means {paths['kmeans_precision']}, {paths['threads']} threads"
+    env = {k: os.environ[k] for k in ("DML_CPU_PATH", "DML_KMEANS_PRECISION", "DML_EVAL_SEARCH", "DML_SCREEN_PRECISION",
+                                      "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                                      "OPENBLAS_CORETYPE", "OMP_NUM_THREADS") if k in os.environ}
+    sizes = "4,096 queries x 8,192 gallery items" if "bfloat16" in paths["search"] else "20,000 x 20,000"
+    print(f"chosen on {device}: search {paths['search']} (from {sizes}; smaller: torch_fp32), k-means "
+          f"{paths['kmeans_precision']}, {paths['threads']} threads"
           + (f"; env {env}" if env else ""), flush=True)
 
 

@@ -147,12 +147,14 @@ print(json.dumps(out))
 
 @pytest.mark.slow  # a fresh interpreter importing torch, sklearn and faiss: 5 s on a quiet machine, 40 s+ on a busy one
 def test_an_avx2_only_cpu_emulated_runs_every_path():
-    """torch and oneDNN capped at AVX2 (as on an AMD EPYC without AVX-512): detection says float32 paths, and the
+    """torch, oneDNN, MKL and OpenBLAS capped at AVX2 (as on an AMD EPYC without AVX-512): detection says float32
+    paths, and the
     bf16 paths, forced, still give exact retrieval and recover well-separated clusters."""
     if cpu.cpu_info().arch not in ("x86_64", "amd64") or "avx2" not in cpu.cpu_info().flags:
         pytest.skip("emulating AVX2 needs an x86 CPU with AVX2")
     env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
-    env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1")
+    env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+               OPENBLAS_CORETYPE="Haswell", OMP_NUM_THREADS="1")
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.run([sys.executable, "-c", AVX2_SCRIPT, tests_dir], capture_output=True, text=True, env=env,
                           timeout=300)
