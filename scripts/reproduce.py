@@ -37,7 +37,8 @@ TARGETS: dict[str, dict[str, Any]] = {
 }
 # --smoke shrinks what the issue's rule allows (epochs, steps, data, classes per batch, image size) and keeps the
 # row's backbone and weight loading, transform, sampler and batch layout, loss, method and report.
-SMOKE_STEPS = 2             # batches per epoch (a Divide and Conquer divide epoch: one per learner, at least this)
+SMOKE_STEPS = 2             # batches per epoch
+SMOKE_DC_STEPS = 4          # batches per Divide and Conquer epoch: the first learners' clusters in turn (K <= 8)
 SMOKE_CLASSES = 4           # classes (pairs, triplets) per batch; images per class as the row has them
 SMOKE_DC_CLASSES = 2        # classes per batch within one Divide and Conquer cluster (the row: 20)
 SMOKE_BATCH = 16            # a batch without a classes x images layout
@@ -211,7 +212,8 @@ def smoke_overrides(row: str, cfg: Any, extra: list[str]) -> tuple[list[str], li
     if divide_conquer:
         from dml_runner.methods.divide_conquer import full_embedding_epoch
 
-        k, steps = int(cfg.method.num_clusters), max(SMOKE_STEPS, int(cfg.method.num_clusters))
+        k = int(cfg.method.num_clusters)
+        steps = max(SMOKE_STEPS, min(k, SMOKE_DC_STEPS))
         out += ["trainer.epochs=3", "method.finetune_epochs=1", "trainer.eval_every=3",
                 f"trainer.max_steps_per_epoch={steps}"]
         full_from = cfg.method.get("full_embedding_from", "conquer")
@@ -222,7 +224,7 @@ def smoke_overrides(row: str, cfg: Any, extra: list[str]) -> tuple[list[str], li
         phases = "divide 1 (clustering)" + (", full embedding on cluster batches 2" if first_full == 2 else
                                             ", divide 2") + ", conquer 3"
         notes.append(f"epochs: {epochs} -> 3 ({phases}; method.finetune_epochs {cfg.method.finetune_epochs} -> 1), "
-                     f"at most {steps} steps per epoch (one batch per learner, K = {k})")
+                     f"at most {steps} steps per epoch (batches of {steps} of the K = {k} learners in turn)")
     else:
         out += ["trainer.epochs=1", "trainer.eval_every=1", f"trainer.max_steps_per_epoch={SMOKE_STEPS}"]
         notes.append(f"epochs: {epochs} -> 1, at most {SMOKE_STEPS} steps")

@@ -204,6 +204,8 @@ class TreeSize:
 SMOKE_SIZE = TreeSize(train_classes=32, per_class=4, test_classes=6)
 # One step at a row's full batch: 64 classes x 2 (N-pair), 40 x 3 (triplets), 20 x 4 (Divide and Conquer).
 FULL_BATCH_SIZE = TreeSize(train_classes=64, per_class=4, test_classes=4)
+# A Divide and Conquer row at full size clusters every training image at 224 px first: just over one 20 x 4 batch.
+FULL_DC_SIZE = TreeSize(train_classes=24, per_class=4, test_classes=4)
 
 
 def make_tree(name: str, parent: Path, size: TreeSize, image_size: tuple[int, int] = SIZE) -> Path:

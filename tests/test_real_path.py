@@ -40,9 +40,13 @@ SIZE_KEYS = {"crop", "resize", "size"}
 
 
 @pytest.fixture(scope="module")
-def smoke_base(tmp_path_factory) -> Path:
+def smoke_base(request, tmp_path_factory, hub_cache) -> Path:
+    """Where the smoke runs go; starts every target the selected tests need, two at a time (tests/smoke_runs.py)."""
+    from smoke_runs import needed_targets, prefetch
+
     base = tmp_path_factory.getbasetemp() / "reproduce_smoke"
     base.mkdir(exist_ok=True)
+    prefetch(needed_targets(request.session.items), base)
     return base
 
 
@@ -99,8 +103,13 @@ def check_weights(row: str, model: dict[str, Any], hub_cache: Path) -> Path:
     return path
 
 
-def check_frozen_and_trained(row: str, run_dir: Path, weights: Path, freeze: str) -> None:
-    """Compare the trained checkpoint's trunk with the loaded file, tensor by tensor."""
+def check_frozen_and_trained(row: str, run_dir: Path, weights: Path, freeze: str, lr: float) -> None:
+    """Compare the trained checkpoint's trunk with the loaded file, tensor by tensor.
+
+    Every frozen tensor is bit-identical and every trained one moved, with one exception: at a learning rate below
+    1e-5 (the Lifted rows' SGD at 1e-6) one step moves a BatchNorm scale (~1.0) by less than float32 resolves there
+    (6e-8), so those may stay; the BatchNorm shifts (~0) of the same layers must still move.
+    """
     import torch
 
     assert freeze in FROZEN, f"{row}: backbone.freeze={freeze} has no expectation in this test"
@@ -116,7 +125,10 @@ def check_frozen_and_trained(row: str, run_dir: Path, weights: Path, freeze: str
             continue
         module = key.rsplit(".", 1)[0]
         frozen = (frozen_stats if key.endswith(BN_STATS) else frozen_affine if module in bn else frozen_rest)
-        if frozen != torch.equal(ours, value):
+        same = torch.equal(ours, value)
+        if not frozen and same and lr < 1e-5 and module in bn and key.endswith(".weight"):
+            continue
+        if frozen != same:
             wrong.append(f"{key} ({'should be frozen' if frozen else 'should have trained'})")
         compared += 1
     assert compared > 50, f"{row}: only {compared} trunk tensors matched the weights file's names"
@@ -159,7 +171,7 @@ def test_row_trains_on_the_real_path(row, hub_cache, smoke_base, compose_cfg):
     check_components(row, composed, results["config"], run)
     weights = check_weights(row, results["model"], hub_cache)
     run_dir = run.jobs[row]
-    check_frozen_and_trained(row, run_dir, weights, results["model"]["freeze"])
+    check_frozen_and_trained(row, run_dir, weights, results["model"]["freeze"], float(composed.optimizer.lr))
     history = pd.read_csv(run_dir / "history.csv")
     assert len(history) == results["config"]["trainer"]["epochs"] and (history["epoch"] >= 1).all()
     assert all(math.isfinite(v) for v in history["train_loss"]), f"{row}: loss {history['train_loss'].tolist()}"
@@ -191,19 +203,23 @@ COMBINATIONS = combinations()
 @pytest.mark.parametrize("combo", sorted(COMBINATIONS))
 def test_one_step_at_the_rows_full_image_size_and_batch(combo, hub_cache, tmp_path, compose_cfg):
     """One training step of the row as configured (batch, crop, weights), on a fixture tree big enough for its
-    batch; a Divide and Conquer row takes it in the conquer phase (a full 20 x 4 batch from all classes: the fixture
-    is too small for 20 classes inside one of K clusters)."""
+    batch. A Divide and Conquer row takes two: a divide epoch (clustering at the full image size, one cluster
+    batch: its classes x 4, fewer than 20 classes in a cluster of this small tree) and a conquer epoch (the full
+    20 x 4 batch)."""
     from conftest import run_dml
-    from datasets_fixtures import FULL_BATCH_SIZE, make_tree
+    from datasets_fixtures import FULL_BATCH_SIZE, FULL_DC_SIZE, make_tree
 
     row = COMBINATIONS[combo]
     composed = compose_cfg(f"+experiment={row}")
     dataset = str(composed.dataset._target_).split(".")[-2]
-    root = make_tree(dataset, tmp_path / "data", FULL_BATCH_SIZE)
-    extra = ["method.finetune_epochs=1"] if composed.method._target_.endswith("DivideConquerMethod") else []
-    run_dml([f"+experiment={row}", f"dataset.root={root}", "trainer.epochs=1", "trainer.max_steps_per_epoch=1",
+    divide_conquer = composed.method._target_.endswith("DivideConquerMethod")
+    root = make_tree(dataset, tmp_path / "data", FULL_DC_SIZE if divide_conquer else FULL_BATCH_SIZE)
+    epochs = 2 if divide_conquer else 1
+    extra = ["method.finetune_epochs=1"] if divide_conquer else []
+    run_dml([f"+experiment={row}", f"dataset.root={root}", f"trainer.epochs={epochs}", "trainer.max_steps_per_epoch=1",
              "trainer.eval_before_training=false", "trainer.save_checkpoints=false", "trainer.progress=false",
-             "trainer.num_workers=0", "trainer.amp=false", f"hydra.run.dir={tmp_path / 'run'}", *extra],
+             "trainer.num_workers=0", "trainer.amp=false", "trainer.num_threads=2", f"hydra.run.dir={tmp_path / 'run'}",
+             *extra],
             cwd=tmp_path)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "completed"
@@ -213,4 +229,6 @@ def test_one_step_at_the_rows_full_image_size_and_batch(combo, hub_cache, tmp_pa
     assert results["model"]["pretrained"] is True and Path(results["model"]["weights_file"]).parent == \
         Path(hub_cache) / "hub" / "checkpoints"
     history = pd.read_csv(tmp_path / "run" / "history.csv")
-    assert len(history) == 1 and math.isfinite(history["train_loss"].iloc[0])
+    assert len(history) == epochs and all(math.isfinite(v) for v in history["train_loss"])
+    if divide_conquer:
+        assert history["dc_phase"].tolist() == ["divide", "conquer"], history.to_dict("list")
