@@ -35,7 +35,7 @@ def test_detection_reports_the_cpu_and_a_consistent_choice(clean_env):
         assert info.flags & {"avx512_bf16", "amx_bf16", "bf16"}
     want = torch.bfloat16 if info.native_bf16 else torch.float32
     assert cpu.kmeans_dtype("cpu") == want and cpu.screen_dtype("cpu") == want
-    assert cpu.use_screen("cpu")  # bf16 or float32 screen on every CPU (size thresholds apply in evaluate)
+    assert cpu.use_screen("cpu") == info.native_bf16  # the bf16 screen only (size thresholds apply in evaluate)
     assert cpu.kmeans_dtype("cuda") == torch.bfloat16 and not cpu.use_screen("cuda")  # no GPU needed
     paths = cpu.describe_paths("cpu")
     assert paths["search"] == f"torch_screened ({str(want).replace('torch.', '')})" and "native bf16" in info.summary()
@@ -45,6 +45,7 @@ def test_detection_reports_the_cpu_and_a_consistent_choice(clean_env):
 def test_dml_cpu_path_forces_every_feature(clean_env, path, dtype):
     clean_env.setenv(cpu.ENV_CPU_PATH, path)
     assert cpu.kmeans_dtype("cpu") == dtype and cpu.screen_dtype("cpu") == dtype
+    assert cpu.use_screen("cpu") == (path == "bf16")
     assert cpu.kmeans_dtype("cuda") == torch.bfloat16 == cpu.screen_dtype("cuda")  # a CPU setting only
 
 
@@ -91,8 +92,10 @@ def test_auto_backend_follows_the_forced_search(clean_env, search, precision):
 
 
 def test_the_float32_screen_waits_for_larger_sizes(clean_env):
-    """Auto on a CPU without native bf16: the float32 screen only from SCREEN_FP32_MIN queries and gallery items."""
+    """The float32 screen, asked for, only from SCREEN_FP32_MIN queries and gallery items (and never unasked)."""
     clean_env.setenv(cpu.ENV_SCREEN, "fp32")
+    assert not cpu.use_screen("cpu")
+    clean_env.setenv(cpu.ENV_SEARCH, "screened")
     x = np.random.default_rng(0).normal(size=(300, 12)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 30, 300)
     clean_env.setattr(ev, "SCREEN_MIN_QUERIES", 1)
@@ -161,6 +164,6 @@ def test_an_avx2_only_cpu_emulated_runs_every_path():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["native_bf16"] is False and out["paths"]["torch_isa"] == "AVX2"
-    assert out["paths"]["kmeans_precision"] == "float32" and out["paths"]["search"] == "torch_screened (float32)"
+    assert out["paths"]["kmeans_precision"] == "float32" and out["paths"]["search"] == "torch_fp32"
     assert min(out["nmi"].values()) > 0.99, out["nmi"]
     assert all(out["retrieval_ok"].values()), out["retrieval_ok"]

@@ -27,9 +27,8 @@ from dml_runner.evaluation.screened import screened_retrieval
 
 BACKENDS = ("torch", "torch_screened", "torch_fp32", "faiss")
 # The screen's fixed costs (gallery statistics, per-query float64 work) pay off from about here (docs/PERFORMANCE.md):
-# bf16 screen (native bf16) from 4,096 queries x 8,192 gallery items; the float32 screen, whose product costs as much
-# as the float32 search's, only saves the passes after the product: measured slower at 10,000 x 10,000, faster
-# (-25% CPU time) at 30,000 x 30,000 on an emulated AVX2-only CPU.
+# bf16 screen (native bf16) from 4,096 queries x 8,192 gallery items. The float32 screen (only when forced: see
+# cpu.use_screen), whose product costs as much as the float32 search's, not below 20,000 of each.
 SCREEN_MIN_QUERIES, SCREEN_MIN_GALLERY = 4096, 8192
 SCREEN_FP32_MIN = 20_000
 log = logging.getLogger(__name__)
@@ -86,10 +85,9 @@ def evaluate(
     k-means (greedy k-means++ seeding) stops after ``kmeans_iters`` iterations or when at most 0.1% of points
     change cluster; ``kmeans_precision`` (auto | bf16 | fp32) is its assignment product (auto: bf16 where the CPU
     multiplies it natively and on CUDA; env DML_KMEANS_PRECISION / DML_CPU_PATH, docs/EVALUATION.md).
-    ``backend``: ``torch`` (default) is ``torch_screened`` on a CPU: with a bf16 screen where the CPU multiplies
-    bf16 natively, from 4,096 queries and 8,192 gallery items, with a float32 screen elsewhere, from 20,000 of each;
-    ``torch_fp32`` otherwise and on GPUs (env DML_EVAL_SEARCH, DML_SCREEN_PRECISION, DML_CPU_PATH force the
-    choices, docs/EVALUATION.md);
+    ``backend``: ``torch`` (default) is ``torch_screened`` with a bf16 screen on a CPU that multiplies bf16
+    natively, from 4,096 queries and 8,192 gallery items, and ``torch_fp32`` otherwise, GPUs included (env
+    DML_EVAL_SEARCH, DML_SCREEN_PRECISION, DML_CPU_PATH force the choices, docs/EVALUATION.md);
     ``torch_screened`` is a bf16 (or float32) screen whose undecided items are recomputed in float64 (results equal
     a float64 brute force; see ``screened.py``); ``torch_fp32`` is a float32 chunked search; both give exact tie
     order and Recall@K for any K from one count. ``faiss``: a flat L2 index searched for the top max(K, R) + 1 (the GPU index

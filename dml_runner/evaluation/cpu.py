@@ -4,7 +4,7 @@ Two choices depend on the CPU, both only where the user left them on ``auto``:
 
 - the k-means assignment precision (bf16 or float32), :func:`kmeans_dtype`;
 - which exact search the ``torch`` retrieval backend runs on a CPU (the bf16 screen or the float32 search),
-  :func:`use_bf16_screen`.
+  :func:`use_screen`, and the screen's precision, :func:`screen_dtype`.
 
 Both follow one rule: bf16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX on x86, the BF16 extension
 on ARM, as the CPU reports it *and* torch / oneDNN are allowed to use it), float32 elsewhere. Precedence, first
@@ -136,11 +136,13 @@ def screen_dtype(device: torch.device | str, requested: str = "auto") -> torch.d
 
 def use_screen(device: torch.device | str) -> bool:
     """Whether the ``torch`` retrieval backend runs the screened search (size thresholds apply on top): forced by
-    DML_EVAL_SEARCH, else on every CPU (bf16 or float32 screen, :func:`screen_dtype`), never on CUDA."""
+    DML_EVAL_SEARCH, else on a CPU whose screen runs in bf16 (native bf16, or forced by DML_SCREEN_PRECISION /
+    DML_CPU_PATH), never on CUDA. The float32 screen (same results) measured slower than the float32 search at
+    SOP's size on an emulated AVX2-only CPU, so it runs only when asked for (DML_EVAL_SEARCH=screened)."""
     search = _env(ENV_SEARCH, SEARCHES)
     if search != "auto":
         return search == "screened"
-    return torch.device(device).type == "cpu"
+    return torch.device(device).type == "cpu" and screen_dtype(device) == torch.bfloat16
 
 
 def describe_paths(device: torch.device | str = "cpu") -> dict[str, str]:
