@@ -140,7 +140,7 @@ def test_screened_equals_float32_search_on_continuous_data(precision):
 def test_auto_backend_falls_back_to_float32_when_the_band_is_too_wide(monkeypatch, caplog):
     import dml_runner.evaluation as ev
 
-    # the auto backend takes the screen on every CPU (bf16 or float32); forced anyway, so a CUDA default cannot skip it
+    # the auto backend takes the screen only where bf16 is native: forced so that every CPU runs this path
     monkeypatch.setenv("DML_EVAL_SEARCH", "screened")
     x, y = _clustered(seed=6)
     want = brute_retrieval(x, y)
