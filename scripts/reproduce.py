@@ -35,8 +35,8 @@ TARGETS: dict[str, dict[str, Any]] = {
     "dc": {"dirs": ["dc"], "title": "Divide and Conquer (CUB, Cars, SOP, In-shop, VehicleID)"},
     "mdl": {"dirs": ["mdl"], "title": "MDL, reconstructed from the abstract (CUB, Cars, SOP)"},
 }
-# --smoke shrinks what the issue's rule allows (epochs, steps, data, classes per batch, image size) and keeps the
-# row's backbone and weight loading, transform, sampler and batch layout, loss, method and report.
+# --smoke shrinks sizes and steps only (epochs, steps, data, classes per batch, image size) and keeps the row's
+# backbone and weight loading, transform, sampler and batch layout, loss, method and report.
 SMOKE_STEPS = 2             # batches per epoch
 SMOKE_DC_STEPS = 4          # batches per Divide and Conquer epoch: the first learners' clusters in turn (K <= 8)
 SMOKE_CLASSES = 4           # classes (pairs, triplets) per batch; images per class as the row has them
