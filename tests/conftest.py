@@ -97,3 +97,15 @@ def hub_weights_file(hub_cache, tmp_path_factory):
         return target
 
     return _file
+
+
+@pytest.fixture(scope="session")
+def smoke_base(request, tmp_path_factory, hub_cache) -> Path:
+    """Where the reproduce --smoke runs go; starts every target the selected tests need, two at a time, once per
+    session (tests/smoke_runs.py). Used by test_real_path.py and test_reproduce_smoke.py."""
+    from smoke_runs import needed_targets, prefetch
+
+    base = tmp_path_factory.getbasetemp() / "reproduce_smoke"
+    base.mkdir(exist_ok=True)
+    prefetch(needed_targets(request.session.items), base)
+    return base

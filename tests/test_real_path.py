@@ -39,17 +39,6 @@ FROZEN = {"none": (False, False, False), "bn": (True, False, False), "bn_all": (
 SIZE_KEYS = {"crop", "resize", "size"}
 
 
-@pytest.fixture(scope="module")
-def smoke_base(request, tmp_path_factory, hub_cache) -> Path:
-    """Where the smoke runs go; starts every target the selected tests need, two at a time (tests/smoke_runs.py)."""
-    from smoke_runs import needed_targets, prefetch
-
-    base = tmp_path_factory.getbasetemp() / "reproduce_smoke"
-    base.mkdir(exist_ok=True)
-    prefetch(needed_targets(request.session.items), base)
-    return base
-
-
 def plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None
 

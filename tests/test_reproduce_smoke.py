@@ -73,17 +73,6 @@ def test_smoke_dry_run_loads_weights_from_the_hub_cache(tmp_path, hub_cache):
     assert "batch: 128 = 64 classes x 2 -> 8 = 4 x 2" in proc.stdout
 
 
-@pytest.fixture(scope="module")
-def smoke_base(request, tmp_path_factory, hub_cache) -> Path:
-    """Where the smoke runs go; starts every target the selected tests need, two at a time (tests/smoke_runs.py)."""
-    from smoke_runs import needed_targets, prefetch
-
-    base = tmp_path_factory.getbasetemp() / "reproduce_smoke"
-    base.mkdir(exist_ok=True)
-    prefetch(needed_targets(request.session.items), base)
-    return base
-
-
 TARGETS = ["table1", "table2", "table3", "lifted", "dc", "mdl"]
 
 

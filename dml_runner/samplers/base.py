@@ -25,6 +25,12 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.seed = int(seed)
         self.epoch = 0
 
+    def items_by_class(self) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(classes, members)``: the sorted class labels and, per class, its item indices in ascending order."""
+        classes, inverse = np.unique(self.labels, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        return classes, np.split(order, np.cumsum(np.bincount(inverse))[:-1])
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 

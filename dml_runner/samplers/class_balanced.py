@@ -29,15 +29,12 @@ class ClassBalancedBatchSampler(EpochBatchSampler):
                              f"sampler.samples_per_class={samples_per_class}")
         self.samples_per_class = int(samples_per_class)
         self.classes_per_batch = batch_size // samples_per_class
-        self.classes, inverse = np.unique(self.labels, return_inverse=True)
+        self.classes, self.members = self.items_by_class()
         if self.classes.size < self.classes_per_batch:
             raise ValueError(
                 f"a batch needs {self.classes_per_batch} classes (trainer.batch_size={batch_size} / "
                 f"sampler.samples_per_class={samples_per_class}) but the training set has {self.classes.size}; "
                 f"{self.too_few_classes_fix}")
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.cumsum(np.bincount(inverse))
-        self.members = np.split(order, bounds[:-1])  # item indices of each class
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = self._rng()

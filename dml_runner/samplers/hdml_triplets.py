@@ -29,14 +29,11 @@ class HDMLTripletBatchSampler(EpochBatchSampler):
             raise ValueError(f"sampler=hdml_triplets needs trainer.batch_size a multiple of 3 (m anchors, m positives, "
                              f"m negatives), got {batch_size}")
         self.triplets = batch_size // 3
-        self.classes, inverse = np.unique(self.labels, return_inverse=True)
+        self.classes, self.members = self.items_by_class()
         if self.classes.size < 2 * self.triplets:
             raise ValueError(f"sampler=hdml_triplets draws 2 x {self.triplets} distinct classes per batch "
                              f"(trainer.batch_size={batch_size}) but the training set has {self.classes.size}: "
                              f"lower trainer.batch_size to at most {3 * (self.classes.size // 2)}")
-        order = np.argsort(inverse, kind="stable")
-        bounds = np.cumsum(np.bincount(inverse))
-        self.members = np.split(order, bounds[:-1])  # item indices of each class
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = self._rng()
