@@ -154,7 +154,8 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
         else:
             cand = _draw(d2, m, gen)
             xc = x[cand].double()
-            cc = ((xc[:, None, :] - xc[None, :, :]) ** 2).sum(2)  # (m, m), m ~ k / SEED_ROUNDS
+            sq = (xc * xc).sum(1)
+            cc = (sq[:, None] + sq[None, :] - 2.0 * (xc @ xc.T)).clamp_min_(0.0)  # (m, m), m ~ k / SEED_ROUNDS
             keep = _sequential_acceptance(cc.cpu().numpy(), d2[cand].cpu().double().numpy(),
                                           torch.rand(cand.numel(), generator=gen, dtype=torch.float64).numpy())
             pick = cand[torch.as_tensor(keep, device=x.device)]
