@@ -64,8 +64,10 @@ def augment(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.cat([x, torch.ones(n, 2, device=x.device)], dim=1).to(dtype)
 
 
-def _assign(x_aug: torch.Tensor, centroids: torch.Tensor, dtype: torch.dtype, chunk: int) -> torch.Tensor:
-    """Nearest centroid of every row of ``x_aug`` (from :func:`augment`), lowest index among exact ties."""
+def _assign(x_aug: torch.Tensor, centroids: torch.Tensor, dtype: torch.dtype, chunk: int,
+            with_score: bool = False):
+    """Nearest centroid of every row of ``x_aug`` (from :func:`augment`), lowest index among exact ties [and its
+    score x . c - |c|^2 / 2 as the product gave it]."""
     k, d = centroids.shape
     kp = -(-k // BLOCK) * BLOCK
     half = -0.5 * (centroids.double() ** 2).sum(1)
@@ -77,11 +79,16 @@ def _assign(x_aug: torch.Tensor, centroids: torch.Tensor, dtype: torch.dtype, ch
     c_aug[:k, d + 1] = lo
     c_aug[k:, d] = -1e30  # padding centroids never win
     out = torch.empty(x_aug.shape[0], dtype=torch.int64, device=x_aug.device)
+    best = torch.empty(x_aug.shape[0], dtype=dtype, device=x_aug.device) if with_score else None
     scores = torch.empty(min(chunk, x_aug.shape[0]), kp, dtype=dtype, device=x_aug.device)  # reused
     for s in range(0, x_aug.shape[0], chunk):
         xs = x_aug[s : s + chunk]
-        out[s : s + chunk] = block_argmax(torch.mm(xs, c_aug.T, out=scores[: xs.shape[0]]))
-    return out
+        sc = torch.mm(xs, c_aug.T, out=scores[: xs.shape[0]])
+        idx = block_argmax(sc)
+        out[s : s + chunk] = idx
+        if best is not None:
+            best[s : s + chunk] = sc.gather(1, idx[:, None])[:, 0]
+    return (out, best) if with_score else out
 
 
 def _sq_dist_to(x: torch.Tensor, xn: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -114,23 +121,24 @@ def _cpu_threads(x: torch.Tensor):
 
 
 def kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None = None,
-             rounds: int | None = None, low: torch.dtype | None = None, return_assign: bool = False):
+             rounds: int | None = None, x_aug: torch.Tensor | None = None, return_assign: bool = False):
     """Indices of k seed points: greedy k-means++ (``trials`` candidates per centre, default 2 + ln k) in k passes
     over the data, or (default when k > GREEDY_MAX_K) in about ``rounds`` passes of several D^2 draws each.
 
-    ``low`` (e.g. bf16): the product of the rounds runs in this precision (D^2 only weights the draws: its rounding
-    changes which points are drawn, not the result's correctness); the greedy steps stay float32.
+    ``x_aug`` (:func:`augment` of ``x``, bf16 or float32): the rounds find each point's nearest new seed with the
+    assignment product in its precision (D^2 = |x|^2 - 2 max score only weights the draws: its rounding changes
+    which points are drawn, not the result's correctness); the greedy steps stay float32.
     ``return_assign``: also the position (in the returned seeds) of each point's nearest seed, as the seeding's
     distances found it (Lloyd's first assignment, without another pass over the data)."""
     if rounds is None:
         rounds = k if k <= GREEDY_MAX_K else SEED_ROUNDS
     with _cpu_threads(x):
-        seeds, assign = _kmeanspp(x, k, gen, trials, rounds, low)
+        seeds, assign = _kmeanspp(x, k, gen, trials, rounds, x_aug)
     return (seeds, assign) if return_assign else seeds
 
 
 def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None, rounds: int,
-              low: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+              x_aug: torch.Tensor | None, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[0]
     xn = (x * x).sum(1)
     first = torch.randint(n, (1,), generator=gen).to(x.device)
@@ -140,7 +148,6 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
     count = 1
     per_round = max(1, -(-(k - 1) // max(rounds, 1)))
     trials = trials or (2 + int(math.log(k)) if per_round == 1 else 1)
-    x_low = x.to(low) if per_round > 1 and low is not None and low != x.dtype else None
     while count < k:
         m = min(per_round, k - count)
         if m == 1:
@@ -160,12 +167,11 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
                                           torch.rand(cand.numel(), generator=gen, dtype=torch.float64).numpy())
             pick = cand[torch.as_tensor(keep, device=x.device)]
             xp = x[pick]
-            if x_low is None:
+            if x_aug is None:
                 nearest, which = torch.addmm((xp * xp).sum(1)[:, None] + xn[None, :], xp, x.T, alpha=-2.0).min(0)
-            else:
-                prod = torch.mm(x_low[pick], x_low.T).float()
-                nearest, which = torch.add((xp * xp).sum(1)[:, None], prod, alpha=-2.0).min(0)
-                nearest += xn
+            else:  # one product in the assignment's precision and a block argmax, as a Lloyd assignment
+                which, best = _assign(x_aug, xp, x_aug.dtype, chunk, with_score=True)
+                nearest = torch.add(xn, best.float(), alpha=-2.0)
             nearest.clamp_min_(0.0)
             closer = nearest < d2
             assign[closer] = count + which[closer]
@@ -263,7 +269,7 @@ def kmeans(
     best = None
     for r in range(int(nredo)):
         gen = torch.Generator(device="cpu").manual_seed(int(seed) + r)
-        init, init_assign = kmeanspp(xc, k, gen, low=dtype, return_assign=True)
+        init, init_assign = kmeanspp(xc, k, gen, x_aug=x_aug, return_assign=True)
         c, a, it = _lloyd(xc, x_aug, k, gen, niter, tol, dtype, chunk, init, init_assign)
         cost = _inertia(xc, c, a) if nredo > 1 else 0.0
         if best is None or cost < best[0]:
