@@ -122,11 +122,11 @@ def kmeans_bench(a: argparse.Namespace) -> list[dict]:
                 cpus.append(time.process_time() - c0)
                 nmis.append(nmi_from_assignments(assign, y))
                 iters.append(it)
-            row = dict(case=name, run=label, time_s=float(np.median(times)), cpu_s=float(np.median(cpus)), nmi_mean=float(np.mean(nmis)),
-                       nmi_min=float(np.min(nmis)), iters=float(np.mean(iters)))
+            row = dict(case=name, run=label, time_s=float(np.median(times)), cpu_s=float(np.median(cpus)),
+                       nmi_mean=float(np.mean(nmis)), nmi_min=float(np.min(nmis)), iters=float(np.mean(iters)))
             rows.append(row)
-            print(f"{name:40s} {label:16s} time {row['time_s']:7.2f} s (CPU {row['cpu_s']:7.2f} s)  NMI mean {row['nmi_mean']:.4f} "
-                  f"min {row['nmi_min']:.4f}  iterations {row['iters']:.1f}", flush=True)
+            print(f"{name:40s} {label:16s} time {row['time_s']:7.2f} s (CPU {row['cpu_s']:7.2f} s)  "
+                  f"NMI mean {row['nmi_mean']:.4f} min {row['nmi_min']:.4f}  iterations {row['iters']:.1f}", flush=True)
     return rows
 
 

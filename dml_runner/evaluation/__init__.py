@@ -90,8 +90,8 @@ def evaluate(
     DML_EVAL_SEARCH, DML_SCREEN_PRECISION, DML_CPU_PATH force the choices, docs/EVALUATION.md);
     ``torch_screened`` is a bf16 (or float32) screen whose undecided items are recomputed in float64 (results equal
     a float64 brute force; see ``screened.py``); ``torch_fp32`` is a float32 chunked search; both give exact tie
-    order and Recall@K for any K from one count. ``faiss``: a flat L2 index searched for the top max(K, R) + 1 (the GPU index
-    when faiss sees a GPU and ``device`` is cuda).
+    order and Recall@K for any K from one count. ``faiss``: a flat L2 index searched for the top max(K, R) + 1 (the
+    GPU index when faiss sees a GPU and ``device`` is cuda).
     """
     emb, lab = check_embeddings_labels(embeddings, labels)
     n = emb.shape[0]
