@@ -8,8 +8,9 @@ arrays or torch tensors (CPU or CUDA); evaluation (NMI, F1) and any method that 
   distance to the nearest centre so far. Each step reads the data once, so for k > ``GREEDY_MAX_K`` the centres are
   drawn in about ``SEED_ROUNDS`` rounds of ``ceil(k / SEED_ROUNDS)`` D^2 draws each (k-means||-style oversampling),
   each draw kept with the probability that makes it a sequential k-means++ draw given those kept before it in its
-  round (rejection sampling, so two draws rarely land in one cluster); up to ``GREEDY_MAX_K`` clusters the seeding
-  is exactly greedy k-means++.
+  round (rejection sampling, so two draws rarely land in one cluster); a round finds each point's nearest new seed
+  with the assignment product below, and the seeding's nearest seeds are Lloyd's first assignment. Up to
+  ``GREEDY_MAX_K`` clusters the seeding is exactly greedy k-means++ (float32).
 - **Assignment**: argmin_k |x - c_k|^2 = argmax_k (x . c_k - |c_k|^2 / 2) on mean-centred data; |c_k|^2 / 2 rides in
   the product as two extra columns (a two-part split, so bf16 keeps it to ~2^-16), so one (chunk x k) product and a
   block argmax per chunk are the whole step. bf16 (where the CPU multiplies it natively, and on CUDA) or float32:
@@ -18,7 +19,7 @@ arrays or torch tensors (CPU or CUDA); evaluation (NMI, F1) and any method that 
 - **Stop**: when at most ``tol`` of the points change cluster, or after ``niter`` iterations. An empty cluster is
   re-seeded on the point farthest from its centroid.
 - ``backend="faiss"``: faiss.Kmeans (random seeding, exactly ``niter`` iterations), as pytorch-metric-learning runs
-  it; ``"auto"`` is ``torch`` (see docs/PERFORMANCE.md, "k-means: ours vs faiss").
+  it; ``"auto"`` is ``torch`` (see docs/PERFORMANCE.md, "k-means: ours vs faiss.Kmeans").
 """
 
 from __future__ import annotations
