@@ -340,10 +340,13 @@ def test_too_many_clusters_for_the_data_is_an_error(tmp_path):
         DivideConquerMethod(num_clusters=0)
     with pytest.raises(DMLRunnerError, match="cluster_on"):
         DivideConquerMethod(cluster_on="pixels")
+    with pytest.raises(DMLRunnerError, match="method.kmeans_backend"):
+        DivideConquerMethod(kmeans_backend="sklearn")
 
 
-@pytest.mark.parametrize("num_clusters,cluster_on", [(1, "embedding"), (2, "embedding"), (4, "features")])
-def test_short_hydra_runs(compose_cfg, tmp_path, num_clusters, cluster_on):
+@pytest.mark.parametrize("num_clusters,cluster_on,backend", [(1, "embedding", "faiss"), (2, "embedding", "faiss"),
+                                                             (4, "features", "faiss"), (4, "features", "torch")])
+def test_short_hydra_runs(compose_cfg, tmp_path, num_clusters, cluster_on, backend):
     """Composed from the real conf/ tree: digits (5 train classes, class-balanced 5 x 4 batches), 2 epochs of at most
     3 steps, re-clustering every epoch (so the second clustering goes through the Hungarian matching)."""
     from dml_runner.run import run
@@ -352,7 +355,8 @@ def test_short_hydra_runs(compose_cfg, tmp_path, num_clusters, cluster_on):
                       "trainer.eval_before_training=false", "trainer.save_checkpoints=false",
                       "trainer.save_embeddings=false", "eval.metrics=[recall]", "backbone.width=8",
                       f"method.num_clusters={num_clusters}", "method.recluster_every=1", "method.finetune_epochs=0",
-                      f"method.cluster_on={cluster_on}", "method.niter=10", "method.nredo=1")
+                      f"method.cluster_on={cluster_on}", "method.niter=10", "method.nredo=1",
+                      f"method.kmeans_backend={backend}")
     results = run(cfg, tmp_path)
     assert results["status"] == "completed" and 0 <= results["metrics"]["recall@1"] <= 1
     history = pd.read_csv(tmp_path / "history.csv")
@@ -373,6 +377,7 @@ def test_paper_rows_follow_the_official_code(compose_cfg, row):
     m, loss, bb = cfg.method, cfg.loss, cfg.backbone
     assert m.full_embedding_from == "official" and m.embedding == "sliced" and m.fc_init == "sliced"
     assert m.cluster_on == "features" and m.niter == 100 and m.nredo == 1 and m.kmeans_seed == 1234
+    assert m.kmeans_backend == "faiss"
     assert m.recluster_every == 2 and m.finetune_epochs == 10 and cfg.trainer.epochs == 200
     assert m.num_clusters == (4 if row == "cub200" else 8)
     assert loss._target_.endswith("MarginLoss") and loss.learn_beta is False and loss.num_classes is None

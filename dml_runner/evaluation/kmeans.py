@@ -286,9 +286,15 @@ def _faiss_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, nredo: int, g
     n, d = x.shape
     use_gpu = gpu and faiss.get_num_gpus() > 0
     km = faiss.Kmeans(d, k, niter=int(niter), nredo=int(nredo), seed=int(seed) % 2**31, gpu=use_gpu,
-                      max_points_per_centroid=max(256, n), verbose=False)
-    km.train(x)
-    _, assign = km.index.search(x, 1)
+                      max_points_per_centroid=max(256, n), min_points_per_centroid=1, verbose=False)
+    threads = faiss.omp_get_max_threads()
+    if x.size < 1_000_000:  # tiny problems: OpenMP start-up and spinning cost more than they save on a busy CPU
+        faiss.omp_set_num_threads(1)
+    try:
+        km.train(x)
+        _, assign = km.index.search(x, 1)
+    finally:
+        faiss.omp_set_num_threads(threads)
     out = (np.ascontiguousarray(km.centroids, dtype=np.float32), assign.ravel().astype(np.int64))
     return (*out, int(niter)) if return_iters else out
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from dml_runner import DMLRunnerError
 from dml_runner.backbones.head import init_sliced_xavier_normal_
+from dml_runner.evaluation.kmeans import kmeans
 from dml_runner.methods.base import TrainContext
 from dml_runner.methods.standard import StandardMethod
 
@@ -77,25 +78,6 @@ def full_embedding_epoch(epochs: int, finetune_epochs: int, full_embedding_from:
         raise DMLRunnerError(f"method.full_embedding_from={full_embedding_from!r}: use official, conquer or a "
                              "1-based epoch >= 1")
     return int(full_embedding_from)
-
-
-def kmeans_assign(x: np.ndarray, num_clusters: int, niter: int = 100, nredo: int = 1,
-                  seed: int = OFFICIAL_KMEANS_SEED) -> np.ndarray:
-    """faiss k-means over all rows of ``x`` (no subsampling), returns the nearest-centroid id of each row."""
-    import faiss
-
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    kmeans = faiss.Kmeans(x.shape[1], num_clusters, niter=niter, nredo=nredo, seed=int(seed) % 2**31,
-                          max_points_per_centroid=x.shape[0] + 1, min_points_per_centroid=1, verbose=False)
-    threads = faiss.omp_get_max_threads()
-    if x.size < 1_000_000:  # tiny problems: OpenMP start-up/spinning costs more than it saves (seconds on a busy CPU)
-        faiss.omp_set_num_threads(1)
-    try:
-        kmeans.train(x)
-        _, assign = kmeans.index.search(x, 1)
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return assign.ravel().astype(np.int64)
 
 
 def match_clusters(previous: np.ndarray, current: np.ndarray, num_clusters: int) -> np.ndarray:
@@ -194,8 +176,10 @@ class DivideConquerMethod(StandardMethod):
     output (the raw fc output normalised as a whole). ``fc_init``: ``sliced`` re-initialises the head's fc as the
     official ``init_splitted`` (Xavier-normal per slice, default Linear bias); ``head`` keeps the head's init.
     ``cluster_on``: ``features`` (official: L2-normalised pooled backbone features) or ``embedding`` (the paper).
-    ``niter`` / ``nredo`` / ``kmeans_seed`` of faiss k-means (official 100 / 1 / 1234 for every clustering; null
-    seed: derived from trainer.seed and the epoch). ``normalize_slices`` L2-normalises each learner's slice in the
+    ``niter`` / ``nredo`` / ``kmeans_seed`` of the k-means (official 100 / 1 / 1234 for every clustering; null
+    seed: derived from trainer.seed and the epoch); ``kmeans_backend``: ``faiss`` (the official code's faiss.Kmeans,
+    all points, no early stop) or ``torch`` (dml-runner's k-means++ seeded k-means, :mod:`dml_runner.evaluation.kmeans`,
+    run to a fixed point). ``normalize_slices`` L2-normalises each learner's slice in the
     divide phase. ``small_cluster``: a cluster with fewer classes than a class-balanced batch needs is trained with
     a smaller batch (``shrink``: its classes x samples_per_class, at least ``min_classes`` classes) or ``skip``-ped;
     a cluster below ``min_classes`` classes is always skipped (logged). K = 1 is ``method=standard`` exactly.
@@ -204,7 +188,8 @@ class DivideConquerMethod(StandardMethod):
     def __init__(self, num_clusters: int = 8, recluster_every: int = 2, finetune_epochs: int = 10,
                  full_embedding_from: str | int = "official", embedding: str = "sliced", fc_init: str = "sliced",
                  cluster_on: str = "features", niter: int = 100, nredo: int = 1,
-                 kmeans_seed: int | None = OFFICIAL_KMEANS_SEED, normalize_slices: bool = True,
+                 kmeans_seed: int | None = OFFICIAL_KMEANS_SEED, kmeans_backend: str = "faiss",
+                 normalize_slices: bool = True,
                  small_cluster: str = "shrink", min_classes: int = 2) -> None:
         if num_clusters < 1:
             raise DMLRunnerError(f"method.num_clusters must be >= 1, got {num_clusters}")
@@ -222,6 +207,8 @@ class DivideConquerMethod(StandardMethod):
             raise DMLRunnerError(f"method.full_embedding_from={full_embedding_from!r}: use one of "
                                  f"{FULL_EMBEDDING_FROM} or a 1-based epoch")
         full_embedding_epoch(1, 0, full_embedding_from)  # validates an int
+        if kmeans_backend not in ("faiss", "torch"):
+            raise DMLRunnerError(f"method.kmeans_backend={kmeans_backend!r}: use faiss (official) or torch")
         if small_cluster not in SMALL_CLUSTER:
             raise DMLRunnerError(f"method.small_cluster={small_cluster!r}: use one of {SMALL_CLUSTER}")
         if min_classes < 2:
@@ -235,6 +222,7 @@ class DivideConquerMethod(StandardMethod):
         self.cluster_on = cluster_on
         self.niter, self.nredo = int(niter), int(nredo)
         self.kmeans_seed = None if kmeans_seed is None else int(kmeans_seed)
+        self.kmeans_backend = kmeans_backend
         self.normalize_slices = normalize_slices
         self.small_cluster = small_cluster
         self.min_classes = int(min_classes)
@@ -322,7 +310,8 @@ class DivideConquerMethod(StandardMethod):
         x = x.numpy()
         t_embed = time.time() - t0
         seed = self.kmeans_seed if self.kmeans_seed is not None else ctx.seed * 7919 + epoch
-        assign = kmeans_assign(x, self.num_clusters, self.niter, self.nredo, seed=seed)
+        _, assign = kmeans(x, self.num_clusters, niter=self.niter, nredo=self.nredo, seed=seed,
+                           backend=self.kmeans_backend, tol=0.0)
         if self.assignments is not None:
             assign = match_clusters(self.assignments, assign, self.num_clusters)
         self.assignments = assign
