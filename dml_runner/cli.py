@@ -90,7 +90,7 @@ GROUP_HELP = {
     "experiment": "a paper's table row, as +experiment=<paper>/<table>/<row> (docs/REPRODUCING.md)",
 }
 # Selected automatically from the dataset (and sampler); listed for completeness, never chosen by hand.
-AUTOMATIC_GROUPS = ("preset", "preset_sampler", "preset_trainer")
+AUTOMATIC_GROUPS = ("preset", "preset_sampler", "preset_trainer", "preset_method")
 
 
 def _options(group_dir: Path) -> list[str]:

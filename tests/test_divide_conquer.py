@@ -481,3 +481,14 @@ def test_sweep_over_k_writes_summary_and_plot(tmp_path):
     assert summary["method.num_clusters"].tolist() == [1, 2]
     assert (sweep / "sweep_method.num_clusters.png").is_file()
     assert pd.read_csv(sweep / "1" / "history.csv")["cluster_sizes"].notna().sum() == 1
+
+
+def test_the_digits_demo_leaves_room_to_divide(compose_cfg):
+    """`dml-run -m method=divide_conquer method.num_clusters=1,2,4,8` on the default digits: 10 epochs, the last 3
+    conquer (conf/preset_method/digits_divide_conquer.yaml), so every K > 1 really divides; other datasets keep 10."""
+    from dml_runner.config import validate_config
+
+    cfg = compose_cfg("method=divide_conquer", "method.num_clusters=4")
+    assert cfg.trainer.epochs == 10 and cfg.method.finetune_epochs == 3
+    validate_config(cfg)  # accepted: the checks refuse a run that would never divide
+    assert compose_cfg("method=divide_conquer", "dataset=cub200").method.finetune_epochs == 10
