@@ -97,7 +97,8 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "completed" and res["world_size"] == 2
-    assert np.load(out / "embeddings.npz")["embeddings"].shape[0] == 896  # evaluation ran once, on all of test
+    # evaluation ran once, on all of test (not on a rank's shard)
+    assert np.load(out / "embeddings.npz")["embeddings"].shape[0] == res["dataset"]["test_images"] > 500
 
 
 def test_a_non_zero_rank_reports_nothing_even_when_rank_0_has_finished(tmp_path, monkeypatch, capsys):
