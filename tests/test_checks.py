@@ -26,8 +26,8 @@ from dml_runner import DMLRunnerError
     (["trainer.device=gpu"], ["trainer.device=gpu"]),
     (["scheduler=cosine", "scheduler.T_max=0"], ["scheduler.T_max=0"]),
     (["sampler.samples_per_class=3"], ["trainer.batch_size=20", "sampler.samples_per_class=3"]),
-    (["method=divide_conquer", "method.num_clusters=4", "trainer.epochs=10"],
-     ["method.finetune_epochs=10 >= trainer.epochs=10", "never divide"]),
+    (["method=divide_conquer", "method.num_clusters=4", "trainer.epochs=3"],  # digits conquers the last 3
+     ["method.finetune_epochs=3 >= trainer.epochs=3", "never divide"]),
 ])
 def test_bad_options_are_refused_before_anything_is_written(compose_cfg, tmp_path, overrides, words):
     from dml_runner.run import run
@@ -80,10 +80,10 @@ def test_every_experiment_and_group_option_passes_the_checks():
 def test_a_sweep_is_checked_job_by_job_before_any_job_starts(tmp_path):
     """`-m method=divide_conquer method.num_clusters=1,2,4` with too few epochs: every K>1 would train plain."""
     sweep = tmp_path / "sweep"
-    proc = run_dml(["-m", "method=divide_conquer", "method.num_clusters=1,2,4", "trainer.epochs=5",
+    proc = run_dml(["-m", "method=divide_conquer", "method.num_clusters=1,2,4", "trainer.epochs=3",
                     f"hydra.sweep.dir={sweep}"], cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "2 sweep job(s) would fail their config checks; no job was started" in proc.stderr
-    assert "job 1 (method=divide_conquer method.num_clusters=2 trainer.epochs=5): method.finetune_epochs=10" \
+    assert "job 1 (method=divide_conquer method.num_clusters=2 trainer.epochs=3): method.finetune_epochs=3" \
         in proc.stderr
     assert not list(tmp_path.glob("sweep/*/results.json"))
