@@ -1,0 +1,4 @@
+"""An example plug-in for dml-runner: a loss, a dataset, a backbone and a method that live outside the repository.
+
+Put this folder's parent on the Python path and its ``conf/`` on Hydra's search path (docs/EXTENDING.md).
+"""

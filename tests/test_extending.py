@@ -1,0 +1,129 @@
+"""The extension examples of docs/EXTENDING.md (examples/my_dml): run from outside the package, as a user runs them.
+
+The plug-in's folder goes on PYTHONPATH and its conf/ on Hydra's search path; nothing in dml_runner/ or conf/
+knows about it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, dml_run_cmd
+
+PLUGIN = REPO / "examples" / "my_dml"
+sys.path.insert(0, str(PLUGIN))
+
+
+def plugin_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PLUGIN)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env.update(extra)
+    return env
+
+
+def run_plugin(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(dml_run_cmd() + [f"hydra.searchpath=[file://{PLUGIN / 'conf'}]"] + args, cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dml-run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def write_image_list(folder: Path, classes: int = 6, per_class: int = 8, side: int = 40) -> Path:
+    """PNG images of scikit-learn's digits (upscaled, RGB) and a path,class,split list: half the classes train."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rows = ["path,class,split"]
+    for c in range(classes):
+        (folder / "img" / str(c)).mkdir(parents=True, exist_ok=True)
+        for i in np.flatnonzero(digits.target == c)[:per_class]:
+            pixels = (digits.images[i] / 16 * 255).astype(np.uint8)
+            rel = f"img/{c}/{i}.png"
+            Image.fromarray(pixels).resize((side, side)).convert("RGB").save(folder / rel)
+            rows.append(f"{rel},digit{c},{'train' if c < classes // 2 else 'test'}")
+    (folder / "list.csv").write_text("\n".join(rows) + "\n")
+    return folder / "list.csv"
+
+
+def test_binomial_deviance_matches_a_pair_by_pair_sum():
+    from my_dml.losses import BinomialDevianceLoss
+
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(10, 6, generator=gen)
+    labels = torch.tensor([0, 0, 1, 1, 1, 2, 2, 3, 3, 3])
+    alpha, beta, cost = 2.0, 0.5, 25.0
+    x = emb / emb.norm(dim=1, keepdim=True)
+    pos, neg = [], []
+    for i in range(10):
+        for j in range(10):
+            if i == j:
+                continue
+            s = float(x[i] @ x[j])
+            if labels[i] == labels[j]:
+                pos.append(np.log1p(np.exp(-alpha * (s - beta))))
+            else:
+                neg.append(np.log1p(np.exp(alpha * (s - beta) * cost)))
+    expected = np.mean(pos) + np.mean(neg)
+    got = BinomialDevianceLoss(alpha, beta, cost)(emb, labels)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    emb.requires_grad_(True)
+    BinomialDevianceLoss()(emb, labels).backward()
+    assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+
+
+def test_csv_list_dataset_refuses_a_split_that_shares_classes(tmp_path):
+    from dml_runner import DMLRunnerError
+    from my_dml.datasets import build
+
+    listing = write_image_list(tmp_path, classes=4, per_class=2)
+    lines = listing.read_text().splitlines()
+    lines.append(lines[1].replace(",train", ",test"))  # a train class appears in test too
+    listing.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DMLRunnerError, match="both train and test"):
+        build(str(listing))
+    with pytest.raises(DMLRunnerError, match="missing.csv"):
+        build(str(tmp_path / "missing.csv"))
+
+
+@pytest.mark.slow
+def test_plugin_loss_dataset_and_backbone_train_with_pretrained_weights(tmp_path):
+    """dml-run with the plug-in's loss, dataset and backbone; backbone.pretrained=true loads the file through
+    torchvision's own code from a TORCH_HOME hub cache (random values, the exact file name and shapes)."""
+    import torchvision
+
+    listing = write_image_list(tmp_path / "data")
+    weights = torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+    torch_home = tmp_path / "torch_home"
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True)
+    torch.manual_seed(123)
+    state = torchvision.models.mobilenet_v3_small().state_dict()
+    torch.save(state, torch_home / "hub" / "checkpoints" / Path(weights.url).name)
+
+    out = tmp_path / "run"
+    run_plugin(["dataset=csv_list", f"dataset.csv_file={listing}", "loss=binomial_deviance",
+                "backbone=mobilenet_v3_small", "backbone.pretrained=true", "transform=rrc_224",
+                "transform.train.crop=32", "transform.test.crop=32", "transform.test.resize=36", "trainer=smoke",
+                "trainer.batch_size=12", "optimizer.lr=1e-7", f"hydra.run.dir={out}"],
+               cwd=tmp_path, env=plugin_env(TORCH_HOME=str(torch_home)))
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "completed"
+    assert results["config"]["loss"]["_target_"] == "my_dml.losses.BinomialDevianceLoss"
+    assert results["config"]["dataset"]["_target_"] == "my_dml.datasets.build"
+    assert results["model"]["arch"] == "mobilenet_v3_small" and results["model"]["pretrained"] is True
+    assert results["dataset"]["test_images"] == 24 and np.isfinite(results["metrics"]["recall@1"])
+    # the trunk started from the file: at lr 1e-7 three Adam steps move a weight by at most ~3e-7, while another
+    # random init differs by ~0.1 (the first convolution's init scale)
+    saved = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["model"]
+    for key in ("features.0.0.weight", "features.12.0.weight"):
+        moved = (saved[f"trunk.{key}"] - state[key]).abs().max().item()
+        assert 0 < moved < 1e-5, (key, moved)
