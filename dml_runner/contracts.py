@@ -1,0 +1,102 @@
+"""The contracts between the config groups and the trainer, in one place.
+
+Each config group builds an object with ``hydra.utils.instantiate``; :func:`check` verifies right after building it
+that the object honours its group's contract, so a plug-in that returns the wrong thing fails with one line naming
+the option and what is missing, not with an AttributeError deep inside the first epoch. docs/ARCHITECTURE.md
+describes the same contracts in prose; docs/EXTENDING.md shows one example of each.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from dml_runner import DMLRunnerError
+
+EVAL_MODES = ("loo", "query_gallery")
+
+
+def _labelled(obj: Any) -> list[str]:
+    """What a LabelledDataset-like split lacks: ``__len__``, ``__getitem__``, a 1-D integer ``labels`` array of that
+    length and ``in_channels``."""
+    problems = [f"no {name}" for name in ("__len__", "__getitem__", "labels", "in_channels") if not hasattr(obj, name)]
+    if problems:
+        return problems
+    labels = np.asarray(obj.labels)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(obj):
+        problems.append(f"labels must be a 1-D integer array of length len(dataset); got {labels.dtype} "
+                        f"{labels.shape} for {len(obj)} items")
+    return problems
+
+
+def dataset_problems(splits: Any) -> list[str]:
+    from dml_runner.datasets.base import DatasetSplits
+
+    if not isinstance(splits, DatasetSplits):
+        return [f"returned {type(splits).__name__}, not a dml_runner.datasets.base.DatasetSplits"]
+    problems = [f"{name}: {p}" for name in ("train", "test") for p in _labelled(getattr(splits, name))]
+    if splits.val is not None:
+        problems += [f"val: {p}" for p in _labelled(splits.val)]
+    if splits.eval_mode not in EVAL_MODES:
+        problems.append(f"eval_mode {splits.eval_mode!r} is not one of {', '.join(EVAL_MODES)}")
+    elif splits.eval_mode == "query_gallery":
+        for name in ("query_mask", "gallery_mask"):
+            mask = getattr(splits, name)
+            if mask is None or np.asarray(mask).shape != (len(splits.test),):
+                problems.append(f"{name} must be a boolean array over the test split for eval_mode query_gallery")
+    return problems
+
+
+def backbone_problems(model: Any) -> list[str]:
+    if not isinstance(model, nn.Module):
+        return [f"returned {type(model).__name__}, not a torch.nn.Module"]
+    missing = [name for name in ("trunk", "head", "features", "feature_dim", "embedding_dim") if not hasattr(model, name)]
+    if missing:
+        return [f"has no {', '.join(missing)} (build a dml_runner.backbones.EmbeddingModel(trunk, EmbeddingHead(...)); "
+                f"the trunk needs a feature_dim attribute)"]
+    return []
+
+
+def loss_problems(loss: Any) -> list[str]:
+    if not isinstance(loss, nn.Module):
+        return [f"returned {type(loss).__name__}, not a torch.nn.Module"]
+    try:
+        inspect.signature(loss.forward).bind(None, None)
+    except TypeError:
+        return [f"forward{inspect.signature(loss.forward)} cannot be called as forward(embeddings, labels)"]
+    return []
+
+
+def method_problems(method: Any) -> list[str]:
+    missing = [name for name in ("setup", "batches", "compute_loss", "backward_and_step", "on_epoch_start",
+                                 "on_epoch_end", "state_dict", "load_state_dict")
+               if not callable(getattr(method, name, None))]
+    return [f"has no {', '.join(missing)} (subclass dml_runner.methods.base.Method)"] if missing else []
+
+
+def sampler_problems(sampler: Any) -> list[str]:
+    missing = [name for name in ("__iter__", "__len__", "set_epoch") if not callable(getattr(sampler, name, None))]
+    return [f"has no {', '.join(missing)} (a batch sampler yields lists of indices, has len() and "
+            f"set_epoch(epoch))"] if missing else []
+
+
+CHECKS: dict[str, Callable[[Any], list[str]]] = {
+    "dataset": dataset_problems,
+    "backbone": backbone_problems,
+    "loss": loss_problems,
+    "method": method_problems,
+    "sampler": sampler_problems,
+}
+
+
+def check(group: str, obj: Any, target: str | None = None) -> Any:
+    """``obj`` if it honours the contract of ``group`` (groups without a contract pass), else a one-line error."""
+    problems = CHECKS[group](obj) if group in CHECKS else []
+    if problems:
+        where = f"{group}={target}" if target else group
+        raise DMLRunnerError(f"{where} breaks the {group} contract (docs/ARCHITECTURE.md): {'; '.join(problems)}")
+    return obj
