@@ -1,8 +1,11 @@
 """Structured configs (validated schemas), the checks run before any work, and the location of the config tree.
 
-Only this module, :mod:`dml_runner.cli` and :mod:`dml_runner.callbacks` know about Hydra.
-The `trainer` and `eval` groups are validated against the dataclasses below: a typo (``trainer.epoch=3``) or a
-wrong type (``trainer.epochs=ten``) is refused by Hydra with a message naming the field. Keys forced in with ``+``
+Only this module, :mod:`dml_runner.cli` and :mod:`dml_runner.callbacks` know about Hydra (this one imports it only
+inside functions, so the evaluation engine can import :class:`EvalBackend` without it).
+The `trainer`, `eval` and `paths` groups are validated against the dataclasses below, which are also the settings
+objects the code reads (:func:`trainer_settings`, :func:`eval_settings`): a typo (``trainer.epoch=3``), a wrong type
+(``trainer.epochs=ten``) or a choice that is not a member of its Enum (``trainer.select_on=tst``) is refused by
+Hydra with a message naming the field. Keys forced in with ``+``
 (``+trainer.epoch=3``, Hydra's own hint for that typo) pass Hydra, so :func:`validate_config` refuses them, and
 checks the values of every group, before data are loaded or a step is trained.
 """
@@ -11,77 +14,197 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Iterable
 from dataclasses import MISSING, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-
 from dml_runner import DMLRunnerError
+from dml_runner.devices import DEVICE_CHOICES, DEVICE_PATTERN
+
+# Metadata flag of a field whose value may differ between a checkpoint's run and the run that resumes it: it says
+# where or how long a run goes, or what is measured, never what the trained weights become.
+RESUME_FREE = "resume_free"
 
 
-def _opt(default: Any, help: str) -> Any:  # noqa: A002 - the field's one-line description (dml-run --help)
+def _opt(default: Any, help: str, resume_free: bool = False) -> Any:  # noqa: A002 - one-line description
+    metadata = {"help": help, RESUME_FREE: resume_free}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+class Choice(str, Enum):
+    """A setting with a fixed set of values; members equal and print as their strings (``SelectOn.val == "val"``)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class SelectOn(Choice):
+    """Which split chooses best.pt."""
+
+    auto = "auto"
+    val = "val"
+    final = "final"
+    test = "test"
+
+
+class EvalBackend(Choice):
+    """Retrieval search of the evaluation (docs/EVALUATION.md); ``auto`` picks screened or float32 per problem."""
+
+    auto = "auto"
+    torch_screened = "torch_screened"
+    torch_fp32 = "torch_fp32"
+    faiss = "faiss"
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = _opt(30, "epochs to train")
+    """The training loop's settings: the schema of the `trainer` group and what :class:`dml_runner.trainer.Trainer`
+    reads."""
+
+    epochs: int = _opt(30, "epochs to train", resume_free=True)
     batch_size: int = _opt(64, "images per training batch")
-    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N | mps", resume_free=True)
     amp: bool = _opt(True, "bf16 autocast, CUDA only (ignored on the CPU)")
     channels_last: bool = _opt(True, "channels-last memory format, CUDA only")
     seed: int = _opt(0, "seed of every random generator (a run is repeatable from it)")
     deterministic: bool = _opt(False, "torch.use_deterministic_algorithms (slower on CUDA)")
-    eval_every: int = _opt(5, "evaluate every N epochs (and always after the last one)")
+    eval_every: int = _opt(5, "evaluate every N epochs (and always after the last one)", resume_free=True)
     eval_before_training: bool = _opt(True, "report the untrained network (epoch 0) so the gain is visible")
-    select_on: str = _opt("auto", "checkpoint choice: auto (val split if any, else the final epoch) | val | final "
-                                  "| test (optimistic)")
+    select_on: SelectOn = _opt(SelectOn.auto, "checkpoint choice: auto (val split if any, else the final epoch) "
+                                              "| val | final | test (optimistic)")
     select_metric: str = _opt("recall@1", "metric that selects the checkpoint (recall@K, map@r, nmi, ...)")
-    num_workers: int = _opt(0, "DataLoader worker processes")
+    num_workers: int = _opt(0, "DataLoader worker processes", resume_free=True)
     num_threads: Optional[int] = _opt(None, "torch intra-op CPU threads (null: torch's default)")
-    pin_memory: bool = _opt(True, "pinned host memory for CUDA transfers")
-    persistent_workers: bool = _opt(True, "keep DataLoader workers between epochs (num_workers > 0)")
-    eval_batch_size: int = _opt(256, "images per batch when embedding for evaluation")
+    pin_memory: bool = _opt(True, "pinned host memory for CUDA transfers", resume_free=True)
+    persistent_workers: bool = _opt(True, "keep DataLoader workers between epochs (num_workers > 0)",
+                                    resume_free=True)
+    eval_batch_size: int = _opt(256, "images per batch when embedding for evaluation", resume_free=True)
     head_lr_mult: float = _opt(1.0, "learning-rate multiplier of the embedding head (Song 2016 uses 10)")
     loss_lr_mult: float = _opt(1.0, "learning-rate multiplier of learnable loss parameters")
     grad_clip: Optional[float] = _opt(None, "clip the gradient norm to this value (null: no clipping)")
     max_steps_per_epoch: Optional[int] = _opt(None, "cap batches per epoch (smoke tests, quick looks)")
     save_checkpoints: bool = _opt(True, "write last.pt (every epoch) and best.pt")
     save_embeddings: bool = _opt(True, "write the final test embeddings to embeddings.npz (for dml-eval)")
-    progress: bool = _opt(True, "tqdm bar on a terminal (one log line per epoch otherwise)")
+    progress: bool = _opt(True, "tqdm bar on a terminal (one log line per epoch otherwise)", resume_free=True)
     cache_features: bool = _opt(False, "frozen trunk: compute pooled features once per image and view")
     cache_views: int = _opt(1, "augmented views cached per image when cache_features=true")
-    resume: Optional[str] = _opt(None, "null | auto (an unfinished run with this config) | a run dir or last.pt")
+    resume: Optional[str] = _opt(None, "null | auto (an unfinished run with this config) | a run dir or last.pt",
+                                 resume_free=True)
 
 
 @dataclass
 class EvalConfig:
-    recall_at: list[int] = _opt([1, 2, 4, 8], "K values of Recall@K")
-    use_dataset_recall_at: bool = _opt(True, "a dataset's customary K list (SOP 1..1000, In-shop 1..50) wins")
-    metrics: list[str] = _opt(["recall", "nmi", "f1", "map_at_r", "r_precision"], "metrics to compute")
-    device: str = _opt("auto", "auto | cpu | cuda | cuda:N")
-    backend: str = _opt("torch", "retrieval search: torch (auto) | torch_screened | torch_fp32 | faiss")
-    chunk_size: int = _opt(4096, "queries per block of the retrieval search")
-    kmeans_iters: int = _opt(50, "k-means iterations for NMI and F1")
-    seed: Optional[int] = _opt(None, "k-means seed (null: trainer.seed)")
-    normalize: bool = _opt(False, "L2-normalise the embeddings for evaluation only (training sees them raw)")
+    """What is measured; every field may change on resume (evaluation never feeds back into training)."""
+
+    recall_at: list[int] = _opt([1, 2, 4, 8], "K values of Recall@K", resume_free=True)
+    use_dataset_recall_at: bool = _opt(True, "a dataset's customary K list (SOP 1..1000, In-shop 1..50) wins",
+                                       resume_free=True)
+    metrics: list[str] = _opt(["recall", "nmi", "f1", "map_at_r", "r_precision"], "metrics to compute",
+                              resume_free=True)
+    device: str = _opt("auto", "auto | cpu | cuda | cuda:N | mps", resume_free=True)
+    backend: EvalBackend = _opt(EvalBackend.auto, "retrieval search: auto (torch_screened on a CPU with native bf16 "
+                                                  "for large problems, else torch_fp32) | torch_screened | torch_fp32 "
+                                                  "| faiss", resume_free=True)
+    chunk_size: int = _opt(4096, "queries per block of the retrieval search", resume_free=True)
+    kmeans_iters: int = _opt(50, "k-means iterations for NMI and F1", resume_free=True)
+    seed: Optional[int] = _opt(None, "k-means seed (null: trainer.seed)", resume_free=True)
+    normalize: bool = _opt(False, "L2-normalise the embeddings for evaluation only (training sees them raw)",
+                           resume_free=True)
 
 
-SCHEMAS = {"trainer": TrainerConfig, "eval": EvalConfig}
+@dataclass
+class PathsConfig:
+    """Where data are read and runs are written; may change on resume (the files move, the run stays the same)."""
+
+    data_dir: str = _opt("data", "root of the dataset folders (env DML_DATA)", resume_free=True)
+    output_dir: str = _opt("outputs", "root of run and sweep directories; trainer.resume=auto searches it",
+                           resume_free=True)
+
+
+SCHEMAS = {"trainer": TrainerConfig, "eval": EvalConfig, "paths": PathsConfig}
 # Groups built with hydra.utils.instantiate: their keys must be parameters of the `_target_` they build.
 INSTANTIATED_GROUPS = ("dataset", "transform", "backbone", "sampler", "optimizer", "scheduler", "method", "loss",
                        "logger")
+# Top-level keys without a schema: free labels (tags), a paper row's metadata (reference), the sweeper's settings.
+LABEL_KEYS = ("tags",)  # recorded with a run, never read by training: may change on resume
 TOP_LEVEL_KEYS = set(SCHEMAS) | set(INSTANTIATED_GROUPS) | {"tags", "reference", "hparams_search"}
-SELECT_ON = ("auto", "val", "final", "test")
 
 
 def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
     cs = ConfigStore.instance()
-    cs.store(group="trainer", name="schema", node=TrainerConfig)
-    cs.store(group="eval", name="schema", node=EvalConfig)
+    for group, schema in SCHEMAS.items():
+        cs.store(group=group, name="schema", node=schema)
+
+
+def trainer_settings(cfg: Any) -> TrainerConfig:
+    """cfg.trainer as a :class:`TrainerConfig` instance (what the Trainer takes); unknown keys are refused."""
+    return _to_schema(cfg.trainer, TrainerConfig, "trainer")
+
+
+def eval_settings(cfg: Any) -> EvalConfig:
+    """cfg.eval as an :class:`EvalConfig` instance; unknown keys are refused."""
+    return _to_schema(cfg.eval, EvalConfig, "eval")
+
+
+def _to_schema(node: Any, schema: type, group: str) -> Any:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except OmegaConfBaseException as err:
+        raise DMLRunnerError(f"{group}: {err.msg if hasattr(err, 'msg') else err} (dml-run --help lists the "
+                             "options)") from err
+
+
+def resume_free_keys(cfg: Any = None) -> set[str]:
+    """Dotted config keys whose values may differ between a checkpoint's run and the run resuming it.
+
+    The fields flagged ``resume_free`` in the schemas and the label keys; with the (unresolved) config ``cfg``, also
+    every key whose value is an interpolation of free keys only (``scheduler.T_max: ${trainer.epochs}``,
+    ``dataset.root: ${paths.data_dir}/cub200``), since it changes only when they do.
+    """
+    free = {f"{group}.{f.name}" for group, schema in SCHEMAS.items() for f in fields(schema)
+            if f.metadata.get(RESUME_FREE)}
+    free |= set(LABEL_KEYS)
+    if cfg is not None:
+        free |= _interpolated_from(cfg, free)
+    return free
+
+
+_REFERENCE = re.compile(r"\$\{([^${}:]+)\}")
+
+
+def _interpolated_from(cfg: Any, free: set[str]) -> set[str]:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    out: set[str] = set()
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, DictConfig):
+            items: Iterable = node.keys()
+        elif isinstance(node, ListConfig):
+            items = range(len(node))
+        else:
+            return
+        for key in items:
+            path = f"{prefix}{key}"
+            if OmegaConf.is_interpolation(node, key):
+                raw = str(node._get_node(key)._value())  # noqa: SLF001 - the unresolved text
+                refs = _REFERENCE.findall(raw)
+                if refs and all(r in free for r in refs) and "${" not in _REFERENCE.sub("", raw):
+                    out.add(path)
+            else:
+                walk(node._get_node(key), f"{path}.")  # noqa: SLF001 - the child node, unresolved
+
+    walk(cfg, "")
+    return out
 
 
 def schema_help(schema: type) -> list[tuple[str, Any, str]]:
@@ -148,14 +271,23 @@ def _check_target_keys(path: str, node: Any) -> None:
             _check_target_keys(f"{path}[{i}]", value)
 
 
-DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
-
-
 def _positive_int(option: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         _fail(option, value, f"must be an integer >= {minimum}")
+
+
+def _check_choices(group: str, values: dict[str, Any], schema: type) -> None:
+    """Enum fields hold one of their members (Hydra checks this at composition; a config built otherwise is
+    checked here)."""
+    import typing
+
+    hints = typing.get_type_hints(schema)
+    for name, value in values.items():
+        kind = hints.get(name)
+        if isinstance(kind, type) and issubclass(kind, Enum) and str(value) not in {m.value for m in kind}:
+            _fail(f"{group}.{name}", value, f"use one of {', '.join(m.value for m in kind)}")
 
 
 def _check_trainer(t: dict[str, Any]) -> None:
@@ -164,10 +296,8 @@ def _check_trainer(t: dict[str, Any]) -> None:
     _positive_int("trainer.max_steps_per_epoch", t["max_steps_per_epoch"], allow_none=True)
     _positive_int("trainer.num_threads", t["num_threads"], allow_none=True)
     _positive_int("trainer.num_workers", t["num_workers"], minimum=0)
-    if not DEVICE.match(str(t["device"])):
-        _fail("trainer.device", t["device"], "use auto, cpu, cuda or cuda:N")
-    if t["select_on"] not in SELECT_ON:
-        _fail("trainer.select_on", t["select_on"], f"use one of {', '.join(SELECT_ON)}")
+    if not DEVICE_PATTERN.match(str(t["device"])):
+        _fail("trainer.device", t["device"], f"use {DEVICE_CHOICES}")
     for key in ("head_lr_mult", "loss_lr_mult"):
         if not t[key] > 0:
             _fail(f"trainer.{key}", t[key], "must be > 0")
@@ -176,7 +306,7 @@ def _check_trainer(t: dict[str, Any]) -> None:
 
 
 def _check_eval(e: dict[str, Any]) -> None:
-    from dml_runner.evaluation import BACKENDS, KNOWN_METRICS
+    from dml_runner.evaluation import KNOWN_METRICS
 
     if not e["recall_at"]:
         _fail("eval.recall_at", e["recall_at"], "give at least one K, e.g. eval.recall_at=[1,2,4,8]")
@@ -186,11 +316,8 @@ def _check_eval(e: dict[str, Any]) -> None:
     unknown = [m for m in e["metrics"] if m not in KNOWN_METRICS]
     if unknown or not e["metrics"]:
         _fail("eval.metrics", e["metrics"], f"use a non-empty list of {', '.join(KNOWN_METRICS)}")
-    if e["backend"] not in BACKENDS:
-        _fail("eval.backend", e["backend"], f"unknown retrieval backend; use one of {', '.join(BACKENDS)} "
-                                            "(docs/EVALUATION.md)")
-    if not DEVICE.match(str(e["device"])):
-        _fail("eval.device", e["device"], "use auto, cpu, cuda or cuda:N")
+    if not DEVICE_PATTERN.match(str(e["device"])):
+        _fail("eval.device", e["device"], f"use {DEVICE_CHOICES}")
     _positive_int("eval.chunk_size", e["chunk_size"])
     _positive_int("eval.kmeans_iters", e["kmeans_iters"])
 
@@ -253,7 +380,7 @@ def validate_config(cfg: Any) -> None:
     from omegaconf import OmegaConf
 
     try:
-        tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        tree = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     except Exception as err:  # noqa: BLE001 - an unresolvable interpolation or a missing value
         raise DMLRunnerError(f"the config cannot be resolved: {err}") from err
     assert isinstance(tree, dict)
@@ -265,6 +392,7 @@ def validate_config(cfg: Any) -> None:
     for group, schema in SCHEMAS.items():
         known = [f.name for f in fields(schema)]
         _check_known_keys(group, list(tree.get(group) or {}), known, f"{group} (dml-run --help lists them)")
+        _check_choices(group, tree.get(group) or {}, schema)
     _check_trainer(tree["trainer"])
     _check_eval(tree["eval"])
     for group in INSTANTIATED_GROUPS:
@@ -288,4 +416,4 @@ def to_container(cfg: Any) -> Any:
     """Plain Python containers for JSON output (interpolations resolved)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False, enum_to_str=True)

@@ -7,10 +7,7 @@ so tests and notebooks can call :func:`run` with a config composed by Hydra's co
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
-import os
 import platform
 import shlex
 import shutil
@@ -26,8 +23,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dml_runner import DMLRunnerError, __version__
-from dml_runner.config import to_container, validate_config
+from dml_runner import DMLRunnerError, __version__, rundir
+from dml_runner.config import (EvalConfig, eval_settings, resume_free_keys, to_container, trainer_settings,
+                               validate_config)
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +43,6 @@ def git_info() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-def write_json_atomic(obj: Any, path: Path) -> None:
-    """Write to a temporary file, then rename: a full disk or a crash never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=2, default=str)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
     """hydra.utils.instantiate with an error message that names the config group."""
     from hydra.errors import InstantiationException
@@ -74,89 +57,13 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
         raise DMLRunnerError(f"could not build `{what}` from its config: {err}") from err
 
 
-def build_evaluate(cfg: DictConfig, recall_at: list[int]) -> Any:
+def build_evaluate(e: EvalConfig, recall_at: list[int], trainer_seed: int) -> Any:
+    """The evaluation function the Trainer calls: dml_runner.evaluation.evaluate with the eval settings bound."""
     from dml_runner.evaluation import evaluate
 
-    e = cfg.eval  # values checked by dml_runner.config.validate_config before training
     return partial(evaluate, recall_at=tuple(recall_at), metrics=tuple(e.metrics), device=e.device,
-                   seed=cfg.trainer.seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
-                   kmeans_iters=e.kmeans_iters, backend=e.backend)
-
-
-# Fields that may differ between a checkpoint's run and the run resuming it (everything else must match).
-RESUME_MAY_DIFFER = ("trainer.resume", "trainer.progress", "trainer.epochs", "trainer.num_workers",
-                     "trainer.eval_every", "trainer.eval_batch_size", "trainer.persistent_workers",
-                     "trainer.pin_memory", "trainer.device", "eval.", "tags", "scheduler.T_max")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def config_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted config keys whose values differ (ignoring RESUME_MAY_DIFFER), formatted `key: saved -> current`."""
-    a, b = _flatten(saved), _flatten(current)
-    out = []
-    for key in sorted(set(a) | set(b)):
-        if key.startswith(RESUME_MAY_DIFFER) or a.get(key) == b.get(key):
-            continue
-        out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
-    return out
-
-
-def find_resume_checkpoint(resume: str | None, out_dir: Path, config: dict[str, Any],
-                           search_root: Path = Path("outputs")) -> Path | None:
-    """Resolve trainer.resume: null (start fresh), a checkpoint file or run directory, or `auto`.
-
-    `auto` takes this run directory's last.pt, else the newest unfinished run under ``search_root`` (a last.pt and
-    no completed results.json) whose config matches this one.
-    """
-    if not resume:
-        return None
-    if resume != "auto":
-        path = Path(resume).expanduser()
-        path = path / "last.pt" if path.is_dir() else path
-        if not path.is_file():
-            raise DMLRunnerError(f"trainer.resume={resume}: no checkpoint there (expected a last.pt file or a run "
-                                 "directory containing one)")
-        return path
-    if (out_dir / "last.pt").is_file():
-        return out_dir / "last.pt"
-    candidates = []
-    for cfg_file in Path(search_root).glob("**/config.json") if Path(search_root).is_dir() else []:
-        run_dir = cfg_file.parent
-        results = run_dir / "results.json"
-        if not (run_dir / "last.pt").is_file() or run_dir.resolve() == out_dir.resolve():
-            continue
-        if results.is_file() and json.loads(results.read_text()).get("status") == "completed":
-            continue
-        if not config_mismatches(json.loads(cfg_file.read_text()), config):
-            candidates.append(run_dir / "last.pt")
-    if not candidates:
-        log.info("trainer.resume=auto: no unfinished run with this config under %s; starting fresh", search_root)
-        return None
-    return max(candidates, key=lambda p: p.stat().st_mtime)
-
-
-def load_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise DMLRunnerError(f"cannot read checkpoint {path}: {err}") from err
-    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
-        raise DMLRunnerError(f"{path} is not a dml-run checkpoint (no model/epoch entries)")
-    mismatched = config_mismatches(state.get("config") or {}, config)
-    if mismatched:
-        raise DMLRunnerError(f"checkpoint {path} was trained with a different config; refusing to resume. "
-                             "Mismatched fields (checkpoint -> now):\n  " + "\n  ".join(mismatched))
-    return state
+                   seed=trainer_seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
+                   kmeans_iters=e.kmeans_iters, backend=str(e.backend))
 
 
 @contextlib.contextmanager
@@ -199,16 +106,14 @@ def original_command(hydra_meta: dict[str, Any] | None) -> str:
 
 def _record_interrupt(run_dir: Path, cfg: DictConfig, interrupt: Any, hydra_meta: dict[str, Any] | None) -> None:
     """results.json with status "interrupted", the checkpointed epoch and the command that resumes the run."""
-    path = run_dir / "results.json"
-    if path.is_file() and json.loads(path.read_text()).get("status") == "completed":
+    if rundir.is_completed(run_dir):
         interrupt.resume_command = None  # it finished before the signal: nothing to resume
         return
-    has_checkpoint = (run_dir / "last.pt").is_file()
+    checkpoint = run_dir / rundir.LAST
+    has_checkpoint = checkpoint.is_file()
     epoch = interrupt.checkpoint_epoch
     if epoch is None and has_checkpoint:
-        import torch
-
-        epoch = int(torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)["epoch"])
+        epoch = rundir.checkpoint_epoch(checkpoint)
     interrupt.checkpoint_epoch = epoch if has_checkpoint else None
     interrupt.resume_command = resume_command(hydra_meta, run_dir) if has_checkpoint else None
     interrupt.restart_command = original_command(hydra_meta)
@@ -216,12 +121,10 @@ def _record_interrupt(run_dir: Path, cfg: DictConfig, interrupt: Any, hydra_meta
                 f"epoch {epoch} is checkpointed, resume with: {interrupt.resume_command}" if has_checkpoint else
                 "no epoch was completed")
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic({
-        "status": "interrupted", "signal": interrupt.signame,
-        "checkpoint": str(run_dir / "last.pt") if has_checkpoint else None,
-        "checkpoint_epoch": interrupt.checkpoint_epoch,
-        "resume_command": interrupt.resume_command or interrupt.restart_command,
-        **(hydra_meta or {}), "config": to_container(cfg), "output_dir": str(run_dir)}, path)
+    rundir.write_json_atomic(rundir.interrupted_results(
+        signame=interrupt.signame, checkpoint=checkpoint if has_checkpoint else None,
+        checkpoint_epoch=interrupt.checkpoint_epoch, command=interrupt.resume_command or interrupt.restart_command,
+        hydra_meta=hydra_meta, config=to_container(cfg), out_dir=run_dir), run_dir / rundir.RESULTS)
 
 
 def _continue_log_in(run_dir: Path, here: Path) -> None:
@@ -273,16 +176,20 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
 
 
 def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, where: dict[str, Path]) -> dict[str, Any]:
+    from dml_runner.devices import resolve_device
     from dml_runner.distributed import dist_info_from_env
-    from dml_runner.trainer import FitSettings, Trainer, resolve_device, seed_everything
+    from dml_runner.trainer import Trainer, seed_everything
 
     started = time.time()
     validate_config(cfg)  # every option checked before data are loaded or a step is trained
+    settings = trainer_settings(cfg)
+    eval_cfg = eval_settings(cfg)
     dist_info = dist_info_from_env()
     config = to_container(cfg)
-    resume_path = find_resume_checkpoint(cfg.trainer.get("resume"), out_dir, config)
-    resume_state = load_checkpoint(resume_path, config) if resume_path else None
-    if resume_path is None and any((out_dir / name).exists() for name in ("last.pt", "best.pt", "results.json")):
+    free = resume_free_keys(cfg)
+    resume_path = rundir.find_resume_checkpoint(settings.resume, out_dir, config, Path(cfg.paths.output_dir), free)
+    resume_state = rundir.load_checkpoint(resume_path, config, free) if resume_path else None
+    if resume_path is None and any((out_dir / name).exists() for name in (rundir.LAST, rundir.BEST, rundir.RESULTS)):
         # never overwrite what an earlier run in this directory trained or measured
         raise DMLRunnerError(f"{out_dir} already holds a run (checkpoints or results.json); continue it with "
                              "trainer.resume=auto, or choose another hydra.run.dir")
@@ -294,14 +201,13 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
     where["out_dir"] = out_dir
     if dist_info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(config, out_dir / "config.json")
-    settings = FitSettings(**{f.name: cfg.trainer[f.name] for f in dataclasses.fields(FitSettings)
-                              if f.name in cfg.trainer})
-    resolve_device(settings.device)  # fail fast on a bad device before loading data
-    if cfg.trainer.get("num_threads"):
+        rundir.write_json_atomic(config, out_dir / rundir.CONFIG)
+    resolve_device(settings.device, "trainer.device")  # fail fast on a bad device before loading data
+    resolve_device(eval_cfg.device, "eval.device")
+    if settings.num_threads:
         import torch
 
-        torch.set_num_threads(int(cfg.trainer.num_threads))
+        torch.set_num_threads(settings.num_threads)
     seed_everything(settings.seed)
     if settings.deterministic:
         import torch
@@ -314,7 +220,7 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
     if data.info.get("count_warning"):
         log.warning("DATASET COUNTS DIFFER FROM THE OFFICIAL ONES: %s", data.info["count_warning"])
     model = _instantiate(cfg.backbone, "backbone", in_channels=data.train.in_channels)
-    if cfg.eval.normalize:
+    if eval_cfg.normalize:
         model.head.eval_normalize = True
     loss = _instantiate(cfg.loss, "loss")
     method = _instantiate(cfg.method, "method")
@@ -328,42 +234,29 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
                             batch_size=settings.batch_size if batch_size is None else batch_size,
                             seed=settings.seed if seed is None else seed)
 
-    recall_at = list(cfg.eval.recall_at)
-    if cfg.eval.use_dataset_recall_at and data.eval_recall_at:
+    recall_at = list(eval_cfg.recall_at)
+    if eval_cfg.use_dataset_recall_at and data.eval_recall_at:
         recall_at = list(data.eval_recall_at)
-    logger = _instantiate(cfg.logger, "logger", out_dir=out_dir) if cfg.get("logger") and dist_info.is_main \
-        else None
+    from dml_runner.loggers import build_loggers  # history.csv is the trainer's; these are the chosen trackers
+
+    logger = build_loggers(cfg.get("logger"), out_dir, config, (hydra_meta or {}).get("choices")) \
+        if dist_info.is_main else None
     trainer = Trainer(settings, data, model, loss, method, make_optimizer, make_scheduler, make_sampler,
-                      build_evaluate(cfg, recall_at), out_dir, dist_info=dist_info, config=config, logger=logger)
+                      build_evaluate(eval_cfg, recall_at, settings.seed), out_dir, dist_info=dist_info, config=config,
+                      logger=logger)
     outcome = trainer.fit(resume=resume_state)
 
-    results = {
-        "status": "completed",
-        "metrics": outcome["final"]["metrics"],
-        "final_epoch": outcome["final"]["epoch"],
-        "untrained_metrics": outcome["untrained"],
-        "best": outcome["best"],
-        "checkpoint_selected_on": outcome["selection_split"],
-        "dataset": {"name": data.name, **counts, "eval_mode": data.eval_mode, "recall_at": recall_at,
-                    "info": data.info},
-        "model": {**getattr(model, "info", {}), "embedding_dim": getattr(model, "embedding_dim", None)},
-        "device": outcome["device"],
-        "amp_bf16": outcome["amp"],
-        "wall_time_s": round(time.time() - started, 2),
-        "train_time_s": round(outcome["wall_time_s"], 2),
-        "resumed_from": {"checkpoint": str(resume_path), "epoch": outcome["resumed_from_epoch"]}
-        if resume_path else None,
-        "world_size": outcome["world_size"],
-        "git": git_info(),
-        "versions": _versions(),
-        **(hydra_meta or {}),
-        "config": config,
-        "output_dir": str(out_dir),
-    }
+    results = rundir.completed_results(
+        outcome=outcome, data=data, counts=counts, recall_at=recall_at, model=model,
+        wall_time_s=time.time() - started, resume_path=resume_path,
+        provenance={"git": git_info(), "versions": _versions()}, hydra_meta=hydra_meta, config=config,
+        out_dir=out_dir)
     if not dist_info.is_main:
         return {**results, "rank": dist_info.rank}  # evaluation ran on rank 0 only: no metrics here
-    write_json_atomic(results, out_dir / "results.json")
+    rundir.write_json_atomic(results, out_dir / rundir.RESULTS)
     _plot_history(out_dir, f"{data.name} / {cfg_choice(hydra_meta, 'loss')}", outcome["best"])
+    if logger is not None:
+        logger.finish(results, out_dir=out_dir)  # final metrics and the run directory's figures to the trackers
     return results
 
 
@@ -378,7 +271,7 @@ def _plot_history(out_dir: Path, title: str, best: dict[str, Any] | None) -> Non
     from dml_runner.learning_curves import plot_learning_curves
 
     try:
-        plot_learning_curves(pd.read_csv(out_dir / "history.csv"), out_dir / "learning_curves.png", best=best,
+        plot_learning_curves(pd.read_csv(out_dir / rundir.HISTORY), out_dir / "learning_curves.png", best=best,
                              title=title)
     except Exception as err:  # noqa: BLE001
         log.warning("could not plot learning curves: %s", err)
@@ -387,17 +280,17 @@ def _plot_history(out_dir: Path, title: str, best: dict[str, Any] | None) -> Non
 def write_failure(out_dir: Path, cfg: DictConfig | None, error: BaseException,
                   hydra_meta: dict[str, Any] | None = None) -> None:
     """Record a failed run (a sweep summary lists it as failed); never overwrites a completed results.json."""
-    path = Path(out_dir) / "results.json"
+    path = Path(out_dir) / rundir.RESULTS
     if path.exists():
         return
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    payload = {"status": "failed", "error": f"{type(error).__name__}: {error}", **(hydra_meta or {})}
+    config = None
     if cfg is not None:
         try:
-            payload["config"] = to_container(cfg)
-        except Exception:  # an unresolvable config is itself a reason for the failure
-            payload["config"] = OmegaConf.to_container(cfg, resolve=False)
-    write_json_atomic(payload, path)
+            config = to_container(cfg)
+        except Exception:  # noqa: BLE001 - an unresolvable config is itself a reason for the failure
+            config = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    rundir.write_json_atomic(rundir.failed_results(error, hydra_meta, config), path)
 
 
 def _versions() -> dict[str, str]:

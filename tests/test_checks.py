@@ -22,8 +22,8 @@ from dml_runner import DMLRunnerError
     (["+optimizer.lrr=0.1"], ["optimizer.lrr", "torch.optim.Adam", "did you mean lr"]),
     (["+loss.marginn=0.1"], ["loss.marginn", "did you mean margin"]),
     (["transform=rrc_224", "+transform.train.crp=3"], ["transform.train.crp", "did you mean crop"]),
-    (["trainer.select_on=tst"], ["trainer.select_on=tst", "auto, val, final, test"]),
-    (["trainer.device=gpu"], ["trainer.device=gpu"]),
+    (["trainer.device=gpu"], ["trainer.device=gpu", "auto, cpu, cuda, cuda:N or mps"]),
+    (["eval.device=tpu"], ["eval.device=tpu"]),
     (["scheduler=cosine", "scheduler.T_max=0"], ["scheduler.T_max=0"]),
     (["sampler.samples_per_class=3"], ["trainer.batch_size=20", "sampler.samples_per_class=3"]),
     (["method=divide_conquer", "method.num_clusters=4", "trainer.epochs=3"],  # digits conquers the last 3
@@ -87,3 +87,14 @@ def test_a_sweep_is_checked_job_by_job_before_any_job_starts(tmp_path):
     assert "job 1 (method=divide_conquer method.num_clusters=2 trainer.epochs=3): method.finetune_epochs=3" \
         in proc.stderr
     assert not list(tmp_path.glob("sweep/*/results.json"))
+
+
+def test_a_choice_outside_its_enum_is_refused_even_without_the_schema():
+    """validate_config checks Enum fields itself, for configs not composed through the structured schema."""
+    from omegaconf import OmegaConf
+
+    from dml_runner.config import validate_config
+
+    tree = {"trainer": {"select_on": "tst"}, "eval": {"backend": "torch"}}
+    with pytest.raises(DMLRunnerError, match=r"trainer.select_on=tst: use one of auto, val, final, test"):
+        validate_config(OmegaConf.create(tree))

@@ -13,7 +13,7 @@ from dml_runner.config import conf_dir
 
 CONF = conf_dir()
 GROUPS = ["dataset", "transform", "backbone", "loss", "sampler", "optimizer", "scheduler", "method", "trainer",
-          "eval"]
+          "eval", "paths"]
 
 
 def options(group: str) -> list[str]:
@@ -112,6 +112,8 @@ def test_default_config_is_the_digits_job(compose_cfg):
     ("trainer.epoch=3", ConfigKeyError),            # typo of a validated field
     ("trainer.epochs=ten", ValidationError),        # wrong type
     ("eval.recall_at=[one]", ValidationError),
+    ("trainer.select_on=tst", ValidationError),     # not a member of config.SelectOn
+    ("eval.backend=torch", ValidationError),        # "torch" is not a backend name (auto is)
     ("loss=no_such_loss", ConfigCompositionException),
 ])
 def test_bad_overrides_are_refused(compose_cfg, override, error):

@@ -17,7 +17,8 @@ from dml_runner.datasets.base import DatasetSplits, TensorLabelledDataset
 from dml_runner.evaluation import evaluate
 from dml_runner.methods import StandardMethod
 from dml_runner.samplers import ClassBalancedBatchSampler
-from dml_runner.trainer import FitSettings, OutOfMemoryError, Trainer, TrainingDivergedError
+from dml_runner.config import TrainerConfig
+from dml_runner.trainer import OutOfMemoryError, Trainer, TrainingDivergedError
 
 
 class FailingLoss(torch.nn.Module):
@@ -46,7 +47,7 @@ def tiny_data():
 
 
 def make_trainer(tmp_path, loss, epochs=3):
-    settings = FitSettings(epochs=epochs, batch_size=8, eval_every=1, progress=False, eval_before_training=False)
+    settings = TrainerConfig(epochs=epochs, batch_size=8, eval_every=1, progress=False, eval_before_training=False)
     return Trainer(settings, tiny_data(), small_cnn(in_channels=1, width=4, embedding_dim=8), loss,
                    StandardMethod(), partial(torch.optim.SGD, lr=0.01), None,
                    lambda labels, batch_size=None, seed=None: ClassBalancedBatchSampler(
@@ -72,7 +73,7 @@ def test_failure_mid_run_keeps_the_last_checkpoint(tmp_path, how, error, words):
 
 
 def test_full_disk_leaves_no_half_written_results(tmp_path, monkeypatch):
-    from dml_runner import run as run_module
+    from dml_runner import rundir as run_module
 
     target = tmp_path / "results.json"
     run_module.write_json_atomic({"status": "completed", "metrics": {"recall@1": 0.5}}, target)
@@ -91,7 +92,8 @@ def test_full_disk_leaves_no_half_written_results(tmp_path, monkeypatch):
 
 
 def test_failure_record_never_overwrites_a_completed_result(tmp_path):
-    from dml_runner.run import write_failure, write_json_atomic
+    from dml_runner.run import write_failure
+    from dml_runner.rundir import write_json_atomic
 
     write_failure(tmp_path / "a", None, DMLRunnerError("boom"))
     assert json.loads((tmp_path / "a" / "results.json").read_text())["status"] == "failed"

@@ -51,7 +51,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path):
 
 def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
     from dml_runner import DMLRunnerError
-    from dml_runner.run import load_checkpoint
+    from dml_runner.rundir import load_checkpoint
 
     ckpt = tmp_path / "last.pt"
     saved = {"loss": {"margin": 1.0, "_target_": "x"}, "trainer": {"epochs": 3, "seed": 0}}
@@ -67,21 +67,59 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
 
 def test_resume_rejects_garbage_and_missing_files(tmp_path):
     from dml_runner import DMLRunnerError
-    from dml_runner.run import find_resume_checkpoint, load_checkpoint
+    from dml_runner.rundir import find_resume_checkpoint, load_checkpoint
 
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(DMLRunnerError, match="cannot read checkpoint"):
         load_checkpoint(bad, {})
     with pytest.raises(DMLRunnerError, match="no checkpoint there"):
-        find_resume_checkpoint(str(tmp_path / "nope"), tmp_path, {})
-    assert find_resume_checkpoint(None, tmp_path, {}) is None
+        find_resume_checkpoint(str(tmp_path / "nope"), tmp_path, {}, tmp_path)
+    assert find_resume_checkpoint(None, tmp_path, {}, tmp_path) is None
     # auto with nothing to resume starts fresh
     assert find_resume_checkpoint("auto", tmp_path / "new", {}, search_root=tmp_path / "none") is None
 
 
+def test_resume_auto_searches_the_configured_output_root_not_the_working_directory(tmp_path, monkeypatch):
+    from dml_runner.rundir import find_resume_checkpoint
+
+    config = {"trainer": {"seed": 0}}
+    root = tmp_path / "elsewhere"
+    for name, status in (("done", "completed"), ("cut", None), ("other", None)):
+        run = root / "runs" / name
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"trainer": {"seed": 1 if name == "other" else 0}}))
+        torch.save({"epoch": 1}, run / "last.pt")
+        if status:
+            (run / "results.json").write_text(json.dumps({"status": status}))
+    monkeypatch.chdir(tmp_path)  # the working directory holds no outputs/
+    assert find_resume_checkpoint("auto", tmp_path / "new", config, root) == root / "runs" / "cut" / "last.pt"
+    assert find_resume_checkpoint("auto", tmp_path / "new", config, tmp_path / "outputs") is None
+
+
+def test_the_keys_that_may_change_on_resume_come_from_the_schema(compose_cfg):
+    from dml_runner.config import resume_free_keys
+    from dml_runner.rundir import config_mismatches
+
+    from omegaconf import OmegaConf
+
+    free = resume_free_keys(compose_cfg("scheduler=cosine"))
+    assert {"trainer.epochs", "trainer.resume", "eval.backend", "paths.data_dir", "tags"} <= free
+    assert "scheduler.T_max" in free  # ${trainer.epochs}: changes only with a free key
+    assert not {"trainer.seed", "trainer.batch_size", "optimizer.lr", "eval"} & free
+    raw = OmegaConf.create({"paths": {"data_dir": "d"}, "trainer": {"seed": 0, "epochs": 3},
+                            "dataset": {"root": "${paths.data_dir}/cub", "seeded": "${paths.data_dir}/${trainer.seed}",
+                                        "env": "${oc.env:HOME}", "plain": 3}})
+    derived = resume_free_keys(raw) - resume_free_keys()
+    assert derived == {"dataset.root"}  # where the files are, not what they are; a seed is never free
+    saved = {"trainer": {"epochs": 3, "seed": 0}, "scheduler": {"T_max": 3}, "eval": {"recall_at": [1]}}
+    now = {"trainer": {"epochs": 9, "seed": 0}, "scheduler": {"T_max": 9}, "eval": {"recall_at": [1, 2]}}
+    assert config_mismatches(saved, now, free) == []
+    assert config_mismatches(saved, {**now, "trainer": {"epochs": 9, "seed": 2}}, free) == ["trainer.seed: 0 -> 2"]
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    from dml_runner.trainer import save_atomic
+    from dml_runner.rundir import save_torch_atomic as save_atomic
 
     target = tmp_path / "last.pt"
     save_atomic({"epoch": 1}, target)
@@ -112,7 +150,8 @@ def _tiny_trainer(out_dir, loss=None, evaluate_fn=None, epochs=3):
     from dml_runner.losses.triplet import TripletLoss
     from dml_runner.methods import StandardMethod
     from dml_runner.samplers import ClassBalancedBatchSampler
-    from dml_runner.trainer import FitSettings, Trainer, seed_everything
+    from dml_runner.config import TrainerConfig
+    from dml_runner.trainer import Trainer, seed_everything
 
     seed_everything(0)
     g = torch.Generator().manual_seed(0)
@@ -120,7 +159,7 @@ def _tiny_trainer(out_dir, loss=None, evaluate_fn=None, epochs=3):
     labels = np.repeat(np.arange(6), 10)
     data = DatasetSplits(name="tiny", train=TensorLabelledDataset(images[:40], labels[:40]),
                          test=TensorLabelledDataset(images[40:], labels[40:]))
-    settings = FitSettings(epochs=epochs, batch_size=8, eval_every=2, progress=False, eval_before_training=True)
+    settings = TrainerConfig(epochs=epochs, batch_size=8, eval_every=2, progress=False, eval_before_training=True)
     return Trainer(settings, data, small_cnn(in_channels=1, width=4, embedding_dim=8, dropout=0.2),
                    loss or TripletLoss(), StandardMethod(), partial(torch.optim.Adam, lr=0.01), None,
                    lambda labels, batch_size=None, seed=None: ClassBalancedBatchSampler(
@@ -145,7 +184,7 @@ def _interrupt_at(call: int, fn):
 
 
 def _resume_and_compare(tmp_path, expected):
-    from dml_runner.run import load_checkpoint
+    from dml_runner.rundir import load_checkpoint
 
     trainer = _tiny_trainer(tmp_path / "cut")
     state = load_checkpoint(tmp_path / "cut" / "last.pt", {})
