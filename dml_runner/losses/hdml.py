@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from dml_runner import DMLRunnerError
 from dml_runner.losses._reduction import reduce
 from dml_runner.losses.distances import pairwise_distances
-from dml_runner.losses.mining import all_triplets, batch_hard_triplets, first_pair_per_class, semihard_triplets
+from dml_runner.losses.mining import first_pair_per_class, mine_triplets
 from dml_runner.losses.npair import npair_loss
 from dml_runner.losses.triplet import TripletLoss
 
@@ -124,6 +124,10 @@ class HDMLGenerator(nn.Sequential):
 
 class HDMLLoss(nn.Module):
     """HDML over ``metric="npair"`` (batches of N classes x 2) or ``"triplet"``.
+
+    Deviation from the loss contract (docs/ARCHITECTURE.md): ``forward(features, labels, head, decay_params)``
+    returns a dict of objectives, not ``forward(embeddings, labels) -> scalar``, because HDML synthesises pooled
+    features and embeds them with the model's own head; only ``method=hdml`` (HDMLMethod) trains it.
 
     Triplets: ``mining="fixed"`` (official) reads the batch as ``[anchors; positives; negatives]`` thirds;
     ``"all"`` / ``"semihard"`` / ``"hard"`` mine them from a class-balanced batch with the zoo's miners.
@@ -236,11 +240,8 @@ class HDMLLoss(nn.Module):
     def _triplet_terms(self, z: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int], Callable]:
         if self.mining == "fixed":
             a, p, neg = self._fixed_triplets(labels)
-        elif self.mining == "all":
-            a, p, neg = all_triplets(labels)
         else:
-            miner = semihard_triplets if self.mining == "semihard" else batch_hard_triplets
-            a, p, neg = miner(pairwise_distances(z, squared=self.squared), labels)
+            a, p, neg = mine_triplets(self.mining, pairwise_distances(z, squared=self.squared), labels)
         j_m = self.triplet(z, labels) if self.triplet is not None else self._hinge(z[a], z[p], z[neg])
         m = a.numel()
         pulled = hardness_aware_negatives(z[a], z[p], z[neg], self.pulling_factor, self.javg.mean)

@@ -6,34 +6,9 @@ import torch
 from torch import Tensor, nn
 
 from dml_runner.losses.distances import pairwise_distances
-from dml_runner.losses.mining import closest_negative_triplets, distance_weighted_triplets
+from dml_runner.losses.mining import mine_triplets
 
-SAMPLING = ("distance_weighted", "closest", "closest_exact")
-
-
-def dc_closest_triplets(dist: Tensor, labels: Tensor, cutoff: float = 0.5) -> tuple[Tensor, Tensor, Tensor]:
-    """Triplets of the official Divide-and-Conquer sampler (``lib/loss/sampler.py``, PyTorch 0.4/1.0 semantics).
-
-    m = (number of positive pairs in the batch) // B. Per anchor, the m entries with the smallest
-    ``max(D, 0.01) + 1e6 * ([positive] + [D < cutoff])`` are its negatives (the 0.01 floor is the official
-    ``pdist`` clamp; when fewer than m negatives lie at D >= cutoff the nearest excluded items fill up, the anchor
-    itself first). The anchor keeps min(its positives, m) triplets: its first positives and its first chosen
-    negatives, both in index order (the official running truncation). The margin loss sums positive and negative
-    terms separately, so only these sets matter, not the pairing.
-    """
-    d = dist.detach().clamp_min(0.01)
-    same = labels.reshape(-1, 1) == labels.reshape(1, -1)
-    pos = same & ~torch.eye(len(labels), dtype=torch.bool, device=dist.device)
-    m = int(pos.sum()) // len(labels)
-    score = d + 1e6 * (pos.to(d.dtype) + (d < cutoff).to(d.dtype))
-    chosen = score.topk(max(1, min(m, len(labels))), dim=1, largest=False).indices
-    neg = torch.zeros_like(pos).scatter_(1, chosen, True)
-    keep = pos.sum(dim=1, keepdim=True).clamp_max(m)
-    pos = pos & (pos.long().cumsum(dim=1) <= keep)
-    neg = neg & (neg.long().cumsum(dim=1) <= keep)
-    a, p = pos.nonzero(as_tuple=True)  # row-major: each anchor contributes keep[a] entries to both
-    _, n = neg.nonzero(as_tuple=True)
-    return a, p, n
+SAMPLING = ("distance_weighted", "closest", "closest_exact")  # mining.mine_triplets's samplers of the margin loss
 
 
 class MarginLoss(nn.Module):
@@ -55,7 +30,7 @@ class MarginLoss(nn.Module):
     - ``"closest"``: all positives, each anchor paired with as many of its closest negatives with D >= cutoff (the
       official D&C rule on class-balanced batches); an anchor short of such negatives drops its surplus positives.
     - ``"closest_exact"``: the official D&C sampler (``lib/loss/sampler.py``) line by line, see
-      :func:`dc_closest_triplets`; differs from ``closest`` when classes in a batch have different sizes or an
+      :func:`~dml_runner.losses.mining.dc_closest_triplets`; differs from ``closest`` when classes in a batch have different sizes or an
       anchor has fewer negatives at D >= cutoff than the batch's mean number of positives.
     """
 
@@ -87,14 +62,8 @@ class MarginLoss(nn.Module):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         dist = pairwise_distances(embeddings)
-        if self.sampling == "distance_weighted":
-            a, p, n = distance_weighted_triplets(
-                dist, labels, embeddings.shape[1], self.cutoff, self.nonzero_loss_cutoff
-            )
-        elif self.sampling == "closest":
-            a, p, n = closest_negative_triplets(dist, labels, self.cutoff)
-        else:
-            a, p, n = dc_closest_triplets(dist, labels, self.cutoff)
+        a, p, n = mine_triplets(self.sampling, dist, labels, embeddings.shape[1], self.cutoff,
+                                self.nonzero_loss_cutoff)
         beta = self.beta.float()
         beta = beta[labels[a]] if self.per_class_beta else beta.expand(a.shape[0])
         pos_loss = torch.relu(dist[a, p] - beta + self.alpha)

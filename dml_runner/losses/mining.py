@@ -20,7 +20,10 @@ __all__ = [
     "batch_hard_triplets",
     "distance_weighted_triplets",
     "closest_negative_triplets",
+    "dc_closest_triplets",
     "first_pair_per_class",
+    "mine_triplets",
+    "MINERS",
 ]
 
 Triplets = tuple[Tensor, Tensor, Tensor]
@@ -129,6 +132,57 @@ def closest_negative_triplets(dist: Tensor, labels: Tensor, cutoff: float = 0.5)
     keep = pos & (rank_of_pos < eligible.sum(dim=1, keepdim=True))
     a, p = keep.nonzero(as_tuple=True)
     return a, p, order[a, rank_of_pos[a, p]]
+
+
+def dc_closest_triplets(dist: Tensor, labels: Tensor, cutoff: float = 0.5) -> Triplets:
+    """Triplets of the official Divide-and-Conquer sampler (``lib/loss/sampler.py``, PyTorch 0.4/1.0 semantics).
+
+    m = (number of positive pairs in the batch) // B. Per anchor, the m entries with the smallest
+    ``max(D, 0.01) + 1e6 * ([positive] + [D < cutoff])`` are its negatives (the 0.01 floor is the official
+    ``pdist`` clamp; when fewer than m negatives lie at D >= cutoff the nearest excluded items fill up, the anchor
+    itself first). The anchor keeps min(its positives, m) triplets: its first positives and its first chosen
+    negatives, both in index order (the official running truncation). The margin loss sums positive and negative
+    terms separately, so only these sets matter, not the pairing.
+    """
+    d = dist.detach().clamp_min(0.01)
+    pos, _ = label_masks(labels)
+    m = int(pos.sum()) // len(labels)
+    score = d + 1e6 * (pos.to(d.dtype) + (d < cutoff).to(d.dtype))
+    chosen = score.topk(max(1, min(m, len(labels))), dim=1, largest=False).indices
+    neg = torch.zeros_like(pos).scatter_(1, chosen, True)
+    keep = pos.sum(dim=1, keepdim=True).clamp_max(m)
+    pos = pos & (pos.long().cumsum(dim=1) <= keep)
+    neg = neg & (neg.long().cumsum(dim=1) <= keep)
+    a, p = pos.nonzero(as_tuple=True)  # row-major: each anchor contributes keep[a] entries to both
+    _, n = neg.nonzero(as_tuple=True)
+    return a, p, n
+
+
+MINERS = ("all", "semihard", "hard", "distance_weighted", "closest", "closest_exact")
+
+
+def mine_triplets(mining: str, dist: Tensor, labels: Tensor, embedding_dim: int | None = None,
+                  cutoff: float = 0.5, nonzero_loss_cutoff: float = 1.4) -> Triplets:
+    """The triplets of the miner named ``mining`` (one of :data:`MINERS`): the one dispatch the losses share.
+
+    ``embedding_dim``, ``cutoff`` and ``nonzero_loss_cutoff`` are read by the margin loss's samplers only
+    (``distance_weighted``, ``closest``, ``closest_exact``).
+    """
+    if mining == "all":
+        return all_triplets(labels)
+    if mining == "semihard":
+        return semihard_triplets(dist, labels)
+    if mining == "hard":
+        return batch_hard_triplets(dist, labels)
+    if mining == "distance_weighted":
+        if embedding_dim is None:
+            raise ValueError("distance_weighted sampling needs the embedding dimension")
+        return distance_weighted_triplets(dist, labels, embedding_dim, cutoff, nonzero_loss_cutoff)
+    if mining == "closest":
+        return closest_negative_triplets(dist, labels, cutoff)
+    if mining == "closest_exact":
+        return dc_closest_triplets(dist, labels, cutoff)
+    raise ValueError(f"unknown mining {mining!r}; expected one of {MINERS}")
 
 
 def first_pair_per_class(labels: Tensor) -> tuple[Tensor, Tensor]:

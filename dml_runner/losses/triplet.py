@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from dml_runner.losses._reduction import reduce
 from dml_runner.losses.distances import pairwise_distances
-from dml_runner.losses.mining import batch_hard_triplets, label_masks, semihard_triplets
+from dml_runner.losses.mining import label_masks, mine_triplets
 
 MINING = ("all", "semihard", "hard")
 
@@ -49,8 +49,7 @@ class TripletLoss(nn.Module):
             a, p = pos.nonzero(as_tuple=True)
             violation = torch.relu(dist[a, p][:, None] - dist[a] + self.margin)
             return reduce(violation[neg[a]], self.reduction)
-        miner = semihard_triplets if self.mining == "semihard" else batch_hard_triplets
-        a, p, n = miner(dist, labels)
+        a, p, n = mine_triplets(self.mining, dist, labels)
         return reduce(torch.relu(dist[a, p] - dist[a, n] + self.margin), self.reduction)
 
     def extra_repr(self) -> str:
