@@ -235,36 +235,59 @@ def _to_rgb(img, size: int) -> "np.ndarray":
     return np.asarray(canvas)
 
 
+GRID_BORDER, GRID_CAPTION, GRID_PAD, GRID_GAP, GRID_TITLE = 4, 14, 4, 12, 22
+GRID_COLOURS = {"query": (40, 40, 40), "hit": (44, 160, 44), "miss": (214, 39, 40), "unknown": (150, 150, 150)}
+
+
+def retrieval_grid_size(n_queries: int, k: int, cell: int = 96, title: bool = True) -> tuple[int, int]:
+    """``(width, height)`` in pixels of :func:`plot_retrieval_grid`'s PNG for ``n_queries`` rows of 1 + ``k`` cells."""
+    w = GRID_PAD + (k + 1) * (cell + 2 * GRID_BORDER + GRID_PAD) + GRID_GAP
+    h = (GRID_TITLE if title else 0) + GRID_PAD + n_queries * (cell + 2 * GRID_BORDER + GRID_CAPTION + GRID_PAD)
+    return w, h
+
+
+def retrieval_grid_cell(row: int, column: int, cell: int = 96, title: bool = True) -> tuple[int, int]:
+    """``(x, y)`` of the top-left corner of the frame of a cell (column 0 = the query)."""
+    x = GRID_PAD + column * (cell + 2 * GRID_BORDER + GRID_PAD) + (GRID_GAP if column else 0)
+    y = (GRID_TITLE if title else 0) + GRID_PAD + row * (cell + 2 * GRID_BORDER + GRID_CAPTION + GRID_PAD)
+    return x, y + GRID_CAPTION
+
+
 def plot_retrieval_grid(queries: Sequence[int], neighbours: "np.ndarray", labels: "np.ndarray", load_image,
-                        out_png: Path, title: str = "", cell: int = 96) -> Path:
+                        out_png: Path, title: str = "", cell: int = 96, names: Sequence[str] | None = None,
+                        distances: "np.ndarray | None" = None) -> Path:
     """One row per query: the query image, then its top-k retrieved images framed green (same class) or red.
 
     ``neighbours[i]`` are the dataset indices retrieved for ``queries[i]``; ``load_image(index)`` returns an
-    HxW or HxWxC array (or a PIL image). Composed with PIL (no matplotlib axes: tens of grids take well under a
-    second).
+    HxW or HxWxC array (or a PIL image). A query with a negative label (class unknown) frames its neighbours grey.
+    Captions show ``names[index]`` (default: the label) and, when given, ``distances[i, j]``. Composed with PIL (no
+    matplotlib axes: tens of grids take well under a second); the size is :func:`retrieval_grid_size`.
     """
-    import numpy as np
     from PIL import Image, ImageDraw
 
     k = neighbours.shape[1]
-    border, caption, pad = 4, 14, 4
-    head = 22 if title else 0
-    w = pad + (k + 1) * (cell + 2 * border + pad) + 12
-    h = head + pad + len(queries) * (cell + 2 * border + caption + pad)
-    canvas = Image.new("RGB", (w, h), "white")
+    border = GRID_BORDER
+    canvas = Image.new("RGB", retrieval_grid_size(len(queries), k, cell, bool(title)), "white")
     draw = ImageDraw.Draw(canvas)
     if title:
-        draw.text((pad, 4), title, fill="black")
-    colours = {"query": (40, 40, 40), "hit": (44, 160, 44), "miss": (214, 39, 40)}
+        draw.text((GRID_PAD, 4), title, fill="black")
+
+    def name(index: int) -> str:
+        return str(labels[index]) if names is None else str(names[index])
+
     for r, q in enumerate(queries):
-        y = head + pad + r * (cell + 2 * border + caption + pad)
         for c, index in enumerate([q, *neighbours[r]]):
-            x = pad + c * (cell + 2 * border + pad) + (12 if c else 0)
-            kind = "query" if c == 0 else ("hit" if labels[index] == labels[q] else "miss")
-            draw.rectangle([x, y + caption, x + cell + 2 * border - 1, y + caption + cell + 2 * border - 1],
-                           fill=colours[kind])
-            canvas.paste(Image.fromarray(_to_rgb(load_image(int(index)), cell)), (x + border, y + caption + border))
-            text = f"query ({labels[q]})" if c == 0 else f"#{c} ({labels[index]})"
-            draw.text((x, y), text, fill="black" if c == 0 else colours[kind])
+            x, y = retrieval_grid_cell(r, c, cell, bool(title))
+            kind = "query" if c == 0 else "unknown" if labels[q] < 0 else \
+                ("hit" if labels[index] == labels[q] else "miss")
+            draw.rectangle([x, y, x + cell + 2 * border - 1, y + cell + 2 * border - 1], fill=GRID_COLOURS[kind])
+            canvas.paste(Image.fromarray(_to_rgb(load_image(int(index)), cell)), (x + border, y + border))
+            if c == 0:
+                text = f"query ({name(q)})" if name(q) else "query"
+            else:
+                dist = f" {distances[r][c - 1]:.3f}" if distances is not None else ""
+                text = f"#{c}{dist} {name(index)}" if distances is not None else f"#{c} ({name(index)})"
+            draw.text((x, y - GRID_CAPTION), text[: (cell + 2 * border) // 6],
+                      fill="black" if c == 0 else GRID_COLOURS[kind])
     canvas.save(out_png, optimize=False)
     return Path(out_png)

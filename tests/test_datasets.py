@@ -404,3 +404,43 @@ def test_digits_protocol_errors_name_the_option():
         build_digits(protocol="images", test_fraction=1.5)
     with pytest.raises(ValueError, match="protocol=images"):
         build_digits(protocol="classes", train_classes=(0, 1), test_classes=(1, 2))
+
+
+def test_items_are_named_by_path_and_class(trees):
+    """paths and class names (what embeddings.npz records) follow each dataset's own files."""
+    from dml_runner.datasets import SubsetLabelledDataset
+
+    cub = from_config("cub200", trees["cub200"])
+    names = dict(zip(cub.test.labels.tolist(), cub.test.item_class_names().tolist()))
+    assert names == {101: "101.Bird_101", 102: "102.Bird_102", 103: "103.Bird_103"}
+    assert [Path(p).parent.name for p in cub.test.paths] == cub.test.item_class_names().tolist()
+    # a subset view (the validation split is one) keeps its items' paths and class names
+    view = SubsetLabelledDataset(cub.test, np.array([7, 0]))
+    assert view.item_paths().tolist() == [cub.test.paths[7], cub.test.paths[0]]
+    assert view.item_class_names().tolist() == ["103.Bird_103", "101.Bird_101"]
+    cars = from_config("cars196", trees["cars196"])
+    assert set(cars.test.item_class_names()) == {"Make Model 99", "Make Model 100", "Make Model 101"}
+    sop = from_config("sop", trees["sop"])
+    assert sop.test.item_class_names()[0] == f"{Path(sop.test.paths[0]).parent.name}/{sop.test.labels[0]}"
+    inshop = from_config("inshop", trees["inshop"])
+    assert set(inshop.test.item_class_names()) == {"id_00000007", "id_00000008", "id_00000009"}
+    folder_splits = from_config("folder", trees["folder"])
+    assert set(folder_splits.test.item_class_names()) == {"class_03", "class_04", "class_05"}
+    vehicle = from_config("vehicleid", trees["vehicleid"], protocol="loo")
+    assert vehicle.test.item_class_names().tolist() == [str(c) for c in vehicle.test.labels]
+    assert vehicle.test.item_paths().tolist() == vehicle.test.paths
+
+
+def test_digits_items_point_at_their_row_of_load_digits():
+    from sklearn.datasets import load_digits
+
+    from dml_runner.datasets import digits
+
+    bunch = load_digits()
+    splits = digits.build(protocol="images", val_fraction=0.2)
+    for part in (splits.train, splits.val, splits.test):
+        rows = np.array([int(p.split("#")[1]) for p in part.item_paths()])
+        assert all(p.startswith("sklearn.datasets.load_digits#") for p in part.item_paths())
+        assert np.array_equal(bunch.target[rows], part.labels)
+        assert torch.equal(part.load(3), torch.from_numpy(bunch.images[rows[3]].astype(np.float32) / 16)[None])
+    assert splits.test.item_class_names().tolist() == [str(c) for c in splits.test.labels]

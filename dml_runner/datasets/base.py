@@ -2,12 +2,14 @@
 
 A dataset config instantiates a :class:`DatasetSplits`. Its ``train`` / ``test`` / ``val`` members are
 :class:`LabelledDataset` objects: map-style torch datasets returning ``(image_tensor, label)`` with a ``labels``
-array so samplers can build batches without touching the images.
+array so samplers can build batches without touching the images. Each also names its items: ``paths`` (the image
+file, or another locator of the item's source) and ``class_names`` (label -> name), which embeddings.npz records.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -19,17 +21,36 @@ class LabelledDataset(Dataset):
     """A map-style dataset with integer class labels known up front.
 
     Subclasses implement :meth:`load` (item ``i`` -> image tensor, before ``transform``). ``labels`` holds the
-    original class ids (not remapped), as int64.
+    original class ids (not remapped), as int64. ``paths`` (one string per item: its image file, or a locator such
+    as ``sklearn.datasets.load_digits#17``; ``None`` when unknown) and ``class_names`` (label -> readable name; a
+    label without an entry is named by its number) describe the items in embeddings.npz.
     """
 
     def __init__(self, labels: np.ndarray, transform: Callable[[Any], torch.Tensor] | None = None,
-                 in_channels: int = 3, name: str = "") -> None:
+                 in_channels: int = 3, name: str = "", paths: Sequence[str] | None = None,
+                 class_names: Mapping[int, str] | None = None) -> None:
         self.labels = np.asarray(labels, dtype=np.int64)
         if self.labels.ndim != 1:
             raise ValueError(f"labels must be 1-D, got shape {self.labels.shape}")
+        if paths is not None and len(paths) != len(self.labels):
+            raise ValueError(f"{len(paths)} paths but {len(self.labels)} labels")
         self.transform = transform
         self.in_channels = in_channels
         self.name = name
+        self.paths: list[str] | None = None if paths is None else [str(p) for p in paths]
+        self.class_names: dict[int, str] = {int(k): str(v) for k, v in (class_names or {}).items()}
+
+    def item_paths(self) -> np.ndarray:
+        """One string per item: ``paths``, or ``<name>#<index>`` when the dataset has none."""
+        if self.paths is not None:
+            return np.asarray(self.paths, dtype=str)
+        return np.asarray([f"{self.name or 'item'}#{i}" for i in range(len(self))], dtype=str)
+
+    def item_class_names(self) -> np.ndarray:
+        """One string per item: the name of its class (``class_names``, else the label's number)."""
+        classes, inverse = np.unique(self.labels, return_inverse=True)
+        names = np.asarray([self.class_names.get(int(c), str(int(c))) for c in classes], dtype=str)
+        return names[inverse] if len(self.labels) else np.zeros(0, dtype=str)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -52,10 +73,12 @@ class TensorLabelledDataset(LabelledDataset):
     """In-memory images (N, C, H, W) float tensor; the transform (if any) takes and returns a tensor."""
 
     def __init__(self, images: torch.Tensor, labels: np.ndarray,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, name: str = "") -> None:
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, name: str = "",
+                 paths: Sequence[str] | None = None, class_names: Mapping[int, str] | None = None) -> None:
         if images.ndim != 4 or images.shape[0] != len(labels):
             raise ValueError(f"images must be (N, C, H, W) with N = len(labels); got {tuple(images.shape)}")
-        super().__init__(labels, transform=transform, in_channels=int(images.shape[1]), name=name)
+        super().__init__(labels, transform=transform, in_channels=int(images.shape[1]), name=name, paths=paths,
+                         class_names=class_names)
         self.images = images
 
     def load(self, index: int) -> torch.Tensor:
@@ -117,12 +140,14 @@ def class_disjoint_holdout(labels: np.ndarray, fraction: float, seed: int) -> tu
 
 
 class SubsetLabelledDataset(LabelledDataset):
-    """A view of ``base`` restricted to ``indices`` (labels kept, transform overridable)."""
+    """A view of ``base`` restricted to ``indices`` (labels, paths and class names kept, transform overridable)."""
 
     def __init__(self, base: LabelledDataset, indices: np.ndarray,
                  transform: Callable[[Any], torch.Tensor] | None | str = "inherit") -> None:
         indices = np.asarray(indices, dtype=np.int64)
-        super().__init__(base.labels[indices], transform=None, in_channels=base.in_channels, name=base.name)
+        super().__init__(base.labels[indices], transform=None, in_channels=base.in_channels, name=base.name,
+                         paths=None if base.paths is None else [base.paths[i] for i in indices],
+                         class_names=base.class_names)
         self.base = base
         self.indices = indices
         self.transform = base.transform if transform == "inherit" else transform

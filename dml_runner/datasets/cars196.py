@@ -33,6 +33,13 @@ def _scalar(value: Any) -> Any:
 
 def read_cars_annos(root: Path) -> tuple[list[str], np.ndarray]:
     """All annotated images (absolute paths) and class ids (1..196), in annotation order."""
+    paths, labels, _ = read_cars_mat(root)
+    return paths, labels
+
+
+def read_cars_mat(root: Path) -> tuple[list[str], np.ndarray, dict[int, str]]:
+    """:func:`read_cars_annos` plus the class names (class id -> "AM General Hummer SUV 2000") of the file's
+    ``class_names`` variable (empty when the file has none)."""
     import scipy.io
 
     mat_path = require_file(root / "cars_annos.mat", NAME, root)
@@ -59,16 +66,20 @@ def read_cars_annos(root: Path) -> tuple[list[str], np.ndarray]:
                                  f"outside 1..{NUM_CLASSES}")
         paths.append(str(root / rel))
         labels[i] = label
-    return paths, labels
+    names = np.asarray(mat.get("class_names", np.zeros(0))).ravel()
+    class_names = {c: str(_scalar(names[c - 1])) for c in range(1, NUM_CLASSES + 1)} if names.size == NUM_CLASSES \
+        else {}
+    return paths, labels, class_names
 
 
 def build(root: str, transform: Any = None, default_transform: str = "caffe_227", val_fraction: float = 0.0,
           seed: int = 0, skip_bad_images: bool = False, verify_images: bool = False) -> DatasetSplits:
     """Cars196: train on classes 1-98, leave-one-out retrieval on 99-196 (Recall@1/2/4/8)."""
     base = require_dir(root, NAME)
-    paths, labels = read_cars_annos(base)
+    paths, labels, class_names = read_cars_mat(base)
     return build_class_split(
         NAME, *split_at_class(paths, labels, FIRST_TEST_CLASS), OFFICIAL_COUNTS, transform=transform,
         default_transform=default_transform, val_fraction=val_fraction,
         seed=seed, skip_bad_images=skip_bad_images, verify_images=verify_images, eval_recall_at=RECALL_AT,
-        info={"root": str(base), "split": "classes 1-98 train / 99-196 test (the 'test' flag is not used)"})
+        info={"root": str(base), "split": "classes 1-98 train / 99-196 test (the 'test' flag is not used)"},
+        class_names=class_names)

@@ -14,8 +14,8 @@ import numpy as np
 
 from dml_runner import DMLRunnerError
 from dml_runner.datasets.base import DatasetSplits
-from dml_runner.datasets.images import (build_class_split, parse_int, read_rows, require_dir, require_file,
-                                       split_at_class)
+from dml_runner.datasets.images import (build_class_split, class_names_from_dirs, parse_int, read_rows, require_dir,
+                                       require_file, split_at_class)
 
 NAME = "cub200"
 OFFICIAL_COUNTS = {"train_images": 5864, "train_classes": 100, "test_images": 5924, "test_classes": 100}
@@ -60,4 +60,5 @@ def build(root: str, transform: Any = None, default_transform: str = "caffe_227"
         NAME, *split_at_class(paths, labels, FIRST_TEST_CLASS), OFFICIAL_COUNTS, transform=transform,
         default_transform=default_transform, val_fraction=val_fraction,
         seed=seed, skip_bad_images=skip_bad_images, verify_images=verify_images, eval_recall_at=RECALL_AT,
-        info={"root": str(base), "split": "classes 1-100 train / 101-200 test (train_test_split.txt not used)"})
+        info={"root": str(base), "split": "classes 1-100 train / 101-200 test (train_test_split.txt not used)"},
+        class_names=class_names_from_dirs(paths, labels))

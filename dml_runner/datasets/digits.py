@@ -6,12 +6,16 @@ Class-disjoint split as in DML benchmarks: training on digits 0-4, retrieval on 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from dml_runner.datasets.base import (DatasetSplits, SubsetLabelledDataset, TensorLabelledDataset,
                                       with_validation_split)
+
+
+SOURCE = "sklearn.datasets.load_digits"
 
 
 class RandomShift:
@@ -27,6 +31,27 @@ class RandomShift:
         padded = torch.nn.functional.pad(image, (s, s, s, s))
         dy, dx = torch.randint(0, 2 * s + 1, (2,)).tolist()
         return padded[:, dy:dy + image.shape[1], dx:dx + image.shape[2]]
+
+
+class DigitFromFile:
+    """An image file (PIL image) as a digits item: grey, ``size`` x ``size`` (area-resized when it is not), pixel
+    values scaled to [0, 1] (a PNG written from a digit as ``round(255 * value)`` reads back within 1/510)."""
+
+    def __init__(self, size: int = 8) -> None:
+        self.size = size
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        from PIL import Image
+
+        grey = image.convert("L")
+        if grey.size != (self.size, self.size):
+            grey = grey.resize((self.size, self.size), Image.Resampling.BOX)
+        return torch.from_numpy(np.asarray(grey, dtype=np.float32) / 255.0)[None]
+
+
+def file_transform(**_: Any) -> tuple[DigitFromFile, int]:
+    """``(transform, in_channels)`` that turns an image file into a digits model input (see :class:`DigitFromFile`)."""
+    return DigitFromFile(), 1
 
 
 def build(train_classes: Sequence[int] = (0, 1, 2, 3, 4), test_classes: Sequence[int] = (5, 6, 7, 8, 9),
@@ -64,11 +89,12 @@ def build(train_classes: Sequence[int] = (0, 1, 2, 3, 4), test_classes: Sequence
         raise ValueError(f"dataset.protocol={protocol!r}: choose 'classes' (class-disjoint) or 'images'")
     if train_idx.size == 0 or test_idx.size == 0:
         raise ValueError("dataset.train_classes / dataset.test_classes must name digits 0-9")
+    locators = np.asarray([f"{SOURCE}#{i}" for i in range(labels.size)])  # the row of load_digits()
     train = TensorLabelledDataset(images[train_idx], labels[train_idx], transform=RandomShift(max_shift),
-                                  name="digits")
-    test = TensorLabelledDataset(images[test_idx], labels[test_idx], name="digits")
+                                  name="digits", paths=list(locators[train_idx]))
+    test = TensorLabelledDataset(images[test_idx], labels[test_idx], name="digits", paths=list(locators[test_idx]))
     splits = DatasetSplits(name="digits", train=train, test=test,
-                           info={"source": "sklearn.datasets.load_digits", "protocol": protocol})
+                           info={"source": SOURCE, "protocol": protocol})
     if protocol == "images":
         return _image_validation_split(splits, val_fraction, seed)
     return with_validation_split(splits, val_fraction, seed)

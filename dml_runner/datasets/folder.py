@@ -73,4 +73,5 @@ def build(root: str, split_file: str | None = None, recall_at: list[int] | tuple
         NAME, [paths[i] for i in train_idx], labels[train_idx], [paths[i] for i in test_idx], labels[test_idx],
         None, transform=transform, default_transform=default_transform, val_fraction=val_fraction, seed=seed,
         skip_bad_images=skip_bad_images, verify_images=verify_images, eval_recall_at=list(recall_at),
-        info={"root": str(base), "split": split, "class_names": class_names if len(class_names) <= 200 else None})
+        info={"root": str(base), "split": split, "class_names": class_names if len(class_names) <= 200 else None},
+        class_names=dict(enumerate(class_names)))

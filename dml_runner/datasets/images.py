@@ -128,14 +128,20 @@ def parse_int(value: str, path: Path, lineno: int, what: str) -> int:
 
 
 class ImageListDataset(LabelledDataset):
-    """Image files decoded lazily with PIL (``.convert("RGB")``) in :meth:`load`; labels are the original class ids."""
+    """Image files decoded lazily with PIL (``.convert("RGB")``) in :meth:`load`; labels are the original class ids.
+
+    ``fix`` is the advice an unreadable file's error ends with.
+    """
 
     def __init__(self, paths: Sequence[Path | str], labels: np.ndarray,
-                 transform: Callable[[Any], torch.Tensor] | None = None, name: str = "") -> None:
+                 transform: Callable[[Any], torch.Tensor] | None = None, name: str = "",
+                 class_names: Mapping[int, str] | None = None,
+                 fix: str = "run `dml-prepare <dataset> <root>` to find every unreadable image") -> None:
         if len(paths) != len(labels):
             raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
-        super().__init__(labels, transform=transform, in_channels=3, name=name)
-        self.paths = [str(p) for p in paths]
+        super().__init__(labels, transform=transform, in_channels=3, name=name, paths=[str(p) for p in paths],
+                         class_names=class_names)
+        self.fix = fix
 
     def load(self, index: int) -> Image.Image:
         path = self.paths[index]
@@ -143,8 +149,14 @@ class ImageListDataset(LabelledDataset):
             with Image.open(path) as image:
                 return image.convert("RGB")
         except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-            raise DMLRunnerError(f"dataset {self.name}: cannot read image {path}: {err} "
-                                 f"(run `dml-prepare <dataset> <root>` to find every unreadable image)") from err
+            raise DMLRunnerError(f"dataset {self.name}: cannot read image {path}: {err} ({self.fix})") from err
+
+
+def class_names_from_dirs(paths: Sequence[str], labels: np.ndarray, template: str = "{dir}") -> dict[int, str]:
+    """label -> name from the directory of the label's first image (``template`` may also use ``{label}``)."""
+    labels = np.asarray(labels)
+    classes, first = np.unique(labels, return_index=True)
+    return {int(c): template.format(dir=Path(paths[i]).parent.name, label=int(c)) for c, i in zip(classes, first)}
 
 
 def _decodes(path: str) -> bool:
@@ -240,6 +252,15 @@ def assemble(name: str, train: ImageListDataset, test: ImageListDataset, transfo
     return with_validation_split(splits, val_fraction, seed, val_transform=test_tf)
 
 
+def file_transform(transform: Any = None, default_transform: str = "rrc_224",
+                   **_: Any) -> tuple[Callable[[Image.Image], torch.Tensor], int]:
+    """``(test transform, in_channels)`` that turns an RGB image file into the model input the dataset config's
+    test split gives (its ``transform`` and ``default_transform``); dml-embed / dml-search read images with it."""
+    from dml_runner.datasets.transforms import resolve_transforms
+
+    return resolve_transforms(transform, default_transform)[1], 3
+
+
 def split_at_class(paths: list[str], labels: np.ndarray,
                    first_test_class: int) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
     """The standard CUB / Cars split: classes below ``first_test_class`` train, the rest test."""
@@ -251,7 +272,8 @@ def split_at_class(paths: list[str], labels: np.ndarray,
 def build_class_split(dataset: str, train_paths: list[str], train_labels: np.ndarray, test_paths: list[str],
                       test_labels: np.ndarray, official: Mapping[str, int] | None, *, transform: Any,
                       default_transform: str, val_fraction: float, seed: int, skip_bad_images: bool,
-                      verify_images: bool, eval_recall_at: list[int], info: dict[str, Any]) -> DatasetSplits:
+                      verify_images: bool, eval_recall_at: list[int], info: dict[str, Any],
+                      class_names: Mapping[int, str] | None = None) -> DatasetSplits:
     """The common tail of the leave-one-out datasets (CUB, Cars, SOP, folder): check images, count, assemble."""
     info = dict(info)
     info.setdefault("eval_protocol", "leave-one-out Recall@K over the test classes")
@@ -264,6 +286,6 @@ def build_class_split(dataset: str, train_paths: list[str], train_labels: np.nda
         info["counts"] = found
     else:
         check_counts(dataset, found, official, info)
-    train = ImageListDataset(train_paths, train_labels, name=dataset)
-    test = ImageListDataset(test_paths, test_labels, name=dataset)
+    train = ImageListDataset(train_paths, train_labels, name=dataset, class_names=class_names)
+    test = ImageListDataset(test_paths, test_labels, name=dataset, class_names=class_names)
     return assemble(dataset, train, test, transform, default_transform, val_fraction, seed, info, eval_recall_at)

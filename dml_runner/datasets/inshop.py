@@ -83,7 +83,8 @@ def build(root: str, transform: Any = None, default_transform: str = "rrc_224", 
     # A query whose item has no gallery image can never be answered; the evaluator counts/excludes it.
     info["queries_without_gallery_match"] = int(
         (~np.isin(test_labels[query_mask], test_labels[gallery_mask])).sum())
-    train = ImageListDataset(train_paths, train_labels, name=NAME)
-    test = ImageListDataset(test_paths, test_labels, name=NAME)
+    names = {int(i): f"id_{int(i):08d}" for i in np.unique(items)}
+    train = ImageListDataset(train_paths, train_labels, name=NAME, class_names=names)
+    test = ImageListDataset(test_paths, test_labels, name=NAME, class_names=names)
     return assemble(NAME, train, test, transform, default_transform, val_fraction, seed, info, RECALL_AT,
                     eval_mode="query_gallery", query_mask=query_mask, gallery_mask=gallery_mask)

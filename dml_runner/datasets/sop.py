@@ -14,7 +14,8 @@ import numpy as np
 
 from dml_runner import DMLRunnerError
 from dml_runner.datasets.base import DatasetSplits
-from dml_runner.datasets.images import build_class_split, parse_int, read_rows, require_dir, require_file
+from dml_runner.datasets.images import (build_class_split, class_names_from_dirs, parse_int, read_rows, require_dir,
+                                       require_file)
 
 NAME = "sop"
 OFFICIAL_COUNTS = {"train_images": 59551, "train_classes": 11318, "test_images": 60502, "test_classes": 11316}
@@ -52,4 +53,6 @@ def build(root: str, transform: Any = None, default_transform: str = "caffe_227"
         NAME, train_paths, train_labels, test_paths, test_labels, OFFICIAL_COUNTS, transform=transform,
         default_transform=default_transform, val_fraction=val_fraction, seed=seed, skip_bad_images=skip_bad_images,
         verify_images=verify_images, eval_recall_at=RECALL_AT,
-        info={"root": str(base), "split": "Ebay_train.txt / Ebay_test.txt"})
+        info={"root": str(base), "split": "Ebay_train.txt / Ebay_test.txt"},
+        class_names=class_names_from_dirs(train_paths + test_paths, np.concatenate([train_labels, test_labels]),
+                                          "{dir}/{label}"))

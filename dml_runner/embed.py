@@ -1,0 +1,356 @@
+"""``dml-embed RUN INPUT``: embeddings of your images, or of a dataset split, with a trained run's model.
+
+``RUN`` is a run directory (its ``best.pt``, else ``last.pt``) or a checkpoint file. The model is rebuilt from the
+run's saved resolved config (``config.json``, else the checkpoint's copy), the checkpoint's weights are loaded and
+the model embeds in eval mode, normalised as the run evaluates. ``INPUT`` is
+
+- an image folder: every image below it (recursive, sorted paths); an image's class is its sub-folder (the path
+  of its directory relative to the folder; an image directly in the folder has no class: label -1, name ""),
+  read with the run's test transform (:func:`file_transform`);
+- or a dataset: a split name (``train``, ``val``, ``test``; default ``test``) and/or overrides of the run's dataset
+  config (``dataset.root=/data/CUB_200_2011``, or another dataset: ``dataset=cub200 dataset.root=...``), embedded
+  with the run's test transform.
+
+It writes ``embeddings.npz`` (:func:`write_embeddings`): ``embeddings``, ``labels``, ``paths``, ``class_names`` and,
+for query/gallery datasets, ``query_mask`` / ``gallery_mask``; ``dml-eval``, ``dml-search`` and numpy read it.
+See docs/USING.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from dml_runner import DMLRunnerError
+
+if TYPE_CHECKING:
+    import torch
+
+    from dml_runner.datasets.base import DatasetSplits, LabelledDataset
+
+SPLITS = ("train", "val", "test")
+CHECKPOINTS = ("best.pt", "last.pt")
+
+
+def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarray, dataset: LabelledDataset,
+                     query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None,
+                     **extra: str) -> Path:
+    """Write ``embeddings.npz`` for the items of ``dataset`` (in its order); atomic (a temporary file, then rename).
+
+    Arrays: ``embeddings`` (N x D float32), ``labels`` (N int64), ``paths`` and ``class_names`` (N strings each:
+    the item's image file and the name of its class, from the dataset), ``query_mask`` / ``gallery_mask`` when given,
+    and ``extra`` strings (e.g. the checkpoint) as 0-d string arrays. Nothing is pickled.
+    """
+    path = Path(path)
+    emb = np.asarray(embeddings, dtype=np.float32)
+    labels = np.asarray(labels)
+    n = len(dataset)
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise ValueError(f"embeddings of shape {emb.shape} for a dataset of {n} items; expected ({n}, D)")
+    if not np.array_equal(labels, dataset.labels):
+        raise ValueError("labels differ from the dataset's labels: write the embeddings of the dataset given")
+    arrays: dict[str, np.ndarray] = {"embeddings": emb, "labels": labels.astype(np.int64),
+                                     "paths": dataset.item_paths(), "class_names": dataset.item_class_names()}
+    for key, mask in (("query_mask", query_mask), ("gallery_mask", gallery_mask)):
+        if mask is not None:
+            arrays[key] = np.asarray(mask, dtype=bool)
+            if arrays[key].shape != (n,):
+                raise ValueError(f"{key} of shape {arrays[key].shape}; expected ({n},)")
+    arrays.update({key: np.asarray(str(value)) for key, value in extra.items()})
+    tmp = path.with_name(path.name + ".tmp.npz")
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------- the trained model
+def find_checkpoint(run: str | Path) -> tuple[Path, Path]:
+    """``(checkpoint, run_dir)`` of a run directory (best.pt, else last.pt) or a checkpoint file."""
+    path = Path(run).expanduser()
+    if path.is_dir():
+        for name in CHECKPOINTS:
+            if (path / name).is_file():
+                return path / name, path
+        raise DMLRunnerError(
+            f"{path}: no checkpoint in this run directory (neither best.pt nor last.pt): the run ended before its "
+            "first epoch or ran with trainer.save_checkpoints=false; train it again with trainer.save_checkpoints=true")
+    if path.is_file():
+        return path, path.parent
+    raise DMLRunnerError(f"{path}: no such run directory or checkpoint; give a dml-run output directory (holding "
+                         "best.pt or last.pt) or a .pt checkpoint file")
+
+
+def file_transform(dataset_config: Mapping[str, Any]) -> tuple[Callable[[Any], torch.Tensor], int]:
+    """``(transform, in_channels)``: how an RGB image file becomes the model input of a run on ``dataset_config``.
+
+    The dataset module's ``file_transform(**config)`` (digits: grey 8 x 8), else, for an image dataset (a config with
+    ``default_transform``), the test transform of its ``transform`` / ``default_transform`` options.
+    """
+    target = str(dataset_config.get("_target_", ""))
+    module_name = target.rpartition(".")[0]
+    kwargs = {k: v for k, v in dataset_config.items() if not str(k).startswith("_")}
+    try:
+        make = getattr(importlib.import_module(module_name), "file_transform", None) if module_name else None
+    except ImportError:
+        make = None
+    if make is None and "default_transform" in dataset_config:
+        from dml_runner.datasets.images import file_transform as make
+    if make is None:
+        raise DMLRunnerError(f"dataset {target or '?'}: the run's dataset module has no file_transform(**config), so "
+                             "image files cannot be turned into its model input; embed a dataset split instead "
+                             "(e.g. `dml-embed RUN test`) or add file_transform to the dataset module")
+    return make(**kwargs)
+
+
+def build_model(config: Mapping[str, Any], in_channels: int) -> torch.nn.Module:
+    """The run's model as its config builds it, without loading pretrained weights (the checkpoint replaces them)."""
+    from omegaconf import OmegaConf
+
+    from dml_runner.run import _instantiate
+
+    backbone = dict(config["backbone"])
+    had_weights = bool(backbone.get("pretrained") or backbone.get("weights"))
+    if "pretrained" in backbone:
+        backbone["pretrained"] = False
+    if "weights" in backbone:
+        backbone["weights"] = None
+    model = _instantiate(OmegaConf.create(backbone), "backbone", in_channels=in_channels)
+    trunk = getattr(model, "trunk", None)
+    if had_weights and getattr(trunk, "arch", None) == "googlenet":
+        # torchvision's GoogLeNet re-scales its input when built with ImageNet weights (transform_input); the flag is
+        # not in the state dict, so it follows the saved config.
+        trunk.transform_input = True
+    if (config.get("eval") or {}).get("normalize") and hasattr(model, "head"):
+        model.head.eval_normalize = True
+    method_cfg = config.get("method")
+    if method_cfg:
+        from hydra.utils import instantiate
+
+        prepare = getattr(instantiate(method_cfg, _convert_="all"), "prepare_model", None)
+        if prepare is not None:
+            prepare(model)
+    return model
+
+
+@dataclass
+class TrainedModel:
+    """A run's model in eval mode with the transform that turns an image file into its input."""
+
+    model: torch.nn.Module
+    config: dict[str, Any]
+    checkpoint: Path
+    run_dir: Path
+    transform: Callable[[Any], torch.Tensor]
+    in_channels: int
+    device: torch.device
+
+    def embed(self, dataset: Any, batch_size: int = 64, num_workers: int = 0) -> np.ndarray:
+        """Float32 embeddings of every item of a map-style dataset of ``(image, label)``, in order."""
+        import torch
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+        chunks = []
+        with torch.no_grad():
+            for images, _ in loader:
+                chunks.append(self.model(images.to(self.device)).float().cpu())
+        if not chunks:
+            return np.zeros((0, 0), dtype=np.float32)
+        return torch.cat(chunks).numpy()
+
+    def image_dataset(self, paths: Sequence[str], labels: np.ndarray | None = None,
+                      class_names: Mapping[int, str] | None = None) -> LabelledDataset:
+        """Image files read with the run's test transform (an unreadable file fails naming it)."""
+        from dml_runner.datasets.images import ImageListDataset
+
+        labels = np.full(len(paths), -1, dtype=np.int64) if labels is None else labels
+        return ImageListDataset(paths, labels, transform=self.transform, name="images",
+                                class_names={-1: "", **dict(class_names or {})},
+                                fix="remove or replace that file, or move it out of the folder")
+
+
+def resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DMLRunnerError("--device cuda: PyTorch sees no CUDA device; use --device auto or --device cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def load_trained(run: str | Path, device: str = "cpu") -> TrainedModel:
+    """Rebuild a run's model from its saved config and load its checkpoint (see the module docstring)."""
+    import torch
+
+    checkpoint, run_dir = find_checkpoint(run)
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
+        raise DMLRunnerError(f"{checkpoint}: cannot read this checkpoint ({err}); give a best.pt or last.pt that "
+                             "dml-run wrote") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise DMLRunnerError(f"{checkpoint}: not a dml-run checkpoint (no 'model' entry); give a best.pt or last.pt "
+                             "that dml-run wrote")
+    config_file = run_dir / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else state.get("config")
+    if not config or "backbone" not in config or "dataset" not in config:
+        raise DMLRunnerError(f"{checkpoint}: neither {config_file} nor the checkpoint holds the run's config; keep "
+                             "config.json next to the checkpoint")
+    transform, in_channels = file_transform(config["dataset"])
+    model = build_model(config, in_channels)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise DMLRunnerError(f"{checkpoint}: the weights do not fit the model rebuilt from {config_file.name} "
+                             f"({str(err)[:300]}); was the config edited, or does the run's method change the "
+                             "model without a prepare_model hook?") from None
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    return TrainedModel(model, config, checkpoint, run_dir, transform, in_channels, dev)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def scan_images(folder: str | Path) -> tuple[list[str], np.ndarray, dict[int, str]]:
+    """``(paths, labels, class_names)`` of every image below ``folder`` (recursive, sorted, hidden files skipped).
+
+    The class of an image is the path of its directory relative to ``folder`` (labels number the sorted class
+    names); images directly in ``folder`` have no class (label -1).
+    """
+    from dml_runner.datasets.images import IMAGE_EXTENSIONS
+
+    root = Path(folder).expanduser().resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise DMLRunnerError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder or below it; "
+                             "point at the folder that holds your images")
+    classes = [p.parent.relative_to(root).as_posix() for p in files]
+    names = sorted({c for c in classes if c != "."})
+    index = {name: i for i, name in enumerate(names)}
+    labels = np.array([index.get(c, -1) for c in classes], dtype=np.int64)
+    return [str(p) for p in files], labels, dict(enumerate(names))
+
+
+def dataset_split(trained: TrainedModel, tokens: Sequence[str]) -> tuple[LabelledDataset, DatasetSplits, str]:
+    """The dataset split named by ``tokens`` (a split name and/or dataset overrides), with the run's test transform.
+
+    Without ``dataset=<name>`` the run's own dataset config is used (overrides ``dataset.key=value`` change it);
+    with it, ``conf/dataset/<name>.yaml`` composed with the other overrides.
+    """
+    from omegaconf import OmegaConf
+
+    from dml_runner.run import _instantiate
+
+    split = "test"
+    overrides = []
+    for token in tokens:
+        if token in SPLITS:
+            split = token
+        elif "=" in token and token.split("=", 1)[0].lstrip("+").startswith("dataset"):
+            overrides.append(token)
+        else:
+            raise DMLRunnerError(f"{token}: not an image folder, a split ({', '.join(SPLITS)}) or a dataset override "
+                                 "(dataset=NAME, dataset.KEY=VALUE)")
+    group = [o for o in overrides if o.split("=", 1)[0].lstrip("+") == "dataset"]
+    if group:
+        from hydra import compose, initialize_config_dir
+
+        from dml_runner.config import conf_dir, register_configs
+
+        register_configs()
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            node = compose("config", overrides=list(overrides), return_hydra_config=False).dataset
+        node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    else:
+        node = OmegaConf.create(trained.config["dataset"])
+        for token in overrides:
+            key, value = token.lstrip("+").split("=", 1)
+            OmegaConf.update(node, key.removeprefix("dataset."), OmegaConf.from_dotlist([f"v={value}"]).v,
+                             force_add=token.startswith("+"))
+    splits = _instantiate(node, "dataset")
+    part = getattr(splits, split)
+    if part is None:
+        raise DMLRunnerError(f"split {split}: the dataset has no {split} split (a val split needs "
+                             "dataset.val_fraction>0)")
+    if group:  # another dataset: its images are read as the run reads an image file
+        part.transform = trained.transform
+    else:  # the run's own dataset: its test transform, also for the train split (no augmentation)
+        part.transform = splits.test.transform
+    return part, splits, split
+
+
+# --------------------------------------------------------------------------------------------- command line
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """What dml-embed, dml-search and dml-export share: the run and the device."""
+    parser.add_argument("run", help="run directory (best.pt, else last.pt) or checkpoint file")
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+
+
+def output_path(option: str, value: str) -> Path:
+    """``value`` as a path whose directory exists (else a one-line error naming ``option``)."""
+    out = Path(value).expanduser()
+    if not out.parent.resolve().is_dir():
+        raise DMLRunnerError(f"{option} {value}: the directory {out.parent.resolve()} does not exist; create it first")
+    if out.is_dir():
+        raise DMLRunnerError(f"{option} {value}: is a directory; give a file name")
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dml-embed", description="Embed an image folder or a dataset split with a trained run's model; "
+                                      "writes embeddings.npz (embeddings, labels, paths, class_names).")
+    add_common_arguments(parser)
+    parser.add_argument("input", nargs="+",
+                        help="image folder, or a split (train/val/test) and/or dataset overrides "
+                             "(dataset=cub200 dataset.root=/data/CUB_200_2011)")
+    parser.add_argument("--out", default="embeddings.npz", help="output .npz (default: ./embeddings.npz)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        if args.batch_size < 1:
+            raise DMLRunnerError(f"--batch-size {args.batch_size}: must be >= 1")
+        out = output_path("--out", args.out)
+        trained = load_trained(args.run, args.device)
+        if out.resolve() == (trained.run_dir / "embeddings.npz").resolve():
+            raise DMLRunnerError(f"--out {out}: is the run's own embeddings.npz; choose another file name")
+        first = Path(args.input[0]).expanduser()
+        masks: dict[str, np.ndarray] = {}
+        if len(args.input) == 1 and (first.is_dir() or first.exists()):
+            if not first.is_dir():
+                raise DMLRunnerError(f"{first}: not a folder; give a folder of images (dml-search takes single "
+                                     "images)")
+            paths, labels, names = scan_images(first)
+            dataset = trained.image_dataset(paths, labels, names)
+            what = f"{len(paths)} images in {first} ({len(names)} classes)"
+        else:
+            dataset, splits, split = dataset_split(trained, args.input)
+            if split == "test" and splits.eval_mode == "query_gallery":
+                masks = {"query_mask": splits.query_mask, "gallery_mask": splits.gallery_mask}
+            what = f"the {split} split of {splits.name} ({len(dataset)} images)"
+        emb = trained.embed(dataset, args.batch_size, args.num_workers)
+        write_embeddings(out, emb, dataset.labels, dataset, **masks, checkpoint=str(trained.checkpoint))
+    except DMLRunnerError as err:
+        print(f"dml-embed: error: {err}", file=sys.stderr)
+        return 2
+    print(f"dml-embed: {what}: {emb.shape[0]} x {emb.shape[1]} embeddings from {trained.checkpoint} -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
