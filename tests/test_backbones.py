@@ -26,8 +26,8 @@ from dml_runner.backbones import hub_weights_available, hub_weights_path, torchv
 from hub_cache import checkpoint_name, structured_images, weights_enum
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "backbone"
-# Every torchvision option of conf/backbone (small_cnn has no ImageNet weights).
-TORCHVISION_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "small_cnn")
+# Every torchvision option of conf/backbone (small_cnn has no ImageNet weights; timm: tests/test_timm.py).
+TORCHVISION_CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml") if "torchvision_backbone" in p.read_text())
 FEATURE_DIMS = {"googlenet": 1024, "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
 
 

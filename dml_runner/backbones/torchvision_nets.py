@@ -5,10 +5,8 @@ Options the papers need:
 - ``feature_layer``: the stage whose output is globally average-pooled. ``avgpool`` (alias ``pool5``, the default)
   is the network's own pooled output before the classifier (ResNet-50: 2048-d, GoogLeNet pool5: 1024-d); a stage
   name (``layer3``, ``inception4e``, ...) pools that stage instead and drops the later ones.
-- ``freeze``: ``none`` trains everything. ``bn`` keeps every BatchNorm layer in eval mode (running statistics
-  frozen) and trains its affine parameters (gamma, beta), as the official Divide and Conquer code does.
-  ``bn_all`` also fixes gamma and beta. ``all`` freezes the whole CNN (eval mode, no gradients; with
-  ``trainer.cache_features`` the features are computed once). Enforced by :meth:`TorchvisionTrunk.train`, so ``model.train()`` in a training loop cannot undo it.
+- ``freeze``: ``none`` | ``bn`` | ``bn_all`` | ``all``, as :mod:`dml_runner.backbones.frozen` defines them (the
+  same for timm trunks).
 - ImageNet weights from torchvision's weight enums (``pretrained=true``: torchvision's loader reads
   :func:`hub_weights_path` under ``$TORCH_HOME``, downloading it once if it is missing) or from a local state dict
   (``weights=/path.pth``, e.g. that cached file copied to an offline machine). The model's ``info`` (written to
@@ -17,7 +15,6 @@ Options the papers need:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from urllib.parse import urlparse
@@ -27,7 +24,12 @@ from torch import nn
 import torchvision
 
 from dml_runner import DMLRunnerError
+from dml_runner.backbones.frozen import (FREEZE_OPTIONS, FreezableTrunk, RepeatChannels, check_trunk_options,
+                                         file_sha256)
 from dml_runner.backbones.head import EmbeddingHead, EmbeddingModel
+
+__all__ = ["FREEZE_OPTIONS", "TorchvisionTrunk", "file_sha256", "hub_weights_available", "hub_weights_path",
+           "torchvision_backbone"]
 
 # torchvision's weight enums for `pretrained: true` (downloaded once into torchvision's cache).
 _WEIGHTS = {
@@ -46,19 +48,10 @@ _STAGES = {
                   "inception5a", "inception5b"],
 }
 _POOLED = ("avgpool", "pool5")
-FREEZE_OPTIONS = ("none", "bn", "bn_all", "all")
-_SHA256_CHARS = 16  # the recorded prefix of a weights file's sha256
 
 
 def _family(arch: str) -> str:
     return "googlenet" if arch == "googlenet" else "resnet"
-
-
-class _RepeatChannels(nn.Module):
-    """Lets a 3-channel ImageNet network read 1-channel images (e.g. digits) by repeating the channel."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def _load_local_weights(net: nn.Module, weights: str, arch: str) -> None:
@@ -99,23 +92,6 @@ def hub_weights_path(arch: str) -> Path:
 def hub_weights_available(arch: str) -> bool:
     """Whether ``pretrained=true`` for ``arch`` can load without a download (the file is in the hub cache)."""
     return hub_weights_path(arch).is_file()
-
-
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    """The first characters of ``path``'s sha256 (cached per path, size and modification time)."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(chunk)
-        _HASHES[key] = digest.hexdigest()[:_SHA256_CHARS]
-    return _HASHES[key]
 
 
 def _hash_in_name(path: Path) -> str | None:
@@ -171,7 +147,7 @@ def _imagenet_net(arch: str, pretrained: bool, weights: str | None) -> tuple[nn.
     return net, {"weights": str(path), "weights_file": str(path), "weights_sha256": file_sha256(path)}
 
 
-class TorchvisionTrunk(nn.Module):
+class TorchvisionTrunk(FreezableTrunk):
     """A torchvision classifier cut at ``feature_layer`` and globally average-pooled: images -> (B, feature_dim)."""
 
     def __init__(self, arch: str, pretrained: bool = False, weights: str | None = None, in_channels: int = 3,
@@ -179,13 +155,7 @@ class TorchvisionTrunk(nn.Module):
         super().__init__()
         if arch not in _WEIGHTS:
             raise DMLRunnerError(f"backbone.arch={arch!r} is not supported; choose one of {sorted(_WEIGHTS)}")
-        if in_channels not in (1, 3):
-            raise DMLRunnerError(f"backbone {arch} takes 1- or 3-channel images, the dataset has {in_channels}")
-        if pretrained and weights:
-            raise DMLRunnerError("set either backbone.pretrained=true (torchvision's ImageNet weights) or "
-                                 "backbone.weights=/path.pth (a local file), not both")
-        if freeze not in FREEZE_OPTIONS:
-            raise DMLRunnerError(f"backbone.freeze={freeze!r}: choose one of {FREEZE_OPTIONS}")
+        check_trunk_options(arch, in_channels, pretrained, weights, freeze, "torchvision's ImageNet weights")
         stages = _STAGES[_family(arch)]
         if feature_layer in _POOLED:
             last = len(stages)
@@ -202,19 +172,12 @@ class TorchvisionTrunk(nn.Module):
         self.arch, self.freeze, self.feature_layer = arch, freeze, feature_layer
         self.stages = stages[:last]
         self.transform_input = bool(getattr(net, "transform_input", False))
-        self.adapt = _RepeatChannels()
+        self.adapt = RepeatChannels()
         self.net = net
         self.pool = nn.AdaptiveAvgPool2d(1)
-        if freeze == "all":
-            self.net.requires_grad_(False)
-        elif freeze == "bn_all":
-            for module in self.batch_norms():
-                module.requires_grad_(False)
+        self.apply_freeze()
         self.feature_dim = self._infer_feature_dim()
         self.train()
-
-    def batch_norms(self) -> list[nn.modules.batchnorm._BatchNorm]:
-        return [m for m in self.net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def _infer_feature_dim(self) -> int:
         was_training = self.training
@@ -224,17 +187,6 @@ class TorchvisionTrunk(nn.Module):
         self.train(was_training)
         return dim
 
-    def train(self, mode: bool = True) -> TorchvisionTrunk:
-        """Switch modes, but keep frozen parts in eval mode (every BatchNorm for ``freeze=bn``/``bn_all``, the whole
-        CNN for ``freeze=all``), so their running statistics never change."""
-        super().train(mode)
-        if self.freeze == "all":
-            self.net.eval()
-        elif self.freeze in ("bn", "bn_all"):
-            for module in self.batch_norms():
-                module.eval()
-        return self
-
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.adapt(x)
         if self.transform_input:
@@ -242,11 +194,6 @@ class TorchvisionTrunk(nn.Module):
         for name in self.stages:
             x = getattr(self.net, name)(x)
         return self.pool(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.freeze == "all":
-            with torch.no_grad():  # nothing upstream of the features is trained: keep no activations
-                return self._forward(x)
         return self._forward(x)
 
 

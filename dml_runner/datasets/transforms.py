@@ -7,6 +7,10 @@
 
 Both normalise with the ImageNet mean/std torchvision's pretrained weights expect.
 
+- ``timm`` (for ``backbone=timm``): the preprocessing of the model's pretrained config (timm's
+  ``resolve_data_config``: input size, interpolation, mean/std, crop_pct). Training: RandomResizedCrop at the input
+  size + horizontal flip; testing: timm's own eval transform (resize to input size / crop_pct, centre crop).
+
 ``resize_mode`` of ``caffe_227``:
 
 - ``"content_pad"``: the official Lifted Structure preprocessing (rksltnl/Deep-Metric-Learning-CVPR16,
@@ -21,7 +25,6 @@ Both normalise with the ImageNet mean/std torchvision's pretrained weights expec
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -147,11 +150,37 @@ def rrc_224(train: bool = True, crop: int = 224, resize: int = 256) -> T.Compose
     return T.Compose(steps + _normalise())
 
 
+def timm_transform(train: bool = True, model: str | None = None, img_size: int | None = None,
+                   scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5) -> T.Compose:
+    """The preprocessing of timm model ``model``'s pretrained config (``backbone.name`` with ``transform=timm``).
+
+    Training: RandomResizedCrop at the model's input size (``scale``, the model's interpolation) + horizontal flip
+    (probability ``hflip``); testing: timm's eval transform (resize to ``size / crop_pct``, centre crop). Both
+    normalise with the model's mean/std. ``img_size`` (``backbone.img_size``) replaces the input size.
+    """
+    from dml_runner import DMLRunnerError
+    from dml_runner.backbones.timm_nets import data_config
+
+    if not model:
+        raise DMLRunnerError("transform=timm reads the model from backbone.name: use backbone=timm (or set "
+                             "transform.train.model and transform.test.model to a timm model name)")
+    cfg = data_config(str(model), img_size)
+    size = int(cfg["input_size"][-1])
+    if not train:
+        from timm.data import create_transform
+
+        return create_transform(**cfg, is_training=False)
+    return T.Compose([T.RandomResizedCrop(size, scale=tuple(scale), interpolation=T.InterpolationMode(
+                          cfg["interpolation"])),
+                      T.RandomHorizontalFlip(hflip), T.ToTensor(), T.Normalize(cfg["mean"], cfg["std"])])
+
+
 NAMED: dict[str, Callable[..., T.Compose]] = {"caffe_227": caffe_227, "rrc_224": rrc_224}
 
 
 def _from_spec(spec: Any, train: bool) -> Transform | None:
-    """A transform from a config value: ``None``, a callable, a name in :data:`NAMED`, or ``{_target_: ..., **kw}``."""
+    """A transform from a config value: ``None``, a callable, a name in :data:`NAMED`, or ``{_target_: ..., **kw}``
+    (built by Hydra's ``instantiate``, as every other config node)."""
     if spec is None or callable(spec):
         return spec
     if isinstance(spec, str):
@@ -159,9 +188,9 @@ def _from_spec(spec: Any, train: bool) -> Transform | None:
             raise ValueError(f"unknown transform {spec!r}; choose one of {sorted(NAMED)}")
         return NAMED[spec](train=train)
     if isinstance(spec, Mapping) and "_target_" in spec:
-        module, _, attr = str(spec["_target_"]).rpartition(".")
-        kwargs = {k: v for k, v in spec.items() if not str(k).startswith("_")}
-        return getattr(importlib.import_module(module), attr)(**kwargs)
+        from hydra.utils import instantiate
+
+        return instantiate(spec, _convert_="all")
     raise ValueError(f"cannot build a transform from {spec!r}")
 
 
