@@ -5,7 +5,6 @@ Failed jobs are listed, marked in the charts and make ``dml-run -m`` exit non-ze
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -14,6 +13,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from dml_runner.rundir import COMPLETED, read_results
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,8 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for job_dir in sorted((p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()),
                           key=lambda p: int(p.name)):
-        path = job_dir / "results.json"
         row: dict[str, Any] = {"job": int(job_dir.name), "dir": str(job_dir)}
-        if not path.exists():
-            res = {"status": "failed", "error": "no results.json (the job crashed or was killed)",
-                   "overrides": _hydra_overrides(job_dir)}
-        else:
-            res = json.loads(path.read_text())
+        res = read_results(job_dir)
         row["status"] = res.get("status", "unknown")
         overrides = res.get("overrides", [])
         row["overrides"] = " ".join(overrides)
@@ -41,7 +37,7 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
         for item in overrides:  # one column per overridden key, so sweeps can be grouped and plotted
             key, _, value = item.partition("=")
             row[key.lstrip("+~")] = _parse_value(value)
-        if row["status"] == "completed":
+        if row["status"] == COMPLETED:
             row.update({k: v for k, v in res["metrics"].items()})
             best = res.get("best") or {}
             if best:
@@ -54,17 +50,6 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
             row["error"] = res.get("error")
         rows.append(row)
     return rows
-
-
-def _hydra_overrides(job_dir: Path) -> list[str]:
-    """The job's overrides as Hydra saved them before it started (.hydra/overrides.yaml)."""
-    import yaml
-
-    path = job_dir / ".hydra" / "overrides.yaml"
-    try:
-        return [str(o) for o in yaml.safe_load(path.read_text()) or []]
-    except (OSError, yaml.YAMLError):
-        return []
 
 
 def _parse_value(text: str) -> Any:

@@ -86,6 +86,7 @@ GROUP_HELP = {
     "trainer": "training loop; its options are listed below",
     "eval": "evaluation metrics; its options are listed below",
     "logger": "per-epoch metrics file (dml_runner/loggers.py)",
+    "paths": "where data are read (paths.data_dir, env DML_DATA) and runs are written (paths.output_dir)",
     "hparams_search": "hyperparameter search over the validation split (hparams_search=optuna)",
     "experiment": "a paper's table row, as +experiment=<paper>/<table>/<row> (docs/REPRODUCING.md)",
 }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import zipfile
@@ -11,7 +10,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dml_runner.evaluation import BACKENDS, KNOWN_METRICS, estimate_memory_bytes, evaluate
+from dml_runner.config import EvalBackend, EvalConfig
+from dml_runner.devices import DEVICE_CHOICES, DeviceError, resolve_device
+from dml_runner.evaluation import KNOWN_METRICS, estimate_memory_bytes, evaluate
+from dml_runner.rundir import write_json_atomic
 
 FILE_CONTENTS = (
     "the file must be a .npz (numpy.savez) with 'embeddings' (N x D floats) and 'labels' (N integers), "
@@ -89,19 +91,22 @@ def format_table(results: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+DEFAULTS = EvalConfig()  # dml-eval and dml-run (eval.*) share their defaults
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dml-eval", description="Recall@K, NMI, F1, MAP@R, R-Precision of embeddings.")
     p.add_argument("file", help="FILE.npz with 'embeddings', 'labels' [, 'query_mask', 'gallery_mask']")
-    p.add_argument("--recall-at", type=int, nargs="+", default=[1, 2, 4, 8], metavar="K")
-    p.add_argument("--metrics", nargs="+", default=list(KNOWN_METRICS), choices=list(KNOWN_METRICS))
+    p.add_argument("--recall-at", type=int, nargs="+", default=DEFAULTS.recall_at, metavar="K")
+    p.add_argument("--metrics", nargs="+", default=DEFAULTS.metrics, choices=list(KNOWN_METRICS))
     p.add_argument("--json", metavar="OUT", help="write the metrics as JSON to OUT")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default=DEFAULTS.device, help=DEVICE_CHOICES)
     p.add_argument("--seed", type=int, default=0, help="k-means seed")
-    p.add_argument("--backend", default="torch", choices=list(BACKENDS),
-                   help="retrieval search: torch (auto: torch_screened on a CPU with native bf16, else torch_fp32), "
-                        "torch_screened (bf16 screen + float64 recheck), torch_fp32, or faiss (flat index, GPU "
-                        "index on cuda)")
-    p.add_argument("--kmeans-iters", type=int, default=50)
+    p.add_argument("--backend", default=DEFAULTS.backend.value, choices=[b.value for b in EvalBackend],
+                   help="retrieval search: auto (torch_screened on a CPU with native bf16 for large problems, else "
+                        "torch_fp32), torch_screened (bf16 screen + float64 recheck), torch_fp32, or faiss (flat "
+                        "index, GPU index on cuda)")
+    p.add_argument("--kmeans-iters", type=int, default=DEFAULTS.kmeans_iters)
     p.add_argument("--max-memory-gb", type=float, default=None,
                    help="refuse to start if the estimated memory exceeds this (default: available memory)")
     return p
@@ -116,11 +121,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise InputError(f"--kmeans-iters {args.kmeans_iters}: must be >= 1")
     if args.max_memory_gb is not None and not args.max_memory_gb > 0:
         raise InputError(f"--max-memory-gb {args.max_memory_gb}: must be > 0")
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda: PyTorch sees no CUDA device; use --device auto or --device cpu")
+    try:
+        resolve_device(args.device, option="--device")
+    except DeviceError as err:
+        raise InputError(str(err)) from None
     if args.json:
         out = os.path.abspath(args.json)
         parent = os.path.dirname(out)
@@ -187,10 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_table(results))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as fh:
-            json.dump(results, fh, indent=2)
-        os.replace(tmp, args.json)
+        write_json_atomic(results, args.json)
     return 0
 
 

@@ -91,24 +91,33 @@ def save_npz_atomic(path: Path | str, **arrays: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- results.json
-def read_results(run_dir: Path | str) -> dict[str, Any]:
-    """The parsed results.json of a run directory; a missing or unreadable one reads as a failed run whose
-    ``overrides`` are the ones Hydra saved before the job started (.hydra/overrides.yaml)."""
-    run_dir = Path(run_dir)
-    path = run_dir / RESULTS
+def read_results(path: Path | str) -> dict[str, Any]:
+    """The parsed results.json of a run (``path``: the run directory or the file itself).
+
+    The one reader of the file (the sweep summary and the report use it). A missing or unreadable file reads as a
+    failed run with ``results_missing: True``, its ``error`` saying why, and the ``overrides`` Hydra saved before the
+    job started (.hydra/overrides.yaml).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS
+    error = None
     if not path.exists():
-        return {"status": FAILED, "error": NO_RESULTS, "overrides": _hydra_overrides(run_dir)}
-    try:
-        res = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        return {"status": FAILED, "error": f"unreadable results.json ({err})", "overrides": _hydra_overrides(run_dir)}
-    if not isinstance(res, dict):
-        return {"status": FAILED, "error": "results.json is not a JSON object", "overrides": _hydra_overrides(run_dir)}
-    return res
+        error = NO_RESULTS
+    else:
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            error = f"unreadable results.json ({err})"
+        else:
+            if isinstance(res, dict):
+                return res
+            error = "unreadable results.json (not a JSON object)"
+    return {"status": FAILED, "error": error, "overrides": _hydra_overrides(path.parent), "results_missing": True}
 
 
 def is_completed(run_dir: Path | str) -> bool:
-    return (Path(run_dir) / RESULTS).is_file() and read_results(run_dir).get("status") == COMPLETED
+    return read_results(run_dir).get("status") == COMPLETED
 
 
 def _hydra_overrides(run_dir: Path) -> list[str]:

@@ -94,15 +94,26 @@ def test_cli_backends_give_the_same_retrieval_metrics(tmp_path, capsys):
     x, y = _data(200)
     path = _write(tmp_path, embeddings=x, labels=y)
     got = {}
-    for backend in ("torch_screened", "torch_fp32", "torch"):
+    for backend in ("torch_screened", "torch_fp32", "auto"):
         out = tmp_path / f"{backend}.json"
         assert main([str(path), "--metrics", "recall", "map_at_r", "r_precision", "--json", str(out),
                      "--device", "cpu", "--backend", backend]) == 0
         got[backend] = json.loads(out.read_text())
-    assert got["torch_screened"] == got["torch_fp32"] == got["torch"]
-    with pytest.raises(SystemExit) as exc:
-        main([str(path), "--backend", "annoy"])
-    assert exc.value.code == 2 and "torch_screened" in capsys.readouterr().err
+    assert got["torch_screened"] == got["torch_fp32"] == got["auto"]
+    for name in ("annoy", "torch"):  # "torch" is no backend name (it once meant auto)
+        with pytest.raises(SystemExit) as exc:
+            main([str(path), "--backend", name])
+        assert exc.value.code == 2 and "torch_screened" in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_eval_config_defaults():
+    from dml_runner.config import EvalConfig
+    from dml_runner.eval_cli import build_parser
+
+    args, default = build_parser().parse_args(["x.npz"]), EvalConfig()
+    assert args.backend == default.backend.value == "auto"
+    assert (args.recall_at, args.metrics, args.device, args.kmeans_iters) == \
+        (default.recall_at, default.metrics, default.device, default.kmeans_iters)
 
 
 def test_cli_names_what_is_wrong_with_the_file(tmp_path, capsys):
@@ -125,7 +136,8 @@ def test_cli_option_errors_name_the_option_not_the_file(tmp_path, capsys, monkey
     x, y = _data()
     path = _write(tmp_path, embeddings=x, labels=y)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    cases = [(["--device", "cuda"], "--device cuda: PyTorch sees no CUDA device"),
+    cases = [(["--device", "cuda"], "--device=cuda: PyTorch sees no CUDA device"),
+             (["--device", "gpu"], "--device=gpu: not a device"),
              (["--recall-at", "0", "4"], "--recall-at 0: every K must be >= 1"),
              (["--kmeans-iters", "0"], "--kmeans-iters 0"),
              (["--json", str(tmp_path / "no_dir" / "m.json")], "does not exist")]

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from dml_runner import DMLRunnerError
+from dml_runner.rundir import HISTORY, RESULTS, read_results
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def find_runs(paths: Sequence[Path | str], select_metric: str | None = None) -> 
             candidates = [path]
             job_dirs: list[Path] = []
         else:
-            candidates = sorted(path.rglob("results.json"))
+            candidates = sorted(path.rglob(RESULTS))
             job_dirs = sorted(p.parent for p in path.rglob(".hydra") if p.is_dir())
         for res_path in candidates:
             run_dir = res_path.parent.resolve()
@@ -70,8 +71,7 @@ def find_runs(paths: Sequence[Path | str], select_metric: str | None = None) -> 
         for job_dir in job_dirs:  # a Hydra job that crashed before writing results.json
             if job_dir.resolve() not in seen and not (job_dir / "multirun.yaml").exists():
                 seen.add(job_dir.resolve())
-                records.append({"dir": str(job_dir), "status": "failed", "row": job_dir.name, "seed": None,
-                                "error": "no results.json (the job crashed or was killed)"})
+                records.append(load_run(job_dir, select_metric))
     return records
 
 
@@ -112,14 +112,15 @@ def recipe_config(res: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_run(results_path: Path | str, select_metric: str | None = None) -> dict[str, Any]:
-    """The fields of one results.json (and its history.csv) that a report needs."""
-    results_path = Path(results_path)
-    try:
-        res = json.loads(results_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+def load_run(path: Path | str, select_metric: str | None = None) -> dict[str, Any]:
+    """The fields of one run's results.json (``path``: the file or its run directory) and history.csv that a report
+    needs; a run without a readable results.json is a failed record."""
+    path = Path(path)
+    results_path = path / RESULTS if path.is_dir() else path
+    res = read_results(results_path)
+    if res.get("results_missing"):
         return {"dir": str(results_path.parent), "status": "failed", "row": results_path.parent.name, "seed": None,
-                "error": f"unreadable results.json ({err})"}
+                "error": res["error"]}
     cfg = res.get("config") or {}
     ref = cfg.get("reference") or {}
     trainer = cfg.get("trainer") or {}
@@ -148,7 +149,7 @@ def best_epochs(run_dir: Path, res: dict[str, Any], metric: str) -> dict[str, An
     """``best_val`` / ``best_test``: test metrics at the trained epoch best on val / test ``metric`` (+ epochs)."""
     out: dict[str, Any] = {"best_val": {}, "best_val_epoch": None, "best_test": {}, "best_test_epoch": None}
     history = None
-    path = Path(run_dir) / "history.csv"
+    path = Path(run_dir) / HISTORY
     if path.is_file():
         try:
             history = pd.read_csv(path)
