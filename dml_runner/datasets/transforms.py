@@ -151,12 +151,14 @@ def rrc_224(train: bool = True, crop: int = 224, resize: int = 256) -> T.Compose
 
 
 def timm_transform(train: bool = True, model: str | None = None, img_size: int | None = None,
-                   scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5) -> T.Compose:
+                   scale: tuple[float, float] = (0.08, 1.0), hflip: float = 0.5,
+                   crop_pct: float | None = None) -> T.Compose:
     """The preprocessing of timm model ``model``'s pretrained config (``backbone.name`` with ``transform=timm``).
 
     Training: RandomResizedCrop at the model's input size (``scale``, the model's interpolation) + horizontal flip
     (probability ``hflip``); testing: timm's eval transform (resize to ``size / crop_pct``, centre crop). Both
-    normalise with the model's mean/std. ``img_size`` (``backbone.img_size``) replaces the input size.
+    normalise with the model's mean/std. ``img_size`` (``backbone.img_size``) replaces the input size, ``crop_pct``
+    the model's test crop fraction (e.g. 0.875: resize 256, crop 224; 1.0: resize to the crop size).
     """
     from dml_runner import DMLRunnerError
     from dml_runner.backbones.timm_nets import data_config
@@ -165,6 +167,10 @@ def timm_transform(train: bool = True, model: str | None = None, img_size: int |
         raise DMLRunnerError("transform=timm reads the model from backbone.name: use backbone=timm (or set "
                              "transform.train.model and transform.test.model to a timm model name)")
     cfg = data_config(str(model), img_size)
+    if crop_pct is not None:
+        if not 0 < crop_pct <= 1:
+            raise DMLRunnerError(f"transform.test.crop_pct={crop_pct}: a fraction in (0, 1], or null for the model's")
+        cfg["crop_pct"] = float(crop_pct)
     size = int(cfg["input_size"][-1])
     if not train:
         from timm.data import create_transform
