@@ -245,6 +245,20 @@ def scan_images(folder: str | Path) -> tuple[list[str], np.ndarray, dict[int, st
     return [str(p) for p in files], labels, dict(enumerate(names))
 
 
+def image_files(arguments: Sequence[str]) -> list[str]:
+    """Image files of command-line arguments: a file as given, a folder as every image below it (sorted)."""
+    files: list[str] = []
+    for argument in arguments:
+        path = Path(argument).expanduser()
+        if path.is_dir():
+            files += scan_images(path)[0]
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise DMLRunnerError(f"{argument}: no such image file or folder")
+    return files
+
+
 def dataset_split(trained: TrainedModel, tokens: Sequence[str]) -> tuple[LabelledDataset, DatasetSplits, str]:
     """The dataset split named by ``tokens`` (a split name and/or dataset overrides), with the run's test transform.
 
@@ -286,9 +300,9 @@ def dataset_split(trained: TrainedModel, tokens: Sequence[str]) -> tuple[Labelle
     if part is None:
         raise DMLRunnerError(f"split {split}: the dataset has no {split} split (a val split needs "
                              "dataset.val_fraction>0)")
-    if group:  # another dataset: its images are read as the run reads an image file
-        part.transform = trained.transform
-    else:  # the run's own dataset: its test transform, also for the train split (no augmentation)
+    if group and len(part) and hasattr(part.load(0), "convert"):
+        part.transform = trained.transform  # another dataset's image files, read as the run reads an image file
+    else:  # the dataset's own test transform, also for the train split (no augmentation)
         part.transform = splits.test.transform
     return part, splits, split
 

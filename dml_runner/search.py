@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dml_runner import DMLRunnerError
-from dml_runner.embed import TrainedModel, add_common_arguments, load_trained, output_path, scan_images
+from dml_runner.embed import TrainedModel, add_common_arguments, image_files, load_trained, output_path
 
 
 def load_index(path: str | Path) -> dict[str, np.ndarray]:
@@ -36,20 +36,6 @@ def load_index(path: str | Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def query_files(queries: Sequence[str]) -> list[str]:
-    """Image files of the arguments: a file as given, a folder as all images below it (sorted)."""
-    files: list[str] = []
-    for query in queries:
-        path = Path(query).expanduser()
-        if path.is_dir():
-            files += scan_images(path)[0]
-        elif path.is_file():
-            files.append(str(path))
-        else:
-            raise DMLRunnerError(f"{query}: no such query image or folder")
-    return files
-
-
 def nearest(queries: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``(indices, distances)`` of the ``k`` nearest index rows of every query (Euclidean, ties by index order)."""
     q, g = queries.astype(np.float64), index.astype(np.float64)
@@ -62,7 +48,7 @@ def search(trained: TrainedModel, queries: Sequence[str], index: dict[str, np.nd
            batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """``(query paths, query labels, neighbours, distances)``; a query's label is the index class named like its
     folder (-1 when none is)."""
-    files = query_files(queries)
+    files = image_files(queries)
     names = {str(n): int(lab) for lab, n in zip(index["labels"], index["class_names"])}
     labels = np.array([names.get(Path(f).parent.name, -1) for f in files], dtype=np.int64)
     emb = trained.embed(trained.image_dataset(files), batch_size)

@@ -40,6 +40,9 @@ class DigitFromFile:
     def __init__(self, size: int = 8) -> None:
         self.size = size
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}): grey, [0, 1]"
+
     def __call__(self, image: Any) -> torch.Tensor:
         from PIL import Image
 

@@ -1,0 +1,131 @@
+"""dml-embed on a tiny trained digits run: image folders, dataset splits, and the errors a user meets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from use_helpers import oracle_embeddings, run_command, trained_run, write_digit_images
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    return trained_run(tmp_path_factory.getbasetemp(), "use_digits_run")
+
+
+def test_embed_image_folder(digits_run, tmp_path):
+    folder = tmp_path / "my images"
+    files = write_digit_images(folder)
+    loose = folder / "unsorted.png"
+    Image.open(files[-1]).save(loose)
+    out = tmp_path / "embeddings.npz"
+    proc = run_command("dml-embed", [digits_run, folder, "--out", out], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "7 images" in proc.stdout and str(out) in proc.stdout
+    data = np.load(out)
+    expected = sorted(str(f.resolve()) for f in [*files, loose])
+    assert data["paths"].tolist() == expected
+    names = [Path(p).parent.name if Path(p).parent != folder.resolve() else "" for p in expected]
+    assert data["class_names"].tolist() == names
+    labels = data["labels"]
+    assert labels[names.index("")] == -1 and sorted(set(labels.tolist())) == [-1, 0, 1, 2]
+    for name in ("digit_1", "digit_3", "digit_7"):  # one label per class name, numbered in sorted name order
+        assert set(labels[np.array(names) == name]) == {["digit_1", "digit_3", "digit_7"].index(name)}
+    want = oracle_embeddings(digits_run, [Path(p) for p in expected])
+    assert data["embeddings"].dtype == np.float32 and data["embeddings"].shape == want.shape
+    np.testing.assert_allclose(data["embeddings"], want, atol=1e-5)
+
+
+def test_embed_test_split_reproduces_the_runs_embeddings(digits_run, tmp_path):
+    from dml_runner.embed import main
+
+    out = tmp_path / "test.npz"
+    assert main([str(digits_run), "test", "--out", str(out)]) == 0
+    data, own = np.load(out), np.load(digits_run / "embeddings.npz")
+    assert np.array_equal(data["labels"], own["labels"])
+    np.testing.assert_allclose(data["embeddings"], own["embeddings"], atol=1e-5)
+    assert all(p.startswith("sklearn.datasets.load_digits#") for p in data["paths"])
+    assert data["class_names"].tolist() == [str(c) for c in data["labels"]]
+    assert str(data["checkpoint"]) == str(digits_run / "last.pt")
+
+
+def test_embed_train_split_of_another_protocol_without_augmentation(digits_run, tmp_path):
+    """Dataset overrides pick other items; the train split is read with the test transform (no random shift)."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    from dml_runner.embed import main
+    from use_helpers import oracle_model
+
+    outs = [tmp_path / "a.npz", tmp_path / "b.npz"]
+    for out in outs:
+        assert main([str(digits_run), "train", "dataset.protocol=classes", "--out", str(out)]) == 0
+    a, b = np.load(outs[0]), np.load(outs[1])
+    assert set(a["labels"].tolist()) == {0, 1, 2, 3, 4}
+    np.testing.assert_array_equal(a["embeddings"], b["embeddings"])
+    rows = np.array([int(p.split("#")[1]) for p in a["paths"][:5]])
+    images = torch.from_numpy(load_digits().images[rows].astype(np.float32) / 16)[:, None]
+    with torch.no_grad():
+        np.testing.assert_allclose(a["embeddings"][:5], oracle_model(digits_run)(images).numpy(), atol=1e-5)
+    # another dataset config by name: the group is composed from conf/dataset
+    assert main([str(digits_run), "dataset=digits", "dataset.protocol=classes", "--out", str(outs[0])]) == 0
+    assert set(np.load(outs[0])["labels"].tolist()) == {5, 6, 7, 8, 9}
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+def test_embed_errors_name_the_path_and_the_fix(digits_run, tmp_path, capsys):
+    from dml_runner.embed import main
+
+    no_checkpoint = tmp_path / "unfinished_run"
+    no_checkpoint.mkdir()
+    (no_checkpoint / "config.json").write_text((digits_run / "config.json").read_text())
+    assert main([str(no_checkpoint), "test", "--out", str(tmp_path / "x.npz")]) == 2
+    err = error_line(capsys)
+    assert str(no_checkpoint) in err and "best.pt" in err and "trainer.save_checkpoints=true" in err
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    assert main([str(digits_run), str(empty), "--out", str(tmp_path / "x.npz")]) == 2
+    err = error_line(capsys)
+    assert str(empty) in err and "no image files" in err
+
+    folder = tmp_path / "broken"
+    write_digit_images(folder, per_class=1, classes=(2,))
+    bad = folder / "digit_2" / "zz_truncated.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    assert main([str(digits_run), str(folder), "--out", str(tmp_path / "x.npz")]) == 2
+    err = error_line(capsys)
+    assert str(bad) in err and "remove or replace that file" in err
+    assert not (tmp_path / "x.npz").exists()
+
+    assert main([str(digits_run), "tset", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "tset" in error_line(capsys)
+
+
+def test_write_embeddings_records_the_dataset_items(tmp_path):
+    from dml_runner.datasets.base import TensorLabelledDataset
+    from dml_runner.embed import write_embeddings
+
+    import torch
+
+    ds = TensorLabelledDataset(torch.zeros(3, 1, 2, 2), np.array([4, 9, 4]), paths=["a.png", "b.png", "c.png"],
+                               class_names={4: "four"})
+    emb = np.arange(6, dtype=np.float64).reshape(3, 2)
+    out = write_embeddings(tmp_path / "e.npz", emb, ds.labels, ds, query_mask=np.array([1, 0, 1]),
+                           gallery_mask=np.array([0, 1, 1]))
+    data = np.load(out)  # allow_pickle=False: nothing pickled
+    assert data["paths"].tolist() == ["a.png", "b.png", "c.png"]
+    assert data["class_names"].tolist() == ["four", "9", "four"]
+    assert data["embeddings"].dtype == np.float32 and np.array_equal(data["embeddings"], emb)
+    assert data["query_mask"].tolist() == [True, False, True] and data["gallery_mask"].dtype == bool
+    assert not list(tmp_path.glob("*.tmp*"))
+    with pytest.raises(ValueError, match="labels differ"):
+        write_embeddings(tmp_path / "f.npz", emb, np.array([4, 9, 5]), ds)
