@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -210,20 +209,56 @@ def test_a_missing_cache_offline_is_one_clear_line(hf_hub):
     assert "models--timm--resnet34.a1_in1k" in message and "backbone.weights=" in message
 
 
-def test_vit_small_dino_loads_and_embeds_at_224(tmp_path):
+@pytest.fixture(scope="module")
+def dino_hub(tmp_path_factory):
+    """A hub cache holding DINO's ViT-S/16 file (88 MB of random values under timm's names and shapes)."""
+    cache = tmp_path_factory.mktemp("hf_hub_dino")
+    path = write_timm_weights(cache, DINO)
+    return cache, path
+
+
+def test_vit_small_dino_loads_and_embeds_at_224(dino_hub):
     """The modern recipe's backbone: timm's DINO ViT-S/16 from the hub cache, one forward on two 224-px images."""
-    start = time.time()
-    path = write_timm_weights(tmp_path, DINO)
-    with offline_hub(tmp_path):
+    cache, path = dino_hub
+    with offline_hub(cache):
         model = timm_backbone(DINO, pretrained=True, embedding_dim=384).eval()
     state = load_file(str(path))
     net = model.trunk.net.state_dict()
     assert set(state) == set(net) and all(torch.equal(v, state[k]) for k, v in net.items())  # DINO has no head
     assert model.feature_dim == 384 and model.trunk.net.pos_embed.shape == (1, 197, 384)
+    assert model.info["weights"] == f"timm:{DINO}" and sha256(path).startswith(model.info["weights_sha256"])
     with torch.no_grad():
         out = model(images(2, 224))
     assert out.shape == (2, 384) and torch.isfinite(out).all()
-    assert time.time() - start < 600
+
+
+@pytest.mark.parametrize("dataset", ["cub200", "cars196", "sop"])
+def test_the_modern_recipe_builds_and_trains_a_step(compose_cfg, dino_hub, dataset):
+    """conf/experiment/modern: DINO ViT-S/16 from the hub cache, transform=timm, loss=pml ProxyAnchorLoss; one
+    optimiser step (at 32 px) moves the ViT, the head and the proxies."""
+    import numpy as np
+
+    cfg = compose_cfg(f"+experiment=modern/vit_s16_dino_proxyanchor_{dataset}", "backbone.img_size=32")
+    assert cfg.backbone.name == DINO and cfg.loss.name == "ProxyAnchorLoss" and cfg.backbone.embedding_dim == 384
+    assert cfg.reference.table == "modern" and cfg.reference.row == f"sph_dino_{dataset}"
+    with offline_hub(dino_hub[0]):
+        model = instantiate(cfg.backbone, in_channels=3, _convert_="all")
+    test = instantiate(cfg.transform.test, _convert_="all")
+    train = instantiate(cfg.transform.train, _convert_="all")
+    image = Image.new("RGB", (50, 40), (10, 200, 30))
+    assert test(image).shape == train(image).shape == (3, 32, 32)
+    classes = np.arange(1, 11)  # class ids as the datasets give them (not 0..C-1)
+    loss = instantiate(cfg.loss, train_labels=np.repeat(classes, 3), _convert_="all")
+    params = [{"params": model.parameters()}, {"params": loss.parameters(), "lr": cfg.optimizer.lr * 100}]
+    opt = instantiate(cfg.optimizer)(params)
+    before = [p.detach().clone() for p in (model.trunk.net.blocks[0].attn.qkv.weight, *loss.parameters())]
+    model.train()
+    value = loss(model(images(6, 32)), torch.tensor([1, 1, 5, 5, 10, 10]))
+    opt.zero_grad()
+    value.backward()
+    opt.step()
+    after = [model.trunk.net.blocks[0].attn.qkv.weight, *loss.parameters()]
+    assert torch.isfinite(value) and all(not torch.equal(a, b) for a, b in zip(after, before))
 
 
 # ------------------------------------------------------------------------------------------------ transform
