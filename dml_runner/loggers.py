@@ -24,12 +24,10 @@ Plain Python, no Hydra beyond ``instantiate``. Example::
 from __future__ import annotations
 
 import atexit
-import csv
 import importlib
 import json
 import logging
 import math
-import os
 import re
 import time
 import weakref
@@ -38,12 +36,12 @@ from pathlib import Path
 from typing import Any
 
 from dml_runner import DMLRunnerError
+from dml_runner.rundir import CONFIG, HISTORY, RESULTS, write_csv_atomic
 
 log = logging.getLogger(__name__)
 
-HISTORY_FILE = "history.csv"
 # Files of the run directory a tracker stores next to the figures (when they exist).
-RUN_FILES = ("results.json", "config.json", HISTORY_FILE)
+RUN_FILES = (RESULTS, CONFIG, HISTORY)
 
 
 class MetricLogger:
@@ -112,7 +110,7 @@ class CSVLogger(MetricLogger):
     it and writes no second file. Columns are every key in order of first appearance; missing cells are empty.
     """
 
-    def __init__(self, out_dir: Path | str, filename: str = HISTORY_FILE) -> None:
+    def __init__(self, out_dir: Path | str, filename: str = HISTORY) -> None:
         self.path = Path(out_dir) / filename
         self.rows: list[dict[str, Any]] = []
         self.closed = False
@@ -130,20 +128,8 @@ class CSVLogger(MetricLogger):
         self._write()
 
     def _write(self) -> None:
-        columns: list[str] = []
-        for row in self.rows:
-            columns += [c for c in row if c not in columns]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        try:
-            with open(tmp, "w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(self.rows)
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_csv_atomic(self.rows, self.path)
 
     def close(self) -> None:
         self.closed = True
