@@ -47,13 +47,6 @@ def atomic_path(path: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
         raise
 
 
-def write_text_atomic(text: str, path: Path | str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def write_json_atomic(obj: Any, path: Path | str) -> None:
     """JSON (indented, non-JSON values as str) written atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as fh:

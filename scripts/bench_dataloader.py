@@ -22,11 +22,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from datasets_fixtures import make_folder  # noqa: E402  (the fixture trees the tests use)
-
-from dml_runner.backbones import torchvision_backbone  # noqa: E402
-from dml_runner.datasets.folder import build  # noqa: E402
+from dml_runner.backbones import torchvision_backbone
+from dml_runner.datasets.fixtures import make_folder  # the fixture trees of the smoke mode and the tests
+from dml_runner.datasets.folder import build
 
 
 def loader_rate(dataset, batch_size: int, workers: int, pin: bool, persistent: bool, epochs: int,

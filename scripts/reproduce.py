@@ -8,7 +8,7 @@
 Targets: table1, table2, table3 (HDML CUB / Cars / SOP), lifted, dc, mdl; a target's rows are the files under
 ``conf/experiment/<dir>/`` (``--rows 'lifted_*'`` picks some by glob). Before anything trains, every dataset a row
 needs is checked under ``$DML_DATA`` (``--data``); a missing one stops the run with the ``scripts/prepare_data.py``
-command. ``--smoke`` generates fixture trees (tests/datasets_fixtures.py) and trains every row's own backbone (ImageNet
+command. ``--smoke`` generates fixture trees (dml_runner/datasets/fixtures.py) and trains every row's own backbone (ImageNet
 weights from the torchvision hub cache when it holds them, else random init with a notice), transform, sampler,
 loss and method for a step or two, on fewer classes per batch and 64-px crops: minutes on a CPU, numbers
 meaningless, pipeline identical; it prints what it shrank per row. Extra Hydra overrides go after ``--``.
@@ -98,8 +98,7 @@ def dataset_name(cfg: Any) -> str:
 
 def check_data(cfgs: dict[str, Any]) -> list[str]:
     """One message per dataset that is missing or incomplete (split files unreadable) under its configured root."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from prepare_data import listed_images  # the checker's own reader: one definition of "present"
+    from dml_runner.prepare import listed_images  # the checker's own reader: one definition of "present"
 
     problems, seen = [], set()
     for cfg in cfgs.values():
@@ -120,9 +119,8 @@ def check_data(cfgs: dict[str, Any]) -> list[str]:
 
 def make_fixtures(cfgs: dict[str, Any], parent: Path) -> Path:
     """Fixture trees for every dataset the rows need, in the official layouts and big enough for the smoke batches
-    (tests/datasets_fixtures.py: SMOKE_SIZE), under ``parent``."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from datasets_fixtures import ROOT_DIRS, SMOKE_SIZE, make_tree
+    (dml_runner.datasets.fixtures.SMOKE_SIZE), under ``parent``."""
+    from dml_runner.datasets.fixtures import ROOT_DIRS, SMOKE_SIZE, make_tree
 
     parent.mkdir(parents=True, exist_ok=True)
     for name in sorted({dataset_name(c) for c in cfgs.values()}):
@@ -133,15 +131,8 @@ def make_fixtures(cfgs: dict[str, Any], parent: Path) -> Path:
 
 def hub_weights(arch: str) -> tuple[bool, Path]:
     """(whether torchvision's hub cache holds ``arch``'s ImageNet weights file, the path it would have)."""
-    try:
-        from dml_runner.backbones.torchvision_nets import hub_weights_available, hub_weights_path
-    except ImportError:  # an older dml_runner: torchvision's own rule (hub dir / checkpoints / the URL's file name)
-        import torch
-        import torchvision
+    from dml_runner.backbones.torchvision_nets import hub_weights_available, hub_weights_path
 
-        url = torchvision.models.get_model_weights(arch).IMAGENET1K_V1.url
-        path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
-        return path.is_file(), path
     return hub_weights_available(arch), Path(hub_weights_path(arch))
 
 
@@ -231,6 +222,12 @@ def smoke_overrides(row: str, cfg: Any, extra: list[str]) -> tuple[list[str], li
     return out, notes
 
 
+def output_root(extra: list[str]) -> Path:
+    """The configured ``paths.output_dir`` (the dml-run jobs run in the repository, so a relative one is under it)."""
+    root = Path(str(compose([o for o in extra if o.lstrip("+").startswith("paths.")]).paths.output_dir))
+    return root if root.is_absolute() else REPO / root
+
+
 def dml_run_cmd() -> list[str]:
     script = Path(sys.executable).with_name("dml-run")
     return [str(script)] if script.exists() else [sys.executable, "-m", "dml_runner"]
@@ -289,16 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help="directory holding the dataset directories (sets $DML_DATA)")
     p.add_argument("--smoke", action="store_true", help="fixture data, a step or two, small batches and crops, the rows' own components (CPU, minutes)")
     p.add_argument("--rows", help="comma-separated globs over the row file names, e.g. 'lifted_*,*_cub200'")
-    p.add_argument("--out", help="sweep directory (default outputs/reproduce/<target>[-smoke]/<time>)")
-    p.add_argument("--tables", help="report directory (default outputs/tables/<target>[-smoke])")
+    p.add_argument("--out", help="sweep directory (default <paths.output_dir>/reproduce/<target>[-smoke]/<time>)")
+    p.add_argument("--tables", help="report directory (default <paths.output_dir>/tables/<target>[-smoke])")
     p.add_argument("--skip-unavailable", action="store_true", help="leave out rows whose options do not exist yet")
     p.add_argument("--dry-run", action="store_true", help="check rows and data, print the commands, train nothing")
     args = p.parse_args(argv)
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
     name = args.target + ("-smoke" if args.smoke else "")
-    sweep_root = Path(args.out or REPO / "outputs" / "reproduce" / name / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
-    tables = Path(args.tables or REPO / "outputs" / "tables" / name).resolve()
+    outputs = output_root(extra) if not (args.out and args.tables) else REPO
+    sweep_root = Path(args.out or outputs / "reproduce" / name / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
+    tables = Path(args.tables or outputs / "tables" / name).resolve()
     if args.smoke:
         os.environ["DML_DATA"] = str(sweep_root / "fixtures")
     elif args.data:

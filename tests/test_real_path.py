@@ -196,7 +196,7 @@ def test_one_step_at_the_rows_full_image_size_and_batch(combo, hub_cache, tmp_pa
     batch: its classes x 4, fewer than 20 classes in a cluster of this small tree) and a conquer epoch (the full
     20 x 4 batch)."""
     from conftest import run_dml
-    from datasets_fixtures import FULL_BATCH_SIZE, FULL_DC_SIZE, make_tree
+    from dml_runner.datasets.fixtures import FULL_BATCH_SIZE, FULL_DC_SIZE, make_tree
 
     row = COMBINATIONS[combo]
     composed = compose_cfg(f"+experiment={row}")

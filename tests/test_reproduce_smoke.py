@@ -33,7 +33,7 @@ def test_missing_dataset_stops_before_training_with_the_prepare_command(tmp_path
 
 def test_dry_run_prints_one_multirun_over_rows_and_seeds(tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
-    from datasets_fixtures import make_sop
+    from dml_runner.datasets.fixtures import make_sop
 
     make_sop(tmp_path / "data")
     proc = reproduce("lifted", "--rows", "*_sop", "--seeds", "3", "--data", str(tmp_path / "data"), "--dry-run",
