@@ -142,6 +142,10 @@ def build_model(config: Mapping[str, Any], in_channels: int) -> torch.nn.Module:
         prepare = getattr(instantiate(method_cfg, _convert_="all"), "prepare_model", None)
         if prepare is not None:
             prepare(model)
+        elif method_cfg.get("embedding") == "sliced" and int(method_cfg.get("num_clusters", 1)) > 1:
+            # the evaluated embedding normalises each slice; without the method's hook it would silently differ
+            raise DMLRunnerError(f"method {method_cfg.get('_target_')} with method.embedding=sliced: this version "
+                                 "cannot rebuild its sliced embedding (the method has no prepare_model hook)")
     return model
 
 
