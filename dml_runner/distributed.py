@@ -1,13 +1,19 @@
-"""Multi-process data parallelism (torchrun) without Hydra or method knowledge.
+"""Multi-process data parallelism (torchrun) on torch's DistributedDataParallel; no Hydra, no method knowledge.
 
-Every rank embeds its shard of the global batch; :class:`GlobalBatchLoss` all-gathers the embeddings *with
-gradients* so the loss sees the whole global batch (pairs across ranks count), and :func:`average_gradients_on_step`
-makes every optimiser average gradients over ranks before it steps (the gradient averaging of
-DistributedDataParallel, done explicitly so that methods may call any submodule of the model).
+A method's trainable modules form one task module (:class:`dml_runner.methods.base.TaskModule`) whose forward takes
+this rank's shard of a batch and returns the losses; :func:`data_parallel` wraps it in
+:class:`~torch.nn.parallel.DistributedDataParallel`, which all-reduces (averages) the gradients bucket by bucket
+while the backward pass is still running. Inside the forward, :func:`gather_global_batch` all-gathers the
+embeddings *with gradients*, in the sampler's order, so the loss sees exactly the global batch one process would
+see (pairs across ranks count, order-dependent losses such as fixed triplet layouts keep their layout).
 
-Why the result equals single-process training on the global batch: every rank computes the same loss L; the
-backward of the differentiable all-gather sums the incoming gradients over ranks, so rank r receives
-W * dL/dz_r for its embeddings; averaging parameter gradients over the W ranks gives sum_r J_r^T dL/dz_r = dL/dtheta.
+Why the result equals single-process training on the global batch: every rank computes the same loss L on the
+same gathered batch. Parameters used after the gather (the loss's own, HDML's head, generator and classifier) get
+the full dL/dphi on every rank, and their average is dL/dphi. Parameters used before it (the trunk) get
+W * J_r^T dL/dz_r on rank r, because the backward of the differentiable all-gather sums the W ranks' identical
+gradients; DDP's average over the W ranks gives sum_r J_r^T dL/dz_r = dL/dtheta. So the loss's own normalisation
+(mean or sum over the global batch) is untouched: no rescaling by the world size anywhere.
+What still differs without ``trainer.sync_bn``: BatchNorm layers before the gather normalise each rank's shard.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from dml_runner import DMLRunnerError
 
 
 @dataclass(frozen=True)
@@ -49,53 +58,98 @@ def init_distributed(info: DistInfo, device: torch.device) -> None:
         dist.init_process_group(backend=backend)
 
 
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def broadcast_module(module: nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank (identical starting point)."""
     for tensor in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(tensor.data, src=0)
 
 
-class GlobalBatchLoss(nn.Module):
-    """Wraps a loss so it is computed on the embeddings of all ranks (gathered with gradients)."""
+class _AllGather(torch.autograd.Function):
+    """``torch.cat`` of every rank's shard (equal shapes); the backward returns to each rank the sum over the ranks
+    of the gradients of its rows (an all-reduce of the gathered gradient, then this rank's slice: gloo has no
+    reduce-scatter)."""
 
-    def __init__(self, loss: nn.Module) -> None:
-        super().__init__()
-        self.inner = loss
+    @staticmethod
+    def forward(ctx: Any, shard: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(shard) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, shard)
+        return torch.cat(parts)
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_gather
-
-        all_emb = torch.cat(all_gather(embeddings.contiguous()))
-        gathered = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, labels.contiguous())
-        return self.inner(all_emb, torch.cat(gathered), *args, **kwargs)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
-def average_gradients_on_step(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """Make ``optimizer.step()`` first average the gradients of its parameters over all ranks."""
-    step = optimizer.step
+def gather_global_batch(shard: torch.Tensor) -> torch.Tensor:
+    """The global batch from every rank's shard, in the order of the batch sampler; differentiable.
+
+    :class:`ShardedBatchSampler` gives rank r the items r, r+W, r+2W, ... of each global batch, so item i of the
+    global batch is row i // W of rank i % W's shard. The rows are gathered with gradients (the backward returns
+    to each rank the sum over ranks of the gradients of its rows). A single process gets its input back.
+    """
+    if not _active():
+        return shard
     world = dist.get_world_size()
+    gathered = _AllGather.apply(shard.contiguous())  # rank-major: [shard of rank 0; shard of rank 1; ...]
+    return gathered.reshape(world, *shard.shape).transpose(0, 1).reshape(-1, *shard.shape[1:])
 
-    def synced_step(*args, **kwargs):
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-        return step(*args, **kwargs)
 
-    optimizer.step = synced_step  # type: ignore[method-assign]
-    return optimizer
+def data_parallel(module: nn.Module, info: DistInfo, device: torch.device,
+                  find_unused_parameters: bool = False) -> nn.Module:
+    """``module`` in DistributedDataParallel when there are several processes, else ``module`` itself.
+
+    DDP broadcasts rank 0's parameters and buffers at construction and, before each forward, its buffers (the
+    running statistics of BatchNorm layers that saw only a shard are rank 0's on every rank, the ones evaluation
+    uses). ``find_unused_parameters``: a method whose steps leave some trainable parameters out of the graph (only
+    one of several learners' losses per batch) must say so, else DDP waits for their gradients.
+    """
+    if not info.enabled:
+        return module
+    device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                               find_unused_parameters=find_unused_parameters)
+
+
+def convert_sync_batchnorm(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """Every BatchNorm of ``model`` as a SyncBatchNorm: statistics over the global batch (``trainer.sync_bn``).
+
+    The parameters and running-statistics buffers stay the same tensors, so optimisers and checkpoints see no
+    difference. torch's SyncBatchNorm has no CPU implementation, hence the refusal there.
+    """
+    if not info.enabled:
+        return model
+    if device.type == "cpu":
+        raise DMLRunnerError("trainer.sync_bn=true needs CUDA devices (torch's SyncBatchNorm has no CPU path); "
+                             "set trainer.sync_bn=false on the CPU")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object, e.g. k-means assignments) on every rank; a single process gets
+    ``value`` back. The other ranks pass a placeholder (None) and wait until rank 0 has computed its value."""
+    if not _active():
+        return value
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def any_rank(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise OR of boolean ``flags`` over the ranks (the same decision on every rank)."""
+    if not _active():
+        return flags
+    as_int = flags.to(torch.int32)
+    if dist.get_backend() == "nccl" and as_int.device.type != "cuda":
+        as_int = as_int.cuda()
+    dist.all_reduce(as_int, op=dist.ReduceOp.MAX)
+    return as_int.to(flags.device).bool()
 
 
 class ShardedBatchSampler:
@@ -123,3 +177,4 @@ class ShardedBatchSampler:
         if name in ("sampler", "info"):
             raise AttributeError(name)
         return getattr(self.sampler, name)
+

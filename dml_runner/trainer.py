@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,9 @@ from tqdm import tqdm
 
 from dml_runner import DMLRunnerError
 from dml_runner.datasets.base import DatasetSplits, LabelledDataset
-from dml_runner.distributed import (DistInfo, GlobalBatchLoss, ShardedBatchSampler, average_gradients_on_step,
-                                    broadcast_module, init_distributed)
+from dml_runner.config import TrainerConfig
+from dml_runner.distributed import (DistInfo, ShardedBatchSampler, broadcast_module, convert_sync_batchnorm,
+                                    data_parallel, gather_global_batch, init_distributed)
 from dml_runner.methods.base import Method, TrainContext
 
 log = logging.getLogger(__name__)
@@ -117,40 +117,13 @@ def average_over_draws(evaluate: Callable[..., dict[str, float]], emb: np.ndarra
     return out
 
 
-@dataclass
-class FitSettings:
-    """The trainer config as plain values (see dml_runner.config.TrainerConfig for the meaning of each)."""
-
-    epochs: int = 30
-    batch_size: int = 64
-    device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
-    seed: int = 0
-    eval_every: int = 5
-    eval_before_training: bool = True
-    select_on: str = "auto"
-    select_metric: str = "recall@1"
-    num_workers: int = 0
-    pin_memory: bool = True
-    persistent_workers: bool = True
-    eval_batch_size: int = 256
-    head_lr_mult: float = 1.0
-    loss_lr_mult: float = 1.0
-    grad_clip: float | None = None
-    max_steps_per_epoch: int | None = None
-    save_checkpoints: bool = True
-    save_embeddings: bool = True
-    progress: bool = True
-    deterministic: bool = False
-    cache_features: bool = False
-    cache_views: int = 1
-    resume: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+# The trainer's settings are config.TrainerConfig (the `trainer` group's schema); this alias goes once no caller
+# builds FitSettings any more.
+FitSettings = TrainerConfig
 
 
 class Trainer:
-    def __init__(self, settings: FitSettings, data: DatasetSplits, model: torch.nn.Module, loss: torch.nn.Module,
+    def __init__(self, settings: TrainerConfig, data: DatasetSplits, model: torch.nn.Module, loss: torch.nn.Module,
                  method: Method, make_optimizer: Callable, make_scheduler: Callable | None,
                  make_sampler: Callable, evaluate: Callable[..., dict[str, float]], out_dir: Path,
                  dist_info: DistInfo | None = None, config: dict[str, Any] | None = None,
@@ -170,6 +143,9 @@ class Trainer:
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if getattr(settings, "sync_bn", False):
+            # before the method builds anything: layers it adds after the gather already see the global batch
+            self.model = convert_sync_batchnorm(self.model, self.dist, self.device)
         self.loss = loss.to(self.device)
         if self.dist.enabled:
             broadcast_module(self.model)
@@ -194,20 +170,17 @@ class Trainer:
             sampler = make_sampler(labels, batch_size=batch_size, seed=seed)
             return ShardedBatchSampler(sampler, self.dist) if self.dist.enabled else sampler
 
-        def optimizer_factory(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-            optimizer = make_optimizer(*args, **kwargs)
-            return average_gradients_on_step(optimizer) if self.dist.enabled else optimizer
+        def parallel(task: torch.nn.Module, find_unused_parameters: bool = False) -> torch.nn.Module:
+            return data_parallel(task, self.dist, self.device, find_unused_parameters)
 
-        if hasattr(make_optimizer, "keywords"):  # keep the configured lr visible to methods
-            optimizer_factory.keywords = make_optimizer.keywords  # type: ignore[attr-defined]
         self.method.setup(TrainContext(
-            model=self.model, loss=GlobalBatchLoss(self.loss) if self.dist.enabled else self.loss,
-            device=self.device, make_optimizer=optimizer_factory, make_scheduler=make_scheduler,
-            train_set=data.train, make_sampler=sampler_factory, make_loader=self.train_loader, embed=self.embed,
-            autocast=self.autocast, epochs=settings.epochs, head_lr_mult=settings.head_lr_mult,
-            loss_lr_mult=settings.loss_lr_mult, grad_clip=settings.grad_clip,
+            model=self.model, loss=self.loss, device=self.device, make_optimizer=make_optimizer,
+            make_scheduler=make_scheduler, train_set=data.train, make_sampler=sampler_factory,
+            make_loader=self.train_loader, embed=self.embed, autocast=self.autocast, epochs=settings.epochs,
+            head_lr_mult=settings.head_lr_mult, loss_lr_mult=settings.loss_lr_mult, grad_clip=settings.grad_clip,
             cache_features=settings.cache_features, cache_views=settings.cache_views, seed=settings.seed,
-            eval_transform=getattr(data.test, "transform", None), log=log.info))
+            eval_transform=getattr(data.test, "transform", None), log=log.info, parallel=parallel,
+            gather=gather_global_batch, dist=self.dist))
 
     # ----------------------------------------------------------------------------------------- helpers
     def _selection_split(self) -> str:
@@ -253,17 +226,23 @@ class Trainer:
 
     @torch.no_grad()
     def embed(self, dataset: LabelledDataset, features: bool = False) -> torch.Tensor:
-        """Embeddings (or pooled trunk features) of a whole dataset in eval mode, float32 on the CPU."""
+        """Embeddings (or pooled trunk features) of a whole dataset in eval mode, float32 on the CPU.
+
+        The global CPU generator is left as it was (a DataLoader iterator draws its seed from it): a rank that embeds
+        alone (evaluation, Divide & Conquer's clustering on rank 0) keeps the random stream of the other ranks, so
+        random choices inside a loss (negative sampling) stay the same on every rank.
+        """
         was_training = self.model.training
         self.model.eval()
         loader = DataLoader(dataset, batch_size=self.s.eval_batch_size, shuffle=False,
                             num_workers=self.s.num_workers, pin_memory=self.cuda and self.s.pin_memory)
         chunks = []
-        for images, _ in loader:
-            (images,) = self.to_device((images,))
-            with self.autocast():
-                out = self.model.features(images) if features else self.model(images)
-            chunks.append(out.float().cpu())
+        with torch.random.fork_rng(devices=[]):
+            for images, _ in loader:
+                (images,) = self.to_device((images,))
+                with self.autocast():
+                    out = self.model.features(images) if features else self.model(images)
+                chunks.append(out.float().cpu())
         self.model.train(was_training)
         return torch.cat(chunks)
 

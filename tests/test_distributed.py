@@ -1,5 +1,16 @@
-"""Data parallelism on the CPU with the gloo backend and 2 processes."""
+"""Data parallelism on the CPU with the gloo backend and 2 processes: DistributedDataParallel over each method's task
+module must train exactly as one process on the global batch (standard, HDML N-pair and triplet, Divide & Conquer).
 
+The two-process runs go through the real Trainer (its sharded samplers, the method's task module in DDP, the
+all-gather of the embeddings) with the environment torchrun sets; the reference is the same Trainer in one process
+with the same global batch size. The small CNN's BatchNorm layers are replaced by identities there: without
+``trainer.sync_bn`` (CUDA only) BatchNorm before the gather normalises each rank's shard, by design. HDML's own
+BatchNorm layers (after the gather) stay and must match.
+"""
+
+from __future__ import annotations
+
+import functools
 import json
 import os
 import subprocess
@@ -12,62 +23,177 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dml_runner.distributed import (DistInfo, GlobalBatchLoss, ShardedBatchSampler, average_gradients_on_step,
-                                    broadcast_module)
-from dml_runner.losses.contrastive import ContrastiveLoss
+from dml_runner import DMLRunnerError
+from dml_runner.distributed import DistInfo, ShardedBatchSampler, dist_info_from_env
+
+STEPS = 3
+
+
+# ------------------------------------------------------------------------------------------------ scenarios
+@functools.lru_cache(maxsize=1)
+def _digits():
+    from dml_runner.datasets.base import DatasetSplits, SubsetLabelledDataset
+    from dml_runner.datasets.digits import build
+
+    full = build(protocol="images", max_shift=0)  # no augmentation: a rank draws no random numbers per image
+    keep = np.concatenate([np.flatnonzero(full.train.labels == c)[:30] for c in np.unique(full.train.labels)])
+    return DatasetSplits(name="digits", train=SubsetLabelledDataset(full.train, keep), test=full.test)
 
 
 def _model():
+    from dml_runner.backbones.small_cnn import small_cnn
+
+    model = small_cnn(in_channels=1, width=8, embedding_dim=16)
+    for block in model.trunk.body:
+        block[1] = torch.nn.Identity()  # no per-shard BatchNorm statistics (see the module docstring)
+    return model
+
+
+def _scenario(name: str, info: DistInfo, out_dir: Path):
+    """A Trainer (method set up) of one scenario; the same parameters and global batches for every ``info``."""
+    from dml_runner.config import TrainerConfig
+    from dml_runner.losses.contrastive import ContrastiveLoss
+    from dml_runner.losses.hdml import HDMLLoss
+    from dml_runner.losses.margin import MarginLoss
+    from dml_runner.methods.divide_conquer import DivideConquerMethod
+    from dml_runner.methods.hdml import HDMLMethod
+    from dml_runner.methods.standard import StandardMethod
+    from dml_runner.samplers.class_balanced import ClassBalancedBatchSampler
+    from dml_runner.samplers.hdml_triplets import HDMLTripletBatchSampler
+    from dml_runner.samplers.npair import NPairBatchSampler
+    from dml_runner.trainer import Trainer
+
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4))
-
-
-def _global_batch():
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 6, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-
-
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     model = _model()
-    if rank == 1:  # a different init on rank 1 must be overwritten by rank 0's
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(1.0)
-    broadcast_module(model)
-    x, y = _global_batch()
-    loss_fn = GlobalBatchLoss(ContrastiveLoss(margin=1.0))
-    opt = average_gradients_on_step(torch.optim.SGD(model.parameters(), lr=0.5))
-    for _ in range(2):
-        opt.zero_grad()
-        loss = loss_fn(model(x[rank::world]), y[rank::world])  # rank r holds items r, r+W, ...
-        loss.backward()
-        opt.step()
-    if rank == 0:
-        torch.save({"loss": loss.detach(), "params": [p.detach() for p in model.parameters()]}, out)
+    sgd = functools.partial(torch.optim.SGD, lr=0.05)  # SGD: a gradient off by the world size would show
+    epochs = 1
+    if name == "standard":
+        loss, method, sampler, batch, optim = ContrastiveLoss(), StandardMethod(), ClassBalancedBatchSampler, 16, sgd
+    elif name == "hdml_npair":
+        loss, method, sampler, batch = HDMLLoss(metric="npair"), HDMLMethod(), NPairBatchSampler, 10
+        optim = functools.partial(torch.optim.Adam, lr=1e-3)
+    elif name == "hdml_triplet":  # fixed [anchors; positives; negatives] thirds: the gather must keep the layout
+        loss, method, sampler, batch = HDMLLoss(metric="triplet"), HDMLMethod(), HDMLTripletBatchSampler, 12
+        optim = functools.partial(torch.optim.Adam, lr=1e-3)
+    elif name == "divide_conquer":  # learnable beta: one learner's loss per batch, DDP finds the unused ones
+        loss = MarginLoss(learn_beta=True)
+        method = DivideConquerMethod(num_clusters=2, recluster_every=1, finetune_epochs=1)
+        sampler, batch, optim, epochs = ClassBalancedBatchSampler, 16, sgd, 3
+    else:
+        raise ValueError(name)
+
+    def make_sampler(labels, batch_size=None, seed=None):
+        kwargs = {"samples_per_class": 4} if sampler is ClassBalancedBatchSampler else {}
+        return sampler(labels, batch_size=batch if batch_size is None else batch_size,
+                       seed=0 if seed is None else seed, **kwargs)
+
+    settings = TrainerConfig(epochs=epochs, batch_size=batch, device="cpu", seed=0, progress=False,
+                             max_steps_per_epoch=STEPS, save_checkpoints=False, save_embeddings=False,
+                             eval_before_training=False)
+    return Trainer(settings, _digits(), model, loss, method, optim, None, make_sampler,
+                   evaluate=lambda *a, **k: {"recall@1": 0.0}, out_dir=out_dir, dist_info=info)
+
+
+def _train(trainer) -> dict:
+    """One epoch of STEPS steps through the trainer's own loop; the task's parameters and last gradients."""
+    from dml_runner.trainer import epoch_seed, seed_everything
+
+    seed_everything(epoch_seed(trainer.s.seed, 1))
+    trainer.model.train()
+    train_loss, _ = trainer._train_epoch(1)
+    task = getattr(trainer.method.task, "module", trainer.method.task)  # DDP keeps the TaskModule as .module
+    named = list(task.named_parameters())
+    assignments = getattr(trainer.method, "assignments", None)
+    return {"train_loss": train_loss, "ddp": type(trainer.method.task).__name__,
+            "params": {k: p.detach().clone() for k, p in named},
+            "grads": {k: p.grad.clone() for k, p in named if p.grad is not None},
+            "assignments": None if assignments is None else torch.as_tensor(assignments)}
+
+
+SCENARIOS = ("standard", "hdml_npair", "hdml_triplet", "divide_conquer")
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import dml_runner.methods.divide_conquer as dc
+    from dml_runner.distributed import convert_sync_batchnorm
+
+    if rank != 0:  # k-means runs on rank 0 only; the other ranks receive its assignments
+        def no_kmeans(*args, **kwargs):
+            raise AssertionError(f"rank {rank} ran k-means")
+
+        dc.kmeans = no_kmeans
+    out = {}
+    for name in SCENARIOS:
+        out[name] = _train(_scenario(name, dist_info_from_env(), Path(out_dir) / name))
+    try:  # torch's SyncBatchNorm has no CPU path: refused with the option's name
+        convert_sync_batchnorm(_model(), dist_info_from_env(), torch.device("cpu"))
+        out["sync_bn_error"] = None
+    except DMLRunnerError as err:
+        out["sync_bn_error"] = str(err)
+    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_two_process_step_equals_single_process_global_batch(tmp_path):
-    out = str(tmp_path / "rank0.pt")
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """Both ranks' results of every scenario (one gloo process group for all of them)."""
+    out = tmp_path_factory.mktemp("ddp")
     port = 29500 + os.getpid() % 1000
-    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
-    got = torch.load(out, weights_only=True)
+    mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    err = float((got - want).abs().max())
+    assert err <= 1e-5 + 1e-4 * float(want.abs().max()), f"{what}: max |difference| {err:.3g}"
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@pytest.mark.slow
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_two_processes_train_as_one_process_on_the_global_batch(two_ranks, name, tmp_path):
+    single = _train(_scenario(name, DistInfo(), tmp_path))
+    assert single["ddp"] == "TaskModule" and two_ranks[0][name]["ddp"] == "DistributedDataParallel"
+    # gradients: DDP's average over ranks of the gathered-batch loss is the one-process gradient (no factor W)
+    for rank in two_ranks:
+        got = rank[name]
+        assert got["grads"].keys() == single["grads"].keys() and got["grads"]
+        for key, grad in single["grads"].items():  # float32 sums in another order: relative to each tensor's scale
+            _assert_close_to_scale(got["grads"][key], grad, f"gradient of {key}")
+        for key, value in single["params"].items():
+            _assert_close_to_scale(got["params"][key], value, f"{key} after {STEPS} steps")
+        assert got["train_loss"] == pytest.approx(single["train_loss"], rel=1e-4)
+    # the parameters moved: the comparison is not between two untrained copies
+    torch.manual_seed(0)
+    start = dict(_model().named_parameters())
+    moved = [k for k, v in single["params"].items() if k.startswith("model.trunk.") and
+             not torch.allclose(v, start[k.removeprefix("model.")])]
+    assert moved
+
+
+@pytest.mark.slow
+def test_divide_conquer_clusters_on_rank_0_and_every_rank_gets_them(two_ranks, tmp_path):
+    a0, a1 = (r["divide_conquer"]["assignments"] for r in two_ranks)  # rank 1 would have failed had it clustered
+    assert a0 is not None and torch.equal(a0, a1)
+    assert set(a0.tolist()) == {0, 1}
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_is_refused_on_the_cpu(two_ranks):
+    assert all("trainer.sync_bn" in r["sync_bn_error"] for r in two_ranks)
+
+
+def test_one_process_has_no_ddp_and_no_sync_batchnorm():
+    from dml_runner.distributed import convert_sync_batchnorm, data_parallel, gather_global_batch
 
     model = _model()
-    x, y = _global_batch()
-    loss_fn = ContrastiveLoss(margin=1.0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(2):
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-    # the loss sees the same pairs, in a permuted order
-    assert torch.allclose(got["loss"], loss.detach(), atol=1e-6)
-    for a, b in zip(got["params"], model.parameters()):
-        assert torch.allclose(a, b.detach(), atol=1e-5)
+    assert data_parallel(model, DistInfo(), torch.device("cpu")) is model
+    assert convert_sync_batchnorm(model, DistInfo(), torch.device("cpu")) is model
+    x = torch.randn(4, 3)
+    assert gather_global_batch(x) is x
 
 
 def test_sharded_sampler_splits_every_global_batch():
@@ -88,11 +214,17 @@ def test_sharded_sampler_splits_every_global_batch():
 
 
 @pytest.mark.slow
-def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
+@pytest.mark.parametrize("overrides", [
+    (),
+    ("loss=hdml_npair", "trainer.batch_size=10"),
+    ("method=divide_conquer", "method.num_clusters=2", "method.finetune_epochs=1", "trainer.epochs=2",
+     "trainer.max_steps_per_epoch=2"),
+], ids=["standard", "hdml", "divide_conquer"])
+def test_torchrun_two_cpu_processes_end_to_end(tmp_path, overrides):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "run"
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "dml_runner", "trainer=smoke",
-           "trainer.device=cpu", f"hydra.run.dir={out}"]
+           "trainer.device=cpu", *overrides, f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())

@@ -2,6 +2,11 @@
 
 The trainer (``dml_runner.trainer``) owns the loop, devices, AMP, evaluation, checkpoints and the NaN guard; a
 method owns the optimisation. Methods are plain Python objects built from ``conf/method/<name>.yaml``.
+
+A method's trainable modules and its loss computation form one :class:`TaskModule` (an ``nn.Module`` whose
+forward takes a device batch and returns the dict of losses, as timm's training tasks); the trainer wraps it for
+data-parallel training (``TrainContext.parallel``: DistributedDataParallel under torchrun, the module itself in one
+process), so gradients are averaged over the ranks while the backward pass runs.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from dml_runner.distributed import DistInfo
 
 
 @dataclass
@@ -37,7 +44,12 @@ class TrainContext:
     seed: int = 0
     eval_transform: Callable[[Any], Any] | None = None  # the test-time (non-augmenting) transform of the images
     log: Callable[[str], None] = print
-    extra_history: dict[str, Any] = field(default_factory=dict)  # per-epoch values a method wants in history.csv
+    # data parallelism (identity / a single process unless torchrun started several, see dml_runner.distributed):
+    # parallel(task, find_unused_parameters) wraps a TaskModule in DistributedDataParallel; gather(shard) is the
+    # global batch (in the sampler's order, differentiable) a loss must see; dist says which rank this is
+    parallel: Callable[..., nn.Module] = field(default=lambda module, find_unused_parameters=False: module)
+    gather: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda shard: shard)
+    dist: DistInfo = field(default_factory=DistInfo)
 
     @property
     def base_lr(self) -> float:
@@ -50,10 +62,31 @@ class TrainContext:
                                                 self.base_lr))
 
 
+class TaskModule(nn.Module):
+    """A method's trainable modules as one ``nn.Module``; ``forward(batch)`` is the method's :meth:`Method.forward`.
+
+    The unit that DistributedDataParallel wraps: its parameters (those that require gradients) are the ones whose
+    gradients are averaged over the ranks, and every call of its forward prepares DDP for the backward pass(es)
+    that follow. Register the modules in the order they are applied (model, then loss): DDP fills its
+    communication buckets in reverse registration order, which then matches the order of the backward pass.
+    """
+
+    def __init__(self, forward: Callable[[tuple], dict[str, torch.Tensor]], **modules: nn.Module) -> None:
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+        self._forward = forward
+
+    def forward(self, batch: tuple) -> dict[str, torch.Tensor]:
+        return self._forward(batch)
+
+
 class Method:
-    """Base class. Subclasses override :meth:`compute_loss` and, if needed, the other hooks."""
+    """Base class. Subclasses implement :meth:`forward`, :meth:`backward_and_step`, and, if needed, the other hooks;
+    their ``setup`` builds ``self.task`` with :meth:`build_task`."""
 
     ctx: TrainContext
+    task: nn.Module  # the TaskModule, wrapped by ctx.parallel
 
     def setup(self, ctx: TrainContext) -> None:
         """Build optimisers and schedulers (the model and loss are already on ``ctx.device``)."""
@@ -66,9 +99,22 @@ class Method:
         """Batches of this epoch: tuples ``(images, labels, *extra)`` of CPU tensors."""
         raise NotImplementedError
 
-    def compute_loss(self, batch: tuple) -> dict[str, torch.Tensor]:
-        """Forward pass on a device batch; returns ``{"loss": scalar, ...other scalars to log}``."""
+    def build_task(self, find_unused_parameters: bool = False, **modules: nn.Module) -> None:
+        """``self.task``: ``modules`` (every trainable one, in the order they are applied) and :meth:`forward` as a
+        :class:`TaskModule`, wrapped for data parallelism. ``find_unused_parameters``: some trainable parameters
+        take no part in some steps (DDP then finds them in each step's graph instead of waiting for them)."""
+        self.task = self.ctx.parallel(TaskModule(self.forward, **modules), find_unused_parameters)
+
+    def forward(self, batch: tuple) -> dict[str, torch.Tensor]:
+        """The task's forward on a device batch (this rank's shard): ``{"loss": scalar, ...other scalars to log}``.
+
+        Embeddings go through ``ctx.gather`` (and the labels too) before the loss, so the loss sees the global batch.
+        """
         raise NotImplementedError
+
+    def compute_loss(self, batch: tuple) -> dict[str, torch.Tensor]:
+        """Forward pass on a device batch through the (wrapped) task module."""
+        return self.task(batch)
 
     def backward_and_step(self, losses: dict[str, torch.Tensor]) -> None:
         """Backward pass and optimiser step(s); only called when the loss is finite."""

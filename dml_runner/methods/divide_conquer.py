@@ -28,6 +28,7 @@ from torch import nn
 
 from dml_runner import DMLRunnerError
 from dml_runner.backbones.head import init_sliced_xavier_normal_
+from dml_runner.distributed import broadcast_from_main
 from dml_runner.evaluation.kmeans import kmeans
 from dml_runner.methods.base import TrainContext
 from dml_runner.methods.standard import StandardMethod
@@ -261,6 +262,10 @@ class DivideConquerMethod(StandardMethod):
         if self.num_clusters > 1 and not self.schedule:
             ctx.log(f"divide_conquer: method.finetune_epochs={self.finetune_epochs} >= trainer.epochs="
                     f"{ctx.epochs}: no divide epoch, only the conquer phase")
+        # a batch trains one learner's loss copy: with learnable loss parameters the other copies sit out the step
+        learnable_loss = any(p.requires_grad for p in ctx.loss.parameters())
+        self.build_task(find_unused_parameters=self.num_clusters > 1 and learnable_loss, model=ctx.model,
+                        learner_losses=self.learner_losses)
 
     def _configure_head(self, head: nn.Module) -> None:
         """Official fc init and evaluated embedding; recorded in the model's info (results.json)."""
@@ -302,19 +307,24 @@ class DivideConquerMethod(StandardMethod):
         return SubsetLabelledDataset(train, np.arange(len(train)), transform=self.ctx.eval_transform)
 
     def recluster(self, epoch: int) -> None:
+        """Embed the training set, k-means it and match the clusters to the previous ones; under torchrun rank 0
+        does this alone and broadcasts the assignments, so every rank builds the same cluster batches (each rank
+        then takes its shard of every batch)."""
         ctx = self.ctx
         t0 = time.time()
-        x = ctx.embed(self._cluster_view(), features=self.cluster_on == "features")
-        if self.cluster_on == "features":
-            x = F.normalize(x.float(), dim=1)
-        x = x.numpy()
-        t_embed = time.time() - t0
-        seed = self.kmeans_seed if self.kmeans_seed is not None else ctx.seed * 7919 + epoch
-        _, assign = kmeans(x, self.num_clusters, niter=self.niter, nredo=self.nredo, seed=seed,
-                           backend=self.kmeans_backend, tol=0.0)
-        if self.assignments is not None:
-            assign = match_clusters(self.assignments, assign, self.num_clusters)
-        self.assignments = assign
+        assign, t_embed = None, 0.0
+        if ctx.dist.is_main:
+            x = ctx.embed(self._cluster_view(), features=self.cluster_on == "features")
+            if self.cluster_on == "features":
+                x = F.normalize(x.float(), dim=1)
+            x = x.numpy()
+            t_embed = time.time() - t0
+            seed = self.kmeans_seed if self.kmeans_seed is not None else ctx.seed * 7919 + epoch
+            _, assign = kmeans(x, self.num_clusters, niter=self.niter, nredo=self.nredo, seed=seed,
+                               backend=self.kmeans_backend, tol=0.0)
+            if self.assignments is not None:
+                assign = match_clusters(self.assignments, assign, self.num_clusters)
+        self.assignments = broadcast_from_main(assign)
         self._build_cluster_sampler(epoch)
         self._epoch_log["cluster_time_s"] = round(time.time() - t0, 3)
         self._epoch_log["cluster_embed_time_s"] = round(t_embed, 3)
@@ -409,16 +419,16 @@ class DivideConquerMethod(StandardMethod):
         z = model.head.fc(model.head.dropout(model.features(images)))[:, self.slices[k]]
         return F.normalize(z.float(), dim=1) if self.normalize_slices else z.float()
 
-    def compute_loss(self, batch: tuple) -> dict[str, torch.Tensor]:
+    def forward(self, batch: tuple) -> dict[str, torch.Tensor]:
         if len(batch) < 3:
-            return super().compute_loss(batch)
+            return super().forward(batch)
         images, labels, k = batch[0], batch[1], int(batch[2])
         with self.ctx.autocast():
             if self._phase == "divide":
                 embeddings = self.learner_embedding(images, k)
             else:  # full-embedding and conquer phases: the embedding the model is evaluated with
                 embeddings = self.ctx.model(images)
-        return {"loss": self.learner_losses[k](embeddings.float(), labels)}
+        return {"loss": self.learner_losses[k](self.ctx.gather(embeddings.float()), self.ctx.gather(labels))}
 
     def on_epoch_end(self, epoch: int) -> dict[str, Any]:
         out = super().on_epoch_end(epoch)

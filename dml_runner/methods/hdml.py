@@ -19,6 +19,17 @@ The loss (:class:`~dml_runner.losses.hdml.HDMLLoss`) computes every term; this m
 Each objective is back-propagated into its own parameters only (``backward(inputs=...)``), as the official
 TensorFlow code's ``minimize(loss, var_list=...)``: ``J_gen`` never moves the metric layers, ``J_metric`` never
 moves the generator.
+
+Data parallelism (torchrun): each rank computes the pooled features of its shard; they are all-gathered (with
+gradients, in the sampler's order) and every rank computes all objectives on the global batch. One
+DistributedDataParallel wraps the model and the loss (generator and classifier) together, with
+``find_unused_parameters=False``, rather than one wrapper per optimiser: the three objectives share one forward
+pass (the generator and classifier act on the head's embeddings), and their three backward passes fill disjoint
+parameter sets whose union is every trainable parameter. DDP only needs each parameter's gradient exactly once per
+step, in any of the passes, and all-reduces each bucket as soon as it is full (after the first step the buckets
+follow the order in which gradients arrive: head and trunk during ``J_metric``'s pass, then generator, then
+classifier). Hence two rules: a skipped (NaN) objective still sends a zero gradient through autograd, and a
+generator with no objective at all (``use_softmax`` and ``use_reconstruction`` both off) is frozen at setup.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import torch
 from torch import nn
 
 from dml_runner import DMLRunnerError
+from dml_runner.distributed import any_rank
 from dml_runner.losses.hdml import TF_BN, HDMLLoss
 from dml_runner.methods.base import Method, TrainContext, param_groups
 from dml_runner.methods.feature_cache import FeatureCache, require_frozen_trunk, trunk_is_frozen
@@ -74,6 +86,10 @@ class HDMLMethod(Method):
         if self.eval_normalize:
             model.head.eval_normalize = True
         loss.to(ctx.device)
+        if not (loss.use_softmax or loss.use_reconstruction):
+            # J_gen is the constant 0: the generator never moves (in one process its gradients stay None); frozen,
+            # so that data-parallel training does not wait for gradients that never come
+            loss.generator.requires_grad_(False)
 
         base_lr = self.metric_lr if self.metric_lr is not None else ctx.base_lr
         groups = param_groups(model, nn.Module(), ctx.head_lr_mult, ctx.loss_lr_mult, base_lr)
@@ -90,6 +106,7 @@ class HDMLMethod(Method):
                                                  lr=self.softmax_lr)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.metric_opt, self.lr_milestones, self.lr_gamma)
 
+        self.build_task(model=model, loss=loss)
         self.sampler = ctx.make_sampler(ctx.train_set.labels)
         if ctx.cache_features:
             self.cache = FeatureCache.build(ctx.embed, ctx.train_set, ctx.cache_views, ctx.seed)
@@ -116,15 +133,19 @@ class HDMLMethod(Method):
         self._sums, self._steps = {}, 0
         return self.cache.batches(self.sampler, epoch) if self.cache is not None else self.loader
 
-    def compute_loss(self, batch: tuple) -> dict[str, torch.Tensor]:
+    def forward(self, batch: tuple) -> dict[str, torch.Tensor]:
         inputs, labels = batch[0], batch[1]
         if self.cache is not None:
             features = inputs
         else:
             with self.ctx.autocast():
                 features = self.ctx.model.features(inputs)
-        out = self.ctx.loss(features.float(), labels, head=self.ctx.model.head, decay_params=self.decay_params)
-        finite = {key: bool(torch.isfinite(out[key])) for key, _ in _OBJECTIVES}
+        features, labels = self.ctx.gather(features.float()), self.ctx.gather(labels)
+        out = self.ctx.loss(features, labels, head=self.ctx.model.head, decay_params=self.decay_params)
+        # every rank computes the objectives on the same global batch; the OR over ranks guarantees they also
+        # take the same skip decision (a rank that skips alone would leave DDP waiting for its gradients)
+        flags = any_rank(torch.stack([~torch.isfinite(out[key].detach()) for key, _ in _OBJECTIVES]))
+        finite = {key: not bool(flag) for (key, _), flag in zip(_OBJECTIVES, flags)}
         if self.ctx.loss.nan_to_zero:
             # official nn_Ops.training: tf.cond(is_nan(loss), 0, loss), so a NaN objective gives zero gradients
             out["skipped"] = [key for key, ok in finite.items() if not ok]
@@ -141,11 +162,13 @@ class HDMLMethod(Method):
         owned = {"loss": self.metric_params, "gen": self.generator_params, "cls": self.classifier_params}
         skipped = losses.get("skipped", [])
         for key, _ in _OBJECTIVES:
-            if key in skipped:  # NaN objective: Adam still steps, with a zero gradient (as TF's minimize of 0)
-                for p in owned[key]:
-                    p.grad = torch.zeros_like(p)
-            elif losses[key].requires_grad:
-                losses[key].backward(inputs=owned[key], retain_graph=key != "cls")
+            params = [p for p in owned[key] if p.requires_grad]
+            if key in skipped and params:
+                # NaN objective: Adam still steps, with a zero gradient (as TF's minimize of 0); the zeros go
+                # through autograd, so that DDP sees (and all-reduces) a gradient of every parameter
+                (sum(p.sum() for p in params) * 0.0).backward(inputs=params)
+            elif params and losses[key].requires_grad:
+                losses[key].backward(inputs=params, retain_graph=key != "cls")
         if self.ctx.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.metric_params, self.ctx.grad_clip)
         for opt in optimisers:

@@ -17,16 +17,17 @@ class StandardMethod(Method):
         self.scheduler = ctx.make_scheduler(self.optimizer) if ctx.make_scheduler else None
         self.sampler = ctx.make_sampler(ctx.train_set.labels)
         self.loader = ctx.make_loader(ctx.train_set, self.sampler)
+        self.build_task(model=ctx.model, loss=ctx.loss)
 
     def batches(self, epoch: int) -> Iterable:
         self.sampler.set_epoch(epoch)
         return self.loader
 
-    def compute_loss(self, batch: tuple) -> dict[str, torch.Tensor]:
+    def forward(self, batch: tuple) -> dict[str, torch.Tensor]:
         images, labels = batch[0], batch[1]
         with self.ctx.autocast():
             embeddings = self.ctx.model(images)
-        return {"loss": self.ctx.loss(embeddings.float(), labels)}
+        return {"loss": self.ctx.loss(self.ctx.gather(embeddings.float()), self.ctx.gather(labels))}
 
     def backward_and_step(self, losses: dict[str, torch.Tensor]) -> None:
         self.optimizer.zero_grad(set_to_none=True)
