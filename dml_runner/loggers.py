@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import importlib.util
 import json
 import logging
 import math
@@ -200,6 +201,10 @@ class MLflowLogger(MetricLogger):
 
         self.out_dir = Path(out_dir).resolve()
         if tracking_uri is None:
+            for module in ("sqlalchemy", "alembic"):  # MLflow's database store; mlflow-skinny does not require them
+                if importlib.util.find_spec(module) is None:
+                    raise DMLRunnerError(f"logger=mlflow's store in the run directory (SQLite) needs {module}: pip "
+                                         "install sqlalchemy alembic, or set logger.mlflow.tracking_uri=<server>")
             store = self.out_dir / "mlruns"
             store.mkdir(parents=True, exist_ok=True)
             tracking_uri = f"sqlite:///{store / 'mlflow.db'}"

@@ -100,6 +100,12 @@ def test_a_missing_tracker_package_names_the_extra_to_install(compose_cfg, tmp_p
     assert "\n" not in str(err.value) and not list(tmp_path.iterdir())
 
 
+def test_the_default_mlflow_store_says_what_a_skinny_install_lacks(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "alembic", None)  # find_spec("alembic") is None: not installed
+    with pytest.raises(DMLRunnerError, match=r"\(SQLite\) needs alembic: pip install sqlalchemy alembic"):
+        build_loggers(compose_cfg("logger=mlflow").logger, tmp_path, {})
+
+
 def test_tensorboard_writes_or_says_how_to_install(compose_cfg, tmp_path):
     import importlib.util
 
