@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -180,7 +181,6 @@ RUNS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("run_name", list(RUNS))
 def test_pml_losses_train_end_to_end_on_digits(compose_cfg, tmp_path, monkeypatch, run_name):
     """The real run path (dataset, sampler, trainer, evaluation, results.json); the loss's weights are trained."""
@@ -207,6 +207,9 @@ def test_pml_losses_train_end_to_end_on_digits(compose_cfg, tmp_path, monkeypatc
             assert not torch.equal(param.detach().cpu(), initial[name]), f"{name} was not trained"
         ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
         assert set(initial) | {"class_ids"} <= set(ckpt["loss"])  # resume restores them
+        groups = {g["name"]: g for g in ckpt["method"]["optimizer"]["param_groups"]}
+        assert len(groups["loss"]["params"]) == len(initial)  # the optimiser's "loss" group at loss_lr_mult
+        assert groups["loss"]["lr"] == pytest.approx(groups["trunk"]["lr"] * cfg.trainer.loss_lr_mult)
 
 
 def test_an_unknown_name_stops_the_run_before_training(compose_cfg, tmp_path):
@@ -215,3 +218,26 @@ def test_an_unknown_name_stops_the_run_before_training(compose_cfg, tmp_path):
     with pytest.raises(DMLRunnerError, match=r"loss.name=ProxyAnchor: .*did you mean ProxyAnchorLoss or"):
         run(compose_cfg("loss=pml", "loss.name=ProxyAnchor", *SHORT), tmp_path / "run")
     assert not (tmp_path / "run" / "history.csv").exists() and not (tmp_path / "run" / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_dml_run_and_dml_report_name_rows_by_the_pml_loss(tmp_path):
+    """Two `dml-run loss=pml loss.name=...` runs; dml-report tells the rows apart by the differing key loss.name."""
+    from conftest import run_dml
+
+    from dml_runner.report import main as report_main
+
+    names = ("CircleLoss", "SupConLoss")
+    for name in names:
+        run_dml(["loss=pml", f"loss.name={name}", *SHORT, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path)
+        saved = json.loads((tmp_path / name / "results.json").read_text())
+        assert saved["choices"]["loss"] == "pml" and saved["config"]["loss"]["name"] == name
+        assert saved["config"]["loss"]["embedding_size"] == saved["model"]["embedding_dim"]
+    assert report_main([*(str(tmp_path / n) for n in names), "--out", str(tmp_path / "tables"), "--no-figures",
+                        "--no-html"]) == 0
+    report = (tmp_path / "tables" / "report.md").read_text()
+    rows = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| name=")]
+    assert sorted(rows) == [f"name={n}" for n in names], report
+    assert "Settings that differ between rows (per-row recipe, `recipe` column of the CSV): loss.name." in report
+    runs = pd.read_csv(tmp_path / "tables" / "runs.csv")
+    assert sorted(runs["row"]) == sorted(f"loss=pml loss.name={n} {' '.join(SHORT)}" for n in names)
