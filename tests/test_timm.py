@@ -312,7 +312,7 @@ def test_dml_run_trains_a_timm_backbone_with_its_weights_and_transform(hf_hub, t
     run_dml(["dataset=folder", f"dataset.root={root}", "backbone=timm", f"backbone.name={CNN}",
              "backbone.pretrained=true", "backbone.img_size=32", "backbone.embedding_dim=8", "transform=timm",
              "trainer=smoke", "trainer.batch_size=8", "trainer.device=cpu", "trainer.eval_before_training=false",
-             "loss=triplet", f"hydra.run.dir={out}"], cwd=tmp_path)
+             "loss=triplet", "eval.backend=torch_fp32", f"hydra.run.dir={out}"], cwd=tmp_path)
     results = json.loads((out / "results.json").read_text())
     model = results["model"]
     assert model["source"] == "timm" and model["arch"] == CNN and model["weights_file"] == str(files[CNN])
