@@ -57,6 +57,22 @@ def test_an_unknown_model_is_one_line_naming_the_option_with_close_matches(name,
         assert "\n" not in str(err.value)
 
 
+def test_the_config_check_needs_no_model(compose_cfg):
+    """``timm_backbone.check_config``: what dml-run can refuse before it reads data (the name, the option values)."""
+    from omegaconf import OmegaConf
+
+    check = timm_backbone.check_config
+    node = OmegaConf.to_container(compose_cfg("backbone=timm", f"backbone.name={DINO}").backbone, resolve=True)
+    check(node)
+    for key, value, match in (("name", "vit_small_patch16_244.dino", "backbone.name=vit_small_patch16_244.dino: not a "
+                                                                    "timm model; close matches: "),
+                              ("freeze", "bn_some", "backbone.freeze='bn_some'"),
+                              ("img_size", 0, "backbone.img_size=0"), ("weights", "/x.safetensors", None)):
+        bad = {**node, key: value, **({"pretrained": True} if key == "weights" else {})}
+        with pytest.raises(DMLRunnerError, match=match or "not both"):
+            check(bad)
+
+
 def test_known_names_pass_with_or_without_a_tag():
     for name in (DINO, "resnet50.a1_in1k", "resnet50", CNN, VIT):
         check_model_name(name)

@@ -57,6 +57,19 @@ def check_model_name(name: str) -> None:
                              f"close matches: {', '.join(near) or 'none (use the name without a tag)'}")
 
 
+def check_config(node: dict[str, Any]) -> None:
+    """The checks of a ``backbone=timm`` config node that need no model: the name and the option values (for
+    ``dml_runner.config.validate_config``, before any data are read; attached as ``timm_backbone.check_config``)."""
+    name = node.get("name")
+    check_model_name(name)
+    check_trunk_options(name, node.get("in_channels", 3), bool(node.get("pretrained")), node.get("weights"),
+                        node.get("freeze", "none"), "timm's weights from the Hugging Face hub")
+    size = node.get("img_size")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise DMLRunnerError(f"backbone.img_size={size}: a positive number of pixels, or null for the model's "
+                             "pretrained input size")
+
+
 def pretrained_cfg(name: str) -> dict[str, Any]:
     """timm's pretrained config of ``name`` (its default tag when the name has none) as a dict."""
     from timm.models import get_pretrained_cfg
@@ -202,11 +215,8 @@ class TimmTrunk(FreezableTrunk):
                  freeze: str = "none", img_size: int | None = None,
                  model_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
-        check_model_name(name)
-        check_trunk_options(name, in_channels, pretrained, weights, freeze, "timm's weights from the Hugging Face hub")
-        if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
-            raise DMLRunnerError(f"backbone.img_size={img_size}: a positive number of pixels, or null for the "
-                                 "model's pretrained input size")
+        check_config({"name": name, "in_channels": in_channels, "pretrained": pretrained, "weights": weights,
+                      "freeze": freeze, "img_size": img_size})
         net, self.weights_info = _create(name, pretrained, weights, img_size, model_kwargs or {})
         self.name, self.freeze, self.img_size = name, freeze, img_size
         self.net = net
@@ -236,3 +246,6 @@ def timm_backbone(name: str = "resnet50.a1_in1k", pretrained: bool = False, weig
             "img_size": img_size or int(cfg.get("input_size", (3, 0, 0))[-1]),
             "pooling": pool if isinstance(pool, str) else getattr(pool, "pool_type", type(pool).__name__)}
     return EmbeddingModel(trunk, head, info=info)
+
+
+timm_backbone.check_config = check_config  # type: ignore[attr-defined]
