@@ -16,6 +16,7 @@ def digits_run(tmp_path_factory) -> Path:
     return trained_run(tmp_path_factory.getbasetemp(), "use_digits_run")
 
 
+@pytest.mark.slow  # the installed command in a subprocess
 def test_embed_image_folder(digits_run, tmp_path):
     folder = tmp_path / "my images"
     files = write_digit_images(folder)

@@ -32,6 +32,7 @@ def indexed(digits_run, tmp_path):
     return folder, files, stranger, index
 
 
+@pytest.mark.slow  # the installed command in a subprocess
 def test_search_prints_neighbours_and_draws_the_grid(digits_run, indexed, tmp_path):
     from dml_runner.plots import GRID_COLOURS, retrieval_grid_cell, retrieval_grid_size
 
