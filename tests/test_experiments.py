@@ -1,13 +1,10 @@
 """conf/experiment: every file composes with the paper's hyperparameters and points at a reference row (each row
-trains on the real path in tests/test_real_path.py). Also the `logger` config group and its classes."""
+trains on the real path in tests/test_real_path.py); rows extend the bases of conf/experiment/_base/ and state only
+what differs; the loss/method selection contract of conf/loss and conf/method."""
 
 from __future__ import annotations
 
-import importlib.util
-
-import pandas as pd
 import pytest
-from hydra.utils import instantiate
 
 from dml_runner.config import conf_dir
 from dml_runner.reference import load_reference, reference_tables
@@ -32,10 +29,10 @@ def test_every_table_target_has_experiments():
 def test_every_experiment_composes_and_names_its_reference(compose_cfg, name):
     cfg = compose_cfg(f"+experiment={name}")
     ref = cfg.reference
-    assert ref.paper in ("hdml", "lifted", "dc", "mdl") and ref.table in reference_tables()
+    assert ref.paper and ref.table in reference_tables()
     assert list(ref.deviations), "every row states how it deviates from the paper"
     table = load_reference(ref.table)
-    if ref.paper in ("hdml", "dc"):
+    if ref.paper not in ("lifted", "mdl"):  # Lifted Struct rows are keyed by dataset and d; MDL has no numbers
         assert ref.row in set(table["row"]), f"{name}: row {ref.row} not in {ref.table}.csv"
     for group in ("dataset", "backbone", "loss", "sampler", "optimizer", "method"):
         assert cfg[group].get("_target_"), group
@@ -90,38 +87,101 @@ def test_hdml_and_divide_conquer_hyperparameters(compose_cfg):
     assert vid.dataset.test_size == "small" and vid.dataset.protocol == "original"  # the paper table; loo = official code
 
 
-# ----------------------------------------------------------------------------------------- logger group
+# ------------------------------------------------------------------------------- bases (conf/experiment/_base)
 
-def test_logger_options_compose_and_csv_logger_writes(compose_cfg, tmp_path):
-    from dml_runner.loggers import CSVLogger
-
-    cfg = compose_cfg("logger=csv")
-    logger = instantiate(cfg.logger, out_dir=tmp_path)
-    assert isinstance(logger, CSVLogger)
-    logger.log_metrics(0, {"test/recall@1": 0.5, "split": "test", "flag": True})
-    logger.log_metrics(1, {"test/recall@1": 0.75, "train/loss": 0.25})  # a new column: the file is rewritten
-    logger.log_metrics(2, {"test/recall@1": 0.8, "train/loss": 0.2})
-    logger.close()
-    frame = pd.read_csv(tmp_path / "metrics.csv")
-    assert frame.columns.tolist() == ["step", "test/recall@1", "train/loss"]
-    assert frame["step"].tolist() == [0, 1, 2] and frame["train/loss"].iloc[2] == 0.2
-    assert pd.isna(frame["train/loss"].iloc[0])
-    with pytest.raises(RuntimeError):
-        logger.log_metrics(3, {"x": 1.0})
+BASES = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in
+               (CONF / "experiment" / "_base").rglob("*.yaml"))
+OVERRIDE_PREFIX = "override /"
 
 
-def test_tensorboard_logger_writes_or_says_how_to_install(compose_cfg, tmp_path):
-    from dml_runner import DMLRunnerError
-    from dml_runner.loggers import TensorBoardLogger
+def _defaults(name: str) -> list:
+    import yaml
 
-    cfg = compose_cfg("logger=tensorboard")
-    if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(DMLRunnerError, match="pip install tensorboard"):
-            TensorBoardLogger(tmp_path)
-        with pytest.raises(Exception, match="pip install tensorboard"):  # wrapped by Hydra; run.py unwraps it
-            instantiate(cfg.logger, out_dir=tmp_path)
-        return
-    logger = instantiate(cfg.logger, out_dir=tmp_path)
-    logger.log_metrics(1, {"test/recall@1": 0.5, "note": "skipped"})
-    logger.close()
-    assert any((tmp_path / "tensorboard").iterdir())
+    return yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text()).get("defaults", [])
+
+
+def _chain(name: str) -> set[str]:
+    """The bases a row or base extends, transitively (names under conf/experiment)."""
+    out: set[str] = set()
+    for entry in _defaults(name):
+        if isinstance(entry, str) and entry != "_self_":
+            base = entry.removeprefix("/experiment/") if entry.startswith("/") else \
+                str((CONF / "experiment" / name).parent.relative_to(CONF / "experiment") / entry)
+            out |= {base} | _chain(base)
+    return out
+
+
+def test_every_row_extends_a_base_and_every_base_is_used():
+    used: set[str] = set()
+    for name in EXPERIMENTS:
+        if name.split("/")[0] not in ("hdml", "lifted", "dc", "mdl"):
+            continue
+        first = _defaults(name)[0]
+        assert isinstance(first, str) and first.startswith("/experiment/_base/"), f"{name}: first default {first}"
+        used |= _chain(name)
+    assert used == set(BASES), f"unused bases: {sorted(set(BASES) - used)}"
+    for base in BASES:
+        assert (CONF / "experiment" / f"{base}.yaml").read_text().startswith("# @package _global_\n"), base
+        assert base not in EXPERIMENTS
+
+
+def _base_values(name: str) -> dict[str, dict]:
+    """{section: {key: value}} that the bases of ``name`` set in their own bodies (later bases win)."""
+    import yaml
+
+    out: dict[str, dict] = {}
+    for entry in _defaults(name):
+        if isinstance(entry, str) and entry != "_self_":
+            base = entry.removeprefix("/experiment/")
+            for section, values in _base_values(base).items():
+                out.setdefault(section, {}).update(values)
+            body = yaml.safe_load((CONF / "experiment" / f"{base}.yaml").read_text())
+            for section, values in body.items():
+                if section != "defaults":
+                    out.setdefault(section, {}).update(values if isinstance(values, dict) else {"": values})
+    return out
+
+
+def test_a_row_states_only_what_its_bases_do_not():
+    """No row sets a key to the value its bases already give it (the row would hide a change of the base)."""
+    import yaml
+
+    for name in EXPERIMENTS:
+        if name.split("/")[0] not in ("hdml", "lifted", "dc", "mdl"):
+            continue
+        base = _base_values(name)
+        assert base, f"{name}: extends no base"
+        for section, values in yaml.safe_load((CONF / "experiment" / f"{name}.yaml").read_text()).items():
+            if section in ("defaults", "reference"):
+                continue
+            for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+                assert base.get(section, {}).get(key, object()) != value, f"{name}: {section}.{key} repeats its base"
+
+
+# ------------------------------------------------------------------- loss / method selection (the contract)
+
+def test_a_loss_selects_the_only_method_that_trains_it_and_no_method_selects_a_loss(compose_cfg):
+    """conf/loss/hdml_*.yaml select method=hdml and their sampler (and say so); no method config selects a loss
+    (Hydra could not: conf/config.yaml lists loss after method). The documented commands compose."""
+    import yaml
+
+    selecting = {}
+    for path in sorted((CONF / "loss").glob("*.yaml")):
+        for entry in yaml.safe_load(path.read_text()).get("defaults") or []:
+            if isinstance(entry, dict):
+                for key, option in entry.items():
+                    selecting.setdefault(path.stem, {})[key.removeprefix(OVERRIDE_PREFIX).split("@")[0]] = option
+    assert selecting == {"hdml_npair": {"method": "hdml", "sampler": "npair"},
+                         "hdml_triplet": {"method": "hdml", "sampler": "hdml_triplets"}}
+    for loss, chosen in selecting.items():
+        text = (CONF / "loss" / f"{loss}.yaml").read_text()
+        assert f"SELECTS method={chosen['method']} AND sampler={chosen['sampler']}" in text, loss
+        choices = compose_cfg(f"loss={loss}", "dataset=cars196").method._target_
+        assert choices.endswith("HDMLMethod")
+    for path in sorted((CONF / "method").glob("*.yaml")):
+        assert "override /loss" not in path.read_text(), f"{path.name}: a method cannot select a loss"
+    assert "selects none" in (CONF / "method" / "divide_conquer.yaml").read_text()
+    assert compose_cfg("method=divide_conquer").loss._target_ == compose_cfg().loss._target_
+    for value in (0, 120):  # dml-run -m loss=hdml_npair loss.pulling_factor=0,30,60,90,120
+        cfg = compose_cfg("loss=hdml_npair", f"loss.pulling_factor={value}")
+        assert cfg.loss.pulling_factor == value and cfg.sampler._target_.endswith("NPairBatchSampler")
