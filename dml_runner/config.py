@@ -120,7 +120,7 @@ class EvalConfig:
 class PathsConfig:
     """Where data are read and runs are written; may change on resume (the files move, the run stays the same)."""
 
-    data_dir: str = _opt("data", "root of the dataset folders (env DML_DATA)", resume_free=True)
+    data_dir: str = _opt("${oc.env:DML_DATA,data}", "root of the dataset folders", resume_free=True)
     output_dir: str = _opt("outputs", "root of run and sweep directories; trainer.resume=auto searches it",
                            resume_free=True)
 
@@ -140,6 +140,18 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     for group, schema in SCHEMAS.items():
         cs.store(group=group, name="schema", node=schema)
+
+
+def engine_backend(backend: Any) -> str:
+    """The retrieval backend's name as dml_runner.evaluation.evaluate takes it.
+
+    Transitional: until the evaluation engine lists ``auto`` among its BACKENDS (its older name for it was
+    ``torch``), ``auto`` is passed under that name. Remove once evaluation.BACKENDS holds ``auto``.
+    """
+    from dml_runner.evaluation import BACKENDS
+
+    value = str(backend)
+    return "torch" if value == EvalBackend.auto.value and value not in BACKENDS else value
 
 
 def trainer_settings(cfg: Any) -> TrainerConfig:

@@ -24,7 +24,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dml_runner import DMLRunnerError, __version__, rundir
-from dml_runner.config import (EvalConfig, eval_settings, resume_free_keys, to_container, trainer_settings,
+from dml_runner.config import (EvalConfig, engine_backend, eval_settings, resume_free_keys, to_container, trainer_settings,
                                validate_config)
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def build_evaluate(e: EvalConfig, recall_at: list[int], trainer_seed: int) -> An
 
     return partial(evaluate, recall_at=tuple(recall_at), metrics=tuple(e.metrics), device=e.device,
                    seed=trainer_seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
-                   kmeans_iters=e.kmeans_iters, backend=str(e.backend))
+                   kmeans_iters=e.kmeans_iters, backend=engine_backend(e.backend))
 
 
 @contextlib.contextmanager
