@@ -251,3 +251,26 @@ def test_an_unfinished_mlflow_run_is_closed_as_failed_when_the_next_run_starts(c
     assert resumed.info.status == "FINISHED" and resumed.data.tags["dml_runner.resumed"] == "true"
     assert [m.step for m in client.get_metric_history(resumed.info.run_id, "test/recall_at_1")] == [0, 1]
     assert resumed.data.params["trainer.resume"] == "None"  # MLflow keeps a param's first value
+
+
+def test_a_failed_wandb_run_exits_nonzero_and_its_resume_continues_the_same_run(compose_cfg, tmp_path, tracker_env):
+    import wandb
+
+    node = compose_cfg("logger=wandb", "logger.wandb.project=resume-test").logger
+    out = tmp_path / "run"
+    first = build_loggers(node, out, {"trainer": {"epochs": 2}}, {"dataset": "digits", "loss": "triplet"})
+    first.log_metrics(0, {"epoch": 0, "test/recall@1": 0.5})
+    first.close_all()  # what the next run of the process (or interpreter exit) does to an unfinished one
+    again = build_loggers(node, out, {"trainer": {"epochs": 2, "resume": "auto"}})
+    again.log_metrics(1, {"epoch": 1, "test/recall@1": 0.75})
+    again.finish({"metrics": {"recall@1": 0.75}, "final_epoch": 1}, out_dir=out)
+    wandb.teardown()  # what the end of dml-run's process does: W&B's service writes out the last run file
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one W&B run id
+    starts, codes = [], []
+    for run_dir in runs:
+        records = read_wandb_records(next(run_dir.glob("run-*.wandb")))
+        codes += [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
+        starts += [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert codes == [1, 0] and [s.project for s in starts] == ["resume-test"] * 2
+    assert starts[0].display_name == "digits-triplet-run"
