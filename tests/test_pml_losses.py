@@ -206,7 +206,8 @@ def test_pml_losses_train_end_to_end_on_digits(compose_cfg, tmp_path, monkeypatc
         for name, param in loss.named_parameters():
             assert not torch.equal(param.detach().cpu(), initial[name]), f"{name} was not trained"
         ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
-        assert set(initial) | {"class_ids"} <= set(ckpt["loss"])  # resume restores them
+        assert set(initial) <= set(ckpt["loss"])  # resume restores them
+        assert ("class_ids" in ckpt["loss"]) == (cfg.loss.num_classes is None)  # taken from the training labels
         groups = {g["name"]: g for g in ckpt["method"]["optimizer"]["param_groups"]}
         assert len(groups["loss"]["params"]) == len(initial)  # the optimiser's "loss" group at loss_lr_mult
         assert groups["loss"]["lr"] == pytest.approx(groups["trunk"]["lr"] * cfg.trainer.loss_lr_mult)
