@@ -51,6 +51,9 @@ def test_embed_test_split_reproduces_the_runs_embeddings(digits_run, tmp_path):
     assert all(p.startswith("sklearn.datasets.load_digits#") for p in data["paths"])
     assert data["class_names"].tolist() == [str(c) for c in data["labels"]]
     assert str(data["checkpoint"]) == str(digits_run / "last.pt")
+    # a checkpoint file instead of the run directory: the same model
+    assert main([str(digits_run / "last.pt"), "test", "--out", str(tmp_path / "from_file.npz")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "from_file.npz")["embeddings"], data["embeddings"])
 
 
 def test_embed_train_split_of_another_protocol_without_augmentation(digits_run, tmp_path):
