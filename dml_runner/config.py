@@ -26,10 +26,13 @@ from dml_runner.devices import DEVICE_CHOICES, DEVICE_PATTERN
 # Metadata flag of a field whose value may differ between a checkpoint's run and the run that resumes it: it says
 # where or how long a run goes, or what is measured, never what the trained weights become.
 RESUME_FREE = "resume_free"
+# Metadata flag of a field that cannot change a reported number (where files go, speed, what is saved): runs that
+# differ only in such fields share a row of a report. A neutral field is also resume-free.
+NEUTRAL = "neutral"
 
 
-def _opt(default: Any, help: str, resume_free: bool = False) -> Any:  # noqa: A002 - one-line description
-    metadata = {"help": help, RESUME_FREE: resume_free}
+def _opt(default: Any, help: str, resume_free: bool = False, neutral: bool = False) -> Any:  # noqa: A002
+    metadata = {"help": help, RESUME_FREE: resume_free or neutral, NEUTRAL: neutral}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -77,23 +80,23 @@ class TrainerConfig:
     select_on: SelectOn = _opt(SelectOn.auto, "checkpoint choice: auto (val split if any, else the final epoch) "
                                               "| val | final | test (optimistic)")
     select_metric: str = _opt("recall@1", "metric that selects the checkpoint (recall@K, map@r, nmi, ...)")
-    num_workers: int = _opt(0, "DataLoader worker processes", resume_free=True)
-    num_threads: Optional[int] = _opt(None, "torch intra-op CPU threads (null: torch's default)")
-    pin_memory: bool = _opt(True, "pinned host memory for CUDA transfers", resume_free=True)
-    persistent_workers: bool = _opt(True, "keep DataLoader workers between epochs (num_workers > 0)",
-                                    resume_free=True)
-    eval_batch_size: int = _opt(256, "images per batch when embedding for evaluation", resume_free=True)
+    num_workers: int = _opt(0, "DataLoader worker processes", neutral=True)
+    num_threads: Optional[int] = _opt(None, "torch intra-op CPU threads (null: torch's default)", neutral=True)
+    pin_memory: bool = _opt(True, "pinned host memory for CUDA transfers", neutral=True)
+    persistent_workers: bool = _opt(True, "keep DataLoader workers between epochs (num_workers > 0)", neutral=True)
+    eval_batch_size: int = _opt(256, "images per batch when embedding for evaluation", neutral=True)
     head_lr_mult: float = _opt(1.0, "learning-rate multiplier of the embedding head (Song 2016 uses 10)")
     loss_lr_mult: float = _opt(1.0, "learning-rate multiplier of learnable loss parameters")
     grad_clip: Optional[float] = _opt(None, "clip the gradient norm to this value (null: no clipping)")
     max_steps_per_epoch: Optional[int] = _opt(None, "cap batches per epoch (smoke tests, quick looks)")
-    save_checkpoints: bool = _opt(True, "write last.pt (every epoch) and best.pt")
-    save_embeddings: bool = _opt(True, "write the final test embeddings to embeddings.npz (for dml-eval)")
-    progress: bool = _opt(True, "tqdm bar on a terminal (one log line per epoch otherwise)", resume_free=True)
+    save_checkpoints: bool = _opt(True, "write last.pt (every epoch) and best.pt", neutral=True)
+    save_embeddings: bool = _opt(True, "write the final test embeddings to embeddings.npz (for dml-eval)",
+                                 neutral=True)
+    progress: bool = _opt(True, "tqdm bar on a terminal (one log line per epoch otherwise)", neutral=True)
     cache_features: bool = _opt(False, "frozen trunk: compute pooled features once per image and view")
     cache_views: int = _opt(1, "augmented views cached per image when cache_features=true")
     resume: Optional[str] = _opt(None, "null | auto (an unfinished run with this config) | a run dir or last.pt",
-                                 resume_free=True)
+                                 neutral=True)
 
 
 @dataclass
@@ -109,7 +112,7 @@ class EvalConfig:
     backend: EvalBackend = _opt(EvalBackend.auto, "retrieval search: auto (torch_screened on a CPU with native bf16 "
                                                   "for large problems, else torch_fp32) | torch_screened | torch_fp32 "
                                                   "| faiss", resume_free=True)
-    chunk_size: int = _opt(4096, "queries per block of the retrieval search", resume_free=True)
+    chunk_size: int = _opt(4096, "queries per block of the retrieval search", neutral=True)
     kmeans_iters: int = _opt(50, "k-means iterations for NMI and F1", resume_free=True)
     seed: Optional[int] = _opt(None, "k-means seed (null: trainer.seed)", resume_free=True)
     normalize: bool = _opt(False, "L2-normalise the embeddings for evaluation only (training sees them raw)",
@@ -120,9 +123,9 @@ class EvalConfig:
 class PathsConfig:
     """Where data are read and runs are written; may change on resume (the files move, the run stays the same)."""
 
-    data_dir: str = _opt("${oc.env:DML_DATA,data}", "root of the dataset folders", resume_free=True)
+    data_dir: str = _opt("${oc.env:DML_DATA,data}", "root of the dataset folders", neutral=True)
     output_dir: str = _opt("outputs", "root of run and sweep directories; trainer.resume=auto searches it",
-                           resume_free=True)
+                           neutral=True)
 
 
 SCHEMAS = {"trainer": TrainerConfig, "eval": EvalConfig, "paths": PathsConfig}
@@ -175,6 +178,11 @@ def _to_schema(node: Any, schema: type, group: str) -> Any:
                              "options)") from err
 
 
+def flagged_keys(flag: str) -> list[str]:
+    """Dotted keys (``trainer.num_workers``) of the schema fields whose metadata sets ``flag``."""
+    return [f"{group}.{f.name}" for group, schema in SCHEMAS.items() for f in fields(schema) if f.metadata.get(flag)]
+
+
 def resume_free_keys(cfg: Any = None) -> set[str]:
     """Dotted config keys whose values may differ between a checkpoint's run and the run resuming it.
 
@@ -182,9 +190,7 @@ def resume_free_keys(cfg: Any = None) -> set[str]:
     every key whose value is an interpolation of free keys only (``scheduler.T_max: ${trainer.epochs}``,
     ``dataset.root: ${paths.data_dir}/cub200``), since it changes only when they do.
     """
-    free = {f"{group}.{f.name}" for group, schema in SCHEMAS.items() for f in fields(schema)
-            if f.metadata.get(RESUME_FREE)}
-    free |= set(LABEL_KEYS)
+    free = set(flagged_keys(RESUME_FREE)) | set(LABEL_KEYS)
     if cfg is not None:
         free |= _interpolated_from(cfg, free)
     return free

@@ -24,8 +24,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dml_runner import DMLRunnerError, __version__, rundir
-from dml_runner.config import (EvalConfig, engine_backend, eval_settings, resume_free_keys, to_container, trainer_settings,
-                               validate_config)
+from dml_runner.config import (EvalConfig, engine_backend, eval_settings, resume_free_keys, to_container,
+                               trainer_settings, validate_config)
 
 log = logging.getLogger(__name__)
 

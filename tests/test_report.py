@@ -509,3 +509,23 @@ def test_figures_for_ten_rows_titled_by_row_and_fast(tmp_path):
     assert all(Path(f).stat().st_size > 1000 for f, _ in figures)
     # the budget is 10 s on a free core; this machine's tests share 2 cores with other jobs
     assert elapsed < 30, f"figures of 10 small runs took {elapsed:.1f} s"
+
+
+def test_settings_flagged_neutral_in_the_schema_never_split_a_row():
+    """Where files live and how fast a run goes (config.NEUTRAL fields) cannot change a number; the seed is a
+    repeat; a learning rate is a recipe."""
+    from dml_runner.report.collect import recipe_config
+
+    def res(**over):
+        cfg = {"trainer": {"seed": 0, "num_workers": 0, "batch_size": 32}, "optimizer": {"lr": 0.1},
+               "paths": {"output_dir": "outputs", "data_dir": "data"}}
+        for key, value in over.items():
+            group, leaf = key.split("__")
+            cfg[group] = {**cfg[group], leaf: value}
+        return {"config": cfg, "choices": {"loss": "triplet"}}
+
+    base = recipe_config(res())
+    assert recipe_config(res(paths__output_dir="/scratch/o", paths__data_dir="/d", trainer__num_workers=8,
+                             trainer__seed=3)) == base
+    assert recipe_config(res(optimizer__lr=0.01)) != base
+    assert recipe_config(res(trainer__batch_size=64)) != base

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from dml_runner import DMLRunnerError
+from dml_runner.config import LABEL_KEYS, NEUTRAL, flagged_keys
 from dml_runner.rundir import HISTORY, RESULTS, read_results
 
 log = logging.getLogger(__name__)
@@ -32,11 +33,8 @@ log = logging.getLogger(__name__)
 FINGERPRINT = ("backbone", "weights", "embedding_dim", "test_transform", "evaluation", "split", "selected_on")
 
 # Config keys (dotted prefixes) that cannot change a reported number: runs differing only in these share a row.
-NEUTRAL_KEYS = (
-    "trainer.num_workers", "trainer.num_threads", "trainer.pin_memory", "trainer.persistent_workers",
-    "trainer.progress", "trainer.save_checkpoints", "trainer.save_embeddings", "trainer.resume",
-    "trainer.eval_batch_size", "eval.chunk_size", "dataset.verify_images", "logger", "tags", "reference", "hydra",
-)
+# The settings schemas flag theirs (config.NEUTRAL); the other groups' are named here.
+NEUTRAL_KEYS = (*flagged_keys(NEUTRAL), *LABEL_KEYS, "dataset.verify_images", "logger", "reference", "hydra")
 # Group choices that carry no setting of their own (their effect is in the config keys) or cannot change a number.
 NEUTRAL_CHOICES = ("logger", "hparams_search", "preset", "preset_sampler")
 SEED_KEY = "trainer.seed"
