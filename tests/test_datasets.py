@@ -10,9 +10,8 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from datasets_fixtures import (
+from dml_runner.datasets.fixtures import (
     make_cars196, make_cub200, make_folder, make_inshop, make_sop, make_vehicleid, write_cars_annos,
     write_inshop_partition,
 )
@@ -36,10 +35,14 @@ def trees(tmp_path_factory) -> dict[str, Path]:
 
 
 def from_config(name: str, root: Path, transform: str = "none", **overrides):
-    """What `dml-run dataset=<name> transform=<transform> dataset.root=<root>` instantiates."""
-    cfg = OmegaConf.create({"dataset": OmegaConf.load(CONF / "dataset" / f"{name}.yaml"),
-                            "transform": OmegaConf.load(CONF / "transform" / f"{transform}.yaml"),
-                            "trainer": {"seed": 0}})
+    """What `dml-run dataset=<name> transform=<transform> dataset.root=<root>` instantiates (composed by Hydra)."""
+    from hydra import compose, initialize_config_dir
+
+    from dml_runner.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"dataset={name}", f"transform={transform}", "trainer.seed=0"])
     cfg.dataset.root = str(root)
     for key, value in overrides.items():
         cfg.dataset[key] = value
