@@ -6,10 +6,8 @@ Plain PyTorch; :mod:`dml_runner.run` builds the objects from the config and call
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -21,11 +19,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dml_runner import DMLRunnerError
-from dml_runner.datasets.base import DatasetSplits, LabelledDataset
+from dml_runner import DMLRunnerError, rundir
 from dml_runner.config import TrainerConfig
+from dml_runner.datasets.base import DatasetSplits, LabelledDataset
+from dml_runner.devices import resolve_device
 from dml_runner.distributed import (DistInfo, ShardedBatchSampler, broadcast_module, convert_sync_batchnorm,
                                     data_parallel, gather_global_batch, init_distributed)
+from dml_runner.embed import write_embeddings
+from dml_runner.loggers import CSVLogger
 from dml_runner.methods.base import Method, TrainContext
 
 log = logging.getLogger(__name__)
@@ -60,18 +61,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919) % 2**63
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; an explicit ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DMLRunnerError(f"trainer.device={name} but PyTorch sees no CUDA device; use trainer.device=auto or cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as err:
-        raise DMLRunnerError(f"trainer.device={name!r} is not a device (use auto, cpu, cuda or cuda:N)") from err
-
-
 def seed_everything(seed: int) -> None:
     import random
 
@@ -86,17 +75,6 @@ def _seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-
-
-def save_atomic(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file then rename: a crash mid-write never corrupts the previous file."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -117,11 +95,6 @@ def average_over_draws(evaluate: Callable[..., dict[str, float]], emb: np.ndarra
     return out
 
 
-# The trainer's settings are config.TrainerConfig (the `trainer` group's schema); this alias goes once no caller
-# builds FitSettings any more.
-FitSettings = TrainerConfig
-
-
 class Trainer:
     def __init__(self, settings: TrainerConfig, data: DatasetSplits, model: torch.nn.Module, loss: torch.nn.Module,
                  method: Method, make_optimizer: Callable, make_scheduler: Callable | None,
@@ -132,7 +105,7 @@ class Trainer:
         self.logger = logger  # dml_runner.loggers.MetricLogger or None
         self.data = data
         self.dist = dist_info or DistInfo()
-        self.device = resolve_device(settings.device)
+        self.device = resolve_device(settings.device, "trainer.device")
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
@@ -155,6 +128,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         if self.dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.history_csv = CSVLogger(self.out_dir)  # history.csv, written by rank 0 only
         self.config = config or {}
         self.history: list[dict[str, Any]] = []
         self.select_split = self._selection_split()
@@ -382,7 +356,7 @@ class Trainer:
             self.best = {"epoch": epoch, "split": self.select_split, "metric": key, "value": chosen[key],
                          "test_metrics": split_metrics["test"]}
             if self.s.save_checkpoints:
-                save_atomic(self._checkpoint(epoch, metrics=split_metrics), self.out_dir / "best.pt")
+                rundir.save_torch_atomic(self._checkpoint(epoch, metrics=split_metrics), self.out_dir / rundir.BEST)
         self._barrier()
         return split_metrics["test"]
 
@@ -400,30 +374,21 @@ class Trainer:
             self.logger.log_metrics(epoch, row)
 
     def _write_history(self) -> None:
-        columns: list[str] = []
-        for row in self.history:
-            columns += [c for c in row if c not in columns]
-        tmp = self.out_dir / "history.csv.tmp"
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.history)
-        os.replace(tmp, self.out_dir / "history.csv")
+        self.history_csv.write_rows(self.history)
 
     def _checkpoint(self, epoch: int, metrics: dict | None = None) -> dict[str, Any]:
         """Everything needed to continue: weights, optimiser/scheduler/method state, progress and the config.
 
         Only tensors and plain containers, so it loads with ``torch.load(weights_only=True)``.
         """
-        return {"format": 1, "epoch": epoch, "model": self.model.state_dict(), "loss": self.loss.state_dict(),
-                "method": self.method.state_dict(), "metrics": metrics or {},
-                "history": self.history, "best": self.best, "untrained": self.untrained,
-                "last_test": self._last_test, "rng": {"torch": torch.get_rng_state()},
-                "pending_eval": self._pending_eval, "config": self.config}
+        return rundir.build_checkpoint(
+            epoch=epoch, model=self.model.state_dict(), loss=self.loss.state_dict(), method=self.method.state_dict(),
+            metrics=metrics, history=self.history, best=self.best, untrained=self.untrained,
+            last_test=self._last_test, pending_eval=self._pending_eval, config=self.config)
 
     def _save_last(self, epoch: int) -> None:
         if self.s.save_checkpoints and self.dist.is_main:
-            save_atomic(self._checkpoint(epoch), self.out_dir / "last.pt")
+            rundir.save_torch_atomic(self._checkpoint(epoch), self.out_dir / rundir.LAST)
             self.checkpoint_epoch = epoch
 
     def _restore(self, state: dict[str, Any]) -> None:
@@ -441,9 +406,8 @@ class Trainer:
         log.info("resumed after epoch %d", state["epoch"])
 
     def _save_embeddings(self, emb: np.ndarray) -> None:
-        arrays = {"embeddings": emb.astype(np.float32), "labels": self.data.test.labels}
-        if self.data.eval_mode == "query_gallery":
-            arrays.update(query_mask=self.data.query_mask, gallery_mask=self.data.gallery_mask)
-        tmp = self.out_dir / "embeddings.tmp.npz"
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, self.out_dir / "embeddings.npz")
+        """embeddings.npz: the final test embeddings with labels, image paths and class names (dml-eval,
+        dml-search), and the query/gallery masks of a query-gallery protocol."""
+        masks = {"query_mask": self.data.query_mask, "gallery_mask": self.data.gallery_mask} \
+            if self.data.eval_mode == "query_gallery" else {}
+        write_embeddings(self.out_dir / rundir.EMBEDDINGS, emb, self.data.test.labels, self.data.test, **masks)

@@ -23,7 +23,8 @@ from dml_runner.datasets.base import DatasetSplits, TensorLabelledDataset
 from dml_runner.losses.hdml import HDMLLoss
 from dml_runner.methods.hdml import HDMLMethod
 from dml_runner.samplers.npair import NPairBatchSampler
-from dml_runner.trainer import FitSettings, Trainer
+from dml_runner.config import TrainerConfig as FitSettings
+from dml_runner.trainer import Trainer
 
 
 class RandomCropFlip:

@@ -26,7 +26,8 @@ from dml_runner.methods.divide_conquer import (
 )
 from dml_runner.methods.standard import StandardMethod
 from dml_runner.samplers.class_balanced import ClassBalancedBatchSampler
-from dml_runner.trainer import FitSettings, Trainer
+from dml_runner.config import TrainerConfig
+from dml_runner.trainer import Trainer
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -64,8 +65,8 @@ def _trainer(method, tmp_path, epochs: int = 3, seed: int = 0, batch_size: int =
         return ClassBalancedBatchSampler(labels, batch_size=20 if batch_size is None else batch_size,
                                          seed=0 if seed is None else seed, samples_per_class=4)
 
-    settings = FitSettings(epochs=epochs, batch_size=batch_size, device="cpu", seed=seed, progress=False,
-                           save_checkpoints=False, save_embeddings=False, eval_before_training=False)
+    settings = TrainerConfig(epochs=epochs, batch_size=batch_size, device="cpu", seed=seed, progress=False,
+                             save_checkpoints=False, save_embeddings=False, eval_before_training=False)
     return Trainer(settings, data, model, loss, method, functools.partial(torch.optim.Adam, lr=1e-3), None,
                    make_sampler, evaluate=lambda *a, **k: {"recall@1": 0.0}, out_dir=tmp_path)
 
@@ -237,6 +238,22 @@ def test_method_sets_the_evaluated_embedding(tmp_path, embedding):
             torch.nn.functional.normalize(z, dim=1)
         torch.testing.assert_close(model(images), expected)
     assert model.info["dc_embedding"].startswith(embedding)
+
+
+def test_prepare_model_rebuilds_the_evaluated_embedding_without_training(tmp_path):
+    """dml-embed's path: a model rebuilt from the config, changed by the method's prepare_model, takes the trained
+    weights and embeds as the trained model; without the hook the slices would not be normalised on their own."""
+    trainer = _trainer(DivideConquerMethod(num_clusters=4, finetune_epochs=1), tmp_path)
+    images, _ = next(iter(torch.utils.data.DataLoader(trainer.data.test, batch_size=9, shuffle=False)))
+    rebuilt, plain = (small_cnn(in_channels=1, width=8, embedding_dim=16) for _ in range(2))
+    DivideConquerMethod(num_clusters=4).prepare_model(rebuilt)
+    for model in (rebuilt, plain):
+        model.load_state_dict(trainer.model.state_dict())
+        model.eval()
+    with torch.no_grad():
+        want = trainer.model.eval()(images)
+        torch.testing.assert_close(rebuilt(images), want)
+        assert not torch.allclose(plain(images), want, atol=1e-4)
 
 
 def test_official_sliced_fc_initialisation():

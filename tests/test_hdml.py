@@ -3,7 +3,6 @@ the official triplet sampler, NaN handling, evaluation normalisation, feature ca
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -28,11 +27,11 @@ QUIET = ("trainer.progress=false", "trainer.num_workers=0")
 def build_trainer(compose_cfg, out_dir, *overrides):
     """A Trainer (method set up, nothing trained) from the real configs, as dml_runner.run.run builds it."""
     from dml_runner.run import _instantiate
-    from dml_runner.trainer import FitSettings, Trainer, seed_everything
+    from dml_runner.config import trainer_settings
+    from dml_runner.trainer import Trainer, seed_everything
 
     cfg = compose_cfg(*QUIET, *overrides)
-    settings = FitSettings(**{f.name: cfg.trainer[f.name] for f in dataclasses.fields(FitSettings)
-                              if f.name in cfg.trainer})
+    settings = trainer_settings(cfg)
     seed_everything(settings.seed)
     data = _instantiate(cfg.dataset, "dataset")
     model = _instantiate(cfg.backbone, "backbone", in_channels=data.train.in_channels)
@@ -504,6 +503,25 @@ def test_evaluation_sees_l2_normalised_embeddings_training_the_raw_ones(compose_
     assert loss.metric == "npair"
 
 
+def test_prepare_model_rebuilds_the_trained_head(compose_cfg, tmp_path):
+    """dml-embed's path: a backbone rebuilt from the config takes the trained weights once the method's
+    prepare_model has added the head's BatchNorm, and embeds (normalised) as the trained model."""
+    from dml_runner.methods.hdml import HDMLMethod
+    from dml_runner.run import _instantiate
+
+    trainer = build_trainer(compose_cfg, tmp_path, *NPAIR, "backbone.normalize=false")
+    cfg = compose_cfg(*QUIET, *NPAIR, "backbone.normalize=false")
+    rebuilt = _instantiate(cfg.backbone, "backbone", in_channels=trainer.data.train.in_channels)
+    with pytest.raises(RuntimeError):  # the head's BatchNorm is missing
+        rebuilt.load_state_dict(trainer.model.state_dict())
+    HDMLMethod().prepare_model(rebuilt)
+    rebuilt.load_state_dict(trainer.model.state_dict())
+    images = next(iter(trainer.method.batches(1)))[0][:4]
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(images), trainer.model.eval()(images))
+    assert rebuilt.head.eval_normalize
+
+
 @pytest.mark.parametrize("nan_to_zero", [True, False])
 def test_a_nan_objective_counts_as_zero_as_the_official_code(compose_cfg, tmp_path, monkeypatch, nan_to_zero):
     trainer = build_trainer(compose_cfg, tmp_path, *NPAIR, f"loss.nan_to_zero={str(nan_to_zero).lower()}")
@@ -599,7 +617,7 @@ def test_every_hdml_table_row_declares_its_differences(compose_cfg):
 def test_a_row_runs_with_the_frozen_trunk_and_feature_cache(compose_cfg, tmp_path):
     """The paper row itself (GoogLeNet, caffe_227, official triplet sampler, HDML) on a tiny CUB tree, with the
     frozen-trunk option and two cached augmentation views; the random GoogLeNet stands in for the weight files."""
-    from datasets_fixtures import make_cub200
+    from dml_runner.datasets.fixtures import make_cub200
     from dml_runner.run import run
 
     root = make_cub200(tmp_path, classes=(1, 2, 3, 4, 101, 102, 103), per_class=3)

@@ -92,6 +92,11 @@ class Method:
         """Build optimisers and schedulers (the model and loss are already on ``ctx.device``)."""
         self.ctx = ctx
 
+    def prepare_model(self, model: nn.Module) -> None:
+        """Change the model's structure as this method trains and evaluates it (layers added to the head, the
+        evaluated embedding), without a TrainContext. ``setup`` calls it; dml-embed / dml-export call it on a model
+        rebuilt from a run's config before loading the run's weights. Default: nothing to change."""
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each epoch (1-based), e.g. to re-cluster."""
 

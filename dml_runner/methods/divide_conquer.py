@@ -267,15 +267,22 @@ class DivideConquerMethod(StandardMethod):
         self.build_task(find_unused_parameters=self.num_clusters > 1 and learnable_loss, model=ctx.model,
                         learner_losses=self.learner_losses)
 
+    def prepare_model(self, model: nn.Module) -> None:
+        """The evaluated embedding: with K > 1 and ``embedding: sliced``, the head normalises each learner's slice
+        on its own (the slices follow from the head's width and ``num_clusters``)."""
+        if self.num_clusters <= 1 or self.embedding != "sliced":
+            return
+        head = getattr(model, "head", None)
+        if not hasattr(head, "set_slices"):
+            raise DMLRunnerError("method.embedding=sliced needs the backbone's EmbeddingHead; use "
+                                 "method.embedding=whole with this model")
+        head.set_slices(learner_slices(head.fc.out_features, self.num_clusters))
+
     def _configure_head(self, head: nn.Module) -> None:
         """Official fc init and evaluated embedding; recorded in the model's info (results.json)."""
         if self.fc_init == "sliced":
             init_sliced_xavier_normal_(head.fc, self.slices, seed=self.ctx.seed + 1)
-        if self.embedding == "sliced":
-            if not hasattr(head, "set_slices"):
-                raise DMLRunnerError("method.embedding=sliced needs the backbone's EmbeddingHead; use "
-                                     "method.embedding=whole with this model")
-            head.set_slices(self.slices)
+        self.prepare_model(self.ctx.model)
         info = getattr(self.ctx.model, "info", None)
         if isinstance(info, dict):
             width = self.slices[0].stop - self.slices[0].start

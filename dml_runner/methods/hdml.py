@@ -77,14 +77,11 @@ class HDMLMethod(Method):
             require_frozen_trunk(model)
         # New layers are initialised from their own seed and leave the global RNG untouched, so data augmentation
         # and sampling see the same random stream as a plain run of the same seed.
+        self.prepare_model(model)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(ctx.seed + 7919)
-            if self.feature_bn:  # official: pool5 -> BN -> FC; the BN joins the head, so evaluation uses it too
-                model.head.dropout = nn.Sequential(nn.BatchNorm1d(model.feature_dim, **TF_BN), model.head.dropout)
             loss.build(model.feature_dim, model.embedding_dim, torch.as_tensor(np.unique(ctx.train_set.labels)))
         model.head.to(ctx.device)
-        if self.eval_normalize:
-            model.head.eval_normalize = True
         loss.to(ctx.device)
         if not (loss.use_softmax or loss.use_reconstruction):
             # J_gen is the constant 0: the generator never moves (in one process its gradients stay None); frozen,
@@ -126,6 +123,15 @@ class HDMLMethod(Method):
         self.info = info
         self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """The head as HDML trains and evaluates it: ``feature_bn`` puts a BatchNorm (TF's momentum and eps) before
+        the FC layer (official: pool5 -> BN -> FC; part of the head, so evaluation uses it too), and
+        ``eval_normalize`` L2-normalises the evaluated embeddings."""
+        if self.feature_bn:
+            model.head.dropout = nn.Sequential(nn.BatchNorm1d(model.feature_dim, **TF_BN), model.head.dropout)
+        if self.eval_normalize:
+            model.head.eval_normalize = True
 
     # ------------------------------------------------------------------------------------------------ steps
     def batches(self, epoch: int) -> Iterable:
