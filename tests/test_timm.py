@@ -18,6 +18,7 @@ from torch import nn
 from dml_runner import DMLRunnerError
 from dml_runner.backbones import timm_backbone
 from dml_runner.backbones.timm_nets import check_model_name, data_config, hf_weights_available, hf_weights_path
+from dml_runner.config import trainer_settings, validate_config
 from hf_cache import REVISION, offline_hub, write_timm_weights
 
 CNN, VIT = "resnet18.a1_in1k", "vit_tiny_patch16_224.augreg_in21k"  # small models of the two families
@@ -257,6 +258,9 @@ def test_the_modern_recipe_builds_and_trains_a_step(compose_cfg, dino_hub, datas
     cfg = compose_cfg(f"+experiment=modern/vit_s16_dino_proxyanchor_{dataset}", "backbone.img_size=32")
     assert cfg.backbone.name == DINO and cfg.loss.name == "ProxyAnchorLoss" and cfg.backbone.embedding_dim == 384
     assert cfg.reference.table == "modern" and cfg.reference.row == f"sph_dino_{dataset}"
+    validate_config(cfg)
+    settings = trainer_settings(cfg)  # the trainer settings dml-run builds (typed schema)
+    assert settings.eval_every == settings.epochs and settings.grad_clip == 3.0 and settings.loss_lr_mult == 100.0
     with offline_hub(dino_hub[0]):
         model = instantiate(cfg.backbone, in_channels=3, _convert_="all")
     test = instantiate(cfg.transform.test, _convert_="all")
