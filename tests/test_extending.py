@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -127,3 +128,17 @@ def test_plugin_loss_dataset_and_backbone_train_with_pretrained_weights(tmp_path
     for key in ("features.0.0.weight", "features.12.0.weight"):
         moved = (saved[f"trunk.{key}"] - state[key]).abs().max().item()
         assert 0 < moved < 1e-5, (key, moved)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_plugin_method_accumulates_batches_before_each_step(tmp_path, accumulate):
+    """method=accumulated: 4 batches per epoch make 4 / accumulate optimiser steps (Adam's step count)."""
+    out = tmp_path / "run"
+    run_plugin(["method=accumulated", f"method.accumulate={accumulate}", "trainer=smoke", "trainer.epochs=2",
+                "trainer.max_steps_per_epoch=4", "trainer.batch_size=20", f"hydra.run.dir={out}"],
+               cwd=tmp_path, env=plugin_env())
+    history = pd.read_csv(out / "history.csv")
+    assert list(history["optimizer_steps"].dropna()) == [4 // accumulate, 8 // accumulate]
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "completed" and np.isfinite(results["metrics"]["recall@1"])
