@@ -19,18 +19,21 @@ from dml_runner.evaluation._validation import (
     check_recall_at,
 )
 from dml_runner.evaluation.clustering import f1_from_assignments, kmeans_assignments, nmi_from_assignments
-from dml_runner.evaluation.cpu import cpu_info, describe_paths, screen_dtype, use_screen
+from dml_runner.evaluation.cpu import cpu_info, describe_paths, forced_search, screen_dtype, use_screen, use_symmetric
 from dml_runner.evaluation.kmeans import low_precision_dtype  # noqa: F401  (the k-means API: evaluation.kmeans.kmeans)
 from dml_runner.evaluation.memory import SCREENED_BYTES_PER_ELEMENT, estimate_memory_bytes, rows_per_chunk
 from dml_runner.evaluation.retrieval import exact_retrieval, faiss_retrieval
 from dml_runner.evaluation.screened import screened_retrieval
+from dml_runner.evaluation.symmetric import symmetric_retrieval
 
-BACKENDS = ("torch", "torch_screened", "torch_fp32", "faiss")
+BACKENDS = ("torch", "torch_screened", "torch_fp32", "torch_symmetric", "faiss")
 # The screen's fixed costs (gallery statistics, per-query float64 work) pay off from about here (docs/PERFORMANCE.md):
 # bf16 screen (native bf16) from 4,096 queries x 8,192 gallery items. The float32 screen (only when forced: see
 # cpu.use_screen), whose product costs as much as the float32 search's, not below 20,000 of each.
 SCREEN_MIN_QUERIES, SCREEN_MIN_GALLERY = 4096, 8192
 SCREEN_FP32_MIN = 20_000
+# The symmetric leave-one-out search (half the product, a per-block listing pass) from this many items.
+SYMMETRIC_MIN = 16_384
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -130,6 +133,12 @@ def evaluate(
             if screen_dtype(dev) == torch.float32:
                 big = min(q_idx.size, g_idx.size) >= max(SCREEN_FP32_MIN, SCREEN_MIN_QUERIES)
             backend = "torch_screened" if big and use_screen(dev) else "torch_fp32"
+            if backend == "torch_fp32" and qmask is None and use_symmetric(dev) and (
+                    n >= SYMMETRIC_MIN or forced_search() == "symmetric"):
+                backend = "torch_symmetric"
+        elif backend == "torch_symmetric" and qmask is not None:
+            raise ValueError("backend 'torch_symmetric' searches leave-one-out only; with query/gallery masks use "
+                             "'torch_fp32' or 'torch_screened'")
         if qmask is None:  # leave-one-out: queries and gallery are the data itself (no copies)
             args = (emb, lab, emb, lab, self_index)
         else:
@@ -148,6 +157,8 @@ def evaluate(
                 log.info("retrieval: the bf16 screen leaves too many items undecided (embeddings close to random); "
                          "using the float32 search")
                 backend = "torch_fp32"
+        if backend == "torch_symmetric":
+            stats = symmetric_retrieval(emb, lab, need_ranking=need_ranking, device=dev)
         if backend == "torch_fp32":
             chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb)
             stats = exact_retrieval(*args, need_ranking=need_ranking, device=dev, chunk_size=chunk)

@@ -24,10 +24,10 @@ import torch
 
 ENV_CPU_PATH = "DML_CPU_PATH"  # auto | bf16 | fp32
 ENV_KMEANS = "DML_KMEANS_PRECISION"  # auto | bf16 | fp32
-ENV_SEARCH = "DML_EVAL_SEARCH"  # auto | screened | fp32
+ENV_SEARCH = "DML_EVAL_SEARCH"  # auto | screened | fp32 | symmetric
 ENV_SCREEN = "DML_SCREEN_PRECISION"  # auto | bf16 | fp32
 PRECISIONS = ("auto", "bf16", "fp32")
-SEARCHES = ("auto", "screened", "fp32")
+SEARCHES = ("auto", "screened", "fp32", "symmetric")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it may not use bf16 instructions
 _ONEDNN_NO_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 # CPU flags (/proc/cpuinfo spelling) reported by cpu_info(): bf16 products, int8 / int16 dot products
@@ -139,10 +139,26 @@ def use_screen(device: torch.device | str) -> bool:
     DML_EVAL_SEARCH, else on a CPU whose screen runs in bf16 (native bf16, or forced by DML_SCREEN_PRECISION /
     DML_CPU_PATH), never on CUDA. The float32 screen (same results) measured slower than the float32 search at
     SOP's size on an emulated AVX2-only CPU, so it runs only when asked for (DML_EVAL_SEARCH=screened)."""
-    search = _env(ENV_SEARCH, SEARCHES)
+    search = forced_search()
     if search != "auto":
         return search == "screened"
     return torch.device(device).type == "cpu" and screen_dtype(device) == torch.bfloat16
+
+
+def forced_search() -> str:
+    """DML_EVAL_SEARCH: ``auto`` (detection decides), ``screened``, ``fp32`` or ``symmetric`` (the leave-one-out
+    search whose product blocks serve their rows and columns; masked evaluations run ``fp32`` instead)."""
+    return _env(ENV_SEARCH, SEARCHES)
+
+
+def use_symmetric(device: torch.device | str) -> bool:
+    """Whether the ``torch`` backend runs a leave-one-out evaluation as the symmetric search (size thresholds apply
+    on top): forced by DML_EVAL_SEARCH, else on a CPU where it would otherwise run the float32 search (no native
+    bf16): there the product is the cost, and the symmetric search does half of it."""
+    search = forced_search()
+    if search != "auto":
+        return search == "symmetric"
+    return torch.device(device).type == "cpu" and not use_screen(device)
 
 
 def describe_paths(device: torch.device | str = "cpu") -> dict[str, str]:
@@ -151,5 +167,6 @@ def describe_paths(device: torch.device | str = "cpu") -> dict[str, str]:
     return {"cpu": info.model, "flags": " ".join(sorted(info.flags)), "torch_isa": info.torch_capability,
             "native_bf16": str(info.native_bf16), "kmeans_precision": str(kmeans_dtype(device)).replace("torch.", ""),
             "search": (f"torch_screened ({str(screen_dtype(device)).replace('torch.', '')})" if use_screen(device)
-                       else "torch_fp32"),
+                       else "torch_symmetric (leave-one-out; torch_fp32 with query/gallery masks)"
+                       if use_symmetric(device) else "torch_fp32"),
             "threads": str(torch.get_num_threads())}

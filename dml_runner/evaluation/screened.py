@@ -367,13 +367,7 @@ def _certified_top(q, g, sc: Screen, z, bmax, sub, rows, rn, shift, e, slack, rm
     ci = torch.arange(rows.numel(), device=dev)[:, None].expand_as(idx)
     exact = torch.full(idx.shape, -float("inf"), dtype=torch.float64, device=dev)
     exact[finite] = pair_scores(q, g, sc.half_sq_g, rows[ci[finite]], idx[finite])
-    # order the candidates by (exact score desc, index asc)
-    big = torch.iinfo(torch.int64).max
-    key_idx = torch.where(finite, idx, torch.full_like(idx, big))
-    order = torch.sort(key_idx, dim=1).indices
-    exact_o, idx_o = exact.gather(1, order), key_idx.gather(1, order)
-    order2 = torch.sort(exact_o, dim=1, descending=True, stable=True).indices
-    exact_o, idx_o = exact_o.gather(1, order2), idx_o.gather(1, order2)
+    exact_o, idx_o = exact_order(exact, idx, finite)
     # certification: every left-out item has z <= z_last, so its s - shift <= z_last + err(z_last)
     v_r = exact_o.gather(1, (rn - 1)[:, None]).squeeze(1) - shift
     z_last = zs.gather(1, (krow - 1)[:, None]).squeeze(1)
@@ -383,6 +377,17 @@ def _certified_top(q, g, sc: Screen, z, bmax, sub, rows, rn, shift, e, slack, rm
     left_out_max = z_last + e + U_OUT[z.dtype] * 1.01 * z_last.abs()
     exhausted = ~torch.isfinite(z_last) | (z_last <= PAD_SCORE / 2)
     return idx_o[:, :rmax], exhausted | (v_r > left_out_max)
+
+
+def exact_order(exact: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's candidates ordered by (exact score descending, index ascending); invalid ones last, with the
+    index int64 max."""
+    big = torch.iinfo(torch.int64).max
+    key = torch.where(valid, idx, torch.full_like(idx, big))
+    order = torch.sort(key, dim=1).indices
+    exact_o, idx_o = exact.gather(1, order), key.gather(1, order)
+    order2 = torch.sort(exact_o, dim=1, descending=True, stable=True).indices
+    return exact_o.gather(1, order2), idx_o.gather(1, order2)
 
 
 def _full_topk(q, g, sc: Screen, rows, sel, k, col_chunk: int = 8192):

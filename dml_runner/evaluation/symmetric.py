@@ -1,0 +1,289 @@
+"""Leave-one-out retrieval metrics from the symmetric product: each block of X X^T serves its rows and its columns.
+
+In leave-one-out every item queries all the others, so the (N x N) score matrix is symmetric. With
+
+    m(i, j) = x_i . x_j - |x_i|^2 / 2 - |x_j|^2 / 2  (= -|x_i - x_j|^2 / 2: larger = nearer, symmetric),
+
+one float32 product per block pair I <= J (the half norms ride in it as four extra columns, two-part splits) gives
+the block M ~ m[I, J] once; its rows rank J for the queries of I and its columns rank I for the queries of J, so
+the search does half the multiply-adds of a row-by-row search. Results are certified like the screened search's
+(``screened.py``), so they are those of float64 arithmetic:
+
+- each query's nearest positive score t (and its index p1) is exact (float64 over its own class);
+- ``e_i`` bounds |M - m| on row i (float32 accumulation of K terms, the split residuals);
+- an item with M > t + e is surely nearer than the nearest positive (counted), one with M < t - e surely farther;
+  the band between is recomputed in float64 and compared exactly (ties broken by index);
+- MAP@R / R-Precision: a per-query running top-k (k = max R + ``slack``) of M, filled from the row blocks and the
+  column blocks: the diagonal blocks seed it (top-k within the block), then every later block lists only the items
+  above the query's current k-th value. At the end the first R + slack are recomputed in float64, ordered exactly
+  and certified (the R-th exact score must beat the bound on everything left out); a row that fails is searched in
+  float64 against all items. Queries whose nearest positive ranks >= R need no top-k (closed form).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dml_runner.evaluation.retrieval import (
+    RetrievalStats,
+    map_r_and_r_precision,
+    ordered_topk,
+    positives_of,
+    prepare_queries,
+)
+from dml_runner.evaluation.screened import U_F32, exact_order, pair_scores
+
+BLOCK_ROWS = 1024  # rows (and columns) of one block of the product: a multiple of screened.COL_ALIGN
+SLACK = 8  # extra neighbours per query kept in the running top-k for MAP@R (certification margin)
+PAD = -1e30  # score of a padding row / column: below every threshold
+
+
+def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the True entries of a contiguous bool tensor (numpy's scan on CPU: several times faster
+    than torch's ``nonzero``)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return mask.view(-1).nonzero().ravel()
+
+
+def _round_down(v: torch.Tensor) -> torch.Tensor:
+    """float64 -> the largest float32 <= v."""
+    f = v.float()
+    return torch.where(f.double() > v, torch.nextafter(f, torch.tensor(-float("inf"))), f)
+
+
+def _round_up(v: torch.Tensor) -> torch.Tensor:
+    """float64 -> the smallest float32 >= v."""
+    f = v.float()
+    return torch.where(f.double() < v, torch.nextafter(f, torch.tensor(float("inf"))), f)
+
+
+class _TopK:
+    """Per-query running top-k of the float32 scores (values descending, item indices), filled from listed pairs."""
+
+    def __init__(self, n: int, k: int, device: torch.device):
+        self.k = k
+        self.vals = torch.full((n, k), -float("inf"), device=device)
+        self.idx = torch.full((n, k), -1, dtype=torch.int64, device=device)
+
+    def threshold(self) -> torch.Tensor:
+        """The k-th value of every query: an item at or below it cannot enter the top k."""
+        return self.vals[:, -1]
+
+    def seed(self, rows: slice, vals: torch.Tensor, idx: torch.Tensor) -> None:
+        kk = vals.shape[1]
+        self.vals[rows, :kk], self.idx[rows, :kk] = vals, idx
+
+    def merge(self, q: torch.Tensor, items: torch.Tensor, v: torch.Tensor) -> None:
+        """Merge listed (query, item, value) triples into the queries' top k."""
+        if not q.numel():
+            return
+        order = torch.argsort(q, stable=True)
+        q, items, v = q[order], items[order], v[order]
+        rows, counts = torch.unique_consecutive(q, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(q.numel(), device=q.device) - torch.repeat_interleave(starts, counts)
+        width = int(counts.max())
+        slot = torch.repeat_interleave(torch.arange(rows.numel(), device=q.device), counts)
+        nv = torch.full((rows.numel(), width), -float("inf"), device=q.device)
+        ni = torch.full((rows.numel(), width), -1, dtype=torch.int64, device=q.device)
+        nv[slot, pos], ni[slot, pos] = v, items
+        allv = torch.cat([self.vals[rows], nv], dim=1)
+        alli = torch.cat([self.idx[rows], ni], dim=1)
+        top_v, j = torch.topk(allv, self.k, dim=1)
+        self.vals[rows], self.idx[rows] = top_v, alli.gather(1, j)
+
+
+def symmetric_retrieval(
+    x: np.ndarray,
+    labels: np.ndarray,
+    *,
+    need_ranking: bool = True,
+    device: torch.device = torch.device("cpu"),
+    block_rows: int = BLOCK_ROWS,
+    slack: int = SLACK,
+) -> RetrievalStats:
+    """Leave-one-out statistics of :func:`dml_runner.evaluation.retrieval.exact_retrieval` (every item queries all
+    others), from the upper-triangular blocks of one float32 product; results equal a float64 brute force."""
+    if torch.get_float32_matmul_precision() != "highest":
+        # the error bound assumes float32 products: no bf16 / TF32 inside the "float32" matrix products
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            return symmetric_retrieval(x, labels, need_ranking=need_ranking, device=device, block_rows=block_rows,
+                                       slack=slack)
+        finally:
+            torch.set_float32_matmul_precision(before)
+    if block_rows <= 0 or block_rows % 1024:
+        raise ValueError(f"block_rows must be a positive multiple of 1024; got {block_rows}")
+    dev = torch.device(device)
+    xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=dev)
+    n, d = xt.shape
+    b = block_rows
+    npad = -(-n // b) * b
+    nb = npad // b
+    # half squared norms in float64 and their two-part float32 split
+    h = torch.empty(n, dtype=torch.float64, device=dev)
+    for s in range(0, n, 8192):
+        xd = xt[s : s + 8192].double()
+        h[s : s + 8192] = 0.5 * (xd * xd).sum(dim=1)
+    h_hi = h.float()
+    h_lo = (h - h_hi.double()).float()
+    split_resid = float((h - h_hi.double() - h_lo.double()).abs().max()) if n else 0.0
+    kp = -(-(d + 4) // 8) * 8
+    a = torch.zeros(npad, kp, device=dev)  # rows:    [x, -h_hi, -h_lo, 1, 1]
+    bm = torch.zeros(npad, kp, device=dev)  # columns: [x, 1, 1, -h_hi, -h_lo]
+    a[:n, :d], bm[:n, :d] = xt, xt
+    a[:n, d], a[:n, d + 1], a[:n, d + 2], a[:n, d + 3] = -h_hi, -h_lo, 1.0, 1.0
+    bm[:n, d], bm[:n, d + 1], bm[:n, d + 2], bm[:n, d + 3] = 1.0, 1.0, -h_hi, -h_lo
+    a[n:, d] = PAD  # a padding row scores PAD against every real column
+    bm[n:, d + 2] = PAD  # a padding column scores PAD against every real row
+
+    qs = prepare_queries(labels, labels, np.arange(n), dev)
+    pidx, r_all, lab, scored = qs.pidx, qs.r, qs.labels, qs.scored
+    # 1. exact nearest positive of every scored query (float64 over its own class)
+    t = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)  # unscored queries: nothing counts
+    p1 = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    for s in range(0, scored.numel(), 8192):
+        rows = scored[s : s + 8192]
+        cols, valid = positives_of(pidx, rows, rows)
+        rr = rows[:, None].expand_as(cols)
+        ps = torch.full(cols.shape, -float("inf"), dtype=torch.float64, device=dev)
+        ps[valid] = pair_scores(xt, xt, h, rr[valid], cols[valid]) - h[rr[valid]]
+        best = ps.max(dim=1).values
+        big = torch.iinfo(torch.int64).max
+        t[rows] = best
+        p1[rows] = torch.where(valid & (ps == best[:, None]), cols, torch.full_like(cols, big)).min(dim=1).values
+    # 2. error bound of M on each row: float32 accumulation of kp terms in any order, plus the split residuals
+    xnorm = (2 * h).sqrt()
+    parts = h_hi.double().abs() + h_lo.double().abs()
+    xmax = float(xnorm.max()) if n else 0.0
+    pmax = float(parts.max()) if n else 0.0
+    e = (2 * (kp + 8) * U_F32 * (xnorm * xmax + parts + pmax) + 2 * split_resid) * 1.0625 + 1e-30
+    e = e + 2.0**-50 * (t.abs().nan_to_num(posinf=0.0) + parts + pmax)  # float64 rounding of the exact scores
+    lo = torch.full((npad,), float("inf"), device=dev)
+    hi = torch.full((npad,), float("inf"), device=dev)
+    sc = scored
+    lo[sc], hi[sc] = _round_down(t[sc] - e[sc]), _round_up(t[sc] + e[sc])
+    # 3. the blocks
+    r_max = int(r_all.max()) if n else 0
+    kk = min(r_max + slack, max(npad - 1, 1))
+    top = _TopK(npad, kk, dev) if need_ranking and scored.numel() else None
+    sure = torch.zeros(npad, dtype=torch.int64, device=dev)
+    band_q, band_i = [], []
+    m = torch.empty(b, b, device=dev)
+    mask = torch.empty(b, b, dtype=torch.bool, device=dev)
+    eye = torch.arange(b, device=dev)
+
+    def listed(q: torch.Tensor, items: torch.Tensor, v: torch.Tensor, merge: bool = True) -> None:
+        """Sort the listed (query, item, M) triples into sure counts, band items and [top-k candidates]."""
+        hq = hi[q]
+        is_sure = v > hq
+        sure.index_add_(0, q[is_sure], torch.ones_like(q[is_sure]))
+        in_band = ~is_sure & (v >= lo[q])
+        band_q.append(q[in_band])
+        band_i.append(items[in_band])
+        if top is not None and merge:
+            keep = v > top.threshold()[q]
+            top.merge(q[keep], items[keep], v[keep])
+
+    def threshold(s0: int) -> torch.Tensor:
+        """Per query of s0:s0+b: list the items at or above min(lower band edge, current k-th value)."""
+        lo_s = lo[s0 : s0 + b]
+        return lo_s if top is None else torch.minimum(lo_s, torch.where(torch.isinf(lo_s), lo_s,
+                                                                         top.threshold()[s0 : s0 + b]))
+
+    for bi in range(nb):  # diagonal blocks first: they seed the running top-k (tight thresholds from the start)
+        i0 = bi * b
+        torch.mm(a[i0 : i0 + b], bm[i0 : i0 + b].T, out=m)
+        m[eye, eye] = -float("inf")  # the query itself
+        if top is not None:
+            v, j = torch.topk(m, min(kk, b), dim=1)
+            top.seed(slice(i0, i0 + b), v, j + i0)
+        torch.ge(m, lo[i0 : i0 + b, None], out=mask)
+        f = _flat_nonzero(mask)
+        listed(f // b + i0, f % b + i0, m.view(-1)[f], merge=False)  # the seeding already holds this block's best
+    for bi in range(nb):
+        i0 = bi * b
+        qs_, its_, vs_ = [], [], []  # one block row's listings, sorted out together (fewer small operations)
+        for bj in range(bi + 1, nb):
+            j0 = bj * b
+            torch.mm(a[i0 : i0 + b], bm[j0 : j0 + b].T, out=m)
+            torch.ge(m, threshold(i0)[:, None], out=mask)  # rows of the block as queries
+            f = _flat_nonzero(mask)
+            torch.ge(m, threshold(j0)[None, :], out=mask)  # columns of the block as queries
+            f2 = _flat_nonzero(mask)
+            qs_ += [f // b + i0, f2 % b + j0]
+            its_ += [f % b + j0, f2 // b + i0]
+            vs_ += [m.view(-1)[f], m.view(-1)[f2]]
+        if qs_:
+            listed(torch.cat(qs_), torch.cat(its_), torch.cat(vs_))
+    del m, mask, a, bm
+    # 4. the band, in float64: an item is before the nearest positive iff it is a negative with a higher exact
+    # score, or an equal one and a lower index
+    bq, bit = torch.cat(band_q), torch.cat(band_i)
+    rank = sure
+    if bq.numel():
+        exact = pair_scores(xt, xt, h, bq, bit) - h[bq]
+        before = (lab[bit] != lab[bq]) & ((exact > t[bq]) | ((exact == t[bq]) & (bit < p1[bq])))
+        rank = rank.index_add(0, bq[before], torch.ones_like(bq[before]))
+    rank = rank[:n]
+    ranks = rank[scored]
+    if not need_ranking:
+        return RetrievalStats(first_rank=ranks.cpu().numpy(), map_at_r=np.zeros(0), r_precision=np.zeros(0),
+                              num_without_positive=int(n - scored.numel()))
+    # 5. MAP@R and R-Precision
+    r = r_all[scored]
+    rf = r.to(torch.float64)
+    at_r = (ranks + 1 == r).to(torch.float64)
+    ap, rp = at_r / (rf * rf), at_r / rf
+    need = (ranks + 1 < r).nonzero().ravel()
+    if need.numel():
+        rows = scored[need]
+        rn = r[need]
+        top_idx = _certified(xt, h, top, rows, rn, e[rows], slack)
+        bad = (top_idx[:, 0] < 0).nonzero().ravel()
+        if bad.numel():
+            top_idx[bad] = _full_topk(xt, h, rows[bad], int(rn.max()))
+        rel = (top_idx >= 0) & (top_idx < n) & (lab[top_idx.clamp(0, max(n - 1, 0))] == lab[rows, None])
+        mp, pp = map_r_and_r_precision(rel, rn)
+        ap[need], rp[need] = mp, pp
+    return RetrievalStats(first_rank=ranks.cpu().numpy(), map_at_r=ap.cpu().numpy(), r_precision=rp.cpu().numpy(),
+                          num_without_positive=int(n - scored.numel()))
+
+
+def _certified(xt: torch.Tensor, h: torch.Tensor, top: _TopK, rows: torch.Tensor, rn: torch.Tensor,
+               e: torch.Tensor, slack: int) -> torch.Tensor:
+    """(rows, max R) item indices in exact order from the first R + slack of each running top-k, recomputed in
+    float64; a row whose R-th exact score does not beat the bound on the items left out gets -1 in column 0."""
+    dev = xt.device
+    rmax = int(rn.max())
+    k = top.k
+    vals, idx = top.vals[rows], top.idx[rows]
+    krow = (rn + slack).clamp_max(k)
+    pos = torch.arange(k, device=dev)
+    live = (idx >= 0) & (idx < xt.shape[0]) & (vals > PAD / 2) & (pos[None, :] < krow[:, None])
+    ci = torch.arange(rows.numel(), device=dev)[:, None].expand_as(idx)
+    exact = torch.full(idx.shape, -float("inf"), dtype=torch.float64, device=dev)
+    exact[live] = pair_scores(xt, xt, h, rows[ci[live]], idx[live]) - h[rows[ci[live]]]
+    ex_o, idx_o = exact_order(exact, idx, live)
+    v_r = ex_o.gather(1, (rn - 1)[:, None]).squeeze(1)
+    # every item left out has M <= the krow-th value kept (items never listed were at or below the threshold then)
+    v_last = vals.gather(1, (krow - 1)[:, None]).squeeze(1).double()
+    exhausted = ~torch.isfinite(v_last) | (v_last <= PAD / 2)  # fewer items than krow: none left out
+    ok = exhausted | (v_r > v_last + e)
+    out = idx_o[:, :rmax].clone()
+    out[~ok, 0] = -1
+    return out
+
+
+def _full_topk(xt: torch.Tensor, h: torch.Tensor, rows: torch.Tensor, k: int, col_chunk: int = 8192) -> torch.Tensor:
+    """Float64 top-k of ``rows`` against every other item, exact order (rows the certification could not settle)."""
+    n = xt.shape[0]
+    dist = torch.empty(rows.numel(), n, dtype=torch.float64, device=xt.device)
+    xd = xt[rows].double()
+    for s in range(0, n, col_chunk):
+        dist[:, s : s + col_chunk] = h[s : s + col_chunk] - xd @ xt[s : s + col_chunk].double().T
+    dist[torch.arange(rows.numel(), device=xt.device), rows] = float("inf")
+    return ordered_topk(dist, k)
