@@ -124,3 +124,17 @@ def test_bad_overrides_are_refused(compose_cfg, override, error):
 def test_conf_is_found_from_the_package():
     assert (CONF / "config.yaml").is_file()
     assert Path(CONF).is_absolute()
+
+
+def test_run_and_sweep_directories_live_under_paths_output_dir():
+    from hydra import compose, initialize_config_dir
+
+    from dml_runner.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=["paths.output_dir=/scratch/me"], return_hydra_config=True)
+        default = compose("config", return_hydra_config=True)
+    assert str(cfg.hydra.run.dir).startswith("/scratch/me/runs/")
+    assert str(cfg.hydra.sweep.dir).startswith("/scratch/me/multirun/")
+    assert str(default.hydra.run.dir).startswith("outputs/runs/")
