@@ -185,3 +185,23 @@ def test_a_loss_selects_the_only_method_that_trains_it_and_no_method_selects_a_l
     for value in (0, 120):  # dml-run -m loss=hdml_npair loss.pulling_factor=0,30,60,90,120
         cfg = compose_cfg("loss=hdml_npair", f"loss.pulling_factor={value}")
         assert cfg.loss.pulling_factor == value and cfg.sampler._target_.endswith("NPairBatchSampler")
+
+
+# ------------------------------------------------------------------------------- dataset files and their bases
+
+def test_dataset_files_share_their_common_keys_and_read_paths_data_dir(compose_cfg, tmp_path):
+    """conf/dataset/_base/ holds the keys every dataset shares (never a dataset= option); each root lies under
+    paths.data_dir ($DML_DATA or ./data), written once in conf/paths/default.yaml."""
+    import yaml
+
+    common = set(yaml.safe_load((CONF / "dataset" / "_base" / "common.yaml").read_text()))
+    images = set(yaml.safe_load((CONF / "dataset" / "_base" / "image_files.yaml").read_text())) - {"defaults"}
+    for path in sorted((CONF / "dataset").glob("*.yaml")):
+        text = path.read_text()
+        assert "oc.env" not in text, f"{path.name}: read the data directory from paths.data_dir"
+        own = set(yaml.safe_load(text)) - {"defaults"}
+        assert not own & (common | images), f"{path.name} repeats {sorted(own & (common | images))}"
+        cfg = compose_cfg(f"dataset={path.stem}", f"paths.data_dir={tmp_path}")
+        assert common <= set(cfg.dataset) and cfg.dataset.seed == cfg.trainer.seed
+        if "root" in cfg.dataset:
+            assert images <= set(cfg.dataset) and cfg.dataset.root.startswith(f"{tmp_path}/"), path.name
