@@ -38,7 +38,8 @@ def test_detection_reports_the_cpu_and_a_consistent_choice(clean_env):
     assert cpu.use_screen("cpu") == info.native_bf16  # the bf16 screen only (size thresholds apply in evaluate)
     assert cpu.kmeans_dtype("cuda") == torch.bfloat16 and not cpu.use_screen("cuda")  # no GPU needed
     paths = cpu.describe_paths("cpu")
-    assert paths["search"] == ("torch_screened (bfloat16)" if info.native_bf16 else "torch_fp32")
+    assert paths["search"].startswith("torch_screened (bfloat16)" if info.native_bf16 else "torch_symmetric")
+    assert cpu.use_symmetric("cpu") != info.native_bf16 and not cpu.use_symmetric("cuda")
     assert "native bf16" in info.summary()
 
 
@@ -140,7 +141,8 @@ yr = rng.integers(0, 40, 400)
 want = brute_retrieval(xr, yr)
 import os
 ok = {}
-for b, p in (("torch_screened", "bf16"), ("torch_screened", "fp32"), ("torch_fp32", "auto")):
+for b, p in (("torch_screened", "bf16"), ("torch_screened", "fp32"), ("torch_fp32", "auto"),
+             ("torch_symmetric", "auto")):
     os.environ["DML_SCREEN_PRECISION"] = p
     got = evaluate(xr, yr, recall_at=KS, metrics=RETRIEVAL, device="cpu", backend=b)
     ok[b + "_" + p] = all(abs(got[k] - v) < 1e-9 for k, v in want.items())
@@ -165,6 +167,6 @@ def test_an_avx2_only_cpu_emulated_runs_every_path():
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["native_bf16"] is False and out["paths"]["torch_isa"] == "AVX2"
-    assert out["paths"]["kmeans_precision"] == "float32" and out["paths"]["search"] == "torch_fp32"
+    assert out["paths"]["kmeans_precision"] == "float32" and out["paths"]["search"].startswith("torch_symmetric")
     assert min(out["nmi"].values()) > 0.99, out["nmi"]
     assert all(out["retrieval_ok"].values()), out["retrieval_ok"]
