@@ -88,14 +88,10 @@ GROUP_HELP = {
     "logger": "per-epoch metrics file (dml_runner/loggers.py)",
     "paths": "where data are read (paths.data_dir, env DML_DATA) and runs are written (paths.output_dir)",
     "hparams_search": "hyperparameter search over the validation split (hparams_search=optuna)",
-    "experiment": "a paper's table row, as +experiment=<paper>/<table>/<row> (docs/REPRODUCING.md)",
+    "experiment": "a paper's table row or a recipe, as +experiment=<name> (docs/REPRODUCING.md)",
 }
 # Selected automatically from the dataset (and sampler); listed for completeness, never chosen by hand.
 AUTOMATIC_GROUPS = ("preset", "preset_sampler", "preset_trainer", "preset_method")
-
-
-def _options(group_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(group_dir).with_suffix("")) for p in group_dir.rglob("*.yaml"))
 
 
 def _defaults() -> dict[str, str]:
@@ -112,7 +108,7 @@ def _defaults() -> dict[str, str]:
 
 def format_help() -> str:
     """`dml-run --help`: what each group does, its options (default marked *), then the trainer and eval keys."""
-    from dml_runner.config import SCHEMAS, schema_help
+    from dml_runner.config import SCHEMAS, group_options, schema_help
 
     conf = conf_dir()
     defaults = _defaults()
@@ -124,7 +120,7 @@ def format_help() -> str:
                     and p.name != "hydra")
     width = max(len(g) for g in groups)
     for group in groups:
-        options = _options(conf / group)
+        options = group_options(group)
         if group == "experiment":
             families = sorted({o.split("/")[0] for o in options})
             shown = f"{len(options)} rows under " + ", ".join(f"{f}/" for f in families)

@@ -430,6 +430,17 @@ def conf_dir() -> Path:
     raise FileNotFoundError(f"dml-runner's conf/ tree was not found next to {here}; reinstall the package")
 
 
+def group_options(group: str) -> list[str]:
+    """The selectable options of conf/<group>, sorted (nested ones as ``hdml/table1_cub200/npair``).
+
+    A file or folder whose name starts with ``_`` is a base that options extend (``experiment/_base/dc``,
+    ``dataset/_base/image_files``), never an option itself.
+    """
+    group_dir = conf_dir() / group
+    relative = (p.relative_to(group_dir) for p in group_dir.rglob("*.yaml"))
+    return sorted(str(r.with_suffix("")) for r in relative if not any(part.startswith("_") for part in r.parts))
+
+
 def to_container(cfg: Any) -> Any:
     """Plain Python containers for JSON output (interpolations resolved)."""
     from omegaconf import OmegaConf

@@ -62,15 +62,14 @@ def test_every_experiment_and_group_option_passes_the_checks():
     """The checks refuse typos, not the shipped configs (paper rows set many keys of every group)."""
     from hydra import compose, initialize_config_dir
 
-    from dml_runner.config import conf_dir, register_configs, validate_config
+    from dml_runner.config import conf_dir, group_options, register_configs, validate_config
 
     register_configs()
     conf = conf_dir()
-    overrides = [f"+experiment={p.relative_to(conf / 'experiment').with_suffix('')}"
-                 for p in sorted((conf / "experiment").rglob("*.yaml"))]
+    overrides = [f"+experiment={row}" for row in group_options("experiment")]
     for group in ("dataset", "transform", "backbone", "loss", "sampler", "optimizer", "scheduler", "method",
                   "logger"):
-        overrides += [f"{group}={p.stem}" for p in sorted((conf / group).glob("*.yaml"))]
+        overrides += [f"{group}={option}" for option in group_options(group)]
     assert len(overrides) > 60
     with initialize_config_dir(str(conf), version_base="1.3"):
         for override in overrides:

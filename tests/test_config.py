@@ -9,7 +9,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class, get_method, instantiate
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from dml_runner.config import conf_dir
+from dml_runner.config import conf_dir, group_options
 
 CONF = conf_dir()
 GROUPS = ["dataset", "transform", "backbone", "loss", "sampler", "optimizer", "scheduler", "method", "trainer",
@@ -17,7 +17,7 @@ GROUPS = ["dataset", "transform", "backbone", "loss", "sampler", "optimizer", "s
 
 
 def options(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return group_options(group)
 
 
 def all_options():

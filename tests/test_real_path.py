@@ -25,12 +25,11 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
-from dml_runner.config import conf_dir
-from smoke_runs import TargetRun, run_target, target_of
+from dml_runner.config import group_options
+from smoke_runs import TARGET_DIRS, TargetRun, run_target, target_of
 
-CONF = conf_dir()
-EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in
-                     (CONF / "experiment").rglob("*.yaml"))
+# The paper rows: the experiments a reproduce target runs (conf/experiment/modern/ holds recipes, not table rows).
+EXPERIMENTS = [e for e in group_options("experiment") if e.startswith(tuple(TARGET_DIRS.values()))]
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 # What each backbone.freeze option keeps at the loaded values: BatchNorm statistics, BatchNorm affine, the rest.
 FROZEN = {"none": (False, False, False), "bn": (True, False, False), "bn_all": (True, True, False),
@@ -172,16 +171,19 @@ def test_row_trains_on_the_real_path(row, hub_cache, smoke_base, compose_cfg):
 # ------------------------------------------------------------------------------ one step at the full size
 
 def combinations() -> dict[str, str]:
-    """``{backbone-transform-method: the first row that uses it}``, read from the experiment files' defaults."""
-    import yaml
+    """``{backbone-transform-method: the first row that uses it}``, from each row's composed group choices (a row
+    file names only what it changes from its bases)."""
+    from hydra import compose, initialize_config_dir
 
+    from dml_runner.config import conf_dir, register_configs
+
+    register_configs()
     out: dict[str, str] = {}
-    for row in EXPERIMENTS:
-        chosen = {"method": "standard"}
-        for entry in yaml.safe_load((CONF / "experiment" / f"{row}.yaml").read_text())["defaults"]:
-            for key, value in (entry.items() if isinstance(entry, dict) else ()):
-                chosen[key.removeprefix("override /")] = value
-        out.setdefault(f"{chosen['backbone']}-{chosen['transform']}-{chosen['method']}", row)
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        for row in EXPERIMENTS:
+            cfg = compose("config", overrides=[f"+experiment={row}"], return_hydra_config=True)
+            chosen = cfg.hydra.runtime.choices
+            out.setdefault(f"{chosen['backbone']}-{chosen['transform']}-{chosen['method']}", row)
     return out
 
 
