@@ -171,8 +171,9 @@ def _to_schema(node: Any, schema: type, group: str) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    try:  # resolved in place first: an interpolation (eval_every: ${trainer.epochs}) refers to the whole config
+        values = OmegaConf.to_container(node, resolve=True, enum_to_str=True) if OmegaConf.is_config(node) else node
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
     except OmegaConfBaseException as err:
         raise DMLRunnerError(f"{group}: {err.msg if hasattr(err, 'msg') else err} (dml-run --help lists the "
                              "options)") from err

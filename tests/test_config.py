@@ -138,3 +138,19 @@ def test_run_and_sweep_directories_live_under_paths_output_dir():
     assert str(cfg.hydra.run.dir).startswith("/scratch/me/runs/")
     assert str(cfg.hydra.sweep.dir).startswith("/scratch/me/multirun/")
     assert str(default.hydra.run.dir).startswith("outputs/runs/")
+
+
+def test_the_trainer_settings_object_resolves_interpolations_and_refuses_unknown_keys(compose_cfg):
+    from omegaconf import OmegaConf, open_dict
+
+    from dml_runner import DMLRunnerError
+    from dml_runner.config import SelectOn, TrainerConfig, trainer_settings
+
+    cfg = compose_cfg("trainer.epochs=7", "trainer.eval_every=${trainer.epochs}", "trainer.select_on=val")
+    settings = trainer_settings(cfg)
+    assert isinstance(settings, TrainerConfig) and settings.eval_every == 7 and settings.select_on is SelectOn.val
+    with open_dict(cfg.trainer):
+        cfg.trainer.epoch = 3
+    with pytest.raises(DMLRunnerError, match="epoch"):
+        trainer_settings(cfg)
+    assert OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)["trainer"]["select_on"] == "val"
