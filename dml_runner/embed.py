@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dml_runner import DMLRunnerError
+from dml_runner.rundir import BEST, CONFIG, EMBEDDINGS, LAST, save_npz_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from dml_runner.datasets.base import DatasetSplits, LabelledDataset
 
 SPLITS = ("train", "val", "test")
-CHECKPOINTS = ("best.pt", "last.pt")
+CHECKPOINTS = (BEST, LAST)
 
 
 def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarray, dataset: LabelledDataset,
@@ -66,13 +66,7 @@ def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarra
             if arrays[key].shape != (n,):
                 raise ValueError(f"{key} of shape {arrays[key].shape}; expected ({n},)")
     arrays.update({key: np.asarray(str(value)) for key, value in extra.items()})
-    tmp = path.with_name(path.name + ".tmp.npz")
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_npz_atomic(path, **arrays)
     return path
 
 
@@ -140,12 +134,8 @@ def build_model(config: Mapping[str, Any], in_channels: int) -> torch.nn.Module:
         from hydra.utils import instantiate
 
         prepare = getattr(instantiate(method_cfg, _convert_="all"), "prepare_model", None)
-        if prepare is not None:
+        if prepare is not None:  # what the method changes in the model (HDML's head BN, D&C's sliced embedding)
             prepare(model)
-        elif method_cfg.get("embedding") == "sliced" and int(method_cfg.get("num_clusters", 1)) > 1:
-            # the evaluated embedding normalises each slice; without the method's hook it would silently differ
-            raise DMLRunnerError(f"method {method_cfg.get('_target_')} with method.embedding=sliced: this version "
-                                 "cannot rebuild its sliced embedding (the method has no prepare_model hook)")
     return model
 
 
@@ -209,7 +199,7 @@ def load_trained(run: str | Path, device: str = "cpu") -> TrainedModel:
     if not isinstance(state, dict) or "model" not in state:
         raise DMLRunnerError(f"{checkpoint}: not a dml-run checkpoint (no 'model' entry); give a best.pt or last.pt "
                              "that dml-run wrote")
-    config_file = run_dir / "config.json"
+    config_file = run_dir / CONFIG
     config = json.loads(config_file.read_text()) if config_file.is_file() else state.get("config")
     if not config or "backbone" not in config or "dataset" not in config:
         raise DMLRunnerError(f"{checkpoint}: neither {config_file} nor the checkpoint holds the run's config; keep "
@@ -345,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DMLRunnerError(f"--batch-size {args.batch_size}: must be >= 1")
         out = output_path("--out", args.out)
         trained = load_trained(args.run, args.device)
-        if out.resolve() == (trained.run_dir / "embeddings.npz").resolve():
+        if out.resolve() == (trained.run_dir / EMBEDDINGS).resolve():
             raise DMLRunnerError(f"--out {out}: is the run's own embeddings.npz; choose another file name")
         first = Path(args.input[0]).expanduser()
         masks: dict[str, np.ndarray] = {}

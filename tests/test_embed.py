@@ -133,3 +133,22 @@ def test_write_embeddings_records_the_dataset_items(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
     with pytest.raises(ValueError, match="labels differ"):
         write_embeddings(tmp_path / "f.npz", emb, np.array([4, 9, 5]), ds)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [
+    # a BatchNorm joins the head
+    ("loss=hdml_npair", "method=hdml", "sampler=npair", "trainer.batch_size=10"),
+    # each learner's slice is normalised on its own
+    ("method=divide_conquer", "method.num_clusters=2", "method.finetune_epochs=0"),
+], ids=["hdml", "divide_conquer"])
+def test_embed_rebuilds_what_the_method_changes_in_the_model(tmp_path_factory, method):
+    from dml_runner.embed import load_trained, main
+
+    run_dir = trained_run(tmp_path_factory.getbasetemp(), f"use_{method[1].split('=')[1]}_run", *method)
+    out = tmp_path_factory.mktemp("emb") / "test.npz"
+    assert main([str(run_dir), "test", "--out", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out)["embeddings"], np.load(run_dir / "embeddings.npz")["embeddings"],
+                               atol=1e-5)
+    head = load_trained(run_dir).model.head
+    assert (head.slices is not None) == (method[0] == "method=divide_conquer")
