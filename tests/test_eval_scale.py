@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from dml_runner.evaluation import estimate_memory_bytes, evaluate, nmi_from_assignments
-from dml_runner.evaluation.kmeans import BLOCK, _assign, _draw, augment, block_argmax, kmeans, kmeanspp, torch_kmeans
+from dml_runner.evaluation.kmeans import (
+    ARGMAX_BLOCK,
+    _assign,
+    _draw,
+    augment,
+    block_argmax,
+    kmeans,
+    kmeanspp,
+    torch_kmeans,
+)
 
 PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16"])
 
@@ -21,7 +30,7 @@ def _blobs(k: int, per: int = 25, d: int = 16, sep: float = 10.0, seed: int = 0)
 
 def test_block_argmax_matches_first_argmax_with_ties():
     g = torch.Generator().manual_seed(0)
-    s = torch.randint(0, 5, (300, 4 * BLOCK), generator=g).float()  # many exact ties
+    s = torch.randint(0, 5, (300, 4 * ARGMAX_BLOCK), generator=g).float()  # many exact ties
     want = np.array([np.flatnonzero(row == row.max())[0] for row in s.numpy()])
     assert np.array_equal(block_argmax(s).numpy(), want)
 

@@ -46,11 +46,11 @@ def test_row_count_and_mask_nonzero_match_naive():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_block_max_handles_signs_and_infinities(dtype):
     gen = torch.Generator().manual_seed(1)
-    z = (torch.randn(9, 4 * scr.BLOCK, generator=gen) * 3).to(dtype)
-    z[0, : scr.BLOCK] = -float("inf")  # a block of -inf only
-    z[1, scr.BLOCK : 2 * scr.BLOCK] = -torch.rand(scr.BLOCK, generator=gen).to(dtype)  # all negative
+    z = (torch.randn(9, 4 * scr.MAX_BLOCK, generator=gen) * 3).to(dtype)
+    z[0, : scr.MAX_BLOCK] = -float("inf")  # a block of -inf only
+    z[1, scr.MAX_BLOCK : 2 * scr.MAX_BLOCK] = -torch.rand(scr.MAX_BLOCK, generator=gen).to(dtype)  # all negative
     z[2, 0] = -0.0
-    want = z.float().view(9, 4, scr.BLOCK).amax(dim=2)
+    want = z.float().view(9, 4, scr.MAX_BLOCK).amax(dim=2)
     assert torch.equal(scr.block_max(z).float(), want)
 
 

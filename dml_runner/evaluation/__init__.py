@@ -74,7 +74,6 @@ def evaluate(
     chunk_size: int = 4096,
     kmeans_iters: int = 50,
     max_memory_gb: float | None = None,
-    kmeans_backend: str = "torch",
     backend: str = "torch",
     kmeans_precision: str = "auto",
 ) -> dict[str, float]:
@@ -175,7 +174,7 @@ def evaluate(
         out["num_queries_without_positive"] = float(stats.num_without_positive)
     if "nmi" in wanted or "f1" in wanted:
         x, y = emb[cluster_idx], lab[cluster_idx]
-        assign = kmeans_assignments(x, np.unique(y).size, seed=seed, iters=kmeans_iters, backend=kmeans_backend,
+        assign = kmeans_assignments(x, np.unique(y).size, seed=seed, iters=kmeans_iters,
                                     device=str(dev), precision=kmeans_precision)
         if "nmi" in wanted:
             out["nmi"] = nmi_from_assignments(assign, y)

@@ -32,7 +32,7 @@ import torch
 
 from dml_runner.evaluation.cpu import kmeans_dtype
 
-BLOCK = 64
+ARGMAX_BLOCK = 64  # columns per block of block_argmax (amax per block, then argmax inside the winner)
 GREEDY_MAX_K = 256  # up to this k: exact greedy k-means++ (k passes over the data, 2 + ln k candidates each)
 SEED_ROUNDS = 64  # above it: about this many passes over the data, several draws per pass
 # Seeding steps on at most this many values run on one CPU thread: each step is a few small ops whose OpenMP
@@ -47,16 +47,16 @@ def low_precision_dtype(device: torch.device) -> torch.dtype:
 
 
 def block_argmax(s: torch.Tensor) -> torch.Tensor:
-    """First index of the row maximum; columns a multiple of BLOCK.
+    """First index of the row maximum; columns a multiple of ARGMAX_BLOCK.
 
     torch's argmax is ~15x slower than amax on CPU, so: max per block of 64 columns (amax), argmax over the few
     block maxima, then argmax inside the winning block only.
     """
     r, k = s.shape
-    blocks = s.view(r, k // BLOCK, BLOCK)
+    blocks = s.view(r, k // ARGMAX_BLOCK, ARGMAX_BLOCK)
     best_block = blocks.amax(dim=2).argmax(dim=1)
     inside = blocks[torch.arange(r, device=s.device), best_block].argmax(dim=1)
-    return best_block * BLOCK + inside
+    return best_block * ARGMAX_BLOCK + inside
 
 
 def augment(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -70,7 +70,7 @@ def _assign(x_aug: torch.Tensor, centroids: torch.Tensor, dtype: torch.dtype, ch
     """Nearest centroid of every row of ``x_aug`` (from :func:`augment`), lowest index among exact ties [and its
     score x . c - |c|^2 / 2 as the product gave it]."""
     k, d = centroids.shape
-    kp = -(-k // BLOCK) * BLOCK
+    kp = -(-k // ARGMAX_BLOCK) * ARGMAX_BLOCK
     half = -0.5 * (centroids.double() ** 2).sum(1)
     hi = half.to(dtype)
     lo = (half - hi.double()).to(dtype)

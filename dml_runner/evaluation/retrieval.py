@@ -104,12 +104,6 @@ def first_positive_rank_(dist: torch.Tensor, t1: torch.Tensor, p1: torch.Tensor)
     return rank
 
 
-def first_positive_rank(dist: torch.Tensor, pos_cols: torch.Tensor, pos_valid: torch.Tensor) -> torch.Tensor:
-    """Non-destructive :func:`first_positive_rank_` (works on a copy); rows need >= 1 valid positive."""
-    t1, p1 = nearest_positive(dist, pos_cols, pos_valid)
-    return first_positive_rank_(dist.clone(), t1, p1)
-
-
 def map_r_and_r_precision(rel: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """rel: (c, k) relevance of the ordered top k (k >= max R); r: (c,) R per query.
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from dml_runner.evaluation.retrieval import (
+    PositiveIndex,
     RetrievalStats,
     collect_stats,
     map_r_and_r_precision,
@@ -47,7 +48,7 @@ INT_VIEW = {torch.bfloat16: torch.int16, torch.float32: torch.int32}
 U_F32 = 2.0**-24
 COL_ALIGN = 1024  # gallery padded to a multiple: 8 bools per int64 word, 128 words per byte-lane segment
 SEGMENT_WORDS = 128
-BLOCK = 64  # column block of the two-stage top-k for MAP@R
+MAX_BLOCK = 64  # columns per block maximum (int16 max/min): candidate blocks and the two-stage top-k of MAP@R
 SLACK_LEVELS = (4, 24, 160)  # extra screened neighbours per row for MAP@R, tried in turn until certified
 PAIR_BATCH = 512  # small batches keep the float64 temporaries in cache
 PAD_SCORE = -1e30
@@ -96,6 +97,20 @@ def pair_scores(q: torch.Tensor, g: torch.Tensor, half_sq_g: torch.Tensor, rows:
         prod = q.index_select(0, r).double().mul_(g.index_select(0, c).double())  # index_select: 1.5x faster
         out[s : s + PAIR_BATCH] = prod.sum(dim=1) - half_sq_g[c]
     return out
+
+
+def exact_nearest_positive(q: torch.Tensor, g: torch.Tensor, half_sq_g: torch.Tensor, pidx: PositiveIndex,
+                           rows: torch.Tensor, self_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score t1 = max over the positives p of q . g_p - |g_p|^2 / 2 (exact as float64) of each query ``rows`` and
+    the lowest gallery index p1 reaching it; over its own class only (rows need >= 1 positive)."""
+    cols, valid = positives_of(pidx, rows, self_cols)
+    rr = rows[:, None].expand_as(cols)
+    pscore = torch.full(cols.shape, -float("inf"), dtype=torch.float64, device=q.device)
+    pscore[valid] = pair_scores(q, g, half_sq_g, rr[valid], cols[valid])
+    t1 = pscore.max(dim=1).values
+    big = torch.iinfo(torch.int64).max
+    p1 = torch.where(valid & (pscore == t1[:, None]), cols, torch.full_like(cols, big)).min(dim=1).values
+    return t1, p1
 
 
 class Screen:
@@ -231,13 +246,7 @@ def screened_retrieval(
         c = rows.numel()
         sel = selft[rows]
         # 1. exact nearest positive (float64) over the query's own class
-        cols, valid = positives_of(pidx, rows, sel)
-        rr = rows[:, None].expand_as(cols)
-        pscore = torch.full(cols.shape, -float("inf"), dtype=torch.float64, device=device)
-        pscore[valid] = pair_scores(q, g, sc.half_sq_g, rr[valid], cols[valid])
-        t1 = pscore.max(dim=1).values
-        big = torch.iinfo(torch.int64).max
-        p1 = torch.where(valid & (pscore == t1[:, None]), cols, torch.full_like(cols, big)).min(dim=1).values
+        t1, p1 = exact_nearest_positive(q, g, sc.half_sq_g, pidx, rows, sel)
         # 2. screen: z = s - shift in bf16 with shift = t1 - gap and gap > the error bound e of the product
         e0, _ = sc.error_bound(rows, t1)
         gap = 1.0625 * e0
@@ -257,9 +266,9 @@ def screened_retrieval(
         bmax, has_cand = block_max(z, with_nonnegative=True)
         cb_r, cb_b = has_cand.nonzero(as_tuple=True)
         if cb_r.numel() <= BAND_SWITCH * c:
-            vals = z.view(c, -1, BLOCK)[cb_r, cb_b]  # the candidate blocks only
+            vals = z.view(c, -1, MAX_BLOCK)[cb_r, cb_b]  # the candidate blocks only
             k, j = (vals.view(int_view) >= 0).nonzero(as_tuple=True)
-            ri, cj = cb_r[k], cb_b[k] * BLOCK + j
+            ri, cj = cb_r[k], cb_b[k] * MAX_BLOCK + j
             sure = vals[k, j].double() > hi[ri]
             rank = torch.zeros(c, dtype=torch.int64, device=device).index_add_(
                 0, ri[sure], torch.ones_like(ri[sure]))
@@ -300,7 +309,7 @@ def band_limit(gallery_size: int) -> float:
 
 
 def block_max(z: torch.Tensor, with_nonnegative: bool = False):
-    """(c, n_pad) bf16 -> (c, n_pad / BLOCK) bf16 maxima of consecutive column blocks [, and whether each block
+    """(c, n_pad) bf16 -> (c, n_pad / MAX_BLOCK) bf16 maxima of consecutive column blocks [, and whether each block
     holds a value with the sign bit clear].
 
     Reduces the int16 view (about 4x faster than bf16 reductions on CPU): bf16 bit patterns order like int16 for
@@ -308,7 +317,7 @@ def block_max(z: torch.Tensor, with_nonnegative: bool = False):
     >= 0 and its int16 min otherwise.
     """
     c, n = z.shape
-    zi = z.view(INT_VIEW[z.dtype]).view(c, n // BLOCK, BLOCK)
+    zi = z.view(INT_VIEW[z.dtype]).view(c, n // MAX_BLOCK, MAX_BLOCK)
     hi, lo = zi.amax(dim=2), zi.amin(dim=2)
     nonneg = hi >= 0
     bmax = torch.where(nonneg, hi, lo).view(z.dtype)
@@ -355,10 +364,10 @@ def _certified_top(q, g, sc: Screen, z, bmax, sub, rows, rn, shift, e, slack, rm
     nb = bmax.shape[1]
     kb = min(rmax + slack, nb)
     bv, bi = torch.topk(bmax[sub], kb, dim=1, largest=True, sorted=True)
-    cand = z.view(z.shape[0], nb, BLOCK)[sub[:, None], bi].view(sub.numel(), kb * BLOCK)
-    k = min(rmax + slack, kb * BLOCK)
+    cand = z.view(z.shape[0], nb, MAX_BLOCK)[sub[:, None], bi].view(sub.numel(), kb * MAX_BLOCK)
+    k = min(rmax + slack, kb * MAX_BLOCK)
     zs, j = torch.topk(cand, k, dim=1, largest=True, sorted=True)
-    idx = (bi[:, :, None] * BLOCK + torch.arange(BLOCK, device=dev)).view(sub.numel(), -1).gather(1, j)
+    idx = (bi[:, :, None] * MAX_BLOCK + torch.arange(MAX_BLOCK, device=dev)).view(sub.numel(), -1).gather(1, j)
     zs = zs.float()
     # per row only the first R + slack screened neighbours are recomputed; the rest is "left out"
     krow = (rn + slack).clamp_max(k)

@@ -29,10 +29,9 @@ from dml_runner.evaluation.retrieval import (
     RetrievalStats,
     map_r_and_r_precision,
     ordered_topk,
-    positives_of,
     prepare_queries,
 )
-from dml_runner.evaluation.screened import U_F32, exact_order, pair_scores
+from dml_runner.evaluation.screened import U_F32, exact_nearest_positive, exact_order, pair_scores
 
 BLOCK_ROWS = 1024  # rows (and columns) of one block of the product: a multiple of screened.COL_ALIGN
 SLACK = 8  # extra neighbours per query kept in the running top-k for MAP@R (certification margin)
@@ -147,14 +146,8 @@ def symmetric_retrieval(
     p1 = torch.full((n,), -1, dtype=torch.int64, device=dev)
     for s in range(0, scored.numel(), 8192):
         rows = scored[s : s + 8192]
-        cols, valid = positives_of(pidx, rows, rows)
-        rr = rows[:, None].expand_as(cols)
-        ps = torch.full(cols.shape, -float("inf"), dtype=torch.float64, device=dev)
-        ps[valid] = pair_scores(xt, xt, h, rr[valid], cols[valid]) - h[rr[valid]]
-        best = ps.max(dim=1).values
-        big = torch.iinfo(torch.int64).max
-        t[rows] = best
-        p1[rows] = torch.where(valid & (ps == best[:, None]), cols, torch.full_like(cols, big)).min(dim=1).values
+        t_rows, p1[rows] = exact_nearest_positive(xt, xt, h, pidx, rows, rows)
+        t[rows] = t_rows - h[rows]
     # 2. error bound of M on each row: float32 accumulation of kp terms in any order, plus the split residuals
     xnorm = (2 * h).sqrt()
     parts = h_hi.double().abs() + h_lo.double().abs()
