@@ -25,7 +25,8 @@ COMMANDS = (("loss=hdml_npair", "dataset=cars196"), ("loss=hdml_triplet", "datas
 
 
 def selectable(path: Path, group_dir: Path) -> bool:
-    """A config file a user selects: no part of its path under the group starts with ``_`` (those are bases)."""
+    """A config file a user selects: no part of its path under the group starts with ``_`` (those are bases).
+    The rule of ``dml_runner.config.group_options``, for any conf tree (``--conf``), not only the package's."""
     return not any(part.startswith("_") for part in path.relative_to(group_dir).parts)
 
 

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from dml_runner.config import conf_dir
+from dml_runner.config import conf_dir, group_options
 from dml_runner.reference import load_reference, reference_tables
 
 CONF = conf_dir()
-# A path part starting with "_" marks a base that rows extend (conf/experiment/_base/), not a selectable row.
-EXPERIMENTS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in
-                     (CONF / "experiment").rglob("*.yaml")
-                     if not any(part.startswith("_") for part in p.relative_to(CONF / "experiment").parts))
+EXPERIMENTS = group_options("experiment")  # the rows; bases (conf/experiment/_base/) are not options
 
 
 def test_every_table_target_has_experiments():
