@@ -49,6 +49,8 @@ def test_embed_test_split_reproduces_the_runs_embeddings(digits_run, tmp_path):
     assert np.array_equal(data["labels"], own["labels"])
     np.testing.assert_allclose(data["embeddings"], own["embeddings"], atol=1e-5)
     assert all(p.startswith("sklearn.datasets.load_digits#") for p in data["paths"])
+    # the run's own file names its items the same way
+    assert np.array_equal(own["paths"], data["paths"]) and np.array_equal(own["class_names"], data["class_names"])
     assert data["class_names"].tolist() == [str(c) for c in data["labels"]]
     assert str(data["checkpoint"]) == str(digits_run / "last.pt")
     # a checkpoint file instead of the run directory: the same model
