@@ -76,7 +76,14 @@ def print_cpu(device: str) -> None:
     env = {k: os.environ[k] for k in ("DML_CPU_PATH", "DML_KMEANS_PRECISION", "DML_EVAL_SEARCH", "DML_SCREEN_PRECISION",
                                       "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
                                       "OPENBLAS_CORETYPE", "OMP_NUM_THREADS") if k in os.environ}
-    sizes = "4,096 queries x 8,192 gallery items" if "bfloat16" in paths["search"] else "20,000 x 20,000"
+    from dml_runner.evaluation import SYMMETRIC_MIN
+
+    if "bfloat16" in paths["search"]:
+        sizes = "4,096 queries x 8,192 gallery items"
+    elif "symmetric" in paths["search"]:
+        sizes = f"{SYMMETRIC_MIN:,} items"
+    else:
+        sizes = "20,000 x 20,000"
     print(f"chosen on {device}: search {paths['search']} (from {sizes}; smaller: torch_fp32), k-means "
           f"{paths['kmeans_precision']}, {paths['threads']} threads"
           + (f"; env {env}" if env else ""), flush=True)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
+    "SYMMETRIC_MIN",
     "KNOWN_METRICS",
     "cpu_info",
     "describe_paths",
