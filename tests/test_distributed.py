@@ -1,9 +1,9 @@
 """Data parallelism on the CPU with the gloo backend and 2 processes: DistributedDataParallel over each method's task
 module must train exactly as one process on the global batch (standard, HDML N-pair and triplet, Divide & Conquer).
 
-The two-process runs go through the real Trainer (its sharded samplers, the method's task module in DDP, the
-all-gather of the embeddings) with the environment torchrun sets; the reference is the same Trainer in one process
-with the same global batch size. The small CNN's BatchNorm layers are replaced by identities there: without
+The two-process runs are one torchrun launch of this file (see ``__main__``) and go through the real Trainer (its
+sharded samplers, the method's task module in DDP, the all-gather of the embeddings); the reference is the same
+Trainer in one process with the same global batch size. ``dml-run`` itself runs under torchrun end to end too. The small CNN's BatchNorm layers are replaced by identities there: without
 ``trainer.sync_bn`` (CUDA only) BatchNorm before the gather normalises each rank's shard, by design. HDML's own
 BatchNorm layers (after the gather) stay and must match.
 """
@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dml_runner import DMLRunnerError
 from dml_runner.distributed import DistInfo, ShardedBatchSampler, dist_info_from_env
@@ -113,36 +112,37 @@ def _train(trainer) -> dict:
 SCENARIOS = ("standard", "hdml_npair", "hdml_triplet", "divide_conquer")
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+def _rank_main(out_dir: Path) -> None:
+    """One rank under torchrun (``python -m torch.distributed.run ... tests/test_distributed.py OUT``): every scenario
+    through the real Trainer, whose DistInfo comes from torchrun's environment; results to OUT/rank<r>.pt."""
     import dml_runner.methods.divide_conquer as dc
     from dml_runner.distributed import convert_sync_batchnorm
 
-    if rank != 0:  # k-means runs on rank 0 only; the other ranks receive its assignments
+    torch.set_num_threads(1)
+    info = dist_info_from_env()
+    if info.rank != 0:  # k-means runs on rank 0 only; the other ranks receive its assignments
         def no_kmeans(*args, **kwargs):
-            raise AssertionError(f"rank {rank} ran k-means")
+            raise AssertionError(f"rank {info.rank} ran k-means")
 
         dc.kmeans = no_kmeans
-    out = {}
-    for name in SCENARIOS:
-        out[name] = _train(_scenario(name, dist_info_from_env(), Path(out_dir) / name))
+    out = {name: _train(_scenario(name, info, out_dir / name)) for name in SCENARIOS}
     try:  # torch's SyncBatchNorm has no CPU path: refused with the option's name
-        convert_sync_batchnorm(_model(), dist_info_from_env(), torch.device("cpu"))
+        convert_sync_batchnorm(_model(), info, torch.device("cpu"))
         out["sync_bn_error"] = None
     except DMLRunnerError as err:
         out["sync_bn_error"] = str(err)
-    torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    torch.save(out, out_dir / f"rank{info.rank}.pt")
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """Both ranks' results of every scenario (one gloo process group for all of them)."""
+    """Both ranks' results of every scenario, from one torchrun launch of 2 gloo processes."""
     out = tmp_path_factory.mktemp("ddp")
-    port = 29500 + os.getpid() % 1000
-    mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -214,17 +214,11 @@ def test_sharded_sampler_splits_every_global_batch():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [
-    (),
-    ("loss=hdml_npair", "trainer.batch_size=10"),
-    ("method=divide_conquer", "method.num_clusters=2", "method.finetune_epochs=1", "trainer.epochs=2",
-     "trainer.max_steps_per_epoch=2"),
-], ids=["standard", "hdml", "divide_conquer"])
-def test_torchrun_two_cpu_processes_end_to_end(tmp_path, overrides):
+def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "run"
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "dml_runner", "trainer=smoke",
-           "trainer.device=cpu", *overrides, f"hydra.run.dir={out}"]
+           "trainer.device=cpu", f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
@@ -247,3 +241,7 @@ def test_a_non_zero_rank_reports_nothing_even_when_rank_0_has_finished(tmp_path,
     monkeypatch.setattr(sys, "argv", ["dml-run", f"hydra.run.dir={out}", "trainer=smoke"])
     cli.main()
     assert "outputs:" not in capsys.readouterr().out
+
+
+if __name__ == "__main__":
+    _rank_main(Path(sys.argv[1]))
