@@ -115,7 +115,8 @@ def retrieval_grid(run_dir: Path, out_png: Path, n_queries: int = 5, k: int = 5,
     d[gallery[None, :] == queries[:, None]] = np.inf  # a query is never its own neighbour
     neighbours = gallery[np.argsort(d, axis=1, kind="stable")[:, :k]]
     try:
-        return plot_retrieval_grid(list(queries), neighbours, labels, loader, out_png,
+        names = [str(n) for n in data["class_names"]] if "class_names" in data else None
+        return plot_retrieval_grid(list(queries), neighbours, labels, loader, out_png, names=names,
                                    title=f"retrieval: {title or Path(run_dir).name} (green = same class, red = wrong)")
     except Exception as err:  # noqa: BLE001
         log.warning("retrieval grid of %s failed: %s", run_dir, err)
