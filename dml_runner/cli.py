@@ -85,7 +85,7 @@ GROUP_HELP = {
     "loss": "the metric-learning loss (dml_runner/losses)",
     "trainer": "training loop; its options are listed below",
     "eval": "evaluation metrics; its options are listed below",
-    "logger": "per-epoch metrics file (dml_runner/loggers.py)",
+    "logger": "history.csv (always) and trackers: mlflow, wandb, tensorboard; several: logger=[csv,mlflow]",
     "paths": "where data are read (paths.data_dir, env DML_DATA) and runs are written (paths.output_dir)",
     "hparams_search": "hyperparameter search over the validation split (hparams_search=optuna)",
     "experiment": "a paper's table row or a recipe, as +experiment=<name> (docs/REPRODUCING.md)",

@@ -95,6 +95,7 @@ class TrainerConfig:
     progress: bool = _opt(True, "tqdm bar on a terminal (one log line per epoch otherwise)", neutral=True)
     cache_features: bool = _opt(False, "frozen trunk: compute pooled features once per image and view")
     cache_views: int = _opt(1, "augmented views cached per image when cache_features=true")
+    sync_bn: bool = _opt(False, "torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)")
     resume: Optional[str] = _opt(None, "null | auto (an unfinished run with this config) | a run dir or last.pt",
                                  neutral=True)
 
@@ -259,6 +260,23 @@ def _check_known_keys(group: str, keys: list[str], known: list[str], what: str) 
             raise DMLRunnerError(f"{group}.{key}: not an option of {what}; {hint}")
 
 
+def _check_target_hooks(tree: dict[str, Any]) -> None:
+    """A group's `_target_` may carry ``check_config(node)``: its own checks of its config node, run here before any
+    data are read or a model is built (e.g. backbone=timm refuses an unknown model name)."""
+    from hydra.utils import get_object
+
+    for group in INSTANTIATED_GROUPS:
+        node = tree.get(group)
+        if not (isinstance(node, dict) and isinstance(node.get("_target_"), str)):
+            continue
+        try:
+            check = getattr(get_object(node["_target_"]), "check_config", None)
+        except Exception:  # noqa: BLE001 - an unimportable target is reported by instantiate with its own message
+            check = None
+        if callable(check):
+            check(node)
+
+
 def _target_parameters(target: str) -> list[str] | None:
     """Keyword parameters of a `_target_` (None when it takes **kwargs or cannot be inspected)."""
     from hydra.utils import get_object
@@ -417,6 +435,7 @@ def validate_config(cfg: Any) -> None:
     for group in INSTANTIATED_GROUPS:
         if group in tree:
             _check_target_keys(group, tree[group])
+    _check_target_hooks(tree)
     _check_optimizer_scheduler(tree)
     _check_sampler(tree)
     _check_method(tree)

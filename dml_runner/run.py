@@ -57,6 +57,15 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
         raise DMLRunnerError(f"could not build `{what}` from its config: {err}") from err
 
 
+def build_model(cfg: DictConfig, in_channels: int) -> Any:
+    """The embedding model as a run builds it (before any method changes it): the backbone group and
+    eval.normalize; dml-embed and dml-export rebuild a run's model with it."""
+    model = _instantiate(cfg.backbone, "backbone", in_channels=in_channels)
+    if eval_settings(cfg).normalize:
+        model.head.eval_normalize = True
+    return model
+
+
 def build_evaluate(e: EvalConfig, recall_at: list[int], trainer_seed: int) -> Any:
     """The evaluation function the Trainer calls: dml_runner.evaluation.evaluate with the eval settings bound."""
     from dml_runner.evaluation import evaluate
@@ -219,10 +228,9 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
     log.info("dataset %s: %s", data.name, ", ".join(f"{k}={v}" for k, v in counts.items()))
     if data.info.get("count_warning"):
         log.warning("DATASET COUNTS DIFFER FROM THE OFFICIAL ONES: %s", data.info["count_warning"])
-    model = _instantiate(cfg.backbone, "backbone", in_channels=data.train.in_channels)
-    if eval_cfg.normalize:
-        model.head.eval_normalize = True
-    loss = _instantiate(cfg.loss, "loss")
+    model = build_model(cfg, data.train.in_channels)
+    # a loss that learns per-class weights (loss=pml ProxyAnchorLoss, ...) declares `train_labels` and gets them
+    loss = _instantiate(cfg.loss, "loss", **({"train_labels": data.train.labels} if "train_labels" in cfg.loss else {}))
     method = _instantiate(cfg.method, "method")
     make_optimizer = _instantiate(cfg.optimizer, "optimizer")
     make_scheduler = _instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") and \

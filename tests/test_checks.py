@@ -97,3 +97,22 @@ def test_a_choice_outside_its_enum_is_refused_even_without_the_schema():
     tree = {"trainer": {"select_on": "tst"}, "eval": {"backend": "torch"}}
     with pytest.raises(DMLRunnerError, match=r"trainer.select_on=tst: use one of auto, val, final, test"):
         validate_config(OmegaConf.create(tree))
+
+
+def test_a_target_may_check_its_own_config_node_before_any_work(compose_cfg, monkeypatch):
+    """validate_config calls `<_target_>.check_config(node)` where the target defines one."""
+    from dml_runner.config import validate_config
+    from dml_runner.losses.triplet import TripletLoss
+
+    seen = []
+
+    def check_config(node):
+        seen.append(node["margin"])
+        if node["margin"] > 1:
+            raise DMLRunnerError(f"loss.margin={node['margin']}: too large for this test")
+
+    monkeypatch.setattr(TripletLoss, "check_config", staticmethod(check_config), raising=False)
+    validate_config(compose_cfg("loss=triplet", "loss.margin=0.5"))
+    with pytest.raises(DMLRunnerError, match="loss.margin=2.0: too large"):
+        validate_config(compose_cfg("loss=triplet", "loss.margin=2.0"))
+    assert seen == [0.5, 2.0]
