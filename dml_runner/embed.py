@@ -176,16 +176,6 @@ class TrainedModel:
                                 fix="remove or replace that file, or move it out of the folder")
 
 
-def resolve_device(device: str) -> torch.device:
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DMLRunnerError("--device cuda: PyTorch sees no CUDA device; use --device auto or --device cpu")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
-
-
 def load_trained(run: str | Path, device: str = "cpu") -> TrainedModel:
     """Rebuild a run's model from its saved config and load its checkpoint (see the module docstring)."""
     import torch
@@ -212,7 +202,9 @@ def load_trained(run: str | Path, device: str = "cpu") -> TrainedModel:
         raise DMLRunnerError(f"{checkpoint}: the weights do not fit the model rebuilt from {config_file.name} "
                              f"({str(err)[:300]}); was the config edited, or does the run's method change the "
                              "model without a prepare_model hook?") from None
-    dev = resolve_device(device)
+    from dml_runner.devices import resolve_device
+
+    dev = resolve_device(device, option="--device")
     model.to(dev).eval()
     return TrainedModel(model, config, checkpoint, run_dir, transform, in_channels, dev)
 
@@ -302,10 +294,11 @@ def dataset_split(trained: TrainedModel, tokens: Sequence[str]) -> tuple[Labelle
 
 
 # --------------------------------------------------------------------------------------------- command line
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """What dml-embed, dml-search and dml-export share: the run and the device."""
+def add_common_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """What dml-embed, dml-search and dml-export share: the run (and the device the model runs on)."""
     parser.add_argument("run", help="run directory (best.pt, else last.pt) or checkpoint file")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    if device:
+        parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
 
 
 def output_path(option: str, value: str) -> Path:

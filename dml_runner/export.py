@@ -127,7 +127,7 @@ def export(trained: TrainedModel, fmt: str, out: Path, images: Sequence[str] = (
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dml-export", description="Export a run's embedding model to TorchScript "
                                      "or ONNX and check that it gives the same embeddings.")
-    add_common_arguments(parser)
+    add_common_arguments(parser, device=False)  # exported and checked on the CPU
     parser.add_argument("--format", required=True, choices=sorted(FORMATS))
     parser.add_argument("--out", help="output file (default: <run dir>/embedding_model.torchscript.pt or .onnx)")
     parser.add_argument("--images", nargs="*", default=[], help="image files or folders to check the export on "
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise DMLRunnerError(f"--atol {args.atol}: must be >= 0")
         if args.format == "onnx":
             require_onnx()
-        trained = load_trained(args.run, "cpu" if args.device == "auto" else args.device)
+        trained = load_trained(args.run)
         out = output_path("--out", args.out or str(trained.run_dir / f"embedding_model{FORMATS[args.format]}"))
         record = export(trained, args.format, out, args.images, args.atol)
     except DMLRunnerError as err:

@@ -154,3 +154,15 @@ def test_embed_rebuilds_what_the_method_changes_in_the_model(tmp_path_factory, m
                                atol=1e-5)
     head = load_trained(run_dir).model.head
     assert (head.slices is not None) == (method[0] == "method=divide_conquer")
+
+
+def test_embed_on_an_absent_gpu_names_the_option(digits_run, tmp_path, capsys):
+    import torch
+
+    from dml_runner.embed import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert main([str(digits_run), "test", "--device", "cuda", "--out", str(tmp_path / "x.npz")]) == 2
+    err = error_line(capsys)
+    assert "--device=cuda" in err and "no CUDA device" in err
