@@ -140,3 +140,18 @@ def test_bad_block_size_is_refused():
     x, y = _data(0)
     with pytest.raises(ValueError, match="block_rows"):
         sym.symmetric_retrieval(x, y, block_rows=1000)
+
+
+def test_auto_backend_falls_back_to_float32_on_near_random_embeddings(monkeypatch, caplog):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1500, 8)).astype(np.float32)  # labels unrelated to the embedding
+    y = rng.integers(0, 300, 1500)
+    monkeypatch.setenv("DML_EVAL_SEARCH", "symmetric")
+    sym_calls = _count_calls(monkeypatch, ev, "symmetric_retrieval")
+    fp32_calls = _count_calls(monkeypatch, ev, "exact_retrieval")
+    with caplog.at_level("INFO", logger="dml_runner.evaluation"):
+        got = evaluate(x, y, recall_at=KS, metrics=RETRIEVAL, device="cpu")
+    assert sym_calls["n"] == 1 and fp32_calls["n"] == 1 and "float32 search" in caplog.text
+    forced = sym.symmetric_retrieval(x, y)  # asked for explicitly: it runs to the end, same numbers
+    assert float(np.mean(forced.first_rank < 1)) == pytest.approx(got["recall@1"], abs=1e-12)
+    assert float(np.mean(forced.map_at_r)) == pytest.approx(got["map@r"], abs=1e-12)

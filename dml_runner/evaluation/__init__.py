@@ -158,7 +158,11 @@ def evaluate(
                          "using the float32 search")
                 backend = "torch_fp32"
         if backend == "torch_symmetric":
-            stats = symmetric_retrieval(emb, lab, need_ranking=need_ranking, device=dev)
+            stats = symmetric_retrieval(emb, lab, need_ranking=need_ranking, device=dev, give_up_if_weak=auto)
+            if stats is None:
+                log.info("retrieval: the nearest positives lie too deep in the rankings for the symmetric search "
+                         "(embeddings close to random); using the float32 search")
+                backend = "torch_fp32"
         if backend == "torch_fp32":
             chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb)
             stats = exact_retrieval(*args, need_ranking=need_ranking, device=dev, chunk_size=chunk)

@@ -31,10 +31,11 @@ from dml_runner.evaluation.retrieval import (
     ordered_topk,
     prepare_queries,
 )
-from dml_runner.evaluation.screened import U_F32, exact_nearest_positive, exact_order, pair_scores
+from dml_runner.evaluation.screened import U_F32, band_limit, exact_nearest_positive, exact_order, pair_scores
 
 BLOCK_ROWS = 1024  # rows (and columns) of one block of the product: a multiple of screened.COL_ALIGN
 SLACK = 8  # extra neighbours per query kept in the running top-k for MAP@R (certification margin)
+FLUSH_ITEMS = 1 << 22  # listed items kept before they are sorted out (bounds the listing's memory)
 PAD = -1e30  # score of a padding row / column: below every threshold
 
 
@@ -102,16 +103,22 @@ def symmetric_retrieval(
     device: torch.device = torch.device("cpu"),
     block_rows: int = BLOCK_ROWS,
     slack: int = SLACK,
-) -> RetrievalStats:
+    give_up_if_weak: bool = False,
+) -> RetrievalStats | None:
     """Leave-one-out statistics of :func:`dml_runner.evaluation.retrieval.exact_retrieval` (every item queries all
-    others), from the upper-triangular blocks of one float32 product; results equal a float64 brute force."""
+    others), from the upper-triangular blocks of one float32 product; results equal a float64 brute force.
+
+    ``give_up_if_weak``: return None after the diagonal blocks when they predict more listed items per query than
+    :func:`dml_runner.evaluation.screened.band_limit` (embeddings close to random: the nearest positive lies deep in
+    the ranking, so the items before it cannot be listed cheaply); the caller then runs the float32 search.
+    """
     if torch.get_float32_matmul_precision() != "highest":
         # the error bound assumes float32 products: no bf16 / TF32 inside the "float32" matrix products
         before = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
         try:
             return symmetric_retrieval(x, labels, need_ranking=need_ranking, device=device, block_rows=block_rows,
-                                       slack=slack)
+                                       slack=slack, give_up_if_weak=give_up_if_weak)
         finally:
             torch.set_float32_matmul_precision(before)
     if block_rows <= 0 or block_rows % 1024:
@@ -187,6 +194,7 @@ def symmetric_retrieval(
         return lo_s if top is None else torch.minimum(lo_s, torch.where(torch.isinf(lo_s), lo_s,
                                                                          top.threshold()[s0 : s0 + b]))
 
+    diag_listed = 0
     for bi in range(nb):  # diagonal blocks first: they seed the running top-k (tight thresholds from the start)
         i0 = bi * b
         torch.mm(a[i0 : i0 + b], bm[i0 : i0 + b].T, out=m)
@@ -196,7 +204,10 @@ def symmetric_retrieval(
             top.seed(slice(i0, i0 + b), v, j + i0)
         torch.ge(m, lo[i0 : i0 + b, None], out=mask)
         f = _flat_nonzero(mask)
+        diag_listed += f.numel()
         listed(f // b + i0, f % b + i0, m.view(-1)[f], merge=False)  # the seeding already holds this block's best
+    if give_up_if_weak and n and diag_listed * nb > band_limit(n) * n:
+        return None
     for bi in range(nb):
         i0 = bi * b
         qs_, its_, vs_ = [], [], []  # one block row's listings, sorted out together (fewer small operations)
@@ -210,6 +221,9 @@ def symmetric_retrieval(
             qs_ += [f // b + i0, f2 % b + j0]
             its_ += [f % b + j0, f2 // b + i0]
             vs_ += [m.view(-1)[f], m.view(-1)[f2]]
+            if sum(v.numel() for v in vs_) > FLUSH_ITEMS:  # bounded memory whatever the embedding
+                listed(torch.cat(qs_), torch.cat(its_), torch.cat(vs_))
+                qs_, its_, vs_ = [], [], []
         if qs_:
             listed(torch.cat(qs_), torch.cat(its_), torch.cat(vs_))
     del m, mask, a, bm
