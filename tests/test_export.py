@@ -110,3 +110,16 @@ def test_export_of_a_run_without_checkpoint(tmp_path, capsys):
     assert main([str(tmp_path / "run"), "--format", "torchscript"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(tmp_path / "run") in err and "no checkpoint" in err
+
+
+@pytest.mark.parametrize("weights", [{"pretrained": True}, {"weights": "/elsewhere/googlenet.pth"}, {}])
+def test_rebuilt_googlenet_rescales_its_input_as_trained(weights):
+    """GoogLeNet built with ImageNet weights re-scales its input (a flag outside the state dict); the rebuilt model
+    does the same without reading any weights file."""
+    from dml_runner.embed import build_model
+
+    backbone = {"_target_": "dml_runner.backbones.torchvision_backbone", "arch": "googlenet", "pretrained": False,
+                "weights": None, "embedding_dim": 8, **weights}
+    model = build_model({"backbone": backbone, "eval": {"normalize": False}}, in_channels=3)
+    assert model.trunk.transform_input is bool(weights)
+    assert model.info["weights"] == "random init"
