@@ -5,13 +5,14 @@
     python scripts/reproduce.py lifted --smoke                                    # the same pipeline on fixtures
     python scripts/reproduce.py dc --dry-run                                       # print the plan, train nothing
 
-Targets: table1, table2, table3 (HDML CUB / Cars / SOP), lifted, dc, mdl; a target's rows are the files under
-``conf/experiment/<dir>/`` (``--rows 'lifted_*'`` picks some by glob). Before anything trains, every dataset a row
-needs is checked under ``$DML_DATA`` (``--data``); a missing one stops the run with the ``scripts/prepare_data.py``
-command. ``--smoke`` generates fixture trees (dml_runner/datasets/fixtures.py) and trains every row's own backbone (ImageNet
-weights from the torchvision hub cache when it holds them, else random init with a notice), transform, sampler,
-loss and method for a step or two, on fewer classes per batch and 64-px crops: minutes on a CPU, numbers
-meaningless, pipeline identical; it prints what it shrank per row. Extra Hydra overrides go after ``--``.
+Targets: table1, table2, table3 (HDML CUB / Cars / SOP), lifted, dc, mdl, modern (ViT recipes); a target's rows
+are the files under ``conf/experiment/<dir>/`` (``--rows 'lifted_*'`` picks some by glob). Before anything trains,
+every dataset a row needs is checked under ``$DML_DATA`` (``--data``); a missing one stops the run with the
+``scripts/prepare_data.py`` command. ``--smoke`` generates fixture trees (dml_runner/datasets/fixtures.py) and trains
+every row's own backbone (ImageNet weights from the torchvision or Hugging Face hub cache when it holds them, else
+random init with a notice), transform, sampler, loss and method for a step or two, on fewer classes per batch and
+64-px crops: minutes on a CPU, numbers meaningless, pipeline identical; it prints what it shrank per row. Runs and
+tables go under ``paths.output_dir`` (``--out``, ``--tables``). Extra Hydra overrides go after ``--``.
 Exit status: 0 = table written; 1 = a row, dataset or job failed (the report lists failed jobs); 2 = usage error.
 """
 
@@ -31,9 +32,11 @@ TARGETS: dict[str, dict[str, Any]] = {
     "table1": {"dirs": ["hdml/table1_cub200"], "title": "HDML Table 1 (CUB-200-2011)"},
     "table2": {"dirs": ["hdml/table2_cars196"], "title": "HDML Table 2 (Cars196)"},
     "table3": {"dirs": ["hdml/table3_sop"], "title": "HDML Table 3 (Stanford Online Products)"},
-    "lifted": {"dirs": ["lifted"], "title": "Lifted Structure (CUB, Cars, SOP)", "report": ["--split-by", "embedding_dim"]},
+    "lifted": {"dirs": ["lifted"], "title": "Lifted Structure (CUB, Cars, SOP)",
+               "report": ["--split-by", "embedding_dim"]},
     "dc": {"dirs": ["dc"], "title": "Divide and Conquer (CUB, Cars, SOP, In-shop, VehicleID)"},
     "mdl": {"dirs": ["mdl"], "title": "MDL, reconstructed from the abstract (CUB, Cars, SOP)"},
+    "modern": {"dirs": ["modern"], "title": "Modern recipe: ViT-S/16 DINO + Proxy-Anchor (CUB, Cars, SOP)"},
 }
 # --smoke shrinks sizes and steps only (epochs, steps, data, classes per batch, image size) and keeps the row's
 # backbone and weight loading, transform, sampler and batch layout, loss, method and report.
@@ -136,6 +139,25 @@ def hub_weights(arch: str) -> tuple[bool, Path]:
     return hub_weights_available(arch), Path(hub_weights_path(arch))
 
 
+def timm_smoke(backbone: Any, notes: list[str]) -> list[str]:
+    """backbone=timm: weights from the Hugging Face hub cache when it holds them (else random init with a notice),
+    and a SMOKE_SIDE input (backbone.img_size is transform=timm's only image-size setting)."""
+    from dml_runner.backbones.timm_nets import hf_weights_path
+
+    out, name = [], str(backbone.name)
+    if backbone.get("pretrained"):
+        path = hf_weights_path(name)
+        if path is not None:
+            notes.append(f"weights: {name} from the Hugging Face hub cache ({path})")
+        else:
+            out.append("backbone.pretrained=false")
+            notes.append(f"NOTICE: {name} is not in the Hugging Face hub cache: backbone.pretrained=false, it starts "
+                         "from RANDOM weights (set HF_HUB_CACHE to a cache that holds it)")
+    out.append(f"backbone.img_size={SMOKE_SIDE}")
+    notes.append(f"image: backbone.img_size {backbone.get('img_size')} -> {SMOKE_SIDE} px")
+    return out
+
+
 def _target(node: Any) -> str:
     return str(node.get("_target_", "")) if node is not None else ""
 
@@ -157,7 +179,9 @@ def smoke_overrides(row: str, cfg: Any, extra: list[str]) -> tuple[list[str], li
     out += [f"{group}={choices[group]}" for group in ("backbone", "transform", "method") if choices.get(group)]
     backbone = cfg.backbone
     arch = backbone.get("arch")
-    if backbone.get("pretrained") and arch:
+    if _target(backbone).endswith("timm_backbone"):
+        out += timm_smoke(backbone, notes)
+    elif backbone.get("pretrained") and arch:
         present, path = hub_weights(str(arch))
         if present:
             notes.append(f"weights: {arch} ImageNet weights from the torchvision hub cache ({path})")
@@ -284,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("target", choices=sorted(TARGETS))
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per row (default 3)")
     p.add_argument("--data", help="directory holding the dataset directories (sets $DML_DATA)")
-    p.add_argument("--smoke", action="store_true", help="fixture data, a step or two, small batches and crops, the rows' own components (CPU, minutes)")
+    p.add_argument("--smoke", action="store_true",
+                   help="fixture data, a step or two, small batches and crops, the rows' own components (CPU, minutes)")
     p.add_argument("--rows", help="comma-separated globs over the row file names, e.g. 'lifted_*,*_cub200'")
     p.add_argument("--out", help="sweep directory (default <paths.output_dir>/reproduce/<target>[-smoke]/<time>)")
     p.add_argument("--tables", help="report directory (default <paths.output_dir>/tables/<target>[-smoke])")
