@@ -166,3 +166,26 @@ def test_embed_on_an_absent_gpu_names_the_option(digits_run, tmp_path, capsys):
     assert main([str(digits_run), "test", "--device", "cuda", "--out", str(tmp_path / "x.npz")]) == 2
     err = error_line(capsys)
     assert "--device=cuda" in err and "no CUDA device" in err
+
+
+@pytest.mark.slow
+def test_image_run_reads_files_as_its_test_split(tmp_path_factory):
+    """A run on image files (dataset=folder, rrc_224): an image folder embeds each file exactly as the run's test
+    split does (same test transform), and the class names agree."""
+    from dml_runner.datasets.fixtures import make_folder
+    from dml_runner.embed import main
+
+    base = tmp_path_factory.getbasetemp()
+    tree = make_folder(tmp_path_factory.mktemp("tree"))
+    run_dir = trained_run(base, "use_folder_run", "dataset=folder", f"dataset.root={tree}", "trainer.batch_size=6",
+                          "sampler.samples_per_class=2")
+    out = tmp_path_factory.mktemp("emb")
+    assert main([str(run_dir), str(tree), "--out", str(out / "folder.npz")]) == 0
+    assert main([str(run_dir), "test", "--out", str(out / "split.npz")]) == 0
+    files, split = np.load(out / "folder.npz"), np.load(out / "split.npz")
+    row = {p: i for i, p in enumerate(files["paths"])}
+    rows = [row[str(Path(p).resolve())] for p in split["paths"]]
+    assert len(rows) == len(split["paths"]) > 0 and split["embeddings"].shape[1] == files["embeddings"].shape[1]
+    np.testing.assert_allclose(files["embeddings"][rows], split["embeddings"], atol=1e-5)
+    assert files["class_names"][rows].tolist() == split["class_names"].tolist()
+    np.testing.assert_allclose(split["embeddings"], np.load(run_dir / "embeddings.npz")["embeddings"], atol=1e-5)
