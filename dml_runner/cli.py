@@ -94,24 +94,12 @@ GROUP_HELP = {
 AUTOMATIC_GROUPS = ("preset", "preset_sampler", "preset_trainer", "preset_method")
 
 
-def _defaults() -> dict[str, str]:
-    import yaml
-
-    out: dict[str, str] = {}
-    for item in yaml.safe_load((conf_dir() / "config.yaml").read_text()).get("defaults", []):
-        if isinstance(item, dict):
-            for key, value in item.items():
-                if isinstance(value, str) and "$" not in value:
-                    out[key] = value
-    return out
-
-
 def format_help() -> str:
     """`dml-run --help`: what each group does, its options (default marked *), then the trainer and eval keys."""
-    from dml_runner.config import SCHEMAS, group_options, schema_help
+    from dml_runner.config import SCHEMAS, default_choices, group_options, schema_help
 
     conf = conf_dir()
-    defaults = _defaults()
+    defaults = default_choices()
     lines = ["dml-run: train and evaluate a deep-metric-learning model; every setting is a Hydra override.",
              "usage: dml-run [group=option ...] [group.key=value ...]  (e.g. loss=contrastive optimizer.lr=1e-4)",
              "       dml-run -m key=a,b,c ...   (a sweep: one run per value, summary.csv and plots in the sweep dir)",

@@ -461,6 +461,20 @@ def group_options(group: str) -> list[str]:
     return sorted(str(r.with_suffix("")) for r in relative if not any(part.startswith("_") for part in r.parts))
 
 
+def default_choices() -> dict[str, str]:
+    """``{group: option}`` that conf/config.yaml's defaults list selects (groups whose choice is computed, such as
+    ``preset: ${dataset}``, left out)."""
+    import yaml
+
+    out: dict[str, str] = {}
+    for item in yaml.safe_load((conf_dir() / "config.yaml").read_text()).get("defaults", []):
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if isinstance(value, str) and "$" not in value:
+                    out[key] = value
+    return out
+
+
 def to_container(cfg: Any) -> Any:
     """Plain Python containers for JSON output (interpolations resolved)."""
     from omegaconf import OmegaConf

@@ -24,8 +24,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dml_runner import DMLRunnerError, __version__, rundir
-from dml_runner.config import (EvalConfig, engine_backend, eval_settings, resume_free_keys, to_container,
-                               trainer_settings, validate_config)
+from dml_runner.config import (EvalConfig, default_choices, engine_backend, eval_settings, resume_free_keys,
+                               to_container, trainer_settings, validate_config)
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
 
     started = time.time()
     validate_config(cfg)  # every option checked before data are loaded or a step is trained
+    log_config_choices(hydra_meta)
     settings = trainer_settings(cfg)
     eval_cfg = eval_settings(cfg)
     dist_info = dist_info_from_env()
@@ -266,6 +267,19 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
     if logger is not None:
         logger.finish(results, out_dir=out_dir)  # final metrics and the run directory's figures to the trackers
     return results
+
+
+def log_config_choices(hydra_meta: dict[str, Any] | None) -> list[str]:
+    """Log (and return) the group choices that neither the command line nor conf/config.yaml made: the ones an
+    experiment, a preset or another group selected (loss=hdml_npair selects method=hdml and sampler=npair)."""
+    meta = hydra_meta or {}
+    named = {o.lstrip("+~").partition("=")[0] for o in meta.get("overrides", [])}
+    defaults = default_choices()
+    made = [f"{group}={choice}" for group, choice in (meta.get("choices") or {}).items()
+            if group in defaults and group not in named and choice != defaults[group]]
+    if made:
+        log.info("group choices made by the configs, not the command line: %s", " ".join(made))
+    return made
 
 
 def cfg_choice(hydra_meta: dict[str, Any] | None, group: str) -> str:

@@ -171,3 +171,18 @@ def test_eval_normalize_evaluates_unit_embeddings_of_a_raw_trained_head(tmp_path
         norms[flag] = np.linalg.norm(np.load(out / "embeddings.npz")["embeddings"], axis=1)
     assert np.allclose(norms["true"], 1.0, atol=1e-5)
     assert not np.allclose(norms["false"], 1.0, atol=1e-2)  # the head itself does not normalise
+
+
+def test_choices_made_by_configs_are_logged(caplog):
+    """loss=hdml_npair selects method=hdml and sampler=npair: the log says so; command-line choices are not repeated."""
+    import logging
+
+    from dml_runner.run import log_config_choices
+
+    meta = {"overrides": ["loss=hdml_npair", "trainer.epochs=3"],
+            "choices": {"loss": "hdml_npair", "method": "hdml", "sampler": "npair", "dataset": "digits",
+                        "preset": "digits"}}
+    with caplog.at_level(logging.INFO, logger="dml_runner.run"):
+        assert log_config_choices(meta) == ["method=hdml", "sampler=npair"]
+    assert "method=hdml sampler=npair" in caplog.text
+    assert log_config_choices({"overrides": ["method=hdml"], "choices": {"method": "hdml"}}) == []
