@@ -207,18 +207,28 @@ def test_pml_losses_train_end_to_end_on_digits(compose_cfg, tmp_path, monkeypatc
             assert not torch.equal(param.detach().cpu(), initial[name]), f"{name} was not trained"
         ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
         assert set(initial) <= set(ckpt["loss"])  # resume restores them
-        assert ("class_ids" in ckpt["loss"]) == (cfg.loss.num_classes is None)  # taken from the training labels
+        assert "class_ids" in ckpt["loss"] or cfg.loss.num_classes is not None  # the class -> weight row map
         groups = {g["name"]: g for g in ckpt["method"]["optimizer"]["param_groups"]}
         assert len(groups["loss"]["params"]) == len(initial)  # the optimiser's "loss" group at loss_lr_mult
         assert groups["loss"]["lr"] == pytest.approx(groups["trunk"]["lr"] * cfg.trainer.loss_lr_mult)
 
 
-def test_an_unknown_name_stops_the_run_before_training(compose_cfg, tmp_path):
+@pytest.mark.parametrize("overrides, words", [
+    (("loss.name=ProxyAnchor",), ["loss.name=ProxyAnchor: ", "did you mean ProxyAnchorLoss or"]),
+    (("loss.miner=MultiSimilarity",), ["loss.miner=MultiSimilarity: ", "did you mean MultiSimilarityMiner"]),
+    (("+loss.kwargs.alhpa=2",), ["loss.kwargs.alhpa: not a parameter of MultiSimilarityLoss", "did you mean alpha"]),
+    (("loss.miner=TripletMarginMiner", "+loss.miner_kwargs.type_of_triplet=hard"),
+     ["loss.miner_kwargs.type_of_triplet: not a parameter of TripletMarginMiner", "did you mean type_of_triplets"]),
+])
+def test_bad_names_and_kwargs_stop_the_run_before_anything_is_written(compose_cfg, tmp_path, overrides, words):
     from dml_runner.run import run
 
-    with pytest.raises(DMLRunnerError, match=r"loss.name=ProxyAnchor: .*did you mean ProxyAnchorLoss or"):
-        run(compose_cfg("loss=pml", "loss.name=ProxyAnchor", *SHORT), tmp_path / "run")
-    assert not (tmp_path / "run" / "history.csv").exists() and not (tmp_path / "run" / "last.pt").exists()
+    with pytest.raises(DMLRunnerError) as err:
+        run(compose_cfg("loss=pml", *overrides, *SHORT), tmp_path / "run")
+    assert "\n" not in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+    assert not (tmp_path / "run").exists()  # refused by the config check, before data are read
 
 
 @pytest.mark.slow

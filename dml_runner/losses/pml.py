@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -106,22 +107,52 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split()) or type(err).__name__
 
 
-def _build(option: str, cls: type, kwargs: dict[str, Any], filled: dict[str, Any]) -> nn.Module:
-    """``cls(**kwargs, **filled)`` with one-line errors naming ``<option>.<kwarg>``."""
+def _check_kwargs(option: str, cls: type, kwargs: dict[str, Any], provided: Sequence[str] = ()) -> None:
+    """Every key of ``kwargs`` is a parameter of ``cls``, every parameter without default is in ``kwargs`` or
+    ``provided``, and a string for a pml object parameter names one; one line naming ``<option>.<key>`` if not."""
     params = constructor_parameters(cls)
-    for key in kwargs:
+    for key, value in kwargs.items():
         if key not in params:
             near = difflib.get_close_matches(key, list(params), n=1)
             hint = f"did you mean {near[0]}? " if near else ""
             raise DMLRunnerError(f"{option}.{key}: not a parameter of {cls.__name__}; {hint}"
-                                 f"its parameters: {', '.join(p for p in params if p not in filled)}")
-    values = {**kwargs, **filled}
+                                 f"its parameters: {', '.join(p for p in params if p not in provided)}")
+        if key in OBJECT_PARAMS and isinstance(value, str):
+            _lookup(f"{option}.{key}", value, OBJECT_PARAMS[key], {})
     own = inspect.signature(cls.__init__).parameters.values()  # base-class parameters without default are the
     missing = [p.name for p in own if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-               and p.name != "self" and p.name not in values]  # subclass's to pass (GenericPairLoss)
+               and p.name != "self" and p.name not in kwargs and p.name not in provided]  # subclass's to pass
     if missing:
         raise DMLRunnerError(f"{option}.{missing[0]}: {cls.__name__} needs it (no default); add "
                              f"+{option}.{missing[0]}=<value>")
+
+
+def resolve(name: Any, kwargs: dict[str, Any] | None = None, miner: Any = None,
+            miner_kwargs: dict[str, Any] | None = None) -> tuple[type, type | None]:
+    """The pml loss and miner classes of a ``loss=pml`` config, after every check that needs no data: the names,
+    whether the loss takes mined tuples, and the names of the keyword arguments."""
+    loss_cls = _lookup("loss.name", name, "losses", UNSUPPORTED_LOSSES)
+    miner_cls = _lookup("loss.miner", miner, "miners", UNSUPPORTED_MINERS) if miner is not None else None
+    if miner is None and miner_kwargs:
+        raise DMLRunnerError(f"loss.miner_kwargs={dict(miner_kwargs)} without loss.miner: name the miner, "
+                             "e.g. loss.miner=MultiSimilarityMiner")
+    if miner_cls is not None and not takes_miner(loss_cls):
+        raise DMLRunnerError(f"loss.miner={miner}: {loss_cls.__name__} uses no mined pairs or triplets; "
+                             "drop loss.miner")
+    reserved = [k for k in (kwargs or {}) if k in (*CLASS_PARAMS, *SIZE_PARAMS)]
+    if reserved:
+        raise DMLRunnerError(f"loss.kwargs.{reserved[0]}: set by loss=pml itself; use loss.num_classes "
+                             "(null: the training split's classes) or backbone.embedding_dim instead")
+    _check_kwargs("loss.kwargs", loss_cls, dict(kwargs or {}), (*CLASS_PARAMS, *SIZE_PARAMS))
+    if miner_cls is not None:
+        _check_kwargs("loss.miner_kwargs", miner_cls, dict(miner_kwargs or {}))
+    return loss_cls, miner_cls
+
+
+def _build(option: str, cls: type, kwargs: dict[str, Any], filled: dict[str, Any]) -> nn.Module:
+    """``cls(**kwargs, **filled)`` (keys checked by :func:`resolve`); pml's own argument checks become one line
+    naming ``option``."""
+    values = {**kwargs, **filled}
     for key, value in list(values.items()):
         if key in OBJECT_PARAMS and isinstance(value, str):
             values[key] = _lookup(f"{option}.{key}", value, OBJECT_PARAMS[key], {})()
@@ -149,18 +180,7 @@ class PMLLoss(nn.Module):
                  num_classes: int | None = None, embedding_size: int | None = None,
                  train_labels: Any = None) -> None:
         super().__init__()
-        loss_cls = _lookup("loss.name", name, "losses", UNSUPPORTED_LOSSES)
-        miner_cls = _lookup("loss.miner", miner, "miners", UNSUPPORTED_MINERS) if miner is not None else None
-        if miner is None and miner_kwargs:
-            raise DMLRunnerError(f"loss.miner_kwargs={dict(miner_kwargs)} without loss.miner: name the miner, "
-                                 "e.g. loss.miner=MultiSimilarityMiner")
-        if miner_cls is not None and not takes_miner(loss_cls):
-            raise DMLRunnerError(f"loss.miner={miner}: {loss_cls.__name__} uses no mined pairs or triplets; "
-                                 "drop loss.miner")
-        reserved = [k for k in (kwargs or {}) if k in (*CLASS_PARAMS, *SIZE_PARAMS)]
-        if reserved:
-            raise DMLRunnerError(f"loss.kwargs.{reserved[0]}: set by loss=pml itself; use loss.num_classes "
-                                 "(null: the training split's classes) or backbone.embedding_dim instead")
+        loss_cls, miner_cls = resolve(name, kwargs, miner, miner_kwargs)
         params = constructor_parameters(loss_cls)
         filled: dict[str, Any] = {}
         class_ids = None
@@ -180,6 +200,12 @@ class PMLLoss(nn.Module):
         self.miner = _build("loss.miner_kwargs", miner_cls, dict(miner_kwargs or {}), {}) if miner_cls else None
         self.num_classes = filled.get("num_classes")
         self.register_buffer("class_ids", class_ids)  # None (no buffer) unless the weights follow class ids
+
+    @staticmethod
+    def check_config(node: dict[str, Any]) -> None:
+        """The checks of :func:`resolve` on the resolved ``loss`` config node, before any data are read (dml-run's
+        config validation calls it)."""
+        resolve(node.get("name"), node.get("kwargs"), node.get("miner"), node.get("miner_kwargs"))
 
     @staticmethod
     def _class_ids(loss_name: str, num_classes: int | None, train_labels: Any) -> Tensor | None:
