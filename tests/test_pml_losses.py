@@ -252,3 +252,26 @@ def test_dml_run_and_dml_report_name_rows_by_the_pml_loss(tmp_path):
     assert "Settings that differ between rows (per-row recipe, `recipe` column of the CSV): loss.name." in report
     runs = pd.read_csv(tmp_path / "tables" / "runs.csv")
     assert sorted(runs["row"]) == sorted(f"loss=pml loss.name={n} {' '.join(SHORT)}" for n in names)
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes_train_a_proxy_loss_with_a_miner(tmp_path):
+    """DistributedDataParallel (gloo, 2 processes): the loss and miner see the global batch, the proxies train."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "-m", "dml_runner",
+           "loss=pml", "loss.name=ProxyAnchorLoss", "loss.miner=MultiSimilarityMiner", "trainer.loss_lr_mult=100",
+           "trainer.device=cpu", *SHORT, f"hydra.run.dir={out}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "completed" and res["world_size"] == 2
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["loss"]["loss.proxies"].shape == (res["dataset"]["train_classes"], res["model"]["embedding_dim"])
+    assert torch.equal(ckpt["loss"]["class_ids"], torch.arange(res["dataset"]["train_classes"]))
+    optimizer = ckpt["method"]["optimizer"]
+    (proxies,) = next(g["params"] for g in optimizer["param_groups"] if g["name"] == "loss")
+    assert optimizer["state"][proxies]["exp_avg"].abs().sum() > 0  # Adam saw the proxies' gradients
