@@ -1,6 +1,8 @@
-"""The training loop: devices, AMP, evaluation schedule, checkpoints, history and the NaN guard.
+"""The training loop: devices, AMP, data parallelism, evaluation schedule, checkpoints, history and the NaN guard.
 
-Plain PyTorch; :mod:`dml_runner.run` builds the objects from the config and calls :func:`fit`.
+Plain PyTorch; :mod:`dml_runner.run` builds the objects from the config and calls :func:`fit`. Under torchrun the
+method's task module runs in DistributedDataParallel and its loss sees the gathered global batch
+(:mod:`dml_runner.distributed`); evaluation and every file are rank 0's.
 """
 
 from __future__ import annotations
@@ -116,7 +118,7 @@ class Trainer:
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        if getattr(settings, "sync_bn", False):
+        if settings.sync_bn:
             # before the method builds anything: layers it adds after the gather already see the global batch
             self.model = convert_sync_batchnorm(self.model, self.dist, self.device)
         self.loss = loss.to(self.device)

@@ -48,7 +48,7 @@ def _model():
     return model
 
 
-def _scenario(name: str, info: DistInfo, out_dir: Path):
+def _scenario(name: str, info: DistInfo, out_dir: Path, **settings: object):
     """A Trainer (method set up) of one scenario; the same parameters and global batches for every ``info``."""
     from dml_runner.config import TrainerConfig
     from dml_runner.losses.contrastive import ContrastiveLoss
@@ -88,7 +88,7 @@ def _scenario(name: str, info: DistInfo, out_dir: Path):
 
     settings = TrainerConfig(epochs=epochs, batch_size=batch, device="cpu", seed=0, progress=False,
                              max_steps_per_epoch=STEPS, save_checkpoints=False, save_embeddings=False,
-                             eval_before_training=False)
+                             eval_before_training=False, **settings)
     return Trainer(settings, _digits(), model, loss, method, optim, None, make_sampler,
                    evaluate=lambda *a, **k: {"recall@1": 0.0}, out_dir=out_dir, dist_info=info)
 
@@ -116,7 +116,6 @@ def _rank_main(out_dir: Path) -> None:
     """One rank under torchrun (``python -m torch.distributed.run ... tests/test_distributed.py OUT``): every scenario
     through the real Trainer, whose DistInfo comes from torchrun's environment; results to OUT/rank<r>.pt."""
     import dml_runner.methods.divide_conquer as dc
-    from dml_runner.distributed import convert_sync_batchnorm
 
     torch.set_num_threads(1)
     info = dist_info_from_env()
@@ -127,7 +126,7 @@ def _rank_main(out_dir: Path) -> None:
         dc.kmeans = no_kmeans
     out = {name: _train(_scenario(name, info, out_dir / name)) for name in SCENARIOS}
     try:  # torch's SyncBatchNorm has no CPU path: refused with the option's name
-        convert_sync_batchnorm(_model(), info, torch.device("cpu"))
+        _scenario("standard", info, out_dir / "sync_bn", sync_bn=True)
         out["sync_bn_error"] = None
     except DMLRunnerError as err:
         out["sync_bn_error"] = str(err)
@@ -186,12 +185,16 @@ def test_sync_batchnorm_is_refused_on_the_cpu(two_ranks):
     assert all("trainer.sync_bn" in r["sync_bn_error"] for r in two_ranks)
 
 
-def test_one_process_has_no_ddp_and_no_sync_batchnorm():
-    from dml_runner.distributed import convert_sync_batchnorm, data_parallel, gather_global_batch
+def test_one_process_has_no_ddp_and_no_sync_batchnorm(tmp_path):
+    from dml_runner.backbones.small_cnn import small_cnn
+    from dml_runner.distributed import convert_sync_batchnorm, gather_global_batch
 
-    model = _model()
-    assert data_parallel(model, DistInfo(), torch.device("cpu")) is model
+    trainer = _scenario("standard", DistInfo(), tmp_path, sync_bn=True)  # nothing to synchronise
+    assert type(trainer.method.task).__name__ == "TaskModule"
+    model = small_cnn(in_channels=1, width=8)
     assert convert_sync_batchnorm(model, DistInfo(), torch.device("cpu")) is model
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     x = torch.randn(4, 3)
     assert gather_global_batch(x) is x
 
