@@ -193,8 +193,11 @@ def resume_free_keys(cfg: Any = None) -> set[str]:
     ``dataset.root: ${paths.data_dir}/cub200``), since it changes only when they do.
     """
     free = set(flagged_keys(RESUME_FREE)) | set(LABEL_KEYS)
-    if cfg is not None:
-        free |= _interpolated_from(cfg, free)
+    while cfg is not None:  # until no new key follows (an interpolation of an interpolation of a free key)
+        more = _interpolated_from(cfg, free) - free
+        if not more:
+            break
+        free |= more
     return free
 
 

@@ -59,7 +59,7 @@ def read_table(out: Path, slug: str) -> pd.DataFrame:
 
 def test_reference_tables_hold_the_methods_md_numbers():
     assert set(reference_tables()) == {"hdml_table1_cub200", "hdml_table2_cars196", "hdml_table3_sop",
-                                       "lifted_structure", "divide_conquer", "mdl"}
+                                       "lifted_structure", "divide_conquer", "mdl", "modern"}
     t2 = load_reference("hdml_table2_cars196").set_index(["row", "metric"])["value"]
     assert t2[("hdml_npair", "recall@1")] == 79.1 and t2[("contrastive", "nmi")] == 42.3
     assert t2[("daml_npair", "f1")] == 36.4

@@ -109,9 +109,9 @@ def test_the_keys_that_may_change_on_resume_come_from_the_schema(compose_cfg):
     assert not {"trainer.seed", "trainer.batch_size", "optimizer.lr", "eval"} & free
     raw = OmegaConf.create({"paths": {"data_dir": "d"}, "trainer": {"seed": 0, "epochs": 3},
                             "dataset": {"root": "${paths.data_dir}/cub", "seeded": "${paths.data_dir}/${trainer.seed}",
-                                        "env": "${oc.env:HOME}", "plain": 3}})
+                                        "env": "${oc.env:HOME}", "plain": 3, "deeper": "${dataset.root}/x"}})
     derived = resume_free_keys(raw) - resume_free_keys()
-    assert derived == {"dataset.root"}  # where the files are, not what they are; a seed is never free
+    assert derived == {"dataset.root", "dataset.deeper"}  # where the files are, not what they are; never a seed
     saved = {"trainer": {"epochs": 3, "seed": 0}, "scheduler": {"T_max": 3}, "eval": {"recall_at": [1]}}
     now = {"trainer": {"epochs": 9, "seed": 0}, "scheduler": {"T_max": 9}, "eval": {"recall_at": [1, 2]}}
     assert config_mismatches(saved, now, free) == []
