@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dml_runner import DMLRunnerError
 from dml_runner.distributed import DistInfo
 
 
@@ -119,7 +120,11 @@ class Method:
 
     def compute_loss(self, batch: tuple) -> dict[str, torch.Tensor]:
         """Forward pass on a device batch through the (wrapped) task module."""
-        return self.task(batch)
+        task = getattr(self, "task", None)
+        if task is None:
+            raise DMLRunnerError(f"{type(self).__name__}.setup did not call self.build_task(model=..., loss=...): "
+                                 "the trainer runs a method's forward through its task module")
+        return task(batch)
 
     def backward_and_step(self, losses: dict[str, torch.Tensor]) -> None:
         """Backward pass and optimiser step(s); only called when the loss is finite."""
