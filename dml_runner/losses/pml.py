@@ -43,15 +43,15 @@ UNSUPPORTED_MINERS = {"BaseMiner": "an abstract base class"}
 # constructor parameters filled by the wrapper: the number of classes and the embedding size
 CLASS_PARAMS = ("num_classes",)
 SIZE_PARAMS = ("embedding_size", "descriptors_dim")
-# a string given for one of these parameters names a pml object built with its defaults
 NOUN = {"losses": "loss", "miners": "miner", "distances": "distance", "reducers": "reducer",
         "regularizers": "regularizer"}
+# a string given for one of these parameters names a pml object built with its defaults
 OBJECT_PARAMS = {"distance": "distances", "reducer": "reducers", "embedding_regularizer": "regularizers",
                  "weight_regularizer": "regularizers"}
 
 
 def _pml_classes(kind: str) -> dict[str, type]:
-    """Every ``nn.Module`` class exported by ``pytorch_metric_learning.<kind>`` (losses or miners)."""
+    """Every ``nn.Module`` class exported by ``pytorch_metric_learning.<kind>`` (losses, miners, distances ...)."""
     import importlib
 
     module = importlib.import_module(f"pytorch_metric_learning.{kind}")
