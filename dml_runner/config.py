@@ -55,11 +55,12 @@ class SelectOn(Choice):
 
 
 class EvalBackend(Choice):
-    """Retrieval search of the evaluation (docs/EVALUATION.md); ``auto`` picks screened or float32 per problem."""
+    """Retrieval search of the evaluation (docs/EVALUATION.md); ``auto`` picks one per problem and CPU."""
 
     auto = "auto"
     torch_screened = "torch_screened"
     torch_fp32 = "torch_fp32"
+    torch_symmetric = "torch_symmetric"
     faiss = "faiss"
 
 
@@ -110,9 +111,9 @@ class EvalConfig:
     metrics: list[str] = _opt(["recall", "nmi", "f1", "map_at_r", "r_precision"], "metrics to compute",
                               resume_free=True)
     device: str = _opt("auto", "auto | cpu | cuda | cuda:N | mps", resume_free=True)
-    backend: EvalBackend = _opt(EvalBackend.auto, "retrieval search: auto (torch_screened on a CPU with native bf16 "
-                                                  "for large problems, else torch_fp32) | torch_screened | torch_fp32 "
-                                                  "| faiss", resume_free=True)
+    backend: EvalBackend = _opt(EvalBackend.auto, "retrieval search: auto (by problem size and CPU, "
+                                                  "docs/EVALUATION.md) | torch_screened | torch_fp32 | "
+                                                  "torch_symmetric (leave-one-out only) | faiss", resume_free=True)
     chunk_size: int = _opt(4096, "queries per block of the retrieval search", neutral=True)
     kmeans_iters: int = _opt(50, "k-means iterations for NMI and F1", resume_free=True)
     seed: Optional[int] = _opt(None, "k-means seed (null: trainer.seed)", resume_free=True)

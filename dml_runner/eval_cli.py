@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=DEFAULTS.device, help=DEVICE_CHOICES)
     p.add_argument("--seed", type=int, default=0, help="k-means seed")
     p.add_argument("--backend", default=DEFAULTS.backend.value, choices=[b.value for b in EvalBackend],
-                   help="retrieval search: auto (torch_screened on a CPU with native bf16 for large problems, else "
-                        "torch_fp32), torch_screened (bf16 screen + float64 recheck), torch_fp32, or faiss (flat "
-                        "index, GPU index on cuda)")
+                   help="retrieval search: auto (by problem size and CPU, docs/EVALUATION.md), torch_screened (bf16 "
+                        "screen + float64 recheck), torch_fp32, torch_symmetric (leave-one-out, each product block "
+                        "serves rows and columns), or faiss (flat index, GPU index on cuda)")
     p.add_argument("--kmeans-iters", type=int, default=DEFAULTS.kmeans_iters)
     p.add_argument("--max-memory-gb", type=float, default=None,
                    help="refuse to start if the estimated memory exceeds this (default: available memory)")
