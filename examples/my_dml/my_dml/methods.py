@@ -1,6 +1,7 @@
 """Gradient accumulation: the gradients of ``accumulate`` batches are summed before each optimiser step, so the
 step sees an effective batch ``accumulate`` times larger than the one that fits in memory. The loss still sees one
-batch at a time (pairs never span two batches)."""
+batch at a time (pairs never span two batches). Under torchrun each batch's gradients are averaged over the ranks as
+they are computed: correct, without saving communication."""
 
 from __future__ import annotations
 
