@@ -52,7 +52,7 @@ REPRODUCE = $(PY) scripts/reproduce.py
 REPRODUCE_ARGS = --seeds $(SEEDS) $(if $(DATA),--data $(DATA)) $(if $(filter 1 true yes,$(SMOKE)),--smoke) \
 	$(REPRODUCE_OPTS) $(if $(ARGS),-- $(ARGS))
 
-.PHONY: reproduce-table1 reproduce-table2 reproduce-table3 reproduce-lifted reproduce-dc reproduce-mdl
+.PHONY: reproduce-table1 reproduce-table2 reproduce-table3 reproduce-lifted reproduce-dc reproduce-mdl reproduce-modern
 
 reproduce-table1: $(STAMP) ## HDML Table 1 (CUB-200-2011): every row x SEEDS, then the table (DATA=, SMOKE=1)
 	$(REPRODUCE) table1 $(REPRODUCE_ARGS)
@@ -71,6 +71,9 @@ reproduce-dc: $(STAMP) ## Divide and Conquer (CUB, Cars, SOP, In-shop, VehicleID
 
 reproduce-mdl: $(STAMP) ## MDL (reconstructed from the abstract) vs margin loss on CUB, Cars, SOP x SEEDS
 	$(REPRODUCE) mdl $(REPRODUCE_ARGS)
+
+reproduce-modern: $(STAMP) ## ViT-S/16 DINO + Proxy-Anchor (CUB, Cars, SOP) x SEEDS next to Sph-DINO's numbers
+	$(REPRODUCE) modern $(REPRODUCE_ARGS)
 
 .PHONY: gpu-check
 gpu-check: $(STAMP) ## On a CUDA machine: every GPU path (backbones, eval backends vs CPU, faiss-gpu, torchrun/NCCL), one table
