@@ -35,6 +35,7 @@ from dml_runner.evaluation.screened import U_F32, band_limit, exact_nearest_posi
 
 BLOCK_ROWS = 1024  # rows (and columns) of one block of the product: a multiple of screened.COL_ALIGN
 SLACK = 8  # extra neighbours per query kept in the running top-k for MAP@R (certification margin)
+MERGE_ELEMENTS = 1 << 22  # padded elements per merge group of the running top-k (bounds its memory)
 FLUSH_ITEMS = 1 << 22  # listed items kept before they are sorted out (bounds the listing's memory)
 PAD = -1e30  # score of a padding row / column: below every threshold
 
@@ -76,18 +77,36 @@ class _TopK:
         self.vals[rows, :kk], self.idx[rows, :kk] = vals, idx
 
     def merge(self, q: torch.Tensor, items: torch.Tensor, v: torch.Tensor) -> None:
-        """Merge listed (query, item, value) triples into the queries' top k."""
+        """Merge listed (query, item, value) triples into the queries' top k (padded matrices of at most
+        MERGE_ELEMENTS values)."""
         if not q.numel():
             return
         order = torch.argsort(q, stable=True)
         q, items, v = q[order], items[order], v[order]
         rows, counts = torch.unique_consecutive(q, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(q.numel(), device=q.device) - torch.repeat_interleave(starts, counts)
-        width = int(counts.max())
-        slot = torch.repeat_interleave(torch.arange(rows.numel(), device=q.device), counts)
-        nv = torch.full((rows.numel(), width), -float("inf"), device=q.device)
-        ni = torch.full((rows.numel(), width), -1, dtype=torch.int64, device=q.device)
+        # queries bucketed by their count rounded up to a power of two: a bucket's padded width is at most twice
+        # its counts, and it is merged MERGE_ELEMENTS // width queries at a time
+        bucket = torch.ceil(torch.log2(counts.double())).long()
+        for bk in torch.unique(bucket).tolist():
+            sel = (bucket == bk).nonzero().ravel()
+            width = 1 << bk
+            step = max(1, MERGE_ELEMENTS // width)
+            for g0 in range(0, sel.numel(), step):
+                g = sel[g0 : g0 + step]
+                cnt, st = counts[g], starts[g]
+                take = torch.repeat_interleave(st, cnt) + torch.arange(int(cnt.sum()), device=q.device) - \
+                    torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
+                self._merge_group(rows[g], cnt, items[take], v[take], width)
+
+    def _merge_group(self, rows, counts, items, v, width):
+        """Merge the triples of ``rows`` (items and values grouped by row, ``counts`` each, at most ``width``)."""
+        dev = rows.device
+        slot = torch.repeat_interleave(torch.arange(rows.numel(), device=dev), counts)
+        first = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(items.numel(), device=dev) - torch.repeat_interleave(first, counts)
+        nv = torch.full((rows.numel(), width), -float("inf"), device=dev)
+        ni = torch.full((rows.numel(), width), -1, dtype=torch.int64, device=dev)
         nv[slot, pos], ni[slot, pos] = v, items
         allv = torch.cat([self.vals[rows], nv], dim=1)
         alli = torch.cat([self.idx[rows], ni], dim=1)
@@ -214,13 +233,14 @@ def symmetric_retrieval(
         for bj in range(bi + 1, nb):
             j0 = bj * b
             torch.mm(a[i0 : i0 + b], bm[j0 : j0 + b].T, out=m)
-            torch.ge(m, threshold(i0)[:, None], out=mask)  # rows of the block as queries
+            torch.ge(m, threshold(j0)[None, :], out=mask)  # columns of the block as queries: sorted out per block row
             f = _flat_nonzero(mask)
-            torch.ge(m, threshold(j0)[None, :], out=mask)  # columns of the block as queries
-            f2 = _flat_nonzero(mask)
-            qs_ += [f // b + i0, f2 % b + j0]
-            its_ += [f % b + j0, f2 // b + i0]
-            vs_ += [m.view(-1)[f], m.view(-1)[f2]]
+            qs_.append(f % b + j0)
+            its_.append(f // b + i0)
+            vs_.append(m.view(-1)[f])
+            torch.ge(m, threshold(i0)[:, None], out=mask)  # rows of the block as queries: sorted out now, so that
+            f = _flat_nonzero(mask)  # their k-th values rise before the next block of the row
+            listed(f // b + i0, f % b + j0, m.view(-1)[f])
             if sum(v.numel() for v in vs_) > FLUSH_ITEMS:  # bounded memory whatever the embedding
                 listed(torch.cat(qs_), torch.cat(its_), torch.cat(vs_))
                 qs_, its_, vs_ = [], [], []
