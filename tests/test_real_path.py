@@ -56,7 +56,7 @@ def test_every_experiment_file_is_covered():
 def check_components(row: str, composed: Any, used: dict[str, Any], run: TargetRun) -> None:
     """The smoke run used the row's config except for sizes, steps, epochs and the data: same backbone and weights,
     transform type, sampler and batch layout, loss, optimizer, method, evaluation and reference."""
-    shrinkable = {"trainer", "tags", "dataset", "transform", "method"}
+    shrinkable = {"trainer", "tags", "dataset", "transform", "method", "paths"}  # paths: the fixture data
     for group in composed:
         if group not in shrinkable:
             assert used.get(group) == plain(composed.get(group)), f"{row}: {group} differs from the row's"
