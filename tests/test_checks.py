@@ -116,3 +116,24 @@ def test_a_target_may_check_its_own_config_node_before_any_work(compose_cfg, mon
     with pytest.raises(DMLRunnerError, match="loss.margin=2.0: too large"):
         validate_config(compose_cfg("loss=triplet", "loss.margin=2.0"))
     assert seen == [0.5, 2.0]
+
+
+def test_one_device_rule_names_the_option(monkeypatch):
+    """dml_runner.devices.resolve_device serves trainer.device, eval.device and dml-eval --device alike."""
+    import torch
+
+    from dml_runner.devices import DeviceError, resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    for name, option, words in (("gpu", "eval.device", "eval.device=gpu: not a device"),
+                                ("cuda:1", "trainer.device", "trainer.device=cuda:1: PyTorch sees no CUDA device")):
+        with pytest.raises(DeviceError, match=words) as err:
+            resolve_device(name, option)
+        assert isinstance(err.value, ValueError) and isinstance(err.value, DMLRunnerError)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceError, match=r"cuda:1: PyTorch sees 1 CUDA device\(s\)"):
+        resolve_device("cuda:1")
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
