@@ -12,7 +12,9 @@ import numpy as np
 import torch
 
 from dml_runner.evaluation._validation import (
+    BACKENDS,
     KNOWN_METRICS,
+    check_backend,
     check_embeddings_labels,
     check_mask,
     check_metrics,
@@ -26,7 +28,6 @@ from dml_runner.evaluation.retrieval import exact_retrieval, faiss_retrieval
 from dml_runner.evaluation.screened import screened_retrieval
 from dml_runner.evaluation.symmetric import symmetric_retrieval
 
-BACKENDS = ("torch", "torch_screened", "torch_fp32", "torch_symmetric", "faiss")
 # The screen's fixed costs (gallery statistics, per-query float64 work) pay off from about here (docs/PERFORMANCE.md):
 # bf16 screen (native bf16) from 4,096 queries x 8,192 gallery items. The float32 screen (only when forced: see
 # cpu.use_screen), whose product costs as much as the float32 search's, not below 20,000 of each.
@@ -40,6 +41,7 @@ __all__ = [
     "BACKENDS",
     "SYMMETRIC_MIN",
     "KNOWN_METRICS",
+    "check_backend",
     "cpu_info",
     "describe_paths",
     "evaluate",
@@ -125,8 +127,7 @@ def evaluate(
     retrieval_wanted = any(m in wanted for m in ("recall", "map_at_r", "r_precision"))
     if retrieval_wanted:
         need_ranking = "map_at_r" in wanted or "r_precision" in wanted
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown retrieval backend {backend!r}; use one of {', '.join(BACKENDS)}")
+        check_backend(backend)
         auto = backend == "torch"
         if auto:
             big = q_idx.size >= SCREEN_MIN_QUERIES and g_idx.size >= SCREEN_MIN_GALLERY

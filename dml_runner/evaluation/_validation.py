@@ -7,6 +7,15 @@ from collections.abc import Sequence
 import numpy as np
 
 KNOWN_METRICS = ("recall", "nmi", "f1", "map_at_r", "r_precision")
+# The retrieval backends :func:`dml_runner.evaluation.evaluate` runs ("torch" = auto: see its docstring).
+BACKENDS = ("torch", "torch_screened", "torch_fp32", "torch_symmetric", "faiss")
+
+
+def check_backend(backend: str) -> str:
+    """The one check of a retrieval backend name (evaluate, and any caller that validates before it runs)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown retrieval backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    return backend
 MAX_SQUARED_NORM = 1e36  # squared distances (<= 4x this) stay well inside float32's 3.4e38
 
 

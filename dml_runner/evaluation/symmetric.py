@@ -51,13 +51,13 @@ def _flat_nonzero(mask: torch.Tensor) -> torch.Tensor:
 def _round_down(v: torch.Tensor) -> torch.Tensor:
     """float64 -> the largest float32 <= v."""
     f = v.float()
-    return torch.where(f.double() > v, torch.nextafter(f, torch.tensor(-float("inf"))), f)
+    return torch.where(f.double() > v, torch.nextafter(f, torch.full_like(f, -float("inf"))), f)
 
 
 def _round_up(v: torch.Tensor) -> torch.Tensor:
     """float64 -> the smallest float32 >= v."""
     f = v.float()
-    return torch.where(f.double() < v, torch.nextafter(f, torch.tensor(float("inf"))), f)
+    return torch.where(f.double() < v, torch.nextafter(f, torch.full_like(f, float("inf"))), f)
 
 
 class _TopK:
