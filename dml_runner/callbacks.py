@@ -14,7 +14,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from dml_runner.rundir import COMPLETED, read_results
+from dml_runner.rundir import COMPLETED, read_results, split_override
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +33,10 @@ def collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
         row["status"] = res.get("status", "unknown")
         overrides = res.get("overrides", [])
         row["overrides"] = " ".join(overrides)
-        row["override_keys"] = [item.partition("=")[0].lstrip("+~") for item in overrides]
+        row["override_keys"] = [split_override(item)[0] for item in overrides]
         for item in overrides:  # one column per overridden key, so sweeps can be grouped and plotted
-            key, _, value = item.partition("=")
-            row[key.lstrip("+~")] = _parse_value(value)
+            key, value = split_override(item)
+            row[key] = _parse_value(value)
         if row["status"] == COMPLETED:
             row.update({k: v for k, v in res["metrics"].items()})
             best = res.get("best") or {}

@@ -104,7 +104,7 @@ def signals_interrupt() -> Iterator[None]:
 def resume_command(hydra_meta: dict[str, Any] | None, run_dir: Path) -> str:
     """The dml-run command line that continues ``run_dir``: this run's overrides, its directory and its log."""
     keep = [o for o in (hydra_meta or {}).get("overrides", [])
-            if not o.lstrip("+~").startswith(("trainer.resume=", "hydra.run.dir="))]
+            if rundir.split_override(o)[0] not in ("trainer.resume", "hydra.run.dir")]
     run_dir = Path(run_dir).resolve()
     return shlex.join(["dml-run", *keep, f"trainer.resume={run_dir}", f"hydra.run.dir={run_dir}"])
 
@@ -273,7 +273,7 @@ def log_config_choices(hydra_meta: dict[str, Any] | None) -> list[str]:
     """Log (and return) the group choices that neither the command line nor conf/config.yaml made: the ones an
     experiment, a preset or another group selected (loss=hdml_npair selects method=hdml and sampler=npair)."""
     meta = hydra_meta or {}
-    named = {o.lstrip("+~").partition("=")[0] for o in meta.get("overrides", [])}
+    named = {rundir.split_override(o)[0] for o in meta.get("overrides", [])}
     defaults = default_choices()
     made = [f"{group}={choice}" for group, choice in (meta.get("choices") or {}).items()
             if group in defaults and group not in named and choice != defaults[group]]

@@ -109,6 +109,12 @@ def read_results(path: Path | str) -> dict[str, Any]:
     return {"status": FAILED, "error": error, "overrides": _hydra_overrides(path.parent), "results_missing": True}
 
 
+def split_override(item: str) -> tuple[str, str]:
+    """(key, value) of one of results.json's ``overrides`` (Hydra's ``+key=v``, ``~key`` and ``key=v`` forms)."""
+    key, _, value = item.partition("=")
+    return key.lstrip("+~"), value
+
+
 def is_completed(run_dir: Path | str) -> bool:
     return read_results(run_dir).get("status") == COMPLETED
 

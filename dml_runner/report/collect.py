@@ -25,7 +25,7 @@ import pandas as pd
 
 from dml_runner import DMLRunnerError
 from dml_runner.config import LABEL_KEYS, NEUTRAL, flagged_keys
-from dml_runner.rundir import HISTORY, RESULTS, read_results
+from dml_runner.rundir import HISTORY, RESULTS, read_results, split_override
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def load_run(path: Path | str, select_metric: str | None = None) -> dict[str, An
         "row": ref.get("row") or run_label(res),
         "deviations": [str(d) for d in ref.get("deviations") or []], "note": ref.get("note") or "",
         "dataset": dataset_label(res), "overrides": list(res.get("overrides") or []),
-        "override_keys": {o.partition("=")[0].lstrip("+~") for o in res.get("overrides") or []},
+        "override_keys": {split_override(o)[0] for o in res.get("overrides") or []},
         "smoke": "smoke" in (cfg.get("tags") or []), "config": recipe_config(res),
         "select_metric": select_metric or trainer.get("select_metric") or "recall@1",
     }
@@ -187,7 +187,7 @@ def run_label(res: dict[str, Any]) -> str:
         return str(choices["experiment"])
     parts = [f"{g}={choices[g]}" for g in ("loss", "method") if choices.get(g) and choices[g] != "standard"]
     for item in res.get("overrides") or []:
-        key = item.partition("=")[0].lstrip("+~")
+        key = split_override(item)[0]
         if key == SEED_KEY or is_neutral(key) or key in ("loss", "method"):
             continue
         parts.append(item)
