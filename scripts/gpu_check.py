@@ -11,9 +11,10 @@ Checks, each one row of the table:
    transform, the class-balanced sampler, triplet loss, the Trainer with bf16 autocast, channels_last and pinned-
    memory loading); images/s of the second epoch (loading included), peak GPU memory. Weights: random init
    (``backbone.pretrained=false``: the GPU machine has no network), so the loss values mean nothing.
-2. eval: every retrieval backend (torch_fp32, torch_screened, faiss) on the GPU against the CPU result on the same
-   embeddings (largest difference of Recall@K / MAP@R / R-Precision, NMI difference, time of each), and k-means
-   in bf16 and float32 on the GPU against the CPU; faiss's GPU index and GPU k-means when faiss-gpu is installed.
+2. eval: every retrieval backend (torch_fp32, torch_screened, torch_symmetric, faiss) on the GPU against the CPU
+   result on the same embeddings (largest difference of Recall@K / MAP@R / R-Precision, NMI difference, time of
+   each), and k-means in bf16 and float32 on the GPU against the CPU; faiss's GPU index and GPU k-means when
+   faiss-gpu is installed.
 3. torchrun: NCCL all-reduce in ``--nproc`` processes (2 when the machine has 2+ GPUs, else 1) and a ``dml-run``
    under torchrun with the same number of processes (a single process trains without a process group).
 
@@ -152,7 +153,7 @@ def check_evaluation(sz: Sizes, device: str, has_faiss_gpu: bool) -> list[dict]:
     classes = max(2, sz.n_eval // 5)
     x, y = make_data(sz.n_eval, sz.dim, classes)
     rows = []
-    for backend in ("torch_fp32", "torch_screened", "faiss"):
+    for backend in ("torch_fp32", "torch_screened", "torch_symmetric", "faiss"):
         res, times, peak = {}, {}, 0.0
         for side, dev in (("ref", "cpu"), ("dev", device)):  # the CPU reference, then the device under test
             reset_peak(dev == "cuda")

@@ -55,6 +55,7 @@ def test_a_device_difference_fails_its_row(gpu_check, tmp_path, monkeypatch, cap
     rows = json.loads(out.read_text())["rows"]
     by = {r["what"].split(" ")[0]: r for r in rows if r["section"] == "eval"}
     assert code == 1 and not by["torch_fp32"]["ok"] and by["torch_screened"]["ok"] and by["faiss"]["ok"]
+    assert by["torch_symmetric"]["ok"]
     assert "FAIL" in capsys.readouterr().out
 
 
