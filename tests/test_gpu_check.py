@@ -26,7 +26,7 @@ def test_dry_run_passes_every_check(gpu_check, tmp_path, capsys):
     assert gpu_check.main(["--dry-run", "--archs", "resnet18", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     sections = [r["section"] for r in rows]
-    assert sections.count("train") == 1 and sections.count("eval") == 3 and sections.count("torchrun") == 2
+    assert sections.count("train") == 1 and sections.count("eval") == 4 and sections.count("torchrun") == 2
     assert sections.count("kmeans") == 3
     assert all(r["ok"] for r in rows)
     train = rows[0]
