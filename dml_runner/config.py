@@ -147,18 +147,6 @@ def register_configs() -> None:
         cs.store(group=group, name="schema", node=schema)
 
 
-def engine_backend(backend: Any) -> str:
-    """The retrieval backend's name as dml_runner.evaluation.evaluate takes it.
-
-    Transitional: until the evaluation engine lists ``auto`` among its BACKENDS (its older name for it was
-    ``torch``), ``auto`` is passed under that name. Remove once evaluation.BACKENDS holds ``auto``.
-    """
-    from dml_runner.evaluation import BACKENDS
-
-    value = str(backend)
-    return "torch" if value == EvalBackend.auto.value and value not in BACKENDS else value
-
-
 def trainer_settings(cfg: Any) -> TrainerConfig:
     """cfg.trainer as a :class:`TrainerConfig` instance (what the Trainer takes); unknown keys are refused."""
     return _to_schema(cfg.trainer, TrainerConfig, "trainer")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from dml_runner.config import EvalBackend, EvalConfig, engine_backend
+from dml_runner.config import EvalBackend, EvalConfig
 from dml_runner.devices import DEVICE_CHOICES, DeviceError, resolve_device
 from dml_runner.evaluation import KNOWN_METRICS, estimate_memory_bytes, evaluate
 from dml_runner.rundir import write_json_atomic
@@ -182,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"of {limit / 2**30:.2f} GiB; evaluate a subset or use a larger machine")
         results = evaluate(emb, lab, recall_at=args.recall_at, metrics=args.metrics, query_mask=qmask,
                            gallery_mask=gmask, device=args.device, seed=args.seed, kmeans_iters=args.kmeans_iters,
-                           max_memory_gb=args.max_memory_gb, backend=engine_backend(args.backend))
+                           max_memory_gb=args.max_memory_gb, backend=str(args.backend))
     except InputError as exc:
         print(f"dml-eval: error: {exc}", file=sys.stderr)
         return 2

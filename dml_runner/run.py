@@ -23,8 +23,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dml_runner import DMLRunnerError, __version__, rundir
-from dml_runner.config import (EvalConfig, default_choices, engine_backend, eval_settings, resume_free_keys,
+from dml_runner import DMLRunnerError, __version__, contracts, rundir
+from dml_runner.config import (EvalConfig, default_choices, eval_settings, resume_free_keys,
                                to_container, trainer_settings, validate_config)
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,13 @@ def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
     from hydra.utils import instantiate
 
     try:
-        return instantiate(node, _convert_="all", **kwargs)
+        built = instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, DMLRunnerError):
             raise cause
         raise DMLRunnerError(f"could not build `{what}` from its config: {err}") from err
+    return contracts.check(what, built, node.get("_target_") if isinstance(node, DictConfig) else None)
 
 
 def build_model(cfg: DictConfig, in_channels: int) -> Any:
@@ -72,7 +73,7 @@ def build_evaluate(e: EvalConfig, recall_at: list[int], trainer_seed: int) -> An
 
     return partial(evaluate, recall_at=tuple(recall_at), metrics=tuple(e.metrics), device=e.device,
                    seed=trainer_seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
-                   kmeans_iters=e.kmeans_iters, backend=engine_backend(e.backend))
+                   kmeans_iters=e.kmeans_iters, backend=str(e.backend))
 
 
 @contextlib.contextmanager

@@ -110,7 +110,7 @@ def kmeans_bench(a: argparse.Namespace) -> list[dict]:
     cases = [(f"SOP-shaped {n} x {a.dim}, k={classes}", *make_data(n, a.dim, classes)),
              (f"blobs {n} x 32, k=100, sep 10", *blobs(n, 32, 100)),
              (f"blobs {n} x 32, k=1000, sep 10", *blobs(n, 32, 1000))]
-    runs = [("ours auto", dict(backend="torch", niter=50)), ("ours fp32", dict(backend="torch", niter=50,
+    runs = [("ours auto", dict(backend="auto", niter=50)), ("ours fp32", dict(backend="auto", niter=50,
                                                                                  precision="fp32")),
             ("faiss niter=20", dict(backend="faiss", niter=20)), ("faiss niter=50", dict(backend="faiss", niter=50))]
     for _, kw in runs:  # warm-up: first calls pay one-off library initialisation (oneDNN kernels, faiss)

@@ -23,7 +23,7 @@ from dml_runner.datasets.base import DatasetSplits, TensorLabelledDataset
 from dml_runner.losses.hdml import HDMLLoss
 from dml_runner.methods.hdml import HDMLMethod
 from dml_runner.samplers.npair import NPairBatchSampler
-from dml_runner.config import TrainerConfig as FitSettings
+from dml_runner.config import TrainerConfig
 from dml_runner.trainer import Trainer
 
 
@@ -59,7 +59,7 @@ def build(args: argparse.Namespace, cache: bool, images: torch.Tensor, labels: n
     train = TensorLabelledDataset(images, labels, transform=RandomCropFlip(args.size), name="synthetic")
     data = DatasetSplits(name="synthetic", train=train, test=train)
     model = torchvision_backbone(args.arch, freeze="all", embedding_dim=128)
-    settings = FitSettings(batch_size=args.batch_size, device="cpu", progress=False, cache_features=cache,
+    settings = TrainerConfig(batch_size=args.batch_size, device="cpu", progress=False, cache_features=cache,
                            cache_views=args.views, eval_batch_size=args.batch_size)
     start = time.perf_counter()
     trainer = Trainer(settings, data, model, HDMLLoss("npair"), HDMLMethod(),

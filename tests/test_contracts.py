@@ -74,3 +74,15 @@ def test_dataset_labels_must_match_the_split(compose_cfg):
     splits.test.labels = splits.test.labels.astype(np.float32)  # not class ids
     with pytest.raises(DMLRunnerError, match="test: labels must be a 1-D integer array"):
         check("dataset", splits, "digits")
+
+
+def test_dml_run_refuses_a_loss_that_breaks_the_contract(tmp_path):
+    """The check runs on what `dml-run` builds: a loss target that returns a dict stops the run in one line."""
+    from conftest import run_dml
+
+    proc = run_dml(["loss._target_=builtins.dict", "trainer=smoke", f"hydra.run.dir={tmp_path / 'run'}"],
+                   cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert "loss=builtins.dict breaks the loss contract (docs/ARCHITECTURE.md): returned dict, not a torch.nn.Module" \
+        in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "last.pt").exists()

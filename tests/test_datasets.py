@@ -1,4 +1,4 @@
-"""The image-file datasets on fixture trees in the official layouts (see datasets_fixtures.py)."""
+"""The image-file datasets on fixture trees in the official layouts (dml_runner/datasets/fixtures.py)."""
 
 from __future__ import annotations
 

@@ -180,7 +180,7 @@ def test_cli_warns_about_queries_without_a_positive(tmp_path, capsys):
 
 def test_the_backend_names_are_the_evaluation_engines():
     """config.EvalBackend (eval.backend, --backend) names exactly the engine's backends."""
-    from dml_runner.config import EvalBackend, engine_backend
+    from dml_runner.config import EvalBackend
     from dml_runner.evaluation import BACKENDS
 
-    assert sorted(engine_backend(b) for b in EvalBackend) == sorted(BACKENDS)
+    assert sorted(b.value for b in EvalBackend) == sorted(BACKENDS)

@@ -16,7 +16,7 @@ import pytest
 
 from dml_runner import DMLRunnerError
 
-from datasets_fixtures import MAKERS, make_cub200, make_inshop
+from dml_runner.datasets.fixtures import MAKERS, make_cub200, make_inshop
 from dml_runner.datasets import cub200
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"

@@ -323,7 +323,7 @@ def test_dml_run_trains_a_timm_backbone_with_its_weights_and_transform(hf_hub, t
     """The path a user runs: dml-run on an image folder, weights through timm from the offline hub cache, the
     transform from the model's pretrained config; results.json records the weights file and its sha256."""
     from conftest import run_dml
-    from datasets_fixtures import make_folder
+    from dml_runner.datasets.fixtures import make_folder
 
     cache, files = hf_hub
     root = make_folder(tmp_path, n_classes=6, per_class=4)

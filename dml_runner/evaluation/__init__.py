@@ -20,6 +20,7 @@ from dml_runner.evaluation._validation import (
     check_metrics,
     check_recall_at,
 )
+from dml_runner.devices import resolve_device
 from dml_runner.evaluation.clustering import f1_from_assignments, kmeans_assignments, nmi_from_assignments
 from dml_runner.evaluation.cpu import cpu_info, describe_paths, forced_search, screen_dtype, use_screen, use_symmetric
 from dml_runner.evaluation.kmeans import low_precision_dtype  # noqa: F401  (the k-means API: evaluation.kmeans.kmeans)
@@ -49,19 +50,7 @@ __all__ = [
     "f1_from_assignments",
     "kmeans_assignments",
     "nmi_from_assignments",
-    "resolve_device",
 ]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when torch sees a GPU, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda'; got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU")
-    return torch.device(device)
 
 
 def evaluate(
@@ -77,7 +66,7 @@ def evaluate(
     chunk_size: int = 4096,
     kmeans_iters: int = 50,
     max_memory_gb: float | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
     kmeans_precision: str = "auto",
 ) -> dict[str, float]:
     """Compute DML metrics; returns ``recall@K``, ``nmi``, ``f1``, ``map@r``, ``r_precision`` (as requested),
@@ -90,7 +79,7 @@ def evaluate(
     k-means (greedy k-means++ seeding) stops after ``kmeans_iters`` iterations or when at most 0.1% of points
     change cluster; ``kmeans_precision`` (auto | bf16 | fp32) is its assignment product (auto: bf16 where the CPU
     multiplies it natively and on CUDA; env DML_KMEANS_PRECISION / DML_CPU_PATH, docs/EVALUATION.md).
-    ``backend``: ``torch`` (default) is ``torch_screened`` with a bf16 screen on a CPU that multiplies bf16
+    ``backend``: ``auto`` (default) is ``torch_screened`` with a bf16 screen on a CPU that multiplies bf16
     natively, from 4,096 queries and 8,192 gallery items, and ``torch_fp32`` otherwise, GPUs included (env
     DML_EVAL_SEARCH, DML_SCREEN_PRECISION, DML_CPU_PATH force the choices, docs/EVALUATION.md);
     ``torch_screened`` is a bf16 (or float32) screen whose undecided items are recomputed in float64 (results equal
@@ -110,7 +99,7 @@ def evaluate(
         raise ValueError(f"chunk_size must be positive; got {chunk_size}")
     if kmeans_iters <= 0:
         raise ValueError(f"kmeans_iters must be positive; got {kmeans_iters}")
-    dev = resolve_device(device)
+    dev = resolve_device(device, option="eval.device")
 
     if qmask is None:
         q_idx = g_idx = np.arange(n)
@@ -128,7 +117,7 @@ def evaluate(
     if retrieval_wanted:
         need_ranking = "map_at_r" in wanted or "r_precision" in wanted
         check_backend(backend)
-        auto = backend == "torch"
+        auto = backend == "auto"
         if auto:
             big = q_idx.size >= SCREEN_MIN_QUERIES and g_idx.size >= SCREEN_MIN_GALLERY
             if screen_dtype(dev) == torch.float32:

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 
 KNOWN_METRICS = ("recall", "nmi", "f1", "map_at_r", "r_precision")
-# The retrieval backends :func:`dml_runner.evaluation.evaluate` runs ("torch" = auto: see its docstring).
-BACKENDS = ("torch", "torch_screened", "torch_fp32", "torch_symmetric", "faiss")
+# The retrieval backends :func:`dml_runner.evaluation.evaluate` runs (auto chooses among the others: see its
+# docstring); the names are config.EvalBackend's values (a test keeps the two equal).
+BACKENDS = ("auto", "torch_screened", "torch_fp32", "torch_symmetric", "faiss")
 
 
 def check_backend(backend: str) -> str:

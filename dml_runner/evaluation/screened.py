@@ -184,6 +184,7 @@ class Screen:
         return torch.mm(qa, self.ga.T, out=out)
 
 
+# The retrieval backends share exact_retrieval's signature on purpose: evaluate() swaps one for another.
 def screened_retrieval(
     queries: np.ndarray,
     query_labels: np.ndarray,
