@@ -1,4 +1,4 @@
-"""Cost of one Divide & Conquer re-clustering pass on SOP's scale, relative to a training epoch (issue 7).
+"""Cost of one Divide & Conquer re-clustering pass on SOP's scale, relative to a training epoch.
 
 A re-clustering = an embedding pass over the whole training set (no augmentation, no gradients) + faiss k-means
 over the resulting (N, D) matrix + Hungarian matching + singleton-class dropping. The k-means part is timed on

@@ -1,4 +1,4 @@
-"""Benchmark dml_runner.evaluation against pytorch-metric-learning's AccuracyCalculator (issue 5).
+"""Benchmark dml_runner.evaluation against pytorch-metric-learning's AccuracyCalculator.
 
 Each side runs in its own subprocess on the same synthetic SOP-shaped data so peak RSS is measured separately.
   python scripts/bench_eval.py                  # SOP shape: 60,502 x 512, 11,316 classes, ours vs PML

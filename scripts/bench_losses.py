@@ -1,4 +1,4 @@
-"""Forward + backward time of every loss next to its pytorch-metric-learning counterpart (issue 3).
+"""Forward + backward time of every loss next to its pytorch-metric-learning counterpart.
 
 Usage: .venv/bin/python scripts/bench_losses.py [--batches 128 512] [--dim 512] [--threads 2] [--repeats 15]
 
