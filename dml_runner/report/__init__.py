@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from dml_runner.config import PathsConfig
 from dml_runner.report.collect import FINGERPRINT, ReportError, find_runs, load_run
 from dml_runner.report.group import CHECKPOINTS, build_tables
 from dml_runner.report.render import render_html, render_latex, render_markdown, table_frame
@@ -36,7 +37,11 @@ __all__ = ["FINGERPRINT", "ReportError", "build_tables", "find_runs", "load_run"
 log = logging.getLogger(__name__)
 
 
-def report(paths: Sequence[Path | str], out: Path | str = "outputs/tables", checkpoint: str = "final",
+# dml-report runs outside Hydra: its tables go under the default of paths.output_dir (conf/paths/default.yaml).
+DEFAULT_OUT = str(Path(PathsConfig.output_dir) / "tables")
+
+
+def report(paths: Sequence[Path | str], out: Path | str = DEFAULT_OUT, checkpoint: str = "final",
            split_by: Sequence[str] = (), allow_mixed: bool = False, metrics: Sequence[str] | None = None,
            figures: bool = True, tsne_points: int = 300, group_by: Sequence[str] = (),
            html: bool = True, select_metric: str | None = None) -> dict[str, Any]:
@@ -83,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dml-report", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="run or sweep directories (searched recursively for results.json)")
-    p.add_argument("--out", default="outputs/tables", help="output directory (default: outputs/tables)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
     p.add_argument("--checkpoint", choices=tuple(CHECKPOINTS), default="final",
                    help="metrics in the main columns: final epoch (default); best = the run's best.pt; best-val = "
                         "best epoch on the validation split; best-test = best epoch on the test split (test-set "
