@@ -113,7 +113,7 @@ def build_model(config: Mapping[str, Any], in_channels: int) -> torch.nn.Module:
     """The run's model as its config builds it, without loading pretrained weights (the checkpoint replaces them)."""
     from omegaconf import OmegaConf
 
-    from dml_runner.run import _instantiate
+    from dml_runner import run
 
     backbone = dict(config["backbone"])
     had_weights = bool(backbone.get("pretrained") or backbone.get("weights"))
@@ -121,14 +121,15 @@ def build_model(config: Mapping[str, Any], in_channels: int) -> torch.nn.Module:
         backbone["pretrained"] = False
     if "weights" in backbone:
         backbone["weights"] = None
-    model = _instantiate(OmegaConf.create(backbone), "backbone", in_channels=in_channels)
+    if config.get("eval") is not None:  # run.build_model: the backbone group and eval.normalize, as the run built it
+        model = run.build_model(OmegaConf.create({**config, "backbone": backbone}), in_channels)
+    else:  # a run directory from before eval was recorded
+        model = run._instantiate(OmegaConf.create(backbone), "backbone", in_channels=in_channels)
     trunk = getattr(model, "trunk", None)
     if had_weights and getattr(trunk, "arch", None) == "googlenet":
         # torchvision's GoogLeNet re-scales its input when built with ImageNet weights (transform_input); the flag is
         # not in the state dict, so it follows the saved config.
         trunk.transform_input = True
-    if (config.get("eval") or {}).get("normalize") and hasattr(model, "head"):
-        model.head.eval_normalize = True
     method_cfg = config.get("method")
     if method_cfg:
         from hydra.utils import instantiate
