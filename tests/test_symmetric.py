@@ -59,9 +59,9 @@ def test_several_blocks_rows_and_columns(integer, monkeypatch):
     merged = {"n": 0}
     merge = sym._TopK.merge
 
-    def counting_merge(self, q, items, v):
+    def counting_merge(self, q, items, v, **kw):
         merged["n"] += int(q.numel())
-        return merge(self, q, items, v)
+        return merge(self, q, items, v, **kw)
 
     monkeypatch.setattr(sym._TopK, "merge", counting_merge)
     _check(_sym(x, y), brute_retrieval(x, y))
@@ -155,3 +155,38 @@ def test_auto_backend_falls_back_to_float32_on_near_random_embeddings(monkeypatc
     forced = sym.symmetric_retrieval(x, y)  # asked for explicitly: it runs to the end, same numbers
     assert float(np.mean(forced.first_rank < 1)) == pytest.approx(got["recall@1"], abs=1e-12)
     assert float(np.mean(forced.map_at_r)) == pytest.approx(got["map@r"], abs=1e-12)
+
+
+def _three_blocks(seed: int = 11):
+    """2,500 items in 40 classes (R up to ~90): three blocks of 1,024, many listed items per query and block."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 40, 2500)
+    x = (rng.normal(size=(40, 6))[y] + 1.5 * rng.normal(size=(2500, 6))).astype(np.float32)
+    return x, y
+
+
+def test_merges_of_many_items_per_query_take_the_bucketed_path(monkeypatch):
+    """With a shared width of 1 nearly every query goes by its own power-of-two bucket, in small groups."""
+    x, y = _three_blocks()
+    monkeypatch.setattr(sym, "SHARED_WIDTH", 1)
+    monkeypatch.setattr(sym, "MERGE_ELEMENTS", 256)
+    groups = _count_calls(monkeypatch, sym._TopK, "_merge_group")
+    _check(_sym(x, y), brute_retrieval(x, y))
+    assert groups["n"] > 30
+
+
+def test_a_too_high_floor_for_the_top_k_is_caught_by_the_certification(monkeypatch):
+    """The top-k only takes items at or above the query's lowest positive score; give the best positive's score
+    instead (too high: items the top-R needs are never merged) and the certification must send those rows to the
+    float64 search, so the results stay exact."""
+    x, y = _three_blocks()
+    real = sym.exact_nearest_positive
+
+    def too_high(*a, **k):
+        t1, p1, _low = real(*a, **k)
+        return t1, p1, t1
+
+    monkeypatch.setattr(sym, "exact_nearest_positive", too_high)
+    fallback = _count_calls(monkeypatch, sym, "_full_topk")
+    _check(_sym(x, y), brute_retrieval(x, y))
+    assert fallback["n"] > 0

@@ -100,9 +100,10 @@ def pair_scores(q: torch.Tensor, g: torch.Tensor, half_sq_g: torch.Tensor, rows:
 
 
 def exact_nearest_positive(q: torch.Tensor, g: torch.Tensor, half_sq_g: torch.Tensor, pidx: PositiveIndex,
-                           rows: torch.Tensor, self_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                           rows: torch.Tensor, self_cols: torch.Tensor, with_lowest: bool = False):
     """Score t1 = max over the positives p of q . g_p - |g_p|^2 / 2 (exact as float64) of each query ``rows`` and
-    the lowest gallery index p1 reaching it; over its own class only (rows need >= 1 positive)."""
+    the lowest gallery index p1 reaching it; over its own class only (rows need >= 1 positive).
+    ``with_lowest``: also the lowest positive score (the R-th best score of a query is at least that)."""
     cols, valid = positives_of(pidx, rows, self_cols)
     rr = rows[:, None].expand_as(cols)
     pscore = torch.full(cols.shape, -float("inf"), dtype=torch.float64, device=q.device)
@@ -110,6 +111,8 @@ def exact_nearest_positive(q: torch.Tensor, g: torch.Tensor, half_sq_g: torch.Te
     t1 = pscore.max(dim=1).values
     big = torch.iinfo(torch.int64).max
     p1 = torch.where(valid & (pscore == t1[:, None]), cols, torch.full_like(cols, big)).min(dim=1).values
+    if with_lowest:
+        return t1, p1, pscore.masked_fill(~valid, float("inf")).min(dim=1).values
     return t1, p1
 
 

@@ -13,9 +13,10 @@ the search does half the multiply-adds of a row-by-row search. Results are certi
 - ``e_i`` bounds |M - m| on row i (float32 accumulation of K terms, the split residuals);
 - an item with M > t + e is surely nearer than the nearest positive (counted), one with M < t - e surely farther;
   the band between is recomputed in float64 and compared exactly (ties broken by index);
-- MAP@R / R-Precision: a per-query running top-k (k = max R + ``slack``) of M, filled from the row blocks and the
-  column blocks: the diagonal blocks seed it (top-k within the block), then every later block lists only the items
-  above the query's current k-th value. At the end the first R + slack are recomputed in float64, ordered exactly
+- MAP@R / R-Precision: a per-query running top-k of M (queries with R >= 2; their first R + ``slack`` entries
+  count), filled from the row blocks and the column blocks: the diagonal blocks seed it (top-k within the block),
+  then every later block lists only the items above both the query's current (R + slack)-th value and its lowest
+  positive score minus e (the R positives all score at least that, so the R-th best score does too). At the end the first R + slack are recomputed in float64, ordered exactly
   and certified (the R-th exact score must beat the bound on everything left out); a row that fails is searched in
   float64 against all items. Queries whose nearest positive ranks >= R need no top-k (closed form).
 """
@@ -35,7 +36,8 @@ from dml_runner.evaluation.screened import U_F32, band_limit, exact_nearest_posi
 
 BLOCK_ROWS = 1024  # rows (and columns) of one block of the product: a multiple of screened.COL_ALIGN
 SLACK = 8  # extra neighbours per query kept in the running top-k for MAP@R (certification margin)
-MERGE_ELEMENTS = 1 << 22  # padded elements per merge group of the running top-k (bounds its memory)
+SHARED_WIDTH = 64  # queries with at most this many triples in one merge share one padded matrix
+MERGE_ELEMENTS = 1 << 22  # padded values per merge of queries with more (bounds its memory)
 FLUSH_ITEMS = 1 << 22  # listed items kept before they are sorted out (bounds the listing's memory)
 PAD = -1e30  # score of a padding row / column: below every threshold
 
@@ -68,50 +70,50 @@ class _TopK:
         self.vals = torch.full((n, k), -float("inf"), device=device)
         self.idx = torch.full((n, k), -1, dtype=torch.int64, device=device)
 
-    def threshold(self) -> torch.Tensor:
-        """The k-th value of every query: an item at or below it cannot enter the top k."""
-        return self.vals[:, -1]
-
     def seed(self, rows: slice, vals: torch.Tensor, idx: torch.Tensor) -> None:
         kk = vals.shape[1]
         self.vals[rows, :kk], self.idx[rows, :kk] = vals, idx
 
-    def merge(self, q: torch.Tensor, items: torch.Tensor, v: torch.Tensor) -> None:
-        """Merge listed (query, item, value) triples into the queries' top k (padded matrices of at most
-        MERGE_ELEMENTS values)."""
+    def merge(self, q: torch.Tensor, items: torch.Tensor, v: torch.Tensor, q_sorted: bool = False) -> None:
+        """Merge listed (query, item, value) triples into the queries' top k. The triples of one query are padded
+        to a common width next to its k entries and one top-k per row keeps the best; queries with few triples
+        (the usual case) share one padded matrix, the others go by their count rounded up to a power of two (a
+        padded width at most twice the count, at most MERGE_ELEMENTS values at a time)."""
         if not q.numel():
             return
-        order = torch.argsort(q, stable=True)
-        q, items, v = q[order], items[order], v[order]
+        if not q_sorted:
+            order = torch.argsort(q)
+            q, items, v = q[order], items[order], v[order]
         rows, counts = torch.unique_consecutive(q, return_counts=True)
         starts = torch.cumsum(counts, 0) - counts
-        # queries bucketed by their count rounded up to a power of two: a bucket's padded width is at most twice
-        # its counts, and it is merged MERGE_ELEMENTS // width queries at a time
+        few = counts <= SHARED_WIDTH
+        if bool(few.all()):
+            self._merge_group(rows, counts, starts, items, v, int(counts.max()))
+            return
+        groups = [(few.nonzero().ravel(), SHARED_WIDTH)]
         bucket = torch.ceil(torch.log2(counts.double())).long()
-        for bk in torch.unique(bucket).tolist():
-            sel = (bucket == bk).nonzero().ravel()
-            width = 1 << bk
+        for bk in torch.unique(bucket[~few]).tolist():
+            groups.append((((bucket == bk) & ~few).nonzero().ravel(), 1 << bk))
+        for sel, width in groups:
             step = max(1, MERGE_ELEMENTS // width)
             for g0 in range(0, sel.numel(), step):
                 g = sel[g0 : g0 + step]
-                cnt, st = counts[g], starts[g]
-                take = torch.repeat_interleave(st, cnt) + torch.arange(int(cnt.sum()), device=q.device) - \
-                    torch.repeat_interleave(torch.cumsum(cnt, 0) - cnt, cnt)
-                self._merge_group(rows[g], cnt, items[take], v[take], width)
+                self._merge_group(rows[g], counts[g], starts[g], items, v, width)
 
-    def _merge_group(self, rows, counts, items, v, width):
-        """Merge the triples of ``rows`` (items and values grouped by row, ``counts`` each, at most ``width``)."""
+    def _merge_group(self, rows, counts, starts, items, v, width):
+        """Merge into ``rows`` their triples (``counts`` each from ``starts`` in ``items`` / ``v``, at most
+        ``width``)."""
         dev = rows.device
-        slot = torch.repeat_interleave(torch.arange(rows.numel(), device=dev), counts)
+        total = int(counts.sum())
         first = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(items.numel(), device=dev) - torch.repeat_interleave(first, counts)
+        slot = torch.repeat_interleave(torch.arange(rows.numel(), device=dev), counts, output_size=total)
+        pos = torch.arange(total, device=dev) - first[slot]
+        take = starts[slot] + pos
         nv = torch.full((rows.numel(), width), -float("inf"), device=dev)
         ni = torch.full((rows.numel(), width), -1, dtype=torch.int64, device=dev)
-        nv[slot, pos], ni[slot, pos] = v, items
-        allv = torch.cat([self.vals[rows], nv], dim=1)
-        alli = torch.cat([self.idx[rows], ni], dim=1)
-        top_v, j = torch.topk(allv, self.k, dim=1)
-        self.vals[rows], self.idx[rows] = top_v, alli.gather(1, j)
+        nv[slot, pos], ni[slot, pos] = v[take], items[take]
+        top_v, j = torch.topk(torch.cat([self.vals[rows], nv], dim=1), self.k, dim=1)
+        self.vals[rows], self.idx[rows] = top_v, torch.cat([self.idx[rows], ni], dim=1).gather(1, j)
 
 
 def symmetric_retrieval(
@@ -170,10 +172,12 @@ def symmetric_retrieval(
     # 1. exact nearest positive of every scored query (float64 over its own class)
     t = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)  # unscored queries: nothing counts
     p1 = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    pmin = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)  # lowest positive score
     for s in range(0, scored.numel(), 8192):
         rows = scored[s : s + 8192]
-        t_rows, p1[rows] = exact_nearest_positive(xt, xt, h, pidx, rows, rows)
+        t_rows, p1[rows], low = exact_nearest_positive(xt, xt, h, pidx, rows, rows, with_lowest=True)
         t[rows] = t_rows - h[rows]
+        pmin[rows] = low - h[rows]
     # 2. error bound of M on each row: float32 accumulation of kp terms in any order, plus the split residuals
     xnorm = (2 * h).sqrt()
     parts = h_hi.double().abs() + h_lo.double().abs()
@@ -189,13 +193,25 @@ def symmetric_retrieval(
     r_max = int(r_all.max()) if n else 0
     kk = min(r_max + slack, max(npad - 1, 1))
     top = _TopK(npad, kk, dev) if need_ranking and scored.numel() else None
+    # What a query's top-k must hold: its first k_i = R_i + slack items (R_i >= 2; with R_i = 1, MAP@R has a closed
+    # form), and only items at or above its lowest positive score: the R positives all score at least that, so the
+    # R-th best score does too. ``top_lo`` (minus the bound e, rounded down; +inf: no top-k needed) and the running
+    # k_i-th value are both lower bounds of what the top-k needs: an item below either is not merged.
+    kidx = torch.full((npad,), kk - 1, dtype=torch.int64, device=dev)
+    top_lo = torch.full((npad,), float("inf"), device=dev)
+    if top is not None:
+        wants = sc[r_all[sc] >= 2]
+        kidx[wants] = (r_all[wants] + slack).clamp_max(kk) - 1
+        e_low = e[wants] + 2.0**-50 * pmin[wants].abs()
+        top_lo[wants] = _round_down(pmin[wants] - e_low)
     sure = torch.zeros(npad, dtype=torch.int64, device=dev)
     band_q, band_i = [], []
     m = torch.empty(b, b, device=dev)
     mask = torch.empty(b, b, dtype=torch.bool, device=dev)
     eye = torch.arange(b, device=dev)
 
-    def listed(q: torch.Tensor, items: torch.Tensor, v: torch.Tensor, merge: bool = True) -> None:
+    def listed(q: torch.Tensor, items: torch.Tensor, v: torch.Tensor, merge: bool = True,
+               q_sorted: bool = False) -> None:
         """Sort the listed (query, item, M) triples into sure counts, band items and [top-k candidates]."""
         hq = hi[q]
         is_sure = v > hq
@@ -204,14 +220,16 @@ def symmetric_retrieval(
         band_q.append(q[in_band])
         band_i.append(items[in_band])
         if top is not None and merge:
-            keep = v > top.threshold()[q]
-            top.merge(q[keep], items[keep], v[keep])
+            keep = (v >= top_lo[q]) & (v > top.vals[q, kidx[q]])
+            top.merge(q[keep], items[keep], v[keep], q_sorted=q_sorted)
 
     def threshold(s0: int) -> torch.Tensor:
-        """Per query of s0:s0+b: list the items at or above min(lower band edge, current k-th value)."""
+        """Per query of s0:s0+b: list the items at or above min(lower band edge, what its top-k still takes)."""
         lo_s = lo[s0 : s0 + b]
-        return lo_s if top is None else torch.minimum(lo_s, torch.where(torch.isinf(lo_s), lo_s,
-                                                                         top.threshold()[s0 : s0 + b]))
+        if top is None:
+            return lo_s
+        kth = top.vals[s0 : s0 + b].gather(1, kidx[s0 : s0 + b, None]).squeeze(1)
+        return torch.minimum(lo_s, torch.maximum(top_lo[s0 : s0 + b], kth))
 
     diag_listed = 0
     for bi in range(nb):  # diagonal blocks first: they seed the running top-k (tight thresholds from the start)
@@ -240,7 +258,7 @@ def symmetric_retrieval(
             vs_.append(m.view(-1)[f])
             torch.ge(m, threshold(i0)[:, None], out=mask)  # rows of the block as queries: sorted out now, so that
             f = _flat_nonzero(mask)  # their k-th values rise before the next block of the row
-            listed(f // b + i0, f % b + j0, m.view(-1)[f])
+            listed(f // b + i0, f % b + j0, m.view(-1)[f], q_sorted=True)  # row-major: queries ascending
             if sum(v.numel() for v in vs_) > FLUSH_ITEMS:  # bounded memory whatever the embedding
                 listed(torch.cat(qs_), torch.cat(its_), torch.cat(vs_))
                 qs_, its_, vs_ = [], [], []
@@ -269,7 +287,7 @@ def symmetric_retrieval(
     if need.numel():
         rows = scored[need]
         rn = r[need]
-        top_idx = _certified(xt, h, top, rows, rn, e[rows], slack)
+        top_idx = _certified(xt, h, top, rows, rn, e[rows], slack, top_lo[rows])
         bad = (top_idx[:, 0] < 0).nonzero().ravel()
         if bad.numel():
             top_idx[bad] = _full_topk(xt, h, rows[bad], int(rn.max()))
@@ -281,9 +299,10 @@ def symmetric_retrieval(
 
 
 def _certified(xt: torch.Tensor, h: torch.Tensor, top: _TopK, rows: torch.Tensor, rn: torch.Tensor,
-               e: torch.Tensor, slack: int) -> torch.Tensor:
+               e: torch.Tensor, slack: int, floor: torch.Tensor) -> torch.Tensor:
     """(rows, max R) item indices in exact order from the first R + slack of each running top-k, recomputed in
-    float64; a row whose R-th exact score does not beat the bound on the items left out gets -1 in column 0."""
+    float64; a row whose R-th exact score does not beat the bound on the items left out gets -1 in column 0.
+    ``floor``: items with M below it were never merged (a lower bound of the R-th score, minus e)."""
     dev = xt.device
     rmax = int(rn.max())
     k = top.k
@@ -296,10 +315,11 @@ def _certified(xt: torch.Tensor, h: torch.Tensor, top: _TopK, rows: torch.Tensor
     exact[live] = pair_scores(xt, xt, h, rows[ci[live]], idx[live]) - h[rows[ci[live]]]
     ex_o, idx_o = exact_order(exact, idx, live)
     v_r = ex_o.gather(1, (rn - 1)[:, None]).squeeze(1)
-    # every item left out has M <= the krow-th value kept (items never listed were at or below the threshold then)
+    # every item left out has M below the floor, or M <= the krow-th value kept (it was at or below the k-th value
+    # when listed or when the threshold was set)
     v_last = vals.gather(1, (krow - 1)[:, None]).squeeze(1).double()
-    exhausted = ~torch.isfinite(v_last) | (v_last <= PAD / 2)  # fewer items than krow: none left out
-    ok = exhausted | (v_r > v_last + e)
+    exhausted = ~torch.isfinite(v_last) | (v_last <= PAD / 2)  # fewer items than krow above the floor
+    ok = (exhausted | (v_r > v_last + e)) & (v_r >= floor.double() + e)
     out = idx_o[:, :rmax].clone()
     out[~ok, 0] = -1
     return out
