@@ -222,3 +222,20 @@ def test_faiss_backend_matches_the_exact_torch_backend(masks):
         assert b[key] == pytest.approx(a[key], abs=1e-9), key
     with pytest.raises(ValueError, match="backend"):
         evaluate(x, y, backend="annoy")
+
+
+@pytest.mark.parametrize("case", ["random", "perfect", "one_cluster", "singletons", "independent", "renamed"])
+def test_nmi_matches_scikit_learn(case):
+    """scikit-learn's normalized_mutual_info_score (arithmetic) as the oracle, edge cases included."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 9, 400)
+    assign = {"random": np.where(rng.random(400) < 0.5, y, rng.integers(0, 12, 400)),
+              "perfect": y.copy(), "one_cluster": np.zeros(400, dtype=int), "singletons": np.arange(400),
+              "independent": np.tile(np.arange(4), 100), "renamed": (y * 7 + 100)}[case]
+    labels = np.repeat(np.arange(4), 100) if case == "independent" else y
+    want = normalized_mutual_info_score(labels, assign, average_method="arithmetic")
+    assert nmi_from_assignments(assign, labels) == pytest.approx(want, abs=1e-12)
+    assert nmi_from_assignments(np.zeros(5, int), np.zeros(5, int)) == normalized_mutual_info_score(
+        np.zeros(5, int), np.zeros(5, int))
