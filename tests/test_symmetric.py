@@ -190,3 +190,34 @@ def test_a_too_high_floor_for_the_top_k_is_caught_by_the_certification(monkeypat
     fallback = _count_calls(monkeypatch, sym, "_full_topk")
     _check(_sym(x, y), brute_retrieval(x, y))
     assert fallback["n"] > 0
+
+
+@pytest.mark.parametrize("small_classes", [False, True])
+def test_neighbour_lists_hold_every_item_above_their_bound(small_classes):
+    """The per-item lists the search hands to k-means: an item missing from row i scores at most bound[i] (up to
+    float32 rounding), the listed scores are the pairs' scores, and every row with R >= 2 lists its positives.
+    Small tight classes: the lowest-positive floor, not the (R + slack)-th value, bounds most rows."""
+    x, y = _three_blocks()
+    if small_classes:
+        rng = np.random.default_rng(5)
+        y = rng.integers(0, 800, 2500)
+        x = (rng.normal(size=(800, 6))[y] + 0.3 * rng.normal(size=(2500, 6))).astype(np.float32)
+    st = sym.symmetric_retrieval(x, y)
+    idx, score, bound = (t.numpy() for t in st.neighbours)
+    xd = x.astype(np.float64)
+    h = 0.5 * (xd * xd).sum(1)
+    m = xd @ xd.T - h[:, None] - h[None, :]
+    np.fill_diagonal(m, -np.inf)
+    tol = 1e-4 * (1 + np.abs(m[np.isfinite(m)]).max())
+    r = np.bincount(y)[y] - 1
+    rows = np.flatnonzero(r >= 2)
+    assert np.isfinite(bound[rows]).all() and np.isinf(bound[r < 2]).all()
+    for i in rows:
+        listed = idx[i][(idx[i] >= 0) & (idx[i] < len(y))]
+        missing = np.ones(len(y), bool)
+        missing[listed] = False
+        missing[i] = False
+        assert m[i, missing].max() <= bound[i] + tol
+        usable = (score[i] > bound[i]) & (idx[i] >= 0)
+        assert np.abs(score[i][usable] - m[i, idx[i][usable]]).max() <= tol
+        assert usable.sum() >= r[i]  # all positives score at least the floor, so the list holds >= R items

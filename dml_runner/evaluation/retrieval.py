@@ -126,6 +126,10 @@ class RetrievalStats:
     map_at_r: np.ndarray  # float64
     r_precision: np.ndarray  # float64
     num_without_positive: int
+    # Leave-one-out searches that keep per-item neighbour lists (the symmetric one): (idx (n, L) int64, score
+    # (n, L) float32 = -|x_i - x_j|^2 / 2 as the float32 product gave it, bound (n,) float32): every item missing
+    # from row i scores <= bound[i], so a listed entry above it is among row i's nearest. None otherwise.
+    neighbours: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass

@@ -265,6 +265,12 @@ def symmetric_retrieval(
         if qs_:
             listed(torch.cat(qs_), torch.cat(its_), torch.cat(vs_))
     del m, mask, a, bm
+    neighbours = None
+    if top is not None:
+        # an item missing from row i was below the row's floor, or at most its k_i-th value when listed or pushed
+        # out (that value only rises); rows without a top-k (no positive, R = 1) keep only their diagonal seeds
+        bound = torch.maximum(top_lo, top.vals.gather(1, kidx[:, None]).squeeze(1))
+        neighbours = (top.idx[:n], top.vals[:n], bound[:n])
     # 4. the band, in float64: an item is before the nearest positive iff it is a negative with a higher exact
     # score, or an equal one and a lower index
     bq, bit = torch.cat(band_q), torch.cat(band_i)
@@ -295,7 +301,7 @@ def symmetric_retrieval(
         mp, pp = map_r_and_r_precision(rel, rn)
         ap[need], rp[need] = mp, pp
     return RetrievalStats(first_rank=ranks.cpu().numpy(), map_at_r=ap.cpu().numpy(), r_precision=rp.cpu().numpy(),
-                          num_without_positive=int(n - scored.numel()))
+                          num_without_positive=int(n - scored.numel()), neighbours=neighbours)
 
 
 def _certified(xt: torch.Tensor, h: torch.Tensor, top: _TopK, rows: torch.Tensor, rn: torch.Tensor,
