@@ -3,6 +3,8 @@ memory model. Every precision runs on every CPU (bf16 products are emulated by t
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,8 @@ from dml_runner.evaluation.kmeans import (
     kmeanspp,
     torch_kmeans,
 )
+
+kmeans_module = importlib.import_module("dml_runner.evaluation.kmeans")  # the module (to count its products)
 
 PRECISIONS = pytest.mark.parametrize("precision", ["fp32", "bf16"])
 
@@ -167,3 +171,129 @@ def test_memory_estimate_is_linear_in_n():
     e = [estimate_memory_bytes(n, 512, num_classes=n // 5) for n in (20_000, 40_000, 80_000, 160_000)]
     steps = np.diff(e)
     assert np.all(steps > 0) and steps[2] == pytest.approx(2 * steps[1], rel=0.05)
+
+
+# --- k-means++ rounds with neighbour lists (kmeanspp / kmeans ``neighbours=(idx, d2, bound)``) ---------------------
+
+
+def _lists(x: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact neighbour lists by brute force (float64): each row's ``size`` nearest other rows, bound = the next
+    distance (every row not listed is at least that far)."""
+    d = ((x[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    order = np.argsort(d, axis=1, kind="stable")
+    idx = order[:, :size]
+    bound = np.take_along_axis(d, order[:, size : size + 1], 1)[:, 0]
+    return (torch.from_numpy(idx), torch.from_numpy(np.take_along_axis(d, idx, 1)).float(),
+            torch.from_numpy(bound).float())
+
+
+def _nearest_seed(x: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    return ((x[:, None, :].astype(np.float64) - x[seeds][None]) ** 2).sum(-1).argmin(1)
+
+
+def _grid_blobs(k: int = 300, per: int = 5, d: int = 8, seed: int = 0) -> np.ndarray:
+    """Small integers: every float32 distance (lists, products) is exact, so both paths must agree bit for bit."""
+    rng = np.random.default_rng(seed)
+    return (rng.integers(-6, 7, size=(k, d))[np.repeat(np.arange(k), per)] * 4
+            + rng.integers(-1, 2, size=(k * per, d))).astype(np.float32)
+
+
+def _seed(x, k, gen_seed=0, low=None, neighbours=None, rounds=None):
+    xt = torch.from_numpy(x)
+    x_aug = augment(xt, low) if low is not None else None
+    s, a = kmeanspp(xt, k, torch.Generator().manual_seed(gen_seed), rounds=rounds, x_aug=x_aug, return_assign=True,
+                    neighbours=neighbours)
+    return s.numpy(), a.numpy()
+
+
+def _count_product_rows(monkeypatch) -> list[int]:
+    """Rows the rounds multiply against their new seeds (every _assign call of the seeding)."""
+    rows: list[int] = []
+    real = kmeans_module._assign
+
+    def counting(x_aug, *args, **kwargs):
+        rows.append(x_aug.shape[0])
+        return real(x_aug, *args, **kwargs)
+
+    monkeypatch.setattr(kmeans_module, "_assign", counting)
+    return rows
+
+
+@pytest.mark.parametrize("low", [None, torch.float32])
+def test_neighbour_lists_give_the_same_seeding_with_fewer_products(low, monkeypatch):
+    """Exact float32 data: the lists change which products run, not the D^2, draws, seeds or nearest seeds."""
+    x = _grid_blobs()
+    want = _seed(x, 300, low=low)
+    rows = _count_product_rows(monkeypatch)
+    got = _seed(x, 300, low=low, neighbours=_lists(x, 8))
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+    assert np.array_equal(got[1], _nearest_seed(x, got[0]))
+    if low is not None:  # the shortcut ran: far fewer rows multiplied than a full product per round
+        full = len(rows) * x.shape[0]
+        assert 0 < sum(rows) < 0.5 * full, (sum(rows), full)
+
+
+@pytest.mark.parametrize("low", [None, torch.float32, torch.bfloat16])
+def test_neighbour_lists_keep_every_point_on_its_nearest_seed(low):
+    x, _ = _blobs(300, per=8, d=16, sep=1.0, seed=11)  # overlapping blobs: many seeds compete for each point
+    seeds, assign = _seed(x, 300, low=low, neighbours=_lists(x, 12))
+    assert np.unique(seeds).size == 300
+    assert (assign == _nearest_seed(x, seeds)).mean() > (0.99 if low is torch.bfloat16 else 0.999)
+
+
+def test_neighbour_list_entries_at_or_beyond_the_bound_are_ignored():
+    x, _ = _blobs(300, per=6, d=16, sep=1.0, seed=12)
+    n = x.shape[0]
+    idx, d2, bound = _lists(x, 10)
+    rng = np.random.default_rng(0)
+    junk_idx = torch.from_numpy(rng.integers(-3, n + 3, size=(n, 6)))  # random rows, some out of range
+    junk_d2 = torch.cat([bound[:, None].expand(n, 3), torch.full((n, 3), 1e30)], 1)  # d2 == bound, huge d2
+    noisy = (torch.cat([junk_idx[:, :3], idx, junk_idx[:, 3:]], 1),
+             torch.cat([junk_d2[:, :3], d2, junk_d2[:, 3:]], 1), bound)
+    clean = _seed(x, 300, low=torch.float32, neighbours=(idx, d2, bound))
+    got = _seed(x, 300, low=torch.float32, neighbours=noisy)
+    assert np.array_equal(got[0], clean[0]) and np.array_equal(got[1], clean[1])
+    # a bound no listed distance is below: nothing usable, exactly the run without lists
+    for useless in (torch.zeros(n), torch.full((n,), -np.inf)):
+        got = _seed(x, 300, low=torch.float32, neighbours=(idx, d2, useless))
+        plain = _seed(x, 300, low=torch.float32)
+        assert np.array_equal(got[0], plain[0]) and np.array_equal(got[1], plain[1])
+
+
+@pytest.mark.parametrize("low", [None, torch.bfloat16])
+def test_empty_neighbour_lists_change_nothing(low):
+    x, _ = _blobs(300, per=6, d=16, sep=1.0, seed=13)
+    n = x.shape[0]
+    empty = (torch.full((n, 4), -1), torch.zeros(n, 4), torch.full((n,), np.inf))
+    got, want = _seed(x, 300, low=low, neighbours=empty), _seed(x, 300, low=low)
+    assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
+def test_lists_that_break_the_bound_give_wrong_nearest_seeds():
+    """The check above can fail: lists of the farthest points with bound = +inf claim far seeds are the nearest."""
+    x, _ = _blobs(300, per=6, d=16, sep=1.0, seed=14)
+    n = x.shape[0]
+    d = ((x[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    far = np.argsort(-d, axis=1)[:, :40]
+    wrong = (torch.from_numpy(far), torch.from_numpy(np.take_along_axis(d, far, 1)).float(),
+             torch.full((n,), np.inf))
+    seeds, assign = _seed(x, 300, low=torch.float32, neighbours=wrong)
+    assert (assign != _nearest_seed(x, seeds)).any()
+    seeds, assign = _seed(x, 300, low=torch.float32, neighbours=_lists(x, 40))
+    assert (assign == _nearest_seed(x, seeds)).mean() > 0.999
+
+
+@PRECISIONS
+def test_kmeans_with_neighbour_lists_recovers_many_blobs(precision):
+    x, y = _blobs(300, per=10, d=16, sep=10.0, seed=15)
+    _, a = kmeans(x, 300, seed=0, precision=precision, neighbours=_lists(x, 20))
+    assert nmi_from_assignments(a, y) > 0.99
+
+
+def test_bad_neighbour_lists_are_refused():
+    x = np.zeros((10, 2), dtype=np.float32)
+    with pytest.raises(ValueError, match="neighbours"):
+        kmeans(x, 3, neighbours=(torch.zeros(10, 3, dtype=torch.int64), torch.zeros(10, 4), torch.zeros(10)))
+    with pytest.raises(ValueError, match="neighbours"):
+        kmeans(x, 3, neighbours=(torch.zeros(10, 3), torch.zeros(10, 3), torch.zeros(10)))

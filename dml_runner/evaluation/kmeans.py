@@ -11,6 +11,13 @@ arrays or torch tensors (CPU or CUDA); evaluation (NMI, F1) and any method that 
   round (rejection sampling, so two draws rarely land in one cluster); a round finds each point's nearest new seed
   with the assignment product below, and the seeding's nearest seeds are Lloyd's first assignment. Up to
   ``GREEDY_MAX_K`` clusters the seeding is exactly greedy k-means++ (float32).
+- **Neighbour lists** (``neighbours=(idx, d2, bound)``, optional, round mode only): for each point a list of near
+  points with their squared distances and a bound below which the list is complete (the leave-one-out retrieval
+  has them). A point whose list holds a seed is *known*: any later seed missing from its list lies at least
+  ``bound`` away, farther than that listed seed, so only the listed seeds can still lower its D^2 and they come
+  from the reversed lists (a few pairs per seed). Each round multiplies only the points not known yet against its
+  new seeds: the same D^2 (up to float32 rounding of the listed distances), the same draws and the same nearest
+  seeds, with a fraction of the products (on SOP-like data most points are known after a quarter of the rounds).
 - **Assignment**: argmin_k |x - c_k|^2 = argmax_k (x . c_k - |c_k|^2 / 2) on mean-centred data; |c_k|^2 / 2 rides in
   the product as two extra columns (a two-part split, so bf16 keeps it to ~2^-16), so one (chunk x k) product and a
   block argmax per chunk are the whole step. bf16 (where the CPU multiplies it natively, and on CUDA) or float32:
@@ -38,6 +45,9 @@ SEED_ROUNDS = 64  # above it: about this many passes over the data, several draw
 # Seeding steps on at most this many values run on one CPU thread: each step is a few small ops whose OpenMP
 # start-up and barriers cost more than the work (3-12x slower with 2 threads on a busy 2-core machine).
 SEED_ONE_THREAD_VALUES = 2**20
+# With neighbour lists, a round gathers the points not known yet and multiplies only those when they are at most
+# this fraction of all points; above it one product over all points (the gather's copy costs more than it saves).
+GATHER_BELOW = 0.75
 KMEANS_BACKENDS = ("auto", "torch", "faiss")
 
 
@@ -121,8 +131,46 @@ def _cpu_threads(x: torch.Tensor):
             torch.set_num_threads(before)
 
 
+Neighbours = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class _ReverseLists:
+    """The usable entries of neighbour lists (idx, d2, bound), reversed: for each point s, the rows i whose list
+    holds s with d2 < bound[i] (then every point missing from row i lies at least bound[i] from x_i), as CSR."""
+
+    def __init__(self, neighbours: Neighbours, n: int, device: torch.device):
+        if not (isinstance(neighbours, (tuple, list)) and len(neighbours) == 3):
+            raise ValueError("k-means neighbours must be a tuple (idx (n, L), d2 (n, L), bound (n,)); "
+                             f"got {type(neighbours).__name__}")
+        idx, d2, bound = (torch.as_tensor(t).to(device) for t in neighbours)
+        if idx.ndim != 2 or idx.shape[0] != n or d2.shape != idx.shape or bound.shape != (n,):
+            raise ValueError(f"k-means neighbours must be idx (n, L), d2 (n, L), bound (n,) with n = {n} points; "
+                             f"got shapes {tuple(idx.shape)}, {tuple(d2.shape)}, {tuple(bound.shape)}")
+        if idx.is_floating_point() or idx.dtype == torch.bool:
+            raise ValueError(f"k-means neighbours idx must hold integer row indices; got {idx.dtype}")
+        idx = idx.long()
+        d2 = d2.float()
+        rows = torch.arange(n, device=device)[:, None].expand_as(idx)
+        ok = (idx >= 0) & (idx < n) & (idx != rows) & (d2 < bound.float()[:, None])
+        col = idx[ok]
+        order = torch.argsort(col, stable=True)
+        self.rows = rows[ok][order]  # (nnz,) the row whose list holds the entry
+        self.d2 = d2[ok][order]  # (nnz,) its listed squared distance
+        self.ptr = torch.zeros(n + 1, dtype=torch.int64, device=device)  # entries of point s: ptr[s] .. ptr[s+1]
+        self.ptr[1:] = torch.cumsum(torch.bincount(col, minlength=n), 0)
+
+    def pairs(self, pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row, position in pick, listed d2) of every usable list entry naming one of the points ``pick``."""
+        starts = self.ptr[pick]
+        lens = self.ptr[pick + 1] - starts
+        pos = torch.repeat_interleave(torch.arange(pick.numel(), device=pick.device), lens)
+        offs = torch.arange(pos.numel(), device=pick.device) + (starts - (torch.cumsum(lens, 0) - lens))[pos]
+        return self.rows[offs], pos, self.d2[offs]
+
+
 def kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None = None,
-             rounds: int | None = None, x_aug: torch.Tensor | None = None, return_assign: bool = False):
+             rounds: int | None = None, x_aug: torch.Tensor | None = None, return_assign: bool = False,
+             neighbours: Neighbours | None = None):
     """Indices of k seed points: greedy k-means++ (``trials`` candidates per centre, default 2 + ln k) in k passes
     over the data, or (default when k > GREEDY_MAX_K) in about ``rounds`` passes of several D^2 draws each.
 
@@ -130,16 +178,22 @@ def kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None =
     assignment product in its precision (D^2 = |x|^2 - 2 max score only weights the draws: its rounding changes
     which points are drawn, not the result's correctness); the greedy steps stay float32.
     ``return_assign``: also the position (in the returned seeds) of each point's nearest seed, as the seeding's
-    distances found it (Lloyd's first assignment, without another pass over the data)."""
+    distances found it (Lloyd's first assignment, without another pass over the data).
+    ``neighbours``: ``(idx (n, L) int64, d2 (n, L) float32, bound (n,) float32)``: row i lists points near x_i
+    (entries outside 0..n-1 are unused) with their squared distances; every point not listed lies at least
+    ``bound[i]`` from x_i, and only entries with d2 < bound[i] are used. The rounds then multiply only the points
+    whose list holds no seed yet (module docstring); the greedy steps ignore them."""
     if rounds is None:
         rounds = k if k <= GREEDY_MAX_K else SEED_ROUNDS
+    lists = _ReverseLists(neighbours, x.shape[0], x.device) if neighbours is not None else None
     with _cpu_threads(x):
-        seeds, assign = _kmeanspp(x, k, gen, trials, rounds, x_aug)
+        seeds, assign = _kmeanspp(x, k, gen, trials, rounds, x_aug, lists=lists)
     return (seeds, assign) if return_assign else seeds
 
 
 def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None, rounds: int,
-              x_aug: torch.Tensor | None, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+              x_aug: torch.Tensor | None, chunk: int = 8192,
+              lists: _ReverseLists | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[0]
     xn = (x * x).sum(1)
     first = torch.randint(n, (1,), generator=gen).to(x.device)
@@ -149,6 +203,12 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
     count = 1
     per_round = max(1, -(-(k - 1) // max(rounds, 1)))
     trials = trials or (2 + int(math.log(k)) if per_round == 1 else 1)
+    # known[i]: the usable list of point i holds a seed, so a later seed missing from that list is at least
+    # bound[i] > (that seed's distance) >= D^2(i) away and can never lower D^2(i): only listed seeds can.
+    known = None
+    if lists is not None and per_round > 1:
+        known = torch.zeros(n, dtype=torch.bool, device=x.device)
+        known[lists.pairs(first)[0]] = True  # their D^2 is exact already: the product above covered every point
     while count < k:
         m = min(per_round, k - count)
         if m == 1:
@@ -156,7 +216,7 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
             dc = _sq_dist_to(x, xn, x[cand])
             best = int(torch.minimum(d2[None, :], dc).sum(1).argmin())
             pick = cand[best : best + 1]
-            closer = dc[best] < d2
+            closer = dc[best] < d2  # every point, known ones too: a single seed costs one pass over x
             assign[closer] = count
             d2 = torch.where(closer, dc[best], d2)
         else:
@@ -167,19 +227,64 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
             keep = _sequential_acceptance(cc.cpu().numpy(), d2[cand].cpu().double().numpy(),
                                           torch.rand(cand.numel(), generator=gen, dtype=torch.float64).numpy())
             pick = cand[torch.as_tensor(keep, device=x.device)]
+            if known is None:
+                rows = None
+            else:
+                # Why skipping known rows keeps D^2 exact: a row becomes known in the round whose seeds its list
+                # holds; until then it was unknown, so the products gave it the exact D^2 over all earlier seeds.
+                # Of this round's seeds the listed ones are applied here from the lists, and the unlisted ones
+                # are farther than a listed seed; in later rounds only listed seeds can come closer (see known).
+                d2, assign = _apply_listed(lists, pick, count, d2, assign, known)
+                unknown = (~known).nonzero()[:, 0]
+                rows = unknown if unknown.numel() <= GATHER_BELOW * n else None
+                if unknown.numel() == 0:
+                    chosen.append(pick)
+                    count += pick.numel()
+                    continue
             xp = x[pick]
+            xr, xnr = (x, xn) if rows is None else (x[rows], xn[rows])
             if x_aug is None:
-                nearest, which = torch.addmm((xp * xp).sum(1)[:, None] + xn[None, :], xp, x.T, alpha=-2.0).min(0)
+                nearest, which = torch.addmm((xp * xp).sum(1)[:, None] + xnr[None, :], xp, xr.T, alpha=-2.0).min(0)
             else:  # one product in the assignment's precision and a block argmax, as a Lloyd assignment
-                which, best = _assign(x_aug, xp, x_aug.dtype, chunk, with_score=True)
-                nearest = torch.add(xn, best.float(), alpha=-2.0)
+                xa = x_aug if rows is None else x_aug[rows]
+                which, best = _assign(xa, xp, x_aug.dtype, chunk, with_score=True)
+                nearest = torch.add(xnr, best.float(), alpha=-2.0)
             nearest.clamp_min_(0.0)
-            closer = nearest < d2
-            assign[closer] = count + which[closer]
-            d2 = torch.where(closer, nearest, d2)
+            if rows is None:
+                closer = nearest < d2
+                if known is not None:
+                    closer &= ~known  # a product over every point: the known ones keep their listed seeds
+                assign[closer] = count + which[closer]
+                d2 = torch.where(closer, nearest, d2)
+            else:
+                closer = nearest < d2[rows]
+                hit = rows[closer]
+                assign[hit] = count + which[closer]
+                d2[hit] = nearest[closer]
         chosen.append(pick)
         count += pick.numel()
     return torch.cat(chosen), assign
+
+
+def _apply_listed(lists: _ReverseLists, pick: torch.Tensor, count: int, d2: torch.Tensor, assign: torch.Tensor,
+                  known: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round's seeds ``pick`` (positions count, count + 1, ...) through the lists: every row listing one of
+    them takes the nearest listed one when closer (lowest position among ties) and becomes known; a seed whose own
+    row is known gets D^2 = 0 (the lists never name the point itself). Updates ``known`` in place."""
+    rows, pos, val = lists.pairs(pick)
+    known[rows] = True
+    own = known[pick].nonzero()[:, 0]
+    rows = torch.cat([rows, pick[own]])
+    pos = torch.cat([pos, own])
+    val = torch.cat([val, torch.zeros(own.numel(), dtype=val.dtype, device=val.device)])
+    if rows.numel() == 0:
+        return d2, assign
+    low = torch.full_like(d2, math.inf).scatter_reduce_(0, rows, val.to(d2.dtype), "amin")
+    win = val.to(d2.dtype) == low[rows]
+    first = torch.full_like(assign, pick.numel()).scatter_reduce_(0, rows[win], pos[win], "amin")
+    closer = low < d2
+    assign = torch.where(closer, count + first, assign)
+    return torch.where(closer, low, d2), assign
 
 
 def _sequential_acceptance(cc: np.ndarray, d2: np.ndarray, u: np.ndarray) -> np.ndarray:
@@ -234,7 +339,7 @@ def _inertia(xt: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor) ->
 def kmeans(
     x: np.ndarray | torch.Tensor, k: int, *, niter: int = 50, seed: int = 0, backend: str = "auto",
     device: torch.device | str | None = None, tol: float = 1e-3, precision: str = "auto", nredo: int = 1,
-    chunk: int = 8192, return_iters: bool = False,
+    chunk: int = 8192, return_iters: bool = False, neighbours: Neighbours | None = None,
 ):
     """k-means of the rows of ``x`` (n, d) into ``k`` clusters: ``(centroids (k, d) float32, assignments (n,)
     int64)`` as numpy arrays (plus the iterations of the kept run when ``return_iters``).
@@ -244,6 +349,8 @@ def kmeans(
     ``precision``: the assignment product, ``auto`` | ``bf16`` | ``fp32`` (``cpu.kmeans_dtype``). ``nredo``: runs
     from seeds ``seed``, ``seed + 1``, ...; the one with the lowest sum of squared distances is kept. ``tol``: stop
     when at most this fraction of points changes cluster (0: only at a fixed point). k is clipped to n.
+    ``neighbours``: ``(idx, d2, bound)`` neighbour lists of the rows of ``x`` (:func:`kmeanspp`): the seeding
+    multiplies only the points whose list holds no seed yet (same seeds and first assignment up to rounding).
     """
     if backend not in KMEANS_BACKENDS:
         raise ValueError(f"unknown k-means backend {backend!r}; use one of {', '.join(KMEANS_BACKENDS)}")
@@ -270,7 +377,7 @@ def kmeans(
     best = None
     for r in range(int(nredo)):
         gen = torch.Generator(device="cpu").manual_seed(int(seed) + r)
-        init, init_assign = kmeanspp(xc, k, gen, x_aug=x_aug, return_assign=True)
+        init, init_assign = kmeanspp(xc, k, gen, x_aug=x_aug, return_assign=True, neighbours=neighbours)
         c, a, it = _lloyd(xc, x_aug, k, gen, niter, tol, dtype, chunk, init, init_assign)
         cost = _inertia(xc, c, a) if nredo > 1 else 0.0
         if best is None or cost < best[0]:
