@@ -45,8 +45,9 @@ SEED_ROUNDS = 64  # above it: about this many passes over the data, several draw
 # Seeding steps on at most this many values run on one CPU thread: each step is a few small ops whose OpenMP
 # start-up and barriers cost more than the work (3-12x slower with 2 threads on a busy 2-core machine).
 SEED_ONE_THREAD_VALUES = 2**20
-# With neighbour lists, a round gathers the points not known yet and multiplies only those when they are at most
-# this fraction of all points; above it one product over all points (the gather's copy costs more than it saves).
+# With neighbour lists the rounds multiply a gathered copy of the points not known yet, gathered again once those
+# are at most this fraction of the copy (until then the known rows in it are multiplied and ignored: a copy costs
+# about half a product of its rows, so re-gathering every round would cost more than it saves).
 GATHER_BELOW = 0.75
 KMEANS_BACKENDS = ("auto", "torch", "faiss")
 
@@ -206,6 +207,8 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
     # known[i]: the usable list of point i holds a seed, so a later seed missing from that list is at least
     # bound[i] > (that seed's distance) >= D^2(i) away and can never lower D^2(i): only listed seeds can.
     known = None
+    # the rows the round products multiply (None: every point) and their x (or x_aug) and |x|^2
+    rows, xr, xnr = None, (x if x_aug is None else x_aug), xn
     if lists is not None and per_round > 1:
         known = torch.zeros(n, dtype=torch.bool, device=x.device)
         known[lists.pairs(first)[0]] = True  # their D^2 is exact already: the product above covered every point
@@ -227,37 +230,36 @@ def _kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None,
             keep = _sequential_acceptance(cc.cpu().numpy(), d2[cand].cpu().double().numpy(),
                                           torch.rand(cand.numel(), generator=gen, dtype=torch.float64).numpy())
             pick = cand[torch.as_tensor(keep, device=x.device)]
-            if known is None:
-                rows = None
-            else:
+            if known is not None:
                 # Why skipping known rows keeps D^2 exact: a row becomes known in the round whose seeds its list
                 # holds; until then it was unknown, so the products gave it the exact D^2 over all earlier seeds.
                 # Of this round's seeds the listed ones are applied here from the lists, and the unlisted ones
                 # are farther than a listed seed; in later rounds only listed seeds can come closer (see known).
                 d2, assign = _apply_listed(lists, pick, count, d2, assign, known)
-                unknown = (~known).nonzero()[:, 0]
-                rows = unknown if unknown.numel() <= GATHER_BELOW * n else None
-                if unknown.numel() == 0:
+                left = int((~(known if rows is None else known[rows])).sum())
+                if left == 0:
                     chosen.append(pick)
                     count += pick.numel()
                     continue
+                if left <= GATHER_BELOW * (n if rows is None else rows.numel()):
+                    rows = (~known).nonzero()[:, 0]  # gather the rows not known yet (known only grows)
+                    xr = x[rows] if x_aug is None else x_aug[rows]
+                    xnr = xn[rows]
             xp = x[pick]
-            xr, xnr = (x, xn) if rows is None else (x[rows], xn[rows])
             if x_aug is None:
                 nearest, which = torch.addmm((xp * xp).sum(1)[:, None] + xnr[None, :], xp, xr.T, alpha=-2.0).min(0)
             else:  # one product in the assignment's precision and a block argmax, as a Lloyd assignment
-                xa = x_aug if rows is None else x_aug[rows]
-                which, best = _assign(xa, xp, x_aug.dtype, chunk, with_score=True)
+                which, best = _assign(xr, xp, x_aug.dtype, chunk, with_score=True)
                 nearest = torch.add(xnr, best.float(), alpha=-2.0)
             nearest.clamp_min_(0.0)
             if rows is None:
                 closer = nearest < d2
                 if known is not None:
-                    closer &= ~known  # a product over every point: the known ones keep their listed seeds
+                    closer &= ~known  # the known rows keep the seeds their lists gave them
                 assign[closer] = count + which[closer]
                 d2 = torch.where(closer, nearest, d2)
             else:
-                closer = nearest < d2[rows]
+                closer = (nearest < d2[rows]) & ~known[rows]
                 hit = rows[closer]
                 assign[hit] = count + which[closer]
                 d2[hit] = nearest[closer]
