@@ -113,6 +113,7 @@ def evaluate(
         cluster_idx = np.flatnonzero(qmask | gmask)
 
     out: dict[str, float] = {}
+    stats = None
     retrieval_wanted = any(m in wanted for m in ("recall", "map_at_r", "r_precision"))
     if retrieval_wanted:
         need_ranking = "map_at_r" in wanted or "r_precision" in wanted
@@ -169,8 +170,14 @@ def evaluate(
         out["num_queries_without_positive"] = float(stats.num_without_positive)
     if "nmi" in wanted or "f1" in wanted:
         x, y = emb[cluster_idx], lab[cluster_idx]
+        neighbours = None
+        if stats is not None and stats.neighbours is not None and qmask is None:
+            # the leave-one-out search's neighbour lists (scores -|x_i - x_j|^2 / 2) spare most of the k-means++
+            # seeding's products (evaluation/kmeans.py)
+            idx, score, bound = stats.neighbours
+            neighbours = (idx, -2.0 * score, -2.0 * bound)
         assign = kmeans_assignments(x, np.unique(y).size, seed=seed, iters=kmeans_iters,
-                                    device=str(dev), precision=kmeans_precision)
+                                    device=str(dev), precision=kmeans_precision, neighbours=neighbours)
         if "nmi" in wanted:
             out["nmi"] = nmi_from_assignments(assign, y)
         if "f1" in wanted:

@@ -64,7 +64,7 @@ def nmi_from_assignments(assignments: np.ndarray, labels: np.ndarray) -> float:
 
 def kmeans_assignments(
     x: np.ndarray, k: int, *, seed: int = 0, iters: int = 50, backend: str = "torch",
-    device: str = "cpu", tol: float = 1e-3, precision: str = "auto",
+    device: str = "cpu", tol: float = 1e-3, precision: str = "auto", neighbours=None,
 ) -> np.ndarray:
     """Cluster id of every row of ``x`` after seeded k-means with k clusters (:func:`dml_runner.evaluation.kmeans.
     kmeans`).
@@ -72,8 +72,10 @@ def kmeans_assignments(
     backend ``torch`` (default): greedy k-means++ seeding, Lloyd iterations with a bf16 or float32 assignment
     (``precision``: auto | bf16 | fp32) and early stop when at most ``tol`` of the points change cluster;
     ``faiss``: faiss.Kmeans (random seeding) for exactly ``iters`` iterations (GPU when ``device`` is cuda and
-    faiss sees a GPU).
+    faiss sees a GPU). ``neighbours``: per-item neighbour lists for the seeding (:func:`dml_runner.evaluation.kmeans.
+    kmeans`).
     """
     from dml_runner.evaluation.kmeans import kmeans
 
-    return kmeans(x, k, niter=iters, seed=seed, backend=backend, device=device, tol=tol, precision=precision)[1]
+    return kmeans(x, k, niter=iters, seed=seed, backend=backend, device=device, tol=tol, precision=precision,
+                  neighbours=neighbours)[1]

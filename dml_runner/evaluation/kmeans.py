@@ -19,6 +19,12 @@ arrays or torch tensors (CPU or CUDA); evaluation (NMI, F1) and any method that 
   new seeds: the same D^2 (up to the rounding of the listed distances against the product's), the same draws and
   the same nearest seeds, with a fraction of the products (SOP-like data, top-20 lists: 62% of the points known
   after a quarter of the rounds, 95% after three quarters, a quarter of the products of a full round pass).
+- **Lloyd with neighbour lists** (:func:`_assign_listed`): the same lists settle most of each later assignment.
+  With V_j the spread of cluster j (mean squared distance of its members to its centroid), |x - c_j|^2 equals the
+  mean of |x - y|^2 over its members minus V_j, so a cluster none of whose members x's list holds is at least
+  bound_x - V_j away. The candidates of x (the clusters of its listed neighbours, its own, and the LOOSE_CLUSTERS
+  clusters of largest spread for every point) then certify its nearest centroid whenever that one is nearer than
+  bound_x minus the largest remaining spread; the other points get the full product (SOP-like data: about a tenth).
 - **Assignment**: argmin_k |x - c_k|^2 = argmax_k (x . c_k - |c_k|^2 / 2) on mean-centred data; |c_k|^2 / 2 rides in
   the product as two extra columns (a two-part split, so bf16 keeps it to ~2^-16), so one (chunk x k) product and a
   block argmax per chunk are the whole step. bf16 (where the CPU multiplies it natively, and on CUDA) or float32:
@@ -50,6 +56,11 @@ SEED_ONE_THREAD_VALUES = 2**20
 # are at most this fraction of the copy (until then the known rows in it are multiplied and ignored: a copy costs
 # about half a product of its rows, so re-gathering every round would cost more than it saves).
 GATHER_BELOW = 0.75
+# Lloyd with neighbour lists: the clusters of largest spread, computed for every point (one n x LOOSE_CLUSTERS
+# product); the other clusters only for the points whose lists name a member. CANDIDATE_ROWS: points per batched
+# candidate product.
+LOOSE_CLUSTERS = 1024
+CANDIDATE_ROWS = 4096
 KMEANS_BACKENDS = ("auto", "torch", "faiss")
 
 
@@ -160,6 +171,11 @@ class _ReverseLists:
         self.d2 = d2[ok][order]  # (nnz,) its listed squared distance
         self.ptr = torch.zeros(n + 1, dtype=torch.int64, device=device)  # entries of point s: ptr[s] .. ptr[s+1]
         self.ptr[1:] = torch.cumsum(torch.bincount(col, minlength=n), 0)
+        # the forward lists, for the certified Lloyd assignment: usable entries' indices (-1 elsewhere), squared
+        # distances (+inf elsewhere) and bounds
+        self.fwd_idx = torch.where(ok, idx, torch.full_like(idx, -1))
+        self.fwd_d2 = torch.where(ok, d2, torch.full_like(d2, math.inf))
+        self.bound = bound.float()
 
     def pairs(self, pick: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(row, position in pick, listed d2) of every usable list entry naming one of the points ``pick``."""
@@ -187,7 +203,9 @@ def kmeanspp(x: torch.Tensor, k: int, gen: torch.Generator, trials: int | None =
     whose list holds no seed yet (module docstring); the greedy steps ignore them."""
     if rounds is None:
         rounds = k if k <= GREEDY_MAX_K else SEED_ROUNDS
-    lists = _ReverseLists(neighbours, x.shape[0], x.device) if neighbours is not None else None
+    lists = neighbours
+    if neighbours is not None and not isinstance(neighbours, _ReverseLists):
+        lists = _ReverseLists(neighbours, x.shape[0], x.device)
     with _cpu_threads(x):
         seeds, assign = _kmeanspp(x, k, gen, trials, rounds, x_aug, lists=lists)
     return (seeds, assign) if return_assign else seeds
@@ -305,9 +323,9 @@ def _sequential_acceptance(cc: np.ndarray, d2: np.ndarray, u: np.ndarray) -> np.
     return kept
 
 
-def _lloyd(xt, x_aug, k, gen, niter, tol, dtype, chunk, init, init_assign=None):
+def _lloyd(xt, x_aug, k, gen, niter, tol, dtype, chunk, init, init_assign=None, lists=None):
     """Lloyd iterations from the seed points ``init``; ``init_assign``: the first assignment, when the seeding
-    already found each point's nearest seed."""
+    already found each point's nearest seed; ``lists``: neighbour lists for :func:`_assign_listed`."""
     n = xt.shape[0]
     dev = xt.device
     centroids = xt[init].clone()
@@ -315,7 +333,12 @@ def _lloyd(xt, x_aug, k, gen, niter, tol, dtype, chunk, init, init_assign=None):
     assign = torch.full((n,), -1, dtype=torch.int64, device=dev)
     it = 0
     for it in range(1, int(niter) + 1):
-        new = init_assign if it == 1 and init_assign is not None else _assign(x_aug, centroids, dtype, chunk)
+        if it == 1 and init_assign is not None:
+            new = init_assign
+        elif lists is not None and it > 1:  # the centroids are the means of ``assign``'s clusters (or re-seeded)
+            new = _assign_listed(xt, x_aug, centroids, assign, lists, dtype, chunk)
+        else:
+            new = _assign(x_aug, centroids, dtype, chunk)
         changed = int((new != assign).sum())
         assign = new
         if changed <= tol * n:
@@ -332,7 +355,66 @@ def _lloyd(xt, x_aug, k, gen, niter, tol, dtype, chunk, init, init_assign=None):
             far = ((xt - centroids[assign]) ** 2).sum(1)
             far[counts[assign] < 2] = -1.0  # never empty another cluster
             centroids[empty] = xt[torch.topk(far, min(empty.numel(), n)).indices[: empty.numel()]]
+    if lists is not None and it > 1:
+        return centroids, _assign_listed(xt, x_aug, centroids, assign, lists, dtype, chunk), it
     return centroids, _assign(x_aug, centroids, dtype, chunk), it
+
+
+def _assign_listed(xc: torch.Tensor, x_aug: torch.Tensor, centroids: torch.Tensor, prev: torch.Tensor,
+                   lists: _ReverseLists, dtype: torch.dtype, chunk: int) -> torch.Tensor:
+    """:func:`_assign` (nearest centroid, lowest index among exact ties) where the neighbour lists settle most
+    points without the full (n x k) product.
+
+    ``centroids`` are the means of the clusters of ``prev`` (a cluster without members: any point). For a cluster
+    C_j with spread V_j = mean over y in C_j of |y - c_j|^2, |x - c_j|^2 = mean over y in C_j of |x - y|^2 - V_j. If
+    x's list holds no usable member of C_j, every member lies at least bound_x away (squared), so
+    |x - c_j|^2 >= bound_x - V_j. The candidates of x are the clusters of its usable list entries and its own;
+    the LOOSE_CLUSTERS clusters of largest spread (memberless ones first) are computed for every point by one
+    product; tau is the largest spread left. Where the nearest of those is below bound_x - tau (less a rounding
+    margin), no other cluster can be nearer; the remaining points get the full product.
+    """
+    n, k = xc.shape[0], centroids.shape[0]
+    dev = xc.device
+    if k <= 2 * LOOSE_CLUSTERS:
+        return _assign(x_aug, centroids, dtype, chunk)
+    counts = torch.bincount(prev, minlength=k)
+    spread = torch.zeros(k, dtype=torch.float64, device=dev)
+    for s in range(0, n, chunk):
+        p = prev[s : s + chunk]
+        spread.index_add_(0, p, ((xc[s : s + chunk] - centroids[p]) ** 2).sum(1, dtype=torch.float64))
+    spread = spread / counts.clamp_min(1)
+    spread[counts == 0] = math.inf  # no members: the identity does not hold, always computed
+    loose = torch.topk(spread, LOOSE_CLUSTERS).indices
+    rest = torch.ones(k, dtype=torch.bool, device=dev)
+    rest[loose] = False
+    tau = float(spread[rest].max())
+    lbest, lscore = _assign(x_aug, centroids[loose], dtype, chunk, with_score=True)
+    xn = (xc * xc).sum(1)
+    d_loose = xn - 2.0 * lscore.float()
+    a_loose = loose[lbest]
+    # candidates: the clusters of the usable list entries, and the point's own (padding repeats it)
+    cand = torch.where(lists.fwd_idx >= 0, prev[lists.fwd_idx.clamp_min(0)], prev[:, None])
+    cand = torch.cat([cand, prev[:, None]], dim=1)
+    cn = (centroids * centroids).sum(1)
+    best = torch.empty(n, dtype=torch.int64, device=dev)
+    d_best = torch.empty(n, device=dev)
+    big = torch.iinfo(torch.int64).max
+    for s in range(0, n, CANDIDATE_ROWS):
+        c = cand[s : s + CANDIDATE_ROWS]
+        dots = torch.bmm(centroids[c], xc[s : s + CANDIDATE_ROWS, :, None]).squeeze(2)
+        dist = cn[c] - 2.0 * dots + xn[s : s + CANDIDATE_ROWS, None]
+        d_min = dist.min(dim=1).values
+        j = torch.where(dist == d_min[:, None], c, torch.full_like(c, big)).min(dim=1).values
+        dl, al = d_loose[s : s + CANDIDATE_ROWS], a_loose[s : s + CANDIDATE_ROWS]
+        from_loose = (dl < d_min) | ((dl == d_min) & (al < j))
+        best[s : s + CANDIDATE_ROWS] = torch.where(from_loose, al, j)
+        d_best[s : s + CANDIDATE_ROWS] = torch.minimum(dl, d_min)
+    bound = lists.bound
+    margin = 1e-3 * (bound.abs().nan_to_num(posinf=0.0, neginf=0.0) + abs(tau) + xn) + 1e-30
+    unsure = (~(d_best < bound - tau - margin)).nonzero().ravel()
+    if unsure.numel():
+        best[unsure] = _assign(x_aug[unsure], centroids, dtype, chunk)
+    return best
 
 
 def _inertia(xt: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor) -> float:
@@ -377,11 +459,12 @@ def kmeans(
     mean = xt.mean(0, keepdim=True)
     xc = xt - mean  # k-means is translation invariant; centring keeps the bf16 products small
     x_aug = augment(xc, dtype)
+    lists = _ReverseLists(neighbours, n, dev) if neighbours is not None else None
     best = None
     for r in range(int(nredo)):
         gen = torch.Generator(device="cpu").manual_seed(int(seed) + r)
-        init, init_assign = kmeanspp(xc, k, gen, x_aug=x_aug, return_assign=True, neighbours=neighbours)
-        c, a, it = _lloyd(xc, x_aug, k, gen, niter, tol, dtype, chunk, init, init_assign)
+        init, init_assign = kmeanspp(xc, k, gen, x_aug=x_aug, return_assign=True, neighbours=lists)
+        c, a, it = _lloyd(xc, x_aug, k, gen, niter, tol, dtype, chunk, init, init_assign, lists)
         cost = _inertia(xc, c, a) if nredo > 1 else 0.0
         if best is None or cost < best[0]:
             best = (cost, c, a, it)
