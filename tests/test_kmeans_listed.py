@@ -179,3 +179,20 @@ def test_evaluate_hands_the_symmetric_search_lists_to_kmeans(monkeypatch):
     assert calls["n"] == 0
     assert with_lists["nmi"] == pytest.approx(without["nmi"], abs=0.02)
     assert with_lists["map@r"] == pytest.approx(without["map@r"], abs=1e-9)
+
+
+def test_points_with_more_candidates_than_kept_take_the_full_product(monkeypatch):
+    x, y = _data(8, sep=6.0)
+    k = 120
+    xc = x - x.mean(0, keepdim=True)
+    prev = _prev(y, k, 9, 0.0)
+    c = _centroids(xc, prev, k)
+    monkeypatch.setattr(km, "LOOSE_CLUSTERS", 4)
+    monkeypatch.setattr(km, "CANDIDATES", 2)
+    lists = _lists(xc, 16, 0.999)
+    got, full_rows = _listed(xc, c, prev, lists, monkeypatch)
+    assert torch.equal(got, _brute(xc, c))
+    usable = lists[1] < lists[2][:, None]
+    named = torch.cat([torch.where(usable, prev[lists[0]], prev[:, None]), prev[:, None]], dim=1)
+    many = sum(int(torch.unique(row).numel() > 2) for row in named)
+    assert 0 < many <= full_rows

@@ -61,6 +61,7 @@ GATHER_BELOW = 0.75
 # candidate product.
 LOOSE_CLUSTERS = 1024
 CANDIDATE_ROWS = 4096
+CANDIDATES = 16
 KMEANS_BACKENDS = ("auto", "torch", "faiss")
 
 
@@ -392,16 +393,23 @@ def _assign_listed(xc: torch.Tensor, x_aug: torch.Tensor, centroids: torch.Tenso
     xn = (xc * xc).sum(1)
     d_loose = xn - 2.0 * lscore.float()
     a_loose = loose[lbest]
-    # candidates: the clusters of the usable list entries, and the point's own (padding repeats it)
+    # candidates: the clusters of the usable list entries and the point's own, each once (padding repeats the
+    # own cluster); a point with more than CANDIDATES distinct ones goes to the full product
     cand = torch.where(lists.fwd_idx >= 0, prev[lists.fwd_idx.clamp_min(0)], prev[:, None])
-    cand = torch.cat([cand, prev[:, None]], dim=1)
+    cand = torch.sort(torch.cat([cand, prev[:, None]], dim=1), dim=1).values
+    dup = torch.zeros_like(cand, dtype=torch.bool)
+    dup[:, 1:] = cand[:, 1:] == cand[:, :-1]
+    too_many = (~dup).sum(1) > CANDIDATES
+    cand = torch.sort(torch.where(dup, k, cand), dim=1).values[:, :CANDIDATES]
+    cand = torch.where(cand == k, prev[:, None], cand)
     cn = (centroids * centroids).sum(1)
     best = torch.empty(n, dtype=torch.int64, device=dev)
     d_best = torch.empty(n, device=dev)
     big = torch.iinfo(torch.int64).max
     for s in range(0, n, CANDIDATE_ROWS):
         c = cand[s : s + CANDIDATE_ROWS]
-        dots = torch.bmm(centroids[c], xc[s : s + CANDIDATE_ROWS, :, None]).squeeze(2)
+        gathered = centroids.index_select(0, c.reshape(-1)).view(c.shape[0], c.shape[1], -1)
+        dots = torch.bmm(gathered, xc[s : s + CANDIDATE_ROWS, :, None]).squeeze(2)
         dist = cn[c] - 2.0 * dots + xn[s : s + CANDIDATE_ROWS, None]
         d_min = dist.min(dim=1).values
         j = torch.where(dist == d_min[:, None], c, torch.full_like(c, big)).min(dim=1).values
@@ -411,7 +419,7 @@ def _assign_listed(xc: torch.Tensor, x_aug: torch.Tensor, centroids: torch.Tenso
         d_best[s : s + CANDIDATE_ROWS] = torch.minimum(dl, d_min)
     bound = lists.bound
     margin = 1e-3 * (bound.abs().nan_to_num(posinf=0.0, neginf=0.0) + abs(tau) + xn) + 1e-30
-    unsure = (~(d_best < bound - tau - margin)).nonzero().ravel()
+    unsure = (~(d_best < bound - tau - margin) | too_many).nonzero().ravel()
     if unsure.numel():
         best[unsure] = _assign(x_aug[unsure], centroids, dtype, chunk)
     return best
