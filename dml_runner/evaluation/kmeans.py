@@ -443,7 +443,8 @@ def kmeans(
     from seeds ``seed``, ``seed + 1``, ...; the one with the lowest sum of squared distances is kept. ``tol``: stop
     when at most this fraction of points changes cluster (0: only at a fixed point). k is clipped to n.
     ``neighbours``: ``(idx, d2, bound)`` neighbour lists of the rows of ``x`` (:func:`kmeanspp`): the seeding
-    multiplies only the points whose list holds no seed yet (same seeds and first assignment up to rounding).
+    multiplies only the points whose list holds no seed yet (same seeds and first assignment up to rounding), and
+    Lloyd's assignments come from :func:`_assign_listed` (the full product's assignment, from a fraction of it).
     """
     if backend not in KMEANS_BACKENDS:
         raise ValueError(f"unknown k-means backend {backend!r}; use one of {', '.join(KMEANS_BACKENDS)}")
