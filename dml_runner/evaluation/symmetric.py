@@ -16,9 +16,12 @@ the search does half the multiply-adds of a row-by-row search. Results are certi
 - MAP@R / R-Precision: a per-query running top-k of M (queries with R >= 2; their first R + ``slack`` entries
   count), filled from the row blocks and the column blocks: the diagonal blocks seed it (top-k within the block),
   then every later block lists only the items above both the query's current (R + slack)-th value and its lowest
-  positive score minus e (the R positives all score at least that, so the R-th best score does too). At the end the first R + slack are recomputed in float64, ordered exactly
-  and certified (the R-th exact score must beat the bound on everything left out); a row that fails is searched in
-  float64 against all items. Queries whose nearest positive ranks >= R need no top-k (closed form).
+  positive score minus e (the R positives all score at least that, so the R-th best score does too). At the end
+  the first R + slack are recomputed in float64, ordered exactly and certified (the R-th exact score must beat the
+  bound on everything left out, the items under the floor included); a row that fails is searched in float64
+  against all items. Queries whose nearest positive ranks >= R need no top-k (closed form).
+- The top-k also serves k-means: ``RetrievalStats.neighbours`` hands it out with each row's bound (every item
+  missing from the row scores at most that).
 """
 
 from __future__ import annotations
