@@ -16,6 +16,24 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules (fixtures, oracles)
 
 
+TEST_SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def seeded_rngs():
+    """Every test starts from the same state of Python's, numpy's and torch's global generators, so what a test
+    draws without its own seed does not depend on which tests ran before it in this process."""
+    import random
+
+    import numpy as np
+
+    random.seed(TEST_SEED)
+    np.random.seed(TEST_SEED)
+    if "torch" in sys.modules:  # tests that never import torch don't pay for it
+        sys.modules["torch"].manual_seed(TEST_SEED)
+    yield
+
+
 @pytest.fixture
 def compose_cfg():
     """compose_cfg(*overrides) -> DictConfig composed from the real conf/ tree."""

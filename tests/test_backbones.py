@@ -251,7 +251,14 @@ def test_random_init_is_recorded():
 @pytest.mark.parametrize("name", TORCHVISION_CONFIGS)
 def test_torchvisions_own_random_init_collapses_the_features(name):
     """The check that the hub cache's weights pass fails with torchvision's init: GoogLeNet's pooled features
-    vanish in eval mode (about 1e-11), ResNets' pooled features of different images have cosines above 0.96."""
+    vanish in eval mode (about 1e-11), ResNets' pooled features of different images have cosines above 0.95.
+
+    The init is drawn from a fixed seed. Measured with seeds 0-5 (OMP_NUM_THREADS=1): GoogLeNet's feature RMS is
+    3e-12 to 5e-12 (the check wants > 0.05); ResNet-50's and ResNet-101's smallest feature cosines are 0.993 and
+    0.9995 or more; ResNet-18's is the closest call, 0.955-0.964 over those seeds (0.9596 at seed 0, 0.0096 above
+    the 0.95 threshold, against float differences between CPU types of about 1e-6). Unseeded, the draw depended on
+    the tests that ran before it, and one such draw fell below the threshold."""
+    torch.manual_seed(0)
     model = torchvision_backbone(OmegaConf.load(CONF / f"{name}.yaml").arch, embedding_dim=128)
     assert not images_kept_apart(model), spread(model)
 
