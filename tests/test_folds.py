@@ -1,0 +1,65 @@
+"""Class-disjoint folds of the training classes: a partition, seeded, recorded, and refused when impossible."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dml_runner import DMLRunnerError
+from dml_runner.datasets.base import DatasetSplits, TensorLabelledDataset
+from dml_runner.datasets.folds import check_folds, class_folds, with_validation_fold
+
+
+def splits(train_classes=range(20), test_classes=range(100, 110), per_class=3) -> DatasetSplits:
+    def part(classes, name):
+        labels = np.repeat(np.array(list(classes)), per_class)
+        return TensorLabelledDataset(torch.zeros(labels.size, 1, 2, 2), labels, name=name,
+                                     class_names={int(c): f"class_{c}" for c in classes})
+    return DatasetSplits(name="toy", train=part(train_classes, "train"), test=part(test_classes, "test"))
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 7])
+def test_folds_partition_the_training_classes(k):
+    data = splits()
+    folds = class_folds(data.train.labels, k, seed=5)
+    every = np.concatenate(folds)
+    assert sorted(every.tolist()) == list(range(20))  # each class in exactly one fold
+    assert max(f.size for f in folds) - min(f.size for f in folds) <= 1
+    seen = []
+    for i in range(k):
+        s = with_validation_fold(splits(), k, i, seed=5)
+        val, train = set(np.unique(s.val.labels)), set(np.unique(s.train.labels))
+        assert val == set(folds[i].tolist()) and not (val & train) and val | train == set(range(20))
+        assert not val & set(range(100, 110))  # no test class in any fold
+        assert s.info["val_classes"] == [f"class_{c}" for c in folds[i]]
+        assert s.info["val_images"] == len(s.val) == 3 * folds[i].size and s.info["fold"] == i
+        seen.extend(sorted(val))
+    assert sorted(seen) == list(range(20))
+
+
+def test_folds_are_seeded_by_the_fold_seed_only():
+    labels = splits().train.labels
+    same = [np.concatenate(class_folds(labels, 4, seed=1)) for _ in range(2)]
+    np.testing.assert_array_equal(*same)
+    assert not np.array_equal(same[0], np.concatenate(class_folds(labels, 4, seed=2)))
+
+
+@pytest.mark.parametrize("folds,fold,classes,fraction,message", [
+    (1, 0, 20, 0.0, "K >= 2"),
+    (4, 4, 20, 0.0, "0 to 3"),
+    (4, -1, 20, 0.0, "0 to 3"),
+    (4, 0, 20, 0.2, "val_fraction"),
+    (6, 0, 10, 0.0, "at least 2"),
+])
+def test_impossible_folds_are_refused_in_one_line(folds, fold, classes, fraction, message):
+    with pytest.raises(DMLRunnerError, match=message) as err:
+        check_folds(folds, fold, classes, fraction)
+    assert "\n" not in str(err.value)
+
+
+def test_an_existing_validation_split_is_not_silently_replaced():
+    data = splits()
+    with_validation_fold(data, 2, 0, seed=0)
+    with pytest.raises(DMLRunnerError, match="already has a validation split"):
+        with_validation_fold(data, 2, 1, seed=0)
