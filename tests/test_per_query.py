@@ -75,3 +75,47 @@ def test_means_are_the_reported_metrics():
     reported = evaluate(emb, labels, recall_at=(1, 2), metrics=("recall", "map_at_r", "r_precision"))
     for key in ("recall@1", "recall@2", "map@r", "r_precision"):
         assert got[key] == pytest.approx(reported[key], abs=1e-12), key
+
+
+def test_top_k_values_follow_open_metric_learnings_definitions():
+    """precision@K = hits in the top K / min(K, n); MAP@K = (1/n_K) sum_{i<=K} (n_i / i) g_i (0 when n_K = 0)."""
+    from dml_runner.evaluation.per_query import top_k_values
+
+    emb, labels = data(4, n=100, classes=9, ties=True)
+    ks = (1, 3, 5, 20)
+    got = top_k_values(emb, labels, ks, chunk_size=7)  # chunks smaller than the data: every chunk boundary counts
+    n = len(labels)
+    scored = []
+    want = {f"{m}@{k}": [] for m in ("precision", "map") for k in ks}
+    for q in range(n):
+        cand = np.array([j for j in range(n) if j != q])
+        d = ((emb[cand].astype(np.float64) - emb[q]) ** 2).sum(axis=1)
+        g = (labels[cand[np.lexsort((cand, d))]] == labels[q]).astype(float)
+        positives = int(g.sum())
+        if positives == 0:
+            continue
+        scored.append(q)
+        for k in ks:
+            want[f"precision@{k}"].append(g[:k].sum() / min(k, positives))
+            n_i = np.cumsum(g[:k])
+            want[f"map@{k}"].append(0.0 if n_i[-1] == 0 else float((n_i / np.arange(1, k + 1) * g[:k]).sum() / n_i[-1]))
+    np.testing.assert_array_equal(got.queries, scored)
+    for key, values in want.items():
+        np.testing.assert_allclose(got.values[key], values, rtol=0, atol=1e-12, err_msg=key)
+
+
+def test_per_class_breakdown_is_the_mean_over_each_class_worst_first():
+    from dml_runner.evaluation.per_query import per_class
+
+    emb, labels = data(5, n=150, classes=6)
+    pq = per_query_values(emb, labels, recall_at=(1,))
+    names = np.array([f"c{v}" for v in labels])
+    rows = per_class(pq, labels, names)
+    lab = labels[pq.queries]
+    assert [r["recall@1"] for r in rows] == sorted(r["recall@1"] for r in rows)
+    assert sum(r["queries"] for r in rows) == pq.queries.size
+    for r in rows:
+        members = lab == r["label"]
+        assert r["class"] == f"c{r['label']}" and r["queries"] == int(members.sum())
+        assert r["map@r"] == pytest.approx(pq.values["map@r"][members].mean(), abs=1e-12)
+        assert r["recall@1"] == pytest.approx(pq.values["recall@1"][members].mean(), abs=1e-12)

@@ -1,4 +1,5 @@
-"""Per-query retrieval values: each scored query's Recall@K hit, MAP@R, R-Precision and reciprocal rank.
+"""Per-query retrieval values: each scored query's Recall@K hit, MAP@R, R-Precision and reciprocal rank; on request,
+precision@K and MAP@K from the ordered top K (:func:`top_k_values`), and a per-class breakdown.
 
 The means of these arrays are the metrics :func:`dml_runner.evaluation.evaluate` reports; the arrays themselves are
 what a paired comparison of two models on the same queries resamples (:mod:`dml_runner.evaluation.bootstrap`).
@@ -17,7 +18,7 @@ import numpy as np
 
 from dml_runner.devices import resolve_device
 from dml_runner.evaluation._validation import check_embeddings_labels, check_mask, check_recall_at
-from dml_runner.evaluation.retrieval import exact_retrieval
+from dml_runner.evaluation.retrieval import exact_retrieval, ordered_topk
 
 
 @dataclass
@@ -34,33 +35,41 @@ class PerQuery:
         return {k: float(v.mean()) if v.size else float("nan") for k, v in self.values.items()}
 
 
+def _split(emb: np.ndarray, lab: np.ndarray, query_mask: np.ndarray | None,
+           gallery_mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Query and gallery item indices and each query's gallery position (-1: not in the gallery)."""
+    n = emb.shape[0]
+    qmask, gmask = check_mask(query_mask, n, "query_mask"), check_mask(gallery_mask, n, "gallery_mask")
+    if (qmask is None) != (gmask is None):
+        raise ValueError("give both query_mask and gallery_mask, or neither (leave-one-out)")
+    if qmask is None:
+        return np.arange(n), np.arange(n), np.arange(n)
+    q_idx, g_idx = np.flatnonzero(qmask), np.flatnonzero(gmask)
+    pos_in_gallery = np.full(n, -1, dtype=np.int64)
+    pos_in_gallery[g_idx] = np.arange(g_idx.size)
+    return q_idx, g_idx, pos_in_gallery[q_idx]
+
+
+def _positives(lab: np.ndarray, q_idx: np.ndarray, g_idx: np.ndarray, self_index: np.ndarray) -> np.ndarray:
+    """Each query's number of positives in its searchable set (its gallery class members other than itself)."""
+    classes, counts = np.unique(lab[g_idx], return_counts=True)
+    at = np.clip(np.searchsorted(classes, lab[q_idx]), 0, classes.size - 1)
+    known = classes[at] == lab[q_idx]
+    return np.where(known, counts[at], 0) - ((self_index >= 0) & known)
+
+
 def per_query_values(embeddings: np.ndarray, labels: np.ndarray, *, recall_at: Sequence[int] = (1, 2, 4, 8),
                      query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None,
                      device: str = "cpu", chunk_size: int = 4096) -> PerQuery:
     """Leave-one-out over all items without masks; otherwise ``query_mask`` items against ``gallery_mask`` items
     (an item in both is excluded from its own results), as :func:`dml_runner.evaluation.evaluate`."""
     emb, lab = check_embeddings_labels(embeddings, labels)
-    n = emb.shape[0]
     ks = check_recall_at(recall_at)
-    qmask, gmask = check_mask(query_mask, n, "query_mask"), check_mask(gallery_mask, n, "gallery_mask")
-    if (qmask is None) != (gmask is None):
-        raise ValueError("give both query_mask and gallery_mask, or neither (leave-one-out)")
-    if qmask is None:
-        q_idx = g_idx = np.arange(n)
-        self_index = np.arange(n)
-    else:
-        q_idx, g_idx = np.flatnonzero(qmask), np.flatnonzero(gmask)
-        pos_in_gallery = np.full(n, -1, dtype=np.int64)
-        pos_in_gallery[g_idx] = np.arange(g_idx.size)
-        self_index = pos_in_gallery[q_idx]
+    q_idx, g_idx, self_index = _split(emb, lab, query_mask, gallery_mask)
     stats = exact_retrieval(emb[q_idx], lab[q_idx], emb[g_idx], lab[g_idx], self_index, need_ranking=True,
                             device=resolve_device(device, option="device"), chunk_size=chunk_size)
     # the scored queries, in the order the search returns them: those with a positive besides themselves
-    classes, counts = np.unique(lab[g_idx], return_counts=True)
-    at = np.clip(np.searchsorted(classes, lab[q_idx]), 0, classes.size - 1)
-    known = classes[at] == lab[q_idx]
-    positives = np.where(known, counts[at], 0) - ((self_index >= 0) & known)
-    scored = q_idx[positives > 0]
+    scored = q_idx[_positives(lab, q_idx, g_idx, self_index) > 0]
     assert scored.size == stats.first_rank.size
     values = {f"recall@{k}": (stats.first_rank < k).astype(np.float64) for k in ks}
     values["map@r"] = stats.map_at_r.astype(np.float64)
@@ -69,4 +78,69 @@ def per_query_values(embeddings: np.ndarray, labels: np.ndarray, *, recall_at: S
     return PerQuery(queries=scored, values=values, num_without_positive=stats.num_without_positive)
 
 
-__all__ = ["PerQuery", "per_query_values"]
+def top_k_values(embeddings: np.ndarray, labels: np.ndarray, ks: Sequence[int], *,
+                 query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None,
+                 device: str = "cpu", chunk_size: int = 1024) -> PerQuery:
+    """``precision@K`` and ``map@K`` of each scored query, as open-metric-learning defines them.
+
+    With g_i = 1 when the i-th nearest gallery item (ties by gallery index) shares the query's class, n the number
+    of positives and n_i = g_1 + ... + g_i: precision@K = (g_1 + ... + g_K) / min(K, n), so a query with fewer than
+    K positives can still score 1; MAP@K = (1 / n_K) sum_{i<=K} (n_i / i) g_i, and 0 when n_K = 0. The top max(K)
+    items of each query come from the exact float32 search in chunks of ``chunk_size`` queries.
+    """
+    emb, lab = check_embeddings_labels(embeddings, labels)
+    ks = check_recall_at(ks)
+    q_idx, g_idx, self_index = _split(emb, lab, query_mask, gallery_mask)
+    positives = _positives(lab, q_idx, g_idx, self_index)
+    keep = positives > 0
+    q_idx, self_index, positives = q_idx[keep], self_index[keep], positives[keep]
+    dev = resolve_device(device, option="device")
+    import torch
+
+    g = torch.as_tensor(emb[g_idx], device=dev)
+    gn = (g * g).sum(dim=1)
+    k_max = min(max(ks), g_idx.size - 1)
+    rel_rows = []
+    for s in range(0, q_idx.size, chunk_size):
+        rows = slice(s, s + chunk_size)
+        q = torch.as_tensor(emb[q_idx[rows]], device=dev)
+        dist = torch.addmm(gn[None, :], q, g.T, beta=1.0, alpha=-2.0)
+        own = torch.as_tensor(self_index[rows], device=dev)
+        has = (own >= 0).nonzero().ravel()
+        dist[has, own[has]] = float("inf")
+        top = ordered_topk(dist, k_max).cpu().numpy()
+        rel_rows.append(lab[g_idx][top] == lab[q_idx[rows]][:, None])
+    rel = np.concatenate(rel_rows) if rel_rows else np.zeros((0, k_max), dtype=bool)
+    found = np.cumsum(rel, axis=1)  # n_i
+    values = {}
+    for k in ks:
+        kk = min(k, k_max)
+        values[f"precision@{k}"] = found[:, kk - 1] / np.minimum(k, positives)
+        terms = (found[:, :kk] / np.arange(1, kk + 1)) * rel[:, :kk]
+        n_k = found[:, kk - 1]
+        values[f"map@{k}"] = np.where(n_k > 0, terms.sum(axis=1) / np.maximum(n_k, 1), 0.0)
+    return PerQuery(queries=q_idx, values=values, num_without_positive=int((~keep).sum()))
+
+
+def per_class(per_query: PerQuery, labels: np.ndarray, class_names: np.ndarray | None = None) -> list[dict]:
+    """One record per class of the scored queries: its query count and the mean of each per-query value, worst
+    first by the first value (``recall@K`` before ``map@r`` when both are there), then by class."""
+    lab = np.asarray(labels)[per_query.queries]
+    names = None if class_names is None else np.asarray(class_names)[per_query.queries]
+    classes, inverse, counts = np.unique(lab, return_inverse=True, return_counts=True)
+    means = {key: np.bincount(inverse, weights=values, minlength=classes.size) / counts
+             for key, values in per_query.values.items()}
+    first = np.zeros(classes.size, dtype=np.int64)
+    first[inverse[::-1]] = np.arange(inverse.size)[::-1]  # a query of each class, for its name
+    rows = []
+    for c, cls in enumerate(classes):
+        row = {"class": str(names[first[c]]) if names is not None else str(cls), "label": int(cls),
+               "queries": int(counts[c])}
+        row.update({key: float(m[c]) for key, m in means.items()})
+        rows.append(row)
+    order = [k for k in per_query.values if k.startswith("recall@")][:1] + \
+        [k for k in ("map@r",) if k in per_query.values]
+    return sorted(rows, key=lambda r: (*(r[k] for k in order), r["label"]))
+
+
+__all__ = ["PerQuery", "per_class", "per_query_values", "top_k_values"]
