@@ -92,3 +92,17 @@ def test_seed_variance_widens_the_interval():
 def test_bad_inputs_are_named(a, b, match):
     with pytest.raises(ValueError, match=match):
         paired_difference(a, b)
+
+
+def test_one_sides_interval_matches_plain_resampling():
+    from dml_runner.evaluation.bootstrap import mean_interval
+
+    rng = np.random.default_rng(9)
+    x = hits(rng, 3, 250, rng.uniform(0.3, 0.9, size=250))
+    value, low, high = mean_interval(x, samples=4000, seed=2)
+    assert value == pytest.approx(x.mean()) and low < value < high
+    # plain resampling: a zero side A gives draws of B's mean
+    plain = plain_bootstrap(np.zeros((1, 250)), x, 4000, seed=3)
+    ref_low, ref_high = np.quantile(plain, [0.025, 0.975])
+    width = ref_high - ref_low  # measured: both ends within 3.3% of the width; allowed 10%
+    assert abs(low - ref_low) < 0.1 * width and abs(high - ref_high) < 0.1 * width

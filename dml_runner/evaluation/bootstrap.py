@@ -59,40 +59,59 @@ def _as_runs(values: np.ndarray, side: str) -> np.ndarray:
     return x
 
 
-def sampled_differences(a: np.ndarray, b: np.ndarray, *, samples: int = DEFAULT_SAMPLES, seed: int = 0,
-                        batch: int = 256) -> np.ndarray:
+def _resampled_means(sides: list[np.ndarray], samples: int, seed: int, batch: int = 256) -> list[np.ndarray]:
+    """``samples`` bootstrap draws of each side's mean: one query draw shared by all sides (paired), and each
+    side's runs drawn with replacement on their own."""
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1; got {samples}")
+    rng = np.random.default_rng(seed)
+    q = sides[0].shape[1]
+    uniform = np.full(q, 1.0 / q)
+    out = [np.empty(samples, dtype=np.float64) for _ in sides]
+    for start in range(0, samples, batch):
+        n = min(batch, samples - start)
+        weights = rng.multinomial(q, uniform, size=n).astype(np.float64) / q  # (n, Q): each row sums to 1
+        rows = np.arange(n)[:, None]
+        for x, dest in zip(sides, out):
+            per_run = weights @ x.T  # (n, runs): each run's mean over the drawn queries
+            pick = rng.integers(0, x.shape[0], size=(n, x.shape[0]))
+            dest[start:start + n] = per_run[rows, pick].mean(axis=1)
+    return out
+
+
+def sampled_differences(a: np.ndarray, b: np.ndarray, *, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> np.ndarray:
     """``samples`` bootstrap draws of mean(B) - mean(A) (see the module docstring); a: (runs_a, Q), b: (runs_b, Q)."""
     a, b = _as_runs(a, "A"), _as_runs(b, "B")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"the two sides have different numbers of queries ({a.shape[1]} vs {b.shape[1]})")
-    if samples < 1:
-        raise ValueError(f"samples must be >= 1; got {samples}")
-    rng = np.random.default_rng(seed)
-    q = a.shape[1]
-    uniform = np.full(q, 1.0 / q)
-    out = np.empty(samples, dtype=np.float64)
-    for start in range(0, samples, batch):
-        n = min(batch, samples - start)
-        weights = rng.multinomial(q, uniform, size=n).astype(np.float64) / q  # (n, Q): each row sums to 1
-        per_run_a = weights @ a.T  # (n, runs_a): each run's mean over the drawn queries
-        per_run_b = weights @ b.T
-        pick_a = rng.integers(0, a.shape[0], size=(n, a.shape[0]))
-        pick_b = rng.integers(0, b.shape[0], size=(n, b.shape[0]))
-        rows = np.arange(n)[:, None]
-        out[start:start + n] = per_run_b[rows, pick_b].mean(axis=1) - per_run_a[rows, pick_a].mean(axis=1)
-    return out
+    mean_a, mean_b = _resampled_means([a, b], samples, seed)
+    return mean_b - mean_a
+
+
+def _percentiles(draws: np.ndarray, level: float) -> tuple[float, float]:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(draws, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def mean_interval(values: np.ndarray, *, samples: int = DEFAULT_SAMPLES, level: float = DEFAULT_LEVEL,
+                  seed: int = 0) -> tuple[float, float, float]:
+    """One side's value (mean over runs of the mean over queries) and its bootstrap interval, runs and queries
+    resampled as for a difference."""
+    x = _as_runs(values, "values")
+    low, high = _percentiles(_resampled_means([x], samples, seed)[0], level)
+    return float(x.mean(axis=1).mean()), low, high
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, *, samples: int = DEFAULT_SAMPLES, level: float = DEFAULT_LEVEL,
                       seed: int = 0) -> Difference:
     """Point values of A and B, B - A, its percentile bootstrap interval at ``level`` and P(B better)."""
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1); got {level}")
     a, b = _as_runs(a, "A"), _as_runs(b, "B")
     diffs = sampled_differences(a, b, samples=samples, seed=seed)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(diffs, [tail, 1.0 - tail])
+    low, high = _percentiles(diffs, level)
     va, vb = float(a.mean(axis=1).mean()), float(b.mean(axis=1).mean())
-    return Difference(a=va, b=vb, difference=vb - va, ci_low=float(low), ci_high=float(high),
+    return Difference(a=va, b=vb, difference=vb - va, ci_low=low, ci_high=high,
                       p_b_better=float(np.mean(diffs > 0.0)), level=level, samples=samples, runs_a=a.shape[0],
                       runs_b=b.shape[0], queries=a.shape[1])
