@@ -1,6 +1,6 @@
 """``dml-export RUN --format torchscript|onnx``: the trained embedding model as a TorchScript or ONNX file.
 
-The exported model is the run's backbone and embedding head in eval mode (:func:`dml_runner.embed.load_trained`),
+The exported model is the run's backbone and embedding head in eval mode (:func:`dml_runner.trained.load_trained`),
 normalised as the run evaluates: input a float32 batch ``(N, C, H, W)`` as the run's test transform makes it from an
 image, output the ``(N, D)`` embeddings. After writing, the file is loaded back (``torch.jit.load``, ONNX Runtime)
 and its embeddings of a few images (``--images``, else random images through the test transform) are compared with
@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from dml_runner import DMLRunnerError
-from dml_runner.embed import TrainedModel, add_common_arguments, image_files, load_trained, output_path
+from dml_runner.cli.embed import add_common_arguments, output_path
+from dml_runner.trained import TrainedModel, image_files, load_trained
 
 FORMATS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
 ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")

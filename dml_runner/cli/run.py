@@ -1,4 +1,7 @@
-"""`dml-run`: the Hydra entry point (train + evaluate). Thin on purpose: the work is in :func:`dml_runner.run.run`."""
+"""`dml-run`: the Hydra entry point (train + evaluate). Thin on purpose: the work is in :func:`dml_runner.run.run`.
+
+It is the one ``@hydra.main`` of the package; ``python -m dml_runner`` (what torchrun launches) runs it too.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def interrupt_message(stop: Any) -> str:
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def app(cfg: DictConfig) -> float | None:
     from dml_runner.run import format_results_table, run, write_failure
-    from dml_runner.trainer import RunInterrupted
+    from dml_runner.training.trainer import RunInterrupted
 
     meta = _hydra_meta()
     out_dir = Path(meta["output_dir"])
@@ -140,7 +143,7 @@ def main() -> None:
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
         print(format_help())
         return
-    from dml_runner import callbacks
+    from dml_runner.training import callbacks
 
     app()
     if callbacks.FAILED_JOBS:  # a sweep with failed jobs (listed by the sweep summary) is not a success

@@ -1,7 +1,7 @@
 """``dml-search RUN QUERY... --index embeddings.npz``: nearest neighbours of query images among embedded images.
 
 The queries (image files, or folders of images) are embedded with the run's model and test transform
-(:mod:`dml_runner.embed`); the index is an ``embeddings.npz`` with ``paths`` (written by ``dml-embed`` or by a run)
+(:mod:`dml_runner.trained`); the index is an ``embeddings.npz`` with ``paths`` (written by ``dml-embed`` or by a run)
 embedded by the same model. Prints the top-k paths with their Euclidean distances and writes the retrieval grid as a
 PNG: one row per query, its top-k framed green (same class as the query), red (another class) or grey (the query's
 class is unknown: it is not in a sub-folder named like a class of the index). See docs/USING.md.
@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 
 from dml_runner import DMLRunnerError
-from dml_runner.embed import TrainedModel, add_common_arguments, image_files, load_trained, output_path
+from dml_runner.cli.embed import add_common_arguments, output_path
+from dml_runner.trained import TrainedModel, image_files, load_trained
 
 
 def load_index(path: str | Path) -> dict[str, np.ndarray]:
     """The arrays of an embeddings.npz that has ``paths`` (one-line errors otherwise)."""
-    from dml_runner.eval_cli import InputError, load_npz
+    from dml_runner.cli.eval import InputError, load_npz
 
     try:
         arrays = load_npz(str(path))

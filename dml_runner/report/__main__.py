@@ -2,6 +2,6 @@
 
 import sys
 
-from dml_runner.report import main
+from dml_runner.cli.report import main
 
 sys.exit(main())
