@@ -136,7 +136,7 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
     interruption and the command that resumes the run (the checkpoint of the last completed epoch is kept).
     Any exception carries ``run_dir``: the directory the run wrote to (a resumed run writes to the original one).
     """
-    from dml_runner.training.distributed import dist_info_from_env
+    from dml_runner.distributed import dist_info_from_env
     from dml_runner.training.trainer import RunInterrupted
 
     where = {"out_dir": Path(out_dir)}
@@ -155,7 +155,7 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
 
 def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, where: dict[str, Path]) -> dict[str, Any]:
     from dml_runner.devices import resolve_device, seed_everything
-    from dml_runner.training.distributed import dist_info_from_env
+    from dml_runner.distributed import dist_info_from_env
     from dml_runner.training.trainer import Trainer
 
     started = time.time()

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dml_runner.backbones import torchvision_backbone
-from dml_runner.training.distributed import gather_global_batch
+from dml_runner.distributed import gather_global_batch
 from dml_runner.losses.contrastive import ContrastiveLoss
 from dml_runner.methods.base import TaskModule
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from dml_runner import DMLRunnerError
-from dml_runner.training.distributed import DistInfo, ShardedBatchSampler, dist_info_from_env
+from dml_runner.distributed import DistInfo, ShardedBatchSampler, dist_info_from_env
 
 STEPS = 3
 
@@ -187,7 +187,7 @@ def test_sync_batchnorm_is_refused_on_the_cpu(two_ranks):
 
 def test_one_process_has_no_ddp_and_no_sync_batchnorm(tmp_path):
     from dml_runner.backbones.small_cnn import small_cnn
-    from dml_runner.training.distributed import convert_sync_batchnorm, gather_global_batch
+    from dml_runner.distributed import convert_sync_batchnorm, gather_global_batch
 
     trainer = _scenario("standard", DistInfo(), tmp_path, sync_bn=True)  # nothing to synchronise
     assert type(trainer.method.task).__name__ == "TaskModule"

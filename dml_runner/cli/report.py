@@ -62,3 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           + (f" (open {Path(args.out) / 'index.html'})" if args.html else "")
           + (f"; {len(result['failed'])} failed run(s) listed separately" if result["failed"] else ""))
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dml_runner import DMLRunnerError
-from dml_runner.training.distributed import DistInfo
+from dml_runner.distributed import DistInfo
 
 
 @dataclass

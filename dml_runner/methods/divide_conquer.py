@@ -28,7 +28,7 @@ from torch import nn
 
 from dml_runner import DMLRunnerError
 from dml_runner.backbones.head import init_sliced_xavier_normal_
-from dml_runner.training.distributed import broadcast_from_main
+from dml_runner.distributed import broadcast_from_main
 from dml_runner.evaluation.kmeans import kmeans
 from dml_runner.methods.base import TrainContext
 from dml_runner.methods.standard import StandardMethod

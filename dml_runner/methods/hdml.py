@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from dml_runner import DMLRunnerError
-from dml_runner.training.distributed import any_rank
+from dml_runner.distributed import any_rank
 from dml_runner.losses.hdml import TF_BN, HDMLLoss
 from dml_runner.methods.base import Method, TrainContext, param_groups
 from dml_runner.methods.feature_cache import FeatureCache, require_frozen_trunk, trunk_is_frozen

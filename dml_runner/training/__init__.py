@@ -1,1 +1,1 @@
-"""The training engine: the Trainer, its Checkpointer, data parallelism and the sweep callback."""
+"""The training engine: the Trainer, its Checkpointer and the sweep callback."""

@@ -3,7 +3,7 @@
 Plain PyTorch; :mod:`dml_runner.run` builds the objects from the config and calls :func:`fit`. Checkpoints are the
 :class:`~dml_runner.training.checkpoint.Checkpointer`'s, seeds come from :mod:`dml_runner.devices`. Under torchrun the
 method's task module runs in DistributedDataParallel and its loss sees the gathered global batch
-(:mod:`dml_runner.training.distributed`); evaluation and every file are rank 0's.
+(:mod:`dml_runner.distributed`); evaluation and every file are rank 0's.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dml_runner.loggers import CSVLogger
 from dml_runner.methods.base import Method, TrainContext
 from dml_runner.rundir import EMBEDDINGS, write_embeddings
 from dml_runner.training.checkpoint import Checkpointer
-from dml_runner.training.distributed import (DistInfo, ShardedBatchSampler, broadcast_module, convert_sync_batchnorm,
+from dml_runner.distributed import (DistInfo, ShardedBatchSampler, broadcast_module, convert_sync_batchnorm,
                                              data_parallel, gather_global_batch, init_distributed)
 
 log = logging.getLogger(__name__)
