@@ -26,7 +26,7 @@ from dml_runner import DMLRunnerError, __version__, rundir
 from dml_runner.build import build_evaluate, build_loss, build_model, build_scheduler, instantiate, sampler_factory
 from dml_runner.config import (default_choices, eval_settings, resume_free_keys, to_container, trainer_settings,
                                validate_config)
-from dml_runner.training.checkpoint import checkpoint_epoch, find_resume_checkpoint, load_checkpoint
+from dml_runner.training.checkpoint import checkpoint_epoch, resume_point
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,7 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
     dist_info = dist_info_from_env()
     config = to_container(cfg)
     free = resume_free_keys(cfg)
-    resume_path = find_resume_checkpoint(settings.resume, out_dir, config, Path(cfg.paths.output_dir), free)
-    resume_state = load_checkpoint(resume_path, config, free) if resume_path else None
+    resume_path, resume_state = resume_point(settings.resume, out_dir, config, Path(cfg.paths.output_dir), free)
     if resume_path is None and any((out_dir / name).exists() for name in (rundir.LAST, rundir.BEST, rundir.RESULTS)):
         # never overwrite what an earlier run in this directory trained or measured
         raise DMLRunnerError(f"{out_dir} already holds a run (checkpoints or results.json); continue it with "

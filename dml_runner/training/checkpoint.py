@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -45,32 +45,30 @@ def build_checkpoint(*, epoch: int, model: dict[str, Any], loss: dict[str, Any],
 class Checkpointer:
     """Saves a run's ``last.pt`` (every completed epoch) and ``best.pt`` (each new best on the selection split).
 
-    It holds the model, loss and method whose state it saves and the run's config; ``enabled`` is false when the run
-    keeps no checkpoints (``trainer.save_checkpoints=false``) or on a rank other than 0. :attr:`epoch` is the epoch
+    ``enabled`` is false when the run keeps no checkpoints (``trainer.save_checkpoints=false``) or on a rank other
+    than 0. ``state`` is called only when a file is written: it returns the trained state (the model's, the loss's
+    and the method's state dicts, the history, the best epoch and the evaluation progress: the keyword arguments of
+    :func:`build_checkpoint` other than ``epoch``, ``config`` and ``metrics``). :attr:`epoch` is the epoch
     ``last.pt`` holds (None before the first save).
     """
 
-    def __init__(self, out_dir: Path | str, model: Any, loss: Any, method: Any, config: dict[str, Any],
-                 enabled: bool = True) -> None:
+    def __init__(self, out_dir: Path | str, config: dict[str, Any], enabled: bool = True) -> None:
         self.out_dir = Path(out_dir)
-        self.model, self.loss, self.method, self.config = model, loss, method, config
+        self.config = config
         self.enabled = enabled
         self.epoch: int | None = None
 
-    def _state(self, epoch: int, progress: dict[str, Any], metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-        return build_checkpoint(epoch=epoch, model=self.model.state_dict(), loss=self.loss.state_dict(),
-                                method=self.method.state_dict(), metrics=metrics, config=self.config, **progress)
-
-    def save_last(self, epoch: int, progress: dict[str, Any]) -> None:
-        """``last.pt`` after ``epoch``; ``progress``: history, best, untrained, last_test and pending_eval."""
+    def save_last(self, epoch: int, state: Callable[[], dict[str, Any]]) -> None:
+        """``last.pt``: the state after ``epoch``."""
         if self.enabled:
-            save_torch_atomic(self._state(epoch, progress), self.out_dir / LAST)
+            save_torch_atomic(build_checkpoint(epoch=epoch, config=self.config, **state()), self.out_dir / LAST)
             self.epoch = epoch
 
-    def save_best(self, epoch: int, progress: dict[str, Any], metrics: dict[str, Any]) -> None:
+    def save_best(self, epoch: int, state: Callable[[], dict[str, Any]], metrics: dict[str, Any]) -> None:
         """``best.pt``: the state after ``epoch``, with the metrics that made it the best."""
         if self.enabled:
-            save_torch_atomic(self._state(epoch, progress, metrics), self.out_dir / BEST)
+            save_torch_atomic(build_checkpoint(epoch=epoch, config=self.config, metrics=metrics, **state()),
+                              self.out_dir / BEST)
 
 
 def read_checkpoint(path: Path | str, needs: tuple[str, ...] = ("model",), fix: str = TRAINED_FIX) -> dict[str, Any]:
@@ -101,6 +99,14 @@ def load_checkpoint(path: Path, config: dict[str, Any], free: Collection[str] | 
 
 def checkpoint_epoch(path: Path) -> int:
     return int(read_checkpoint(path, needs=("epoch",))["epoch"])
+
+
+def resume_point(resume: str | None, out_dir: Path, config: dict[str, Any], search_root: Path,
+                 free: Collection[str] | None = None) -> tuple[Path | None, dict[str, Any] | None]:
+    """``(checkpoint, state)`` that ``trainer.resume`` names (:func:`find_resume_checkpoint`), read and checked
+    against ``config`` (:func:`load_checkpoint`); ``(None, None)`` for a fresh start."""
+    path = find_resume_checkpoint(resume, out_dir, config, search_root, free)
+    return (path, load_checkpoint(path, config, free)) if path else (None, None)
 
 
 def find_resume_checkpoint(resume: str | None, out_dir: Path, config: dict[str, Any], search_root: Path,

@@ -112,6 +112,8 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.history_csv = CSVLogger(self.out_dir)  # history.csv, written by rank 0 only
         self.config = config or {}
+        self.checkpointer = Checkpointer(self.out_dir, self.config,
+                                         enabled=settings.save_checkpoints and self.dist.is_main)
         self.history: list[dict[str, Any]] = []
         self.select_split = self._selection_split()
         self.best: dict[str, Any] | None = None
@@ -136,8 +138,6 @@ class Trainer:
             cache_features=settings.cache_features, cache_views=settings.cache_views, seed=settings.seed,
             eval_transform=getattr(data.test, "transform", None), log=log.info, parallel=parallel,
             gather=gather_global_batch, dist=self.dist))
-        self.checkpointer = Checkpointer(self.out_dir, self.model, self.loss, self.method, self.config,
-                                         enabled=settings.save_checkpoints and self.dist.is_main)
 
     # ----------------------------------------------------------------------------------------- helpers
     def _selection_split(self) -> str:
@@ -242,7 +242,7 @@ class Trainer:
         if self._pending_eval is not None:  # interrupted during an evaluation: the trained epoch was kept
             self._evaluate_epoch(**self._pending_eval)
             self._pending_eval = None
-            self.checkpointer.save_last(self.start_epoch - 1, self._progress())
+            self.checkpointer.save_last(self.start_epoch - 1, self._state)
         for epoch in range(self.start_epoch, s.epochs + 1):
             t0 = time.time()
             seed_everything(epoch_seed(s.seed, epoch))
@@ -264,12 +264,12 @@ class Trainer:
                 # the trained epoch is saved before its evaluation, so an interrupt during evaluation loses nothing
                 self._pending_eval = {"epoch": epoch, "train_loss": train_loss, "epoch_time": epoch_time,
                                       "extra": extra}
-                self.checkpointer.save_last(epoch, self._progress())
+                self.checkpointer.save_last(epoch, self._state)
                 self._evaluate_epoch(**self._pending_eval)
                 self._pending_eval = None
             else:
                 self._record(epoch, train_loss, epoch_time, extra, {})
-            self.checkpointer.save_last(epoch, self._progress())
+            self.checkpointer.save_last(epoch, self._state)
             self._barrier()
         if self._last_emb is None and self.dist.is_main:  # resumed after the final evaluation
             self._last_test, self._last_emb = self.evaluate_split("test")
@@ -338,7 +338,7 @@ class Trainer:
         if self.select_split != "final" and epoch > 0 and (self.best is None or chosen[key] > self.best["value"]):
             self.best = {"epoch": epoch, "split": self.select_split, "metric": key, "value": chosen[key],
                          "test_metrics": split_metrics["test"]}
-            self.checkpointer.save_best(epoch, self._progress(), metrics=split_metrics)
+            self.checkpointer.save_best(epoch, self._state, metrics=split_metrics)
         self._barrier()
         return split_metrics["test"]
 
@@ -358,9 +358,11 @@ class Trainer:
     def _write_history(self) -> None:
         self.history_csv.write_rows(self.history)
 
-    def _progress(self) -> dict[str, Any]:
-        """What a checkpoint keeps besides the weights: the history, the best epoch and the evaluation state."""
-        return {"history": self.history, "best": self.best, "untrained": self.untrained,
+    def _state(self) -> dict[str, Any]:
+        """What a checkpoint keeps to continue: the state dicts, the history, the best epoch and the evaluation
+        progress (the Checkpointer adds the epoch and the config)."""
+        return {"model": self.model.state_dict(), "loss": self.loss.state_dict(), "method": self.method.state_dict(),
+                "history": self.history, "best": self.best, "untrained": self.untrained,
                 "last_test": self._last_test, "pending_eval": self._pending_eval}
 
     def _restore(self, state: dict[str, Any]) -> None:
