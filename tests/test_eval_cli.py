@@ -148,7 +148,7 @@ def test_cli_option_errors_name_the_option_not_the_file(tmp_path, capsys, monkey
 
 
 def test_cli_refuses_a_json_path_before_computing(tmp_path, capsys, monkeypatch):
-    from dml_runner import eval_cli
+    from dml_runner.cli import eval as eval_cli
 
     x, y = _data()
     path = _write(tmp_path, embeddings=x, labels=y)
