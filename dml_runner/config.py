@@ -1,7 +1,7 @@
 """Structured configs (validated schemas), the checks run before any work, and the location of the config tree.
 
-Only this module, :mod:`dml_runner.cli` and :mod:`dml_runner.callbacks` know about Hydra (this one imports it only
-inside functions, so the evaluation engine can import :class:`EvalBackend` without it).
+Hydra is imported here only inside functions, so the evaluation engine can import :class:`EvalBackend` without it
+(docs/ARCHITECTURE.md lists where the package uses Hydra).
 The `trainer`, `eval` and `paths` groups are validated against the dataclasses below, which are also the settings
 objects the code reads (:func:`trainer_settings`, :func:`eval_settings`): a typo (``trainer.epoch=3``), a wrong type
 (``trainer.epochs=ten``) or a choice that is not a member of its Enum (``trainer.select_on=tst``) is refused by
