@@ -21,6 +21,8 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dml_runner import DMLRunnerError
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -103,6 +105,69 @@ def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarra
     arrays.update({key: np.asarray(str(value)) for key, value in extra.items()})
     save_npz_atomic(path, **arrays)
     return path
+
+
+EMBEDDINGS_CONTENTS = (
+    "the file must be a .npz (numpy.savez) with 'embeddings' (N x D floats) and 'labels' (N integers), "
+    "and optionally boolean 'query_mask' and 'gallery_mask' of length N"
+)
+
+
+class EmbeddingsFileError(DMLRunnerError):
+    """A file given as embeddings that is not an embeddings ``.npz`` (the message says what it is)."""
+
+
+def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of an embeddings file (:func:`write_embeddings`'s, or any ``.npz`` with ``embeddings`` and
+    ``labels``), checked: a file that is not one is an :class:`EmbeddingsFileError` saying what it is instead."""
+    import zipfile
+
+    import numpy as np
+
+    path = str(path)
+
+    def bad(what: str) -> EmbeddingsFileError:
+        return EmbeddingsFileError(f"{path}: {what}; {EMBEDDINGS_CONTENTS}")
+
+    if not os.path.exists(path):
+        raise bad("file not found")
+    if os.path.isdir(path):
+        raise bad("is a directory")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"\x93NUMPY"):
+        raise EmbeddingsFileError(f"{path}: is a single .npy array, not an .npz archive; save both arrays with "
+                                  "numpy.savez(path, embeddings=..., labels=...)")
+    if not head.startswith(b"PK"):
+        kind = "a text file" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else \
+            "empty" if not head else f"a file starting with bytes {head!r}"
+        raise bad(f"not an .npz archive (it is {kind})")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise bad("not an .npz archive")
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except EmbeddingsFileError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise bad("holds Python objects (pickled arrays), which are not loaded") from None
+        raise bad(f"cannot be read as .npz ({exc})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise bad(f"cannot be read as .npz ({exc})") from None
+    missing = [k for k in ("embeddings", "labels") if k not in arrays]
+    if missing:
+        raise bad(f"missing key(s) {missing} (found {sorted(arrays)})")
+    emb, lab = arrays["embeddings"], arrays["labels"]
+    if emb.ndim != 2:
+        raise bad(f"'embeddings' has shape {emb.shape}, expected (N, D)")
+    if lab.ndim != 1 or lab.shape[0] != emb.shape[0]:
+        raise bad(f"length mismatch: {emb.shape[0]} embeddings but labels of shape {lab.shape}")
+    for key in ("query_mask", "gallery_mask"):
+        if key in arrays and arrays[key].shape != (emb.shape[0],):
+            raise bad(f"'{key}' has shape {arrays[key].shape}, expected ({emb.shape[0]},)")
+    return arrays
 
 
 # ----------------------------------------------------------------------------------------------- results.json

@@ -1,4 +1,4 @@
-"""A trained run as a library: find its checkpoint, rebuild its model, embed images or a dataset split with it.
+"""A trained run as a library: find its checkpoint, rebuild its model, embed, search and export with it.
 
 ``RUN`` is a run directory (its ``best.pt``, else ``last.pt``) or a checkpoint file. :func:`load_trained` rebuilds
 the model from the run's saved resolved config (``config.json``, else the checkpoint's copy) through
@@ -12,14 +12,18 @@ and puts the model in eval mode, normalised as the run evaluates. The inputs it 
   overrides of the run's dataset config (``dataset.root=/data/CUB_200_2011``, or another dataset:
   ``dataset=cub200 dataset.root=...``), embedded with the run's test transform.
 
-``dml-embed``, ``dml-search`` and ``dml-export`` (:mod:`dml_runner.cli`) are its commands; the embeddings file is
-written by :func:`dml_runner.rundir.write_embeddings`. See docs/USING.md.
+With the model it finds the nearest neighbours of query images in an embeddings file (:func:`search`) and exports
+the model to TorchScript or ONNX, checked against the PyTorch model (:func:`export`). ``dml-embed``, ``dml-search``
+and ``dml-export`` (:mod:`dml_runner.cli`) are its commands; the embeddings file is written and read by
+:func:`dml_runner.rundir.write_embeddings` and :func:`dml_runner.rundir.read_embeddings`. See docs/USING.md.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,3 +257,128 @@ def dataset_split(trained: TrainedModel, tokens: Sequence[str]) -> tuple[Labelle
     else:  # the dataset's own test transform, also for the train split (no augmentation)
         part.transform = splits.test.transform
     return part, splits, split
+
+
+# --------------------------------------------------------------------------------------------- search
+def nearest(queries: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, distances)`` of the ``k`` nearest index rows of every query (Euclidean, ties by index order)."""
+    q, g = queries.astype(np.float64), index.astype(np.float64)
+    d2 = (q ** 2).sum(1)[:, None] + (g ** 2).sum(1)[None, :] - 2.0 * q @ g.T
+    order = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    return order, np.sqrt(np.maximum(np.take_along_axis(d2, order, axis=1), 0.0))
+
+
+def search(trained: TrainedModel, queries: Sequence[str], index: dict[str, np.ndarray], k: int,
+           batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """``(query paths, query labels, neighbours, distances)``; a query's label is the index class named like its
+    folder (-1 when none is)."""
+    files = image_files(queries)
+    names = {str(n): int(lab) for lab, n in zip(index["labels"], index["class_names"])}
+    labels = np.array([names.get(Path(f).parent.name, -1) for f in files], dtype=np.int64)
+    emb = trained.embed(trained.image_dataset(files), batch_size)
+    if emb.shape[1] != index["embeddings"].shape[1]:
+        raise DMLRunnerError(f"--index: its embeddings have {index['embeddings'].shape[1]} dimensions, this run's "
+                             f"model gives {emb.shape[1]}; embed the index with the same run (dml-embed)")
+    neighbours, distances = nearest(emb, index["embeddings"], min(k, len(index["labels"])))
+    return files, labels, neighbours, distances
+
+
+# --------------------------------------------------------------------------------------------- export
+FORMATS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
+ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+
+
+def require_onnx() -> None:
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DMLRunnerError(f"--format onnx needs {', '.join(missing)}: pip install dml-runner[onnx]")
+
+
+def check_images(trained: TrainedModel, images: Sequence[str], count: int = 4, seed: int = 0) -> np.ndarray:
+    """Model inputs ``(N, C, H, W)``: the given image files (or folders) through the run's test transform, else
+    ``count`` random RGB images (64 x 80 pixels, seeded) through it."""
+    import torch
+    from PIL import Image
+
+    if images:
+        dataset = trained.image_dataset(image_files(images))
+        return torch.stack([dataset[i][0] for i in range(len(dataset))]).numpy()
+    rng = np.random.default_rng(seed)
+    pictures = [Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)) for _ in range(count)]
+    return torch.stack([trained.transform(p) for p in pictures]).numpy()
+
+
+def compare(reference: np.ndarray, exported: np.ndarray, atol: float, what: str) -> float:
+    """The maximum absolute difference of two embedding batches; above ``atol`` a one-line error."""
+    if reference.shape != exported.shape:
+        raise DMLRunnerError(f"{what}: gives embeddings of shape {exported.shape}, the PyTorch model "
+                             f"{reference.shape}")
+    diff = float(np.abs(reference.astype(np.float64) - exported.astype(np.float64)).max()) if reference.size else 0.0
+    if not diff <= atol:
+        raise DMLRunnerError(f"{what}: its embeddings differ from the PyTorch model's by {diff:.3g} (max abs) on "
+                             f"{len(reference)} images, above --atol {atol:g}; the exported file was removed")
+    return diff
+
+
+def export_torchscript(model: Callable, example: object, out: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Trace to TorchScript, save, and return the reloaded file as a numpy function."""
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated; the format is asked for
+        # shape tests (e.g. repeating a grey channel) are fixed by the run's input, which the check then exercises
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, example, check_trace=False)
+        traced.save(str(out))
+        loaded = torch.jit.load(str(out), map_location="cpu")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return loaded(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def export_onnx(model: Callable, example: object, out: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """torch.onnx (the torch.export-based exporter) with a dynamic batch dimension; returns an ONNX Runtime
+    session on the file as a numpy function."""
+    import onnxruntime
+    import torch
+
+    torch.onnx.export(model, (example,), str(out), input_names=["images"], output_names=["embeddings"],
+                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
+                      verbose=False)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(["embeddings"], {"images": x.astype(np.float32)})[0]
+
+    return run
+
+
+def export(trained: TrainedModel, fmt: str, out: Path, images: Sequence[str] = (), atol: float = 1e-4) -> dict:
+    """Write ``out`` in ``fmt``, check it against the PyTorch model and write ``<out>.json``; returns that record."""
+    import torch
+
+    if fmt == "onnx":
+        require_onnx()
+    model = trained.model.cpu().eval()
+    inputs = check_images(trained, images)
+    example = torch.from_numpy(inputs[:2])
+    with torch.no_grad():
+        reference = model(torch.from_numpy(inputs)).numpy()
+    run = (export_onnx if fmt == "onnx" else export_torchscript)(model, example, out)
+    try:
+        diff = compare(reference, run(inputs), atol, f"{out} ({fmt})")
+    except DMLRunnerError:
+        out.unlink(missing_ok=True)
+        raise
+    record = {"format": fmt, "file": str(out), "checkpoint": str(trained.checkpoint),
+              "input": {"name": "images", "shape": ["N", *inputs.shape[1:]], "dtype": "float32"},
+              "output": {"name": "embeddings", "shape": ["N", int(reference.shape[1])]},
+              "normalized": bool(np.allclose(np.linalg.norm(reference, axis=1), 1.0, atol=1e-4)),
+              "test_transform": repr(trained.transform), "checked_images": len(inputs),
+              "checked_on": "given images" if images else "random images through the test transform",
+              "max_abs_diff": diff, "atol": atol}
+    out.with_name(out.name + ".json").write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -55,8 +55,7 @@ def test_export_digits_run(digits_run, tmp_path, fmt):
 @pytest.mark.slow
 def test_export_resnet18_run(tmp_path_factory):
     """The user's torchvision backbone (resnet18, random weights, 8 x 8 digits) exports and checks in both formats."""
-    from dml_runner.trained import load_trained
-    from dml_runner.cli.export import export
+    from dml_runner.trained import export, load_trained
 
     run_dir = trained_run(tmp_path_factory.getbasetemp(), "use_resnet18_run", "backbone=resnet18",
                           "backbone.embedding_dim=32", "trainer.batch_size=16", "trainer.max_steps_per_epoch=1")
@@ -80,7 +79,7 @@ def test_export_resnet18_run(tmp_path_factory):
 
 def test_compare_refuses_a_model_that_differs():
     from dml_runner import DMLRunnerError
-    from dml_runner.cli.export import compare
+    from dml_runner.trained import compare
 
     reference = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
     assert compare(reference, reference + 1e-6, 1e-4, "m.onnx") <= 1e-4

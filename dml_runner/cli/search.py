@@ -18,16 +18,16 @@ import numpy as np
 
 from dml_runner import DMLRunnerError
 from dml_runner.cli.embed import add_common_arguments, output_path
-from dml_runner.trained import TrainedModel, image_files, load_trained
+from dml_runner.trained import load_trained, search
 
 
 def load_index(path: str | Path) -> dict[str, np.ndarray]:
     """The arrays of an embeddings.npz that has ``paths`` (one-line errors otherwise)."""
-    from dml_runner.cli.eval import InputError, load_npz
+    from dml_runner.rundir import EmbeddingsFileError, read_embeddings
 
     try:
-        arrays = load_npz(str(path))
-    except InputError as err:
+        arrays = read_embeddings(path)
+    except EmbeddingsFileError as err:
         raise DMLRunnerError(f"--index {err}") from None
     if "paths" not in arrays:
         raise DMLRunnerError(f"--index {path}: has no 'paths' (image files) to show; make the index with "
@@ -35,29 +35,6 @@ def load_index(path: str | Path) -> dict[str, np.ndarray]:
     if "class_names" not in arrays:
         arrays["class_names"] = np.asarray([str(c) for c in arrays["labels"]])
     return arrays
-
-
-def nearest(queries: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(indices, distances)`` of the ``k`` nearest index rows of every query (Euclidean, ties by index order)."""
-    q, g = queries.astype(np.float64), index.astype(np.float64)
-    d2 = (q ** 2).sum(1)[:, None] + (g ** 2).sum(1)[None, :] - 2.0 * q @ g.T
-    order = np.argsort(d2, axis=1, kind="stable")[:, :k]
-    return order, np.sqrt(np.maximum(np.take_along_axis(d2, order, axis=1), 0.0))
-
-
-def search(trained: TrainedModel, queries: Sequence[str], index: dict[str, np.ndarray], k: int,
-           batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """``(query paths, query labels, neighbours, distances)``; a query's label is the index class named like its
-    folder (-1 when none is)."""
-    files = image_files(queries)
-    names = {str(n): int(lab) for lab, n in zip(index["labels"], index["class_names"])}
-    labels = np.array([names.get(Path(f).parent.name, -1) for f in files], dtype=np.int64)
-    emb = trained.embed(trained.image_dataset(files), batch_size)
-    if emb.shape[1] != index["embeddings"].shape[1]:
-        raise DMLRunnerError(f"--index: its embeddings have {index['embeddings'].shape[1]} dimensions, this run's "
-                             f"model gives {emb.shape[1]}; embed the index with the same run (dml-embed)")
-    neighbours, distances = nearest(emb, index["embeddings"], min(k, len(index["labels"])))
-    return files, labels, neighbours, distances
 
 
 def main(argv: Sequence[str] | None = None) -> int:
