@@ -26,12 +26,12 @@ from dml_runner import DMLRunnerError
 from dml_runner.config import TrainerConfig
 from dml_runner.datasets.base import DatasetSplits, LabelledDataset
 from dml_runner.devices import epoch_seed, resolve_device, seed_everything, seed_worker
+from dml_runner.distributed import (DistInfo, ShardedBatchSampler, broadcast_module, convert_sync_batchnorm,
+                                    data_parallel, gather_global_batch, init_distributed)
 from dml_runner.loggers import CSVLogger
 from dml_runner.methods.base import Method, TrainContext
 from dml_runner.rundir import EMBEDDINGS, write_embeddings
 from dml_runner.training.checkpoint import Checkpointer
-from dml_runner.distributed import (DistInfo, ShardedBatchSampler, broadcast_module, convert_sync_batchnorm,
-                                             data_parallel, gather_global_batch, init_distributed)
 
 log = logging.getLogger(__name__)
 
