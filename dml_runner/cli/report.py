@@ -1,4 +1,4 @@
-"""``dml-report RUN_OR_SWEEP_DIR...``: paper tables, figures and index.html from run and sweep directories.
+"""`dml-report`: paper tables from run and sweep directories, ours next to theirs.
 
 The work is the report library's (:func:`dml_runner.report.report`, whose docstring describes the tables). Exit
 status: 0 = tables written; 1 = refused (mixed protocols, a repeated seed) or nothing to report; 2 = usage error.
