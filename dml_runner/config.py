@@ -419,15 +419,40 @@ def conf_dir() -> Path:
     raise FileNotFoundError(f"dml-runner's conf/ tree was not found next to {here}; reinstall the package")
 
 
-def group_options(group: str) -> list[str]:
-    """The selectable options of conf/<group>, sorted (nested ones as ``hdml/table1_cub200/npair``).
+def group_options(group: str, conf: Path | None = None) -> list[str]:
+    """The selectable options of conf/<group>, sorted (nested ones as ``hdml/table1_cub200/npair``); ``conf``: another
+    config tree (a plug-in's, on Hydra's search path) instead of the package's.
 
     A file or folder whose name starts with ``_`` is a base that options extend (``experiment/_base/dc``,
     ``dataset/_base/image_files``), never an option itself.
     """
-    group_dir = conf_dir() / group
+    group_dir = (conf or conf_dir()) / group
     relative = (p.relative_to(group_dir) for p in group_dir.rglob("*.yaml"))
     return sorted(str(r.with_suffix("")) for r in relative if not any(part.startswith("_") for part in r.parts))
+
+
+def search_path_dirs(overrides: Iterable[str]) -> list[Path]:
+    """The config folders that a ``hydra.searchpath=[...]`` override among ``overrides`` adds: ``file://`` paths and
+    ``pkg://`` packages that can be found (others are left to Hydra, which reports them when it composes)."""
+    import importlib.util
+
+    dirs: list[Path] = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+") != "hydra.searchpath":
+            continue
+        for entry in value.strip().strip("[]").split(","):
+            entry = entry.strip().strip("'\"")
+            if entry.startswith("file://"):
+                dirs.append(Path(entry.removeprefix("file://")).expanduser())
+            elif entry.startswith("pkg://"):
+                try:
+                    spec = importlib.util.find_spec(entry.removeprefix("pkg://"))
+                except (ImportError, ValueError):
+                    spec = None
+                if spec is not None and spec.submodule_search_locations:
+                    dirs.append(Path(list(spec.submodule_search_locations)[0]))
+    return [d for d in dirs if d.is_dir()]
 
 
 def default_choices() -> dict[str, str]:

@@ -144,6 +144,26 @@ def test_every_plugin_kind_is_built_by_the_builder_from_outside_the_package(tmp_
     assert emb.shape == (4, 128) and torch.isfinite(loss(emb, labels))
 
 
+def test_help_lists_the_plugin_options_given_its_search_path(monkeypatch, capsys):
+    """`dml-run 'hydra.searchpath=[file://<plug-in>/conf]' --help` lists each plug-in option in its group's line;
+    without the search path only the repository's options are listed."""
+    from dml_runner.cli import run as cli_run
+
+    def group_lines(argv: list[str]) -> dict[str, str]:
+        monkeypatch.setattr(sys, "argv", ["dml-run", *argv])
+        cli_run.main()
+        lines = capsys.readouterr().out.splitlines()
+        return {line.split()[0]: line for line in lines if line.startswith("  ") and line.split()}
+
+    plain = group_lines(["--help"])
+    with_plugin = group_lines([f"hydra.searchpath=[file://{PLUGIN / 'conf'}]", "--help"])
+    for group, option in (("loss", "binomial_deviance"), ("dataset", "csv_list"), ("backbone", "mobilenet_v3_small"),
+                          ("method", "accumulated"), ("sampler", "class_blocks")):
+        assert option not in plain[group]
+        assert option in with_plugin[group] and str(PLUGIN / "conf") in with_plugin[group]
+        assert with_plugin[group].startswith(plain[group])  # the built-in options first, as they were
+
+
 def test_plugin_sampler_cuts_class_blocks_and_is_seeded_by_epoch():
     """ClassBlocksBatchSampler: every batch spans at most two consecutive classes (4 images per class, batches of 4
     or 2), each epoch is a permutation of whole classes, and (seed, epoch) alone decides the order."""

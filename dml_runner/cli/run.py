@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,9 +98,12 @@ GROUP_HELP = {
 AUTOMATIC_GROUPS = ("preset", "preset_sampler", "preset_trainer", "preset_method")
 
 
-def format_help() -> str:
-    """`dml-run --help`: what each group does, its options (default marked *), then the trainer and eval keys."""
-    from dml_runner.config import SCHEMAS, default_choices, group_options, schema_help
+def format_help(overrides: Sequence[str] = ()) -> str:
+    """`dml-run --help`: what each group does, its options (default marked *), then the trainer and eval keys.
+
+    A ``hydra.searchpath=[...]`` among ``overrides`` adds the options of those config folders (a plug-in's), marked
+    with their folder."""
+    from dml_runner.config import SCHEMAS, default_choices, group_options, schema_help, search_path_dirs
 
     conf = conf_dir()
     defaults = default_choices()
@@ -117,6 +121,10 @@ def format_help() -> str:
             shown = f"{len(options)} rows under " + ", ".join(f"{f}/" for f in families)
         else:
             shown = ", ".join(o + ("*" if defaults.get(group) == o else "") for o in options)
+        for extra in search_path_dirs(overrides):
+            added = [o for o in group_options(group, extra) if o not in options]
+            if added:
+                shown += f"; from {extra}: " + ", ".join(added)
         lines.append(f"  {group:<{width}}  {GROUP_HELP.get(group, '')}: {shown}")
     for group, schema in SCHEMAS.items():
         lines += ["", f"{group} options ({group}.KEY=VALUE; default in brackets):"]
@@ -141,7 +149,7 @@ def _show_default(value: Any) -> str:
 
 def main() -> None:
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
-        print(format_help())
+        print(format_help(sys.argv[1:]))
         return
     from dml_runner.training import callbacks
 
