@@ -1,7 +1,7 @@
 """Structured configs (validated schemas), the checks run before any work, and the location of the config tree.
 
-Only this module, :mod:`dml_runner.cli` and :mod:`dml_runner.callbacks` know about Hydra (this one imports it only
-inside functions, so the evaluation engine can import :class:`EvalBackend` without it).
+Hydra is imported here only inside functions, so the evaluation engine can import :class:`EvalBackend` without it
+(docs/ARCHITECTURE.md lists where the package uses Hydra).
 The `trainer`, `eval` and `paths` groups are validated against the dataclasses below, which are also the settings
 objects the code reads (:func:`trainer_settings`, :func:`eval_settings`): a typo (``trainer.epoch=3``), a wrong type
 (``trainer.epochs=ten``) or a choice that is not a member of its Enum (``trainer.select_on=tst``) is refused by
@@ -253,8 +253,10 @@ def _check_known_keys(group: str, keys: list[str], known: list[str], what: str) 
 
 
 def _check_target_hooks(tree: dict[str, Any]) -> None:
-    """A group's `_target_` may carry ``check_config(node)``: its own checks of its config node, run here before any
-    data are read or a model is built (e.g. backbone=timm refuses an unknown model name)."""
+    """A group's `_target_` may carry ``check_config(node)``, or ``check_config(node, config)`` when its checks need
+    other groups (the whole resolved config): its own checks of its config node, run here before any data are read or
+    a model is built (backbone=timm refuses an unknown model name, sampler=class_balanced a batch size that is not a
+    multiple of samples_per_class, method=divide_conquer a run too short to divide)."""
     from hydra.utils import get_object
 
     for group in INSTANTIATED_GROUPS:
@@ -266,7 +268,8 @@ def _check_target_hooks(tree: dict[str, Any]) -> None:
         except Exception:  # noqa: BLE001 - an unimportable target is reported by instantiate with its own message
             check = None
         if callable(check):
-            check(node)
+            wants_config = "config" in inspect.signature(check).parameters
+            check(node, config=tree) if wants_config else check(node)
 
 
 def _target_parameters(target: str) -> list[str] | None:
@@ -300,7 +303,8 @@ def _check_target_keys(path: str, node: Any) -> None:
             _check_target_keys(f"{path}[{i}]", value)
 
 
-def _positive_int(option: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
+def positive_int(option: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
+    """Refuse ``value`` unless it is an integer >= ``minimum`` (or None with ``allow_none``), naming ``option``."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -321,10 +325,10 @@ def _check_choices(group: str, values: dict[str, Any], schema: type) -> None:
 
 def _check_trainer(t: dict[str, Any]) -> None:
     for key in ("epochs", "batch_size", "eval_every", "eval_batch_size", "cache_views"):
-        _positive_int(f"trainer.{key}", t[key])
-    _positive_int("trainer.max_steps_per_epoch", t["max_steps_per_epoch"], allow_none=True)
-    _positive_int("trainer.num_threads", t["num_threads"], allow_none=True)
-    _positive_int("trainer.num_workers", t["num_workers"], minimum=0)
+        positive_int(f"trainer.{key}", t[key])
+    positive_int("trainer.max_steps_per_epoch", t["max_steps_per_epoch"], allow_none=True)
+    positive_int("trainer.num_threads", t["num_threads"], allow_none=True)
+    positive_int("trainer.num_workers", t["num_workers"], minimum=0)
     if not DEVICE_PATTERN.match(str(t["device"])):
         _fail("trainer.device", t["device"], f"use {DEVICE_CHOICES}")
     for key in ("head_lr_mult", "loss_lr_mult"):
@@ -347,8 +351,8 @@ def _check_eval(e: dict[str, Any]) -> None:
         _fail("eval.metrics", e["metrics"], f"use a non-empty list of {', '.join(KNOWN_METRICS)}")
     if not DEVICE_PATTERN.match(str(e["device"])):
         _fail("eval.device", e["device"], f"use {DEVICE_CHOICES}")
-    _positive_int("eval.chunk_size", e["chunk_size"])
-    _positive_int("eval.kmeans_iters", e["kmeans_iters"])
+    positive_int("eval.chunk_size", e["chunk_size"])
+    positive_int("eval.kmeans_iters", e["kmeans_iters"])
 
 
 def _number(option: str, value: Any, minimum: float, strict: bool) -> None:
@@ -369,39 +373,14 @@ def _check_optimizer_scheduler(cfg: dict[str, Any]) -> None:
         _fail("optimizer.momentum", opt["momentum"], "must be in [0, 1)")
     sched = cfg.get("scheduler") or {}
     if "T_max" in sched:
-        _positive_int("scheduler.T_max", sched["T_max"])
+        positive_int("scheduler.T_max", sched["T_max"])
     if "gamma" in sched:
         _number("scheduler.gamma", sched["gamma"], 0, strict=True)
     if "milestones" in sched:
         for m in sched["milestones"]:
-            _positive_int("scheduler.milestones", m)
+            positive_int("scheduler.milestones", m)
     if "eta_min" in sched:
         _number("scheduler.eta_min", sched["eta_min"], 0, strict=False)
-
-
-def _check_sampler(cfg: dict[str, Any]) -> None:
-    sampler = cfg.get("sampler") or {}
-    batch = cfg["trainer"]["batch_size"]
-    if "samples_per_class" in sampler:
-        spc = sampler["samples_per_class"]
-        _positive_int("sampler.samples_per_class", spc)
-        if str(sampler.get("_target_", "")).endswith("ClassBalancedBatchSampler") and batch % spc:
-            raise DMLRunnerError(f"trainer.batch_size={batch} must be a multiple of sampler.samples_per_class="
-                                 f"{spc} (each batch holds batch_size / samples_per_class classes)")
-
-
-def _check_method(cfg: dict[str, Any]) -> None:
-    method = cfg.get("method") or {}
-    if str(method.get("_target_", "")).endswith("DivideConquerMethod"):
-        k, fine, epochs = method.get("num_clusters", 1), method.get("finetune_epochs", 0), cfg["trainer"]["epochs"]
-        _positive_int("method.num_clusters", k)
-        _positive_int("method.finetune_epochs", fine, minimum=0)
-        _positive_int("method.recluster_every", method.get("recluster_every", 1))
-        if k > 1 and epochs <= fine:
-            raise DMLRunnerError(
-                f"method.finetune_epochs={fine} >= trainer.epochs={epochs}: divide_conquer would never divide "
-                f"(every num_clusters trains the same plain model); set trainer.epochs above {fine} or lower "
-                "method.finetune_epochs")
 
 
 def validate_config(cfg: Any) -> None:
@@ -429,8 +408,6 @@ def validate_config(cfg: Any) -> None:
             _check_target_keys(group, tree[group])
     _check_target_hooks(tree)
     _check_optimizer_scheduler(tree)
-    _check_sampler(tree)
-    _check_method(tree)
 
 
 def conf_dir() -> Path:
@@ -442,15 +419,40 @@ def conf_dir() -> Path:
     raise FileNotFoundError(f"dml-runner's conf/ tree was not found next to {here}; reinstall the package")
 
 
-def group_options(group: str) -> list[str]:
-    """The selectable options of conf/<group>, sorted (nested ones as ``hdml/table1_cub200/npair``).
+def group_options(group: str, conf: Path | None = None) -> list[str]:
+    """The selectable options of conf/<group>, sorted (nested ones as ``hdml/table1_cub200/npair``); ``conf``: another
+    config tree (a plug-in's, on Hydra's search path) instead of the package's.
 
     A file or folder whose name starts with ``_`` is a base that options extend (``experiment/_base/dc``,
     ``dataset/_base/image_files``), never an option itself.
     """
-    group_dir = conf_dir() / group
+    group_dir = (conf or conf_dir()) / group
     relative = (p.relative_to(group_dir) for p in group_dir.rglob("*.yaml"))
     return sorted(str(r.with_suffix("")) for r in relative if not any(part.startswith("_") for part in r.parts))
+
+
+def search_path_dirs(overrides: Iterable[str]) -> list[Path]:
+    """The config folders that a ``hydra.searchpath=[...]`` override among ``overrides`` adds: ``file://`` paths and
+    ``pkg://`` packages that can be found (others are left to Hydra, which reports them when it composes)."""
+    import importlib.util
+
+    dirs: list[Path] = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+") != "hydra.searchpath":
+            continue
+        for entry in value.strip().strip("[]").split(","):
+            entry = entry.strip().strip("'\"")
+            if entry.startswith("file://"):
+                dirs.append(Path(entry.removeprefix("file://")).expanduser())
+            elif entry.startswith("pkg://"):
+                try:
+                    spec = importlib.util.find_spec(entry.removeprefix("pkg://"))
+                except (ImportError, ValueError):
+                    spec = None
+                if spec is not None and spec.submodule_search_locations:
+                    dirs.append(Path(list(spec.submodule_search_locations)[0]))
+    return [d for d in dirs if d.is_dir()]
 
 
 def default_choices() -> dict[str, str]:

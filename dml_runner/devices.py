@@ -1,6 +1,7 @@
-"""The one rule that turns a device setting (``trainer.device``, ``eval.device``, ``--device``) into a torch device.
+"""Devices and seeds: the one rule that turns a device setting (``trainer.device``, ``eval.device``, ``--device``)
+into a torch device, and the seeding of every random generator (Python, numpy, torch and the loader workers).
 
-torch is imported inside :func:`resolve_device`, so the config checks can use :data:`DEVICE_PATTERN` cheaply.
+torch is imported inside the functions, so the config checks can use :data:`DEVICE_PATTERN` cheaply.
 """
 
 from __future__ import annotations
@@ -43,3 +44,33 @@ def resolve_device(name: str, option: str = "trainer.device") -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise DeviceError(f"{option}={name}: PyTorch sees no MPS device; use auto or cpu")
     return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """All random generators are reseeded from (seed, epoch) at every epoch start, so a run resumed at an epoch
+    boundary draws exactly the numbers the uninterrupted run drew (augmentation, dropout, sampling)."""
+    return (seed * 1_000_003 + epoch * 7_919) % 2**63
+
+
+def seed_worker(worker_id: int) -> None:
+    """A DataLoader's ``worker_init_fn``: numpy and Python in a worker follow the seed torch gave it."""
+    import random
+
+    import numpy as np
+    import torch
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)

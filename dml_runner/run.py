@@ -1,7 +1,7 @@
 """Build every object of a run from its composed config, train, evaluate and write the run directory.
 
-This is the config layer: it knows ``hydra.utils.instantiate`` but not ``@hydra.main`` (see :mod:`dml_runner.cli`),
-so tests and notebooks can call :func:`run` with a config composed by Hydra's compose API.
+The objects are built by :mod:`dml_runner.build`; ``@hydra.main`` is the command's (:mod:`dml_runner.cli.run`), so
+tests and notebooks can call :func:`run` with a config composed by Hydra's compose API.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dml_runner import DMLRunnerError, __version__, contracts, rundir
-from dml_runner.config import (EvalConfig, default_choices, eval_settings, resume_free_keys,
-                               to_container, trainer_settings, validate_config)
+from dml_runner import DMLRunnerError, __version__, rundir
+from dml_runner.build import build_evaluate, build_loss, build_model, build_scheduler, instantiate, sampler_factory
+from dml_runner.config import (default_choices, eval_settings, resume_free_keys, to_container, trainer_settings,
+                               validate_config)
+from dml_runner.training.checkpoint import checkpoint_epoch, resume_point
 
 log = logging.getLogger(__name__)
 
@@ -43,39 +44,6 @@ def git_info() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-def _instantiate(node: DictConfig, what: str, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate with an error message that names the config group."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        built = instantiate(node, _convert_="all", **kwargs)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, DMLRunnerError):
-            raise cause
-        raise DMLRunnerError(f"could not build `{what}` from its config: {err}") from err
-    return contracts.check(what, built, node.get("_target_") if isinstance(node, DictConfig) else None)
-
-
-def build_model(cfg: DictConfig, in_channels: int) -> Any:
-    """The embedding model as a run builds it (before any method changes it): the backbone group and
-    eval.normalize; dml-embed and dml-export rebuild a run's model with it."""
-    model = _instantiate(cfg.backbone, "backbone", in_channels=in_channels)
-    if eval_settings(cfg).normalize:
-        model.head.eval_normalize = True
-    return model
-
-
-def build_evaluate(e: EvalConfig, recall_at: list[int], trainer_seed: int) -> Any:
-    """The evaluation function the Trainer calls: dml_runner.evaluation.evaluate with the eval settings bound."""
-    from dml_runner.evaluation import evaluate
-
-    return partial(evaluate, recall_at=tuple(recall_at), metrics=tuple(e.metrics), device=e.device,
-                   seed=trainer_seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
-                   kmeans_iters=e.kmeans_iters, backend=str(e.backend))
-
-
 @contextlib.contextmanager
 def signals_interrupt() -> Iterator[None]:
     """SIGINT and SIGTERM raise :class:`RunInterrupted` (in the main thread; elsewhere the handlers stay).
@@ -83,7 +51,7 @@ def signals_interrupt() -> Iterator[None]:
     After the first signal, further ones are ignored until the block ends, so recording where the run stopped
     is not itself interrupted by an impatient second Ctrl-C.
     """
-    from dml_runner.trainer import RunInterrupted
+    from dml_runner.training.trainer import RunInterrupted
 
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -123,7 +91,7 @@ def _record_interrupt(run_dir: Path, cfg: DictConfig, interrupt: Any, hydra_meta
     has_checkpoint = checkpoint.is_file()
     epoch = interrupt.checkpoint_epoch
     if epoch is None and has_checkpoint:
-        epoch = rundir.checkpoint_epoch(checkpoint)
+        epoch = checkpoint_epoch(checkpoint)
     interrupt.checkpoint_epoch = epoch if has_checkpoint else None
     interrupt.resume_command = resume_command(hydra_meta, run_dir) if has_checkpoint else None
     interrupt.restart_command = original_command(hydra_meta)
@@ -164,12 +132,12 @@ def _continue_log_in(run_dir: Path, here: Path) -> None:
 def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train and evaluate one configuration; writes results.json, history.csv, embeddings.npz and checkpoints.
 
-    SIGINT/SIGTERM stop it with :class:`dml_runner.trainer.RunInterrupted` after results.json records the
+    SIGINT/SIGTERM stop it with :class:`dml_runner.training.trainer.RunInterrupted` after results.json records the
     interruption and the command that resumes the run (the checkpoint of the last completed epoch is kept).
     Any exception carries ``run_dir``: the directory the run wrote to (a resumed run writes to the original one).
     """
     from dml_runner.distributed import dist_info_from_env
-    from dml_runner.trainer import RunInterrupted
+    from dml_runner.training.trainer import RunInterrupted
 
     where = {"out_dir": Path(out_dir)}
     with signals_interrupt():
@@ -186,9 +154,9 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
 
 
 def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, where: dict[str, Path]) -> dict[str, Any]:
-    from dml_runner.devices import resolve_device
+    from dml_runner.devices import resolve_device, seed_everything
     from dml_runner.distributed import dist_info_from_env
-    from dml_runner.trainer import Trainer, seed_everything
+    from dml_runner.training.trainer import Trainer
 
     started = time.time()
     validate_config(cfg)  # every option checked before data are loaded or a step is trained
@@ -198,8 +166,7 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
     dist_info = dist_info_from_env()
     config = to_container(cfg)
     free = resume_free_keys(cfg)
-    resume_path = rundir.find_resume_checkpoint(settings.resume, out_dir, config, Path(cfg.paths.output_dir), free)
-    resume_state = rundir.load_checkpoint(resume_path, config, free) if resume_path else None
+    resume_path, resume_state = resume_point(settings.resume, out_dir, config, Path(cfg.paths.output_dir), free)
     if resume_path is None and any((out_dir / name).exists() for name in (rundir.LAST, rundir.BEST, rundir.RESULTS)):
         # never overwrite what an earlier run in this directory trained or measured
         raise DMLRunnerError(f"{out_dir} already holds a run (checkpoints or results.json); continue it with "
@@ -225,25 +192,17 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
 
         torch.use_deterministic_algorithms(True, warn_only=True)
 
-    data = _instantiate(cfg.dataset, "dataset")
+    data = instantiate(cfg.dataset, "dataset")
     counts = data.counts()
     log.info("dataset %s: %s", data.name, ", ".join(f"{k}={v}" for k, v in counts.items()))
     if data.info.get("count_warning"):
         log.warning("DATASET COUNTS DIFFER FROM THE OFFICIAL ONES: %s", data.info["count_warning"])
     model = build_model(cfg, data.train.in_channels)
-    # a loss that learns per-class weights (loss=pml ProxyAnchorLoss, ...) declares `train_labels` and gets them
-    loss = _instantiate(cfg.loss, "loss", **({"train_labels": data.train.labels} if "train_labels" in cfg.loss else {}))
-    method = _instantiate(cfg.method, "method")
-    make_optimizer = _instantiate(cfg.optimizer, "optimizer")
-    make_scheduler = _instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") and \
-        cfg.scheduler.get("_target_") else None
-    sampler_node = cfg.sampler
-
-    def make_sampler(labels: Any, batch_size: int | None = None, seed: int | None = None) -> Any:
-        return _instantiate(sampler_node, "sampler", labels=labels,
-                            batch_size=settings.batch_size if batch_size is None else batch_size,
-                            seed=settings.seed if seed is None else seed)
-
+    loss = build_loss(cfg, data.train.labels)
+    method = instantiate(cfg.method, "method")
+    make_optimizer = instantiate(cfg.optimizer, "optimizer")
+    make_scheduler = build_scheduler(cfg)
+    make_sampler = sampler_factory(cfg.sampler, settings.batch_size, settings.seed)
     recall_at = list(eval_cfg.recall_at)
     if eval_cfg.use_dataset_recall_at and data.eval_recall_at:
         recall_at = list(data.eval_recall_at)

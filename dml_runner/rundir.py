@@ -1,6 +1,6 @@
-"""The run directory: its files, how they are written (atomically), results.json, checkpoints and resume discovery.
+"""The run directory: its files, how they are written (atomically), results.json and embeddings.npz.
 
-A run directory holds::
+A run directory holds (the checkpoints are :mod:`dml_runner.training.checkpoint`'s)::
 
     config.json      the resolved config (written before training)
     last.pt          checkpoint of the last completed epoch       best.pt  checkpoint chosen on the selection split
@@ -16,19 +16,20 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import logging
 import os
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dml_runner import DMLRunnerError
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    import numpy as np
+
+    from dml_runner.datasets.base import LabelledDataset
 
 CONFIG, RESULTS, HISTORY, EMBEDDINGS = "config.json", "results.json", "history.csv", "embeddings.npz"
 LAST, BEST = "last.pt", "best.pt"
-CHECKPOINT_FORMAT = 1
 COMPLETED, FAILED, INTERRUPTED = "completed", "failed", "interrupted"
 NO_RESULTS = "no results.json (the job crashed or was killed)"
 
@@ -67,20 +68,106 @@ def write_csv_atomic(rows: list[dict[str, Any]], path: Path | str) -> None:
         writer.writerows(rows)
 
 
-def save_torch_atomic(obj: Any, path: Path | str) -> None:
-    """torch.save written atomically (a crash mid-write never corrupts the previous checkpoint)."""
-    import torch
-
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
 def save_npz_atomic(path: Path | str, **arrays: Any) -> None:
     """numpy.savez_compressed written atomically (the temporary name ends in .npz, else numpy appends it)."""
     import numpy as np
 
     with atomic_path(path, suffix=".tmp.npz") as tmp:
         np.savez_compressed(tmp, **arrays)
+
+
+def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarray, dataset: LabelledDataset,
+                     query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None,
+                     **extra: str) -> Path:
+    """Write ``embeddings.npz`` for the items of ``dataset`` (in its order); atomic (a temporary file, then rename).
+
+    Arrays: ``embeddings`` (N x D float32), ``labels`` (N int64), ``paths`` and ``class_names`` (N strings each:
+    the item's image file and the name of its class, from the dataset), ``query_mask`` / ``gallery_mask`` when given,
+    and ``extra`` strings (e.g. the checkpoint) as 0-d string arrays. Nothing is pickled.
+    """
+    import numpy as np
+
+    path = Path(path)
+    emb = np.asarray(embeddings, dtype=np.float32)
+    labels = np.asarray(labels)
+    n = len(dataset)
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise ValueError(f"embeddings of shape {emb.shape} for a dataset of {n} items; expected ({n}, D)")
+    if not np.array_equal(labels, dataset.labels):
+        raise ValueError("labels differ from the dataset's labels: write the embeddings of the dataset given")
+    arrays: dict[str, np.ndarray] = {"embeddings": emb, "labels": labels.astype(np.int64),
+                                     "paths": dataset.item_paths(), "class_names": dataset.item_class_names()}
+    for key, mask in (("query_mask", query_mask), ("gallery_mask", gallery_mask)):
+        if mask is not None:
+            arrays[key] = np.asarray(mask, dtype=bool)
+            if arrays[key].shape != (n,):
+                raise ValueError(f"{key} of shape {arrays[key].shape}; expected ({n},)")
+    arrays.update({key: np.asarray(str(value)) for key, value in extra.items()})
+    save_npz_atomic(path, **arrays)
+    return path
+
+
+EMBEDDINGS_CONTENTS = (
+    "the file must be a .npz (numpy.savez) with 'embeddings' (N x D floats) and 'labels' (N integers), "
+    "and optionally boolean 'query_mask' and 'gallery_mask' of length N"
+)
+
+
+class EmbeddingsFileError(DMLRunnerError):
+    """A file given as embeddings that is not an embeddings ``.npz`` (the message says what it is)."""
+
+
+def read_embeddings(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of an embeddings file (:func:`write_embeddings`'s, or any ``.npz`` with ``embeddings`` and
+    ``labels``), checked: a file that is not one is an :class:`EmbeddingsFileError` saying what it is instead."""
+    import zipfile
+
+    import numpy as np
+
+    path = str(path)
+
+    def bad(what: str) -> EmbeddingsFileError:
+        return EmbeddingsFileError(f"{path}: {what}; {EMBEDDINGS_CONTENTS}")
+
+    if not os.path.exists(path):
+        raise bad("file not found")
+    if os.path.isdir(path):
+        raise bad("is a directory")
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"\x93NUMPY"):
+        raise EmbeddingsFileError(f"{path}: is a single .npy array, not an .npz archive; save both arrays with "
+                                  "numpy.savez(path, embeddings=..., labels=...)")
+    if not head.startswith(b"PK"):
+        kind = "a text file" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else \
+            "empty" if not head else f"a file starting with bytes {head!r}"
+        raise bad(f"not an .npz archive (it is {kind})")
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise bad("not an .npz archive")
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except EmbeddingsFileError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise bad("holds Python objects (pickled arrays), which are not loaded") from None
+        raise bad(f"cannot be read as .npz ({exc})") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise bad(f"cannot be read as .npz ({exc})") from None
+    missing = [k for k in ("embeddings", "labels") if k not in arrays]
+    if missing:
+        raise bad(f"missing key(s) {missing} (found {sorted(arrays)})")
+    emb, lab = arrays["embeddings"], arrays["labels"]
+    if emb.ndim != 2:
+        raise bad(f"'embeddings' has shape {emb.shape}, expected (N, D)")
+    if lab.ndim != 1 or lab.shape[0] != emb.shape[0]:
+        raise bad(f"length mismatch: {emb.shape[0]} embeddings but labels of shape {lab.shape}")
+    for key in ("query_mask", "gallery_mask"):
+        if key in arrays and arrays[key].shape != (emb.shape[0],):
+            raise bad(f"'{key}' has shape {arrays[key].shape}, expected ({emb.shape[0]},)")
+    return arrays
 
 
 # ----------------------------------------------------------------------------------------------- results.json
@@ -171,22 +258,7 @@ def failed_results(error: BaseException, hydra_meta: dict[str, Any] | None, conf
     return out
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-def build_checkpoint(*, epoch: int, model: dict[str, Any], loss: dict[str, Any], method: dict[str, Any],
-                     history: list[dict[str, Any]], best: dict[str, Any] | None,
-                     untrained: dict[str, float] | None, last_test: dict[str, float] | None,
-                     pending_eval: dict[str, Any] | None, config: dict[str, Any],
-                     metrics: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Everything needed to continue a run after ``epoch`` (state dicts, progress, the config).
-
-    Only tensors and plain containers, so it loads with ``torch.load(weights_only=True)``. No RNG state: every
-    generator is reseeded from (seed, epoch) at each epoch start and a run resumes only at an epoch boundary.
-    """
-    return {"format": CHECKPOINT_FORMAT, "epoch": epoch, "model": model, "loss": loss, "method": method,
-            "metrics": metrics or {}, "history": history, "best": best, "untrained": untrained,
-            "last_test": last_test, "pending_eval": pending_eval, "config": config}
-
-
+# ----------------------------------------------------------------------------------------------- resume matching
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         out: dict[str, Any] = {}
@@ -211,58 +283,3 @@ def config_mismatches(saved: dict[str, Any], current: dict[str, Any],
             continue
         out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
     return out
-
-
-def load_checkpoint(path: Path, config: dict[str, Any], free: Collection[str] | None = None) -> dict[str, Any]:
-    """A checkpoint written by :func:`build_checkpoint`, refused when its config differs from ``config``."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise DMLRunnerError(f"cannot read checkpoint {path}: {err}") from err
-    if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
-        raise DMLRunnerError(f"{path} is not a dml-run checkpoint (no model/epoch entries)")
-    mismatched = config_mismatches(state.get("config") or {}, config, free)
-    if mismatched:
-        raise DMLRunnerError(f"checkpoint {path} was trained with a different config; refusing to resume. "
-                             "Mismatched fields (checkpoint -> now):\n  " + "\n  ".join(mismatched))
-    return state
-
-
-def checkpoint_epoch(path: Path) -> int:
-    import torch
-
-    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
-
-
-def find_resume_checkpoint(resume: str | None, out_dir: Path, config: dict[str, Any], search_root: Path,
-                           free: Collection[str] | None = None) -> Path | None:
-    """Resolve trainer.resume: null (start fresh), a checkpoint file or run directory, or ``auto``.
-
-    ``auto`` takes this run directory's last.pt, else the newest unfinished run under ``search_root`` (the run's
-    ``paths.output_dir``: a last.pt and no completed results.json) whose config matches this one.
-    """
-    if not resume:
-        return None
-    if resume != "auto":
-        path = Path(resume).expanduser()
-        path = path / LAST if path.is_dir() else path
-        if not path.is_file():
-            raise DMLRunnerError(f"trainer.resume={resume}: no checkpoint there (expected a {LAST} file or a run "
-                                 "directory containing one)")
-        return path
-    if (out_dir / LAST).is_file():
-        return out_dir / LAST
-    search_root = Path(search_root)
-    candidates = []
-    for cfg_file in search_root.glob(f"**/{CONFIG}") if search_root.is_dir() else []:
-        run_dir = cfg_file.parent
-        if not (run_dir / LAST).is_file() or run_dir.resolve() == Path(out_dir).resolve() or is_completed(run_dir):
-            continue
-        if not config_mismatches(json.loads(cfg_file.read_text()), config, free):
-            candidates.append(run_dir / LAST)
-    if not candidates:
-        log.info("trainer.resume=auto: no unfinished run with this config under %s; starting fresh", search_root)
-        return None
-    return max(candidates, key=lambda p: p.stat().st_mtime)

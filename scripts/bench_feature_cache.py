@@ -24,7 +24,7 @@ from dml_runner.losses.hdml import HDMLLoss
 from dml_runner.methods.hdml import HDMLMethod
 from dml_runner.samplers.npair import NPairBatchSampler
 from dml_runner.config import TrainerConfig
-from dml_runner.trainer import Trainer
+from dml_runner.training.trainer import Trainer
 
 
 class RandomCropFlip:

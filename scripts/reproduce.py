@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     failed_launch = False
     for cmd in commands:
         failed_launch |= subprocess.run(cmd, cwd=REPO, env=os.environ.copy()).returncode != 0
-    from dml_runner.report import main as report_main
+    from dml_runner.cli.report import main as report_main
 
     report_args = [str(sweep_root), "--out", str(tables), *TARGETS[args.target].get("report", [])]
     print("$ dml-report " + " ".join(report_args))

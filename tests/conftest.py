@@ -68,7 +68,7 @@ def run_dml(args: list[str], cwd, check: bool = True, timeout: int = 900):
 
 def dml_eval_cmd() -> list[str]:
     script = Path(sys.executable).with_name("dml-eval")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "dml_runner.eval_cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dml_runner.cli.eval"]
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,8 @@ from dml_runner import DMLRunnerError
     (["eval.device=tpu"], ["eval.device=tpu"]),
     (["scheduler=cosine", "scheduler.T_max=0"], ["scheduler.T_max=0"]),
     (["sampler.samples_per_class=3"], ["trainer.batch_size=20", "sampler.samples_per_class=3"]),
+    (["sampler.samples_per_class=0"], ["sampler.samples_per_class=0", ">= 1"]),
+    (["method=divide_conquer", "method.recluster_every=0"], ["method.recluster_every=0", ">= 1"]),
     (["method=divide_conquer", "method.num_clusters=4", "trainer.epochs=3"],  # digits conquers the last 3
      ["method.finetune_epochs=3 >= trainer.epochs=3", "never divide"]),
 ])
@@ -46,6 +48,23 @@ def test_divide_conquer_with_room_to_divide_and_one_learner_are_accepted(compose
 
     validate_config(compose_cfg("method=divide_conquer", "method.num_clusters=4", "trainer.epochs=11"))
     validate_config(compose_cfg("method=divide_conquer", "method.num_clusters=1", "trainer.epochs=5"))
+
+
+def test_sampler_and_method_checks_are_hooks_of_their_targets():
+    """The class-balanced sampler and Divide & Conquer check their own config nodes (with the whole config); the
+    N-pair sampler inherits the sampler's hook, which has nothing to check in its node."""
+    from dml_runner.methods.divide_conquer import DivideConquerMethod
+    from dml_runner.samplers.class_balanced import ClassBalancedBatchSampler
+    from dml_runner.samplers.npair import NPairBatchSampler
+
+    config = {"trainer": {"batch_size": 20, "epochs": 3}}
+    with pytest.raises(DMLRunnerError, match="trainer.batch_size=20 must be a multiple of sampler.samples_per_class=3"):
+        ClassBalancedBatchSampler.check_config({"samples_per_class": 3}, config)
+    ClassBalancedBatchSampler.check_config({"samples_per_class": 4}, config)
+    NPairBatchSampler.check_config({}, config)
+    with pytest.raises(DMLRunnerError, match="never divide"):
+        DivideConquerMethod.check_config({"num_clusters": 4, "finetune_epochs": 3}, config)
+    DivideConquerMethod.check_config({"num_clusters": 1, "finetune_epochs": 3}, config)
 
 
 def test_the_command_line_error_is_one_line_and_no_epoch_is_trained(tmp_path):

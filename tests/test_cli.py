@@ -141,7 +141,7 @@ def test_checkpoint_selection_never_uses_the_test_set_unless_asked(tmp_path):
 
 
 def test_help_describes_every_group_and_option_in_one_line(tmp_path):
-    from dml_runner.cli import AUTOMATIC_GROUPS, GROUP_HELP
+    from dml_runner.cli.run import AUTOMATIC_GROUPS, GROUP_HELP
     from dml_runner.config import TrainerConfig, conf_dir
     from dml_runner.config import fields as schema_fields
 
@@ -150,7 +150,7 @@ def test_help_describes_every_group_and_option_in_one_line(tmp_path):
     assert "schema" not in text and "powered by Hydra" not in text
     groups = [p.name for p in conf_dir().iterdir() if p.is_dir() and p.name not in (*AUTOMATIC_GROUPS, "hydra")]
     for group in groups:
-        assert group in GROUP_HELP, f"conf/{group} has no line in dml_runner.cli.GROUP_HELP"
+        assert group in GROUP_HELP, f"conf/{group} has no line in dml_runner.cli.run.GROUP_HELP"
         line = next(line for line in text.splitlines() if line.strip().startswith(group + " "))
         assert GROUP_HELP[group] in line
     loss_line = next(line for line in text.splitlines() if line.strip().startswith("loss "))

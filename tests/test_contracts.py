@@ -1,4 +1,4 @@
-"""dml_runner.contracts: every built-in option honours its group's contract; a plug-in that does not is refused
+"""dml_runner.build: every built-in option honours its group's contract; a plug-in that does not is refused
 with one line naming the option."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import nn
 
 from dml_runner import DMLRunnerError
 from dml_runner.config import conf_dir
-from dml_runner.contracts import check
+from dml_runner.build import check
 
 
 def options(group: str) -> list[str]:

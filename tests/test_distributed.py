@@ -60,7 +60,7 @@ def _scenario(name: str, info: DistInfo, out_dir: Path, **settings: object):
     from dml_runner.samplers.class_balanced import ClassBalancedBatchSampler
     from dml_runner.samplers.hdml_triplets import HDMLTripletBatchSampler
     from dml_runner.samplers.npair import NPairBatchSampler
-    from dml_runner.trainer import Trainer
+    from dml_runner.training.trainer import Trainer
 
     torch.manual_seed(0)
     model = _model()
@@ -95,7 +95,7 @@ def _scenario(name: str, info: DistInfo, out_dir: Path, **settings: object):
 
 def _train(trainer) -> dict:
     """One epoch of STEPS steps through the trainer's own loop; the task's parameters and last gradients."""
-    from dml_runner.trainer import epoch_seed, seed_everything
+    from dml_runner.devices import epoch_seed, seed_everything
 
     seed_everything(epoch_seed(trainer.s.seed, 1))
     trainer.model.train()
@@ -233,7 +233,7 @@ def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
 def test_a_non_zero_rank_reports_nothing_even_when_rank_0_has_finished(tmp_path, monkeypatch, capsys):
     """Regression: rank 1 used to decide it was rank 0 when rank 0's results.json already existed (a race), then
     crashed printing metrics it does not have (evaluation runs on rank 0 only)."""
-    import dml_runner.cli as cli
+    import dml_runner.cli.run as cli
     import dml_runner.run as run_mod
 
     out = tmp_path / "run"

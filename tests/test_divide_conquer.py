@@ -27,7 +27,7 @@ from dml_runner.methods.divide_conquer import (
 from dml_runner.methods.standard import StandardMethod
 from dml_runner.samplers.class_balanced import ClassBalancedBatchSampler
 from dml_runner.config import TrainerConfig
-from dml_runner.trainer import Trainer
+from dml_runner.training.trainer import Trainer
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -41,7 +41,7 @@ def test_embed_image_folder(digits_run, tmp_path):
 
 
 def test_embed_test_split_reproduces_the_runs_embeddings(digits_run, tmp_path):
-    from dml_runner.embed import main
+    from dml_runner.cli.embed import main
 
     out = tmp_path / "test.npz"
     assert main([str(digits_run), "test", "--out", str(out)]) == 0
@@ -63,7 +63,7 @@ def test_embed_train_split_of_another_protocol_without_augmentation(digits_run, 
     import torch
     from sklearn.datasets import load_digits
 
-    from dml_runner.embed import main
+    from dml_runner.cli.embed import main
     from use_helpers import oracle_model
 
     outs = [tmp_path / "a.npz", tmp_path / "b.npz"]
@@ -88,7 +88,7 @@ def error_line(capsys) -> str:
 
 
 def test_embed_errors_name_the_path_and_the_fix(digits_run, tmp_path, capsys):
-    from dml_runner.embed import main
+    from dml_runner.cli.embed import main
 
     no_checkpoint = tmp_path / "unfinished_run"
     no_checkpoint.mkdir()
@@ -118,7 +118,7 @@ def test_embed_errors_name_the_path_and_the_fix(digits_run, tmp_path, capsys):
 
 def test_write_embeddings_records_the_dataset_items(tmp_path):
     from dml_runner.datasets.base import TensorLabelledDataset
-    from dml_runner.embed import write_embeddings
+    from dml_runner.rundir import write_embeddings
 
     import torch
 
@@ -145,7 +145,8 @@ def test_write_embeddings_records_the_dataset_items(tmp_path):
     ("method=divide_conquer", "method.num_clusters=2", "method.finetune_epochs=0"),
 ], ids=["hdml", "divide_conquer"])
 def test_embed_rebuilds_what_the_method_changes_in_the_model(tmp_path_factory, method):
-    from dml_runner.embed import load_trained, main
+    from dml_runner.cli.embed import main
+    from dml_runner.trained import load_trained
 
     run_dir = trained_run(tmp_path_factory.getbasetemp(), f"use_{method[1].split('=')[1]}_run", *method)
     out = tmp_path_factory.mktemp("emb") / "test.npz"
@@ -159,7 +160,7 @@ def test_embed_rebuilds_what_the_method_changes_in_the_model(tmp_path_factory, m
 def test_embed_on_an_absent_gpu_names_the_option(digits_run, tmp_path, capsys):
     import torch
 
-    from dml_runner.embed import main
+    from dml_runner.cli.embed import main
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
@@ -173,7 +174,7 @@ def test_image_run_reads_files_as_its_test_split(tmp_path_factory):
     """A run on image files (dataset=folder, rrc_224): an image folder embeds each file exactly as the run's test
     split does (same test transform), and the class names agree."""
     from dml_runner.datasets.fixtures import make_folder
-    from dml_runner.embed import main
+    from dml_runner.cli.embed import main
 
     base = tmp_path_factory.getbasetemp()
     tree = make_folder(tmp_path_factory.mktemp("tree"))

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from dml_runner.eval_cli import main
+from dml_runner.cli.eval import main
 from dml_runner.evaluation import evaluate
 
 
@@ -53,7 +53,7 @@ def test_cli_query_gallery_masks(tmp_path):
 def test_cli_subprocess(tmp_path):
     x, y = _data()
     path = _write(tmp_path, embeddings=x, labels=y)
-    res = subprocess.run([sys.executable, "-m", "dml_runner.eval_cli", str(path), "--metrics", "recall",
+    res = subprocess.run([sys.executable, "-m", "dml_runner.cli.eval", str(path), "--metrics", "recall",
                           "--device", "cpu"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "recall@8" in res.stdout and "estimated memory" in res.stderr
@@ -108,7 +108,7 @@ def test_cli_backends_give_the_same_retrieval_metrics(tmp_path, capsys):
 
 def test_cli_defaults_are_the_eval_config_defaults():
     from dml_runner.config import EvalConfig
-    from dml_runner.eval_cli import build_parser
+    from dml_runner.cli.eval import build_parser
 
     args, default = build_parser().parse_args(["x.npz"]), EvalConfig()
     assert args.backend == default.backend.value == "auto"
@@ -148,7 +148,7 @@ def test_cli_option_errors_name_the_option_not_the_file(tmp_path, capsys, monkey
 
 
 def test_cli_refuses_a_json_path_before_computing(tmp_path, capsys, monkeypatch):
-    from dml_runner import eval_cli
+    from dml_runner.cli import eval as eval_cli
 
     x, y = _data()
     path = _write(tmp_path, embeddings=x, labels=y)

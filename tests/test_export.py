@@ -55,8 +55,7 @@ def test_export_digits_run(digits_run, tmp_path, fmt):
 @pytest.mark.slow
 def test_export_resnet18_run(tmp_path_factory):
     """The user's torchvision backbone (resnet18, random weights, 8 x 8 digits) exports and checks in both formats."""
-    from dml_runner.embed import load_trained
-    from dml_runner.export import export
+    from dml_runner.trained import export, load_trained
 
     run_dir = trained_run(tmp_path_factory.getbasetemp(), "use_resnet18_run", "backbone=resnet18",
                           "backbone.embedding_dim=32", "trainer.batch_size=16", "trainer.max_steps_per_epoch=1")
@@ -80,7 +79,7 @@ def test_export_resnet18_run(tmp_path_factory):
 
 def test_compare_refuses_a_model_that_differs():
     from dml_runner import DMLRunnerError
-    from dml_runner.export import compare
+    from dml_runner.trained import compare
 
     reference = np.random.default_rng(0).normal(size=(4, 8)).astype(np.float32)
     assert compare(reference, reference + 1e-6, 1e-4, "m.onnx") <= 1e-4
@@ -93,7 +92,7 @@ def test_compare_refuses_a_model_that_differs():
 def test_export_without_onnx_says_what_to_install(digits_run, tmp_path, capsys, monkeypatch):
     import importlib.util
 
-    from dml_runner.export import main
+    from dml_runner.cli.export import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
@@ -104,7 +103,7 @@ def test_export_without_onnx_says_what_to_install(digits_run, tmp_path, capsys, 
 
 
 def test_export_of_a_run_without_checkpoint(tmp_path, capsys):
-    from dml_runner.export import main
+    from dml_runner.cli.export import main
 
     (tmp_path / "run").mkdir()
     assert main([str(tmp_path / "run"), "--format", "torchscript"]) == 2
@@ -116,10 +115,10 @@ def test_export_of_a_run_without_checkpoint(tmp_path, capsys):
 def test_rebuilt_googlenet_rescales_its_input_as_trained(weights):
     """GoogLeNet built with ImageNet weights re-scales its input (a flag outside the state dict); the rebuilt model
     does the same without reading any weights file."""
-    from dml_runner.embed import build_model
+    from dml_runner.trained import rebuild_model
 
     backbone = {"_target_": "dml_runner.backbones.torchvision_backbone", "arch": "googlenet", "pretrained": False,
                 "weights": None, "embedding_dim": 8, **weights}
-    model = build_model({"backbone": backbone, "eval": {"normalize": False}}, in_channels=3)
+    model = rebuild_model({"backbone": backbone, "eval": {"normalize": False}}, in_channels=3)
     assert model.trunk.transform_input is bool(weights)
     assert model.info["weights"] == "random init"

@@ -96,6 +96,94 @@ def test_csv_list_dataset_refuses_a_split_that_shares_classes(tmp_path):
         build(str(tmp_path / "missing.csv"))
 
 
+def compose_with_plugin(*overrides: str):
+    """The run config composed as `dml-run 'hydra.searchpath=[file://examples/my_dml/conf]' ...` composes it."""
+    from hydra import compose, initialize_config_dir
+
+    from dml_runner.config import conf_dir, register_configs
+
+    register_configs()
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return compose("config", overrides=[f"hydra.searchpath=[file://{PLUGIN / 'conf'}]", *overrides],
+                       return_hydra_config=False)
+
+
+def test_every_plugin_kind_is_built_by_the_builder_from_outside_the_package(tmp_path):
+    """Each plug-in kind (dataset, backbone, loss, method, sampler) of examples/my_dml goes through the config checks
+    and dml_runner.build (the group contracts), as dml-run builds it, and the built objects work together."""
+    from dml_runner.build import build_loss, build_model, instantiate, sampler_factory
+    from dml_runner.config import validate_config
+    from my_dml.backbones import MobileNetTrunk
+    from my_dml.datasets import build
+    from my_dml.losses import BinomialDevianceLoss
+    from my_dml.methods import AccumulatedMethod
+    from my_dml.samplers import ClassBlocksBatchSampler
+
+    listing = write_image_list(tmp_path, classes=6, per_class=4)
+    cfg = compose_with_plugin("dataset=csv_list", f"dataset.csv_file={listing}", "backbone=mobilenet_v3_small",
+                              "loss=binomial_deviance", "method=accumulated", "sampler=class_blocks",
+                              "transform=rrc_224", "transform.train.crop=32", "transform.test.crop=32",
+                              "transform.test.resize=36", "trainer.batch_size=4")
+    validate_config(cfg)
+    data = instantiate(cfg.dataset, "dataset")
+    model = build_model(cfg, data.train.in_channels)
+    loss = build_loss(cfg, data.train.labels)
+    method = instantiate(cfg.method, "method")
+    sampler = sampler_factory(cfg.sampler, cfg.trainer.batch_size, cfg.trainer.seed)(data.train.labels)
+    assert data.info and len(data.train) == 12 and len(data.test) == 12  # build() of my_dml.datasets: 3 + 3 classes
+    assert isinstance(model.trunk, MobileNetTrunk) and model.info["arch"] == "mobilenet_v3_small"
+    assert isinstance(loss, BinomialDevianceLoss) and isinstance(method, AccumulatedMethod)
+    assert isinstance(sampler, ClassBlocksBatchSampler) and method.accumulate == 2
+    assert cfg.dataset._target_ == f"{build.__module__}.{build.__name__}"
+    batch = next(iter(sampler))
+    images = torch.stack([data.train[i][0] for i in batch])
+    labels = torch.as_tensor(data.train.labels[batch])
+    model.eval()
+    with torch.no_grad():
+        emb = model(images)
+    assert emb.shape == (4, 128) and torch.isfinite(loss(emb, labels))
+
+
+def test_help_lists_the_plugin_options_given_its_search_path(monkeypatch, capsys):
+    """`dml-run 'hydra.searchpath=[file://<plug-in>/conf]' --help` lists each plug-in option in its group's line;
+    without the search path only the repository's options are listed."""
+    from dml_runner.cli import run as cli_run
+
+    def group_lines(argv: list[str]) -> dict[str, str]:
+        monkeypatch.setattr(sys, "argv", ["dml-run", *argv])
+        cli_run.main()
+        lines = capsys.readouterr().out.splitlines()
+        return {line.split()[0]: line for line in lines if line.startswith("  ") and line.split()}
+
+    plain = group_lines(["--help"])
+    with_plugin = group_lines([f"hydra.searchpath=[file://{PLUGIN / 'conf'}]", "--help"])
+    for group, option in (("loss", "binomial_deviance"), ("dataset", "csv_list"), ("backbone", "mobilenet_v3_small"),
+                          ("method", "accumulated"), ("sampler", "class_blocks")):
+        assert option not in plain[group]
+        assert option in with_plugin[group] and str(PLUGIN / "conf") in with_plugin[group]
+        assert with_plugin[group].startswith(plain[group])  # the built-in options first, as they were
+
+
+def test_plugin_sampler_cuts_class_blocks_and_is_seeded_by_epoch():
+    """ClassBlocksBatchSampler: every batch spans at most two consecutive classes (4 images per class, batches of 4
+    or 2), each epoch is a permutation of whole classes, and (seed, epoch) alone decides the order."""
+    from my_dml.samplers import ClassBlocksBatchSampler
+
+    labels = np.repeat(np.arange(6), 4)
+    for batch_size in (2, 4):
+        sampler = ClassBlocksBatchSampler(labels, batch_size, seed=0)
+        batches = list(sampler)
+        assert len(batches) == 24 // batch_size and sorted(sum(batches, [])) == list(range(24))
+        assert all(len(set(labels[b])) == 1 for b in batches)  # 4 images per class: blocks align with batches
+    sampler = ClassBlocksBatchSampler(np.repeat(np.arange(6), 3), 4, seed=0)
+    assert all(len(set(np.repeat(np.arange(6), 3)[b])) <= 2 for b in sampler)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+
 @pytest.mark.slow
 def test_plugin_loss_dataset_and_backbone_train_with_pretrained_weights(tmp_path):
     """dml-run with the plug-in's loss, dataset and backbone; backbone.pretrained=true loads the file through

@@ -18,7 +18,7 @@ from dml_runner.evaluation import evaluate
 from dml_runner.methods import StandardMethod
 from dml_runner.samplers import ClassBalancedBatchSampler
 from dml_runner.config import TrainerConfig
-from dml_runner.trainer import OutOfMemoryError, Trainer, TrainingDivergedError
+from dml_runner.training.trainer import OutOfMemoryError, Trainer, TrainingDivergedError
 
 
 class FailingLoss(torch.nn.Module):
@@ -112,7 +112,7 @@ def test_config_typo_in_a_sweep_stops_before_any_job(tmp_path):
 
 
 def test_metrics_are_averaged_over_protocol_draws():
-    from dml_runner.trainer import average_over_draws
+    from dml_runner.training.trainer import average_over_draws
 
     seen = []
 

@@ -26,9 +26,10 @@ QUIET = ("trainer.progress=false", "trainer.num_workers=0")
 # ------------------------------------------------------------------------------------------------ helpers
 def build_trainer(compose_cfg, out_dir, *overrides):
     """A Trainer (method set up, nothing trained) from the real configs, as dml_runner.run.run builds it."""
-    from dml_runner.run import _instantiate
+    from dml_runner.build import instantiate as _instantiate
     from dml_runner.config import trainer_settings
-    from dml_runner.trainer import Trainer, seed_everything
+    from dml_runner.devices import seed_everything
+    from dml_runner.training.trainer import Trainer
 
     cfg = compose_cfg(*QUIET, *overrides)
     settings = trainer_settings(cfg)
@@ -507,7 +508,7 @@ def test_prepare_model_rebuilds_the_trained_head(compose_cfg, tmp_path):
     """dml-embed's path: a backbone rebuilt from the config takes the trained weights once the method's
     prepare_model has added the head's BatchNorm, and embeds (normalised) as the trained model."""
     from dml_runner.methods.hdml import HDMLMethod
-    from dml_runner.run import _instantiate
+    from dml_runner.build import instantiate as _instantiate
 
     trainer = build_trainer(compose_cfg, tmp_path, *NPAIR, "backbone.normalize=false")
     cfg = compose_cfg(*QUIET, *NPAIR, "backbone.normalize=false")

@@ -33,3 +33,31 @@ def test_conf_dir_prefers_the_packaged_tree(tmp_path, monkeypatch):
     (pkg / "conf" / "config.yaml").unlink()
     with pytest.raises(FileNotFoundError, match="reinstall"):
         config.conf_dir()
+
+
+def test_every_console_script_is_a_callable_main():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"dml-run", "dml-eval", "dml-report", "dml-embed", "dml-search", "dml-export"} <= set(scripts)
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
+
+
+def test_the_engine_never_imports_a_command():
+    """dml_runner/cli/ holds the commands; nothing else in the package imports from it (__main__.py is the
+    `python -m dml_runner` command itself)."""
+    import ast
+
+    offenders = []
+    for path in sorted((REPO / "dml_runner").rglob("*.py")):
+        rel = path.relative_to(REPO / "dml_runner")
+        if rel.parts[0] == "cli" or rel == Path("__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{rel}: {n}" for n in names if n == "dml_runner.cli" or n.startswith("dml_runner.cli.")]
+    assert not offenders

@@ -236,7 +236,7 @@ def test_dml_run_and_dml_report_name_rows_by_the_pml_loss(tmp_path):
     """Two `dml-run loss=pml loss.name=...` runs; dml-report tells the rows apart by the differing key loss.name."""
     from conftest import run_dml
 
-    from dml_runner.report import main as report_main
+    from dml_runner.cli.report import main as report_main
 
     names = ("CircleLoss", "SupConLoss")
     for name in names:

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from dml_runner.reference import load_reference, reference_tables
-from dml_runner.report import ReportError, main, report
+from dml_runner.cli.report import main
+from dml_runner.report import ReportError, report
 
 
 def write_run(run_dir: Path, *, table: str | None = "hdml_table1_cub200", row: str = "npair", seed: int = 0,

@@ -51,7 +51,7 @@ def test_sigkill_then_resume_auto_matches_uninterrupted(tmp_path):
 
 def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
     from dml_runner import DMLRunnerError
-    from dml_runner.rundir import load_checkpoint
+    from dml_runner.training.checkpoint import load_checkpoint
 
     ckpt = tmp_path / "last.pt"
     saved = {"loss": {"margin": 1.0, "_target_": "x"}, "trainer": {"epochs": 3, "seed": 0}}
@@ -67,7 +67,7 @@ def test_resume_refuses_a_checkpoint_from_another_config(tmp_path):
 
 def test_resume_rejects_garbage_and_missing_files(tmp_path):
     from dml_runner import DMLRunnerError
-    from dml_runner.rundir import find_resume_checkpoint, load_checkpoint
+    from dml_runner.training.checkpoint import find_resume_checkpoint, load_checkpoint
 
     bad = tmp_path / "last.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -81,7 +81,7 @@ def test_resume_rejects_garbage_and_missing_files(tmp_path):
 
 
 def test_resume_auto_searches_the_configured_output_root_not_the_working_directory(tmp_path, monkeypatch):
-    from dml_runner.rundir import find_resume_checkpoint
+    from dml_runner.training.checkpoint import find_resume_checkpoint
 
     config = {"trainer": {"seed": 0}}
     root = tmp_path / "elsewhere"
@@ -119,7 +119,7 @@ def test_the_keys_that_may_change_on_resume_come_from_the_schema(compose_cfg):
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
-    from dml_runner.rundir import save_torch_atomic as save_atomic
+    from dml_runner.training.checkpoint import save_torch_atomic as save_atomic
 
     target = tmp_path / "last.pt"
     save_atomic({"epoch": 1}, target)
@@ -151,7 +151,8 @@ def _tiny_trainer(out_dir, loss=None, evaluate_fn=None, epochs=3):
     from dml_runner.methods import StandardMethod
     from dml_runner.samplers import ClassBalancedBatchSampler
     from dml_runner.config import TrainerConfig
-    from dml_runner.trainer import Trainer, seed_everything
+    from dml_runner.devices import seed_everything
+    from dml_runner.training.trainer import Trainer
 
     seed_everything(0)
     g = torch.Generator().manual_seed(0)
@@ -170,7 +171,7 @@ def _tiny_trainer(out_dir, loss=None, evaluate_fn=None, epochs=3):
 
 def _interrupt_at(call: int, fn):
     """Wrap ``fn`` so that its ``call``-th call raises RunInterrupted(SIGINT), as the signal handler does."""
-    from dml_runner.trainer import RunInterrupted
+    from dml_runner.training.trainer import RunInterrupted
 
     calls = {"n": 0}
 
@@ -184,7 +185,7 @@ def _interrupt_at(call: int, fn):
 
 
 def _resume_and_compare(tmp_path, expected):
-    from dml_runner.rundir import load_checkpoint
+    from dml_runner.training.checkpoint import load_checkpoint
 
     trainer = _tiny_trainer(tmp_path / "cut")
     state = load_checkpoint(tmp_path / "cut" / "last.pt", {})
@@ -202,7 +203,7 @@ def test_interrupt_during_evaluation_keeps_the_trained_epoch(tmp_path):
     from functools import partial
 
     from dml_runner.evaluation import evaluate
-    from dml_runner.trainer import RunInterrupted
+    from dml_runner.training.trainer import RunInterrupted
 
     expected = _tiny_trainer(tmp_path / "full").fit()
     metric = partial(evaluate, recall_at=(1,), metrics=("recall", "map_at_r"), device="cpu")
@@ -217,7 +218,7 @@ def test_interrupt_during_evaluation_keeps_the_trained_epoch(tmp_path):
 
 def test_interrupt_mid_epoch_resumes_from_the_last_epoch_boundary(tmp_path):
     from dml_runner.losses.triplet import TripletLoss
-    from dml_runner.trainer import RunInterrupted
+    from dml_runner.training.trainer import RunInterrupted
 
     expected = _tiny_trainer(tmp_path / "full").fit()
     loss = TripletLoss()

@@ -20,7 +20,7 @@ def digits_run(tmp_path_factory) -> Path:
 @pytest.fixture
 def indexed(digits_run, tmp_path):
     """An image folder, a query outside it, and its index made by dml-embed."""
-    from dml_runner.embed import main
+    from dml_runner.cli.embed import main
 
     folder = tmp_path / "gallery"
     files = write_digit_images(folder, per_class=3)
@@ -70,7 +70,7 @@ def test_search_prints_neighbours_and_draws_the_grid(digits_run, indexed, tmp_pa
 
 
 def test_search_errors(digits_run, indexed, tmp_path, capsys):
-    from dml_runner.search import main
+    from dml_runner.cli.search import main
 
     folder, files, stranger, index = indexed
     bare = tmp_path / "bare.npz"

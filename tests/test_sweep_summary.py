@@ -8,7 +8,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from dml_runner import callbacks
+from dml_runner.training import callbacks
 
 
 def _job(sweep, num, overrides, status="completed", recall=None, hydra_only=False):

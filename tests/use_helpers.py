@@ -58,7 +58,7 @@ def read_digit_images(files: list[Path]) -> "torch.Tensor":  # noqa: F821
 
 
 def oracle_model(run_dir: Path) -> "torch.nn.Module":  # noqa: F821
-    """The run's model built from config.json with Hydra and its last.pt loaded, in eval mode (no dml_runner.embed)."""
+    """The run's model built from config.json with Hydra and its last.pt loaded, in eval mode (no dml_runner.trained)."""
     import torch
     from hydra.utils import instantiate
 

@@ -186,6 +186,21 @@ class DivideConquerMethod(StandardMethod):
     a cluster below ``min_classes`` classes is always skipped (logged). K = 1 is ``method=standard`` exactly.
     """
 
+    @staticmethod
+    def check_config(node: dict[str, Any], config: dict[str, Any]) -> None:
+        """dml-run's config validation: the cluster counts are positive and the run is long enough to divide."""
+        from dml_runner.config import positive_int
+
+        k, fine, epochs = node.get("num_clusters", 1), node.get("finetune_epochs", 0), config["trainer"]["epochs"]
+        positive_int("method.num_clusters", k)
+        positive_int("method.finetune_epochs", fine, minimum=0)
+        positive_int("method.recluster_every", node.get("recluster_every", 1))
+        if k > 1 and epochs <= fine:
+            raise DMLRunnerError(
+                f"method.finetune_epochs={fine} >= trainer.epochs={epochs}: divide_conquer would never divide "
+                f"(every num_clusters trains the same plain model); set trainer.epochs above {fine} or lower "
+                "method.finetune_epochs")
+
     def __init__(self, num_clusters: int = 8, recluster_every: int = 2, finetune_epochs: int = 10,
                  full_embedding_from: str | int = "official", embedding: str = "sliced", fc_init: str = "sliced",
                  cluster_on: str = "features", niter: int = 100, nredo: int = 1,

@@ -1,4 +1,4 @@
-"""`dml-report`: paper tables from run and sweep directories, ours next to theirs.
+"""Paper tables from run and sweep directories, ours next to theirs (the command is :mod:`dml_runner.cli.report`).
 
     dml-report outputs/multirun/2025-01-01/12-00-00 [more dirs ...] [--out outputs/tables]
                [--checkpoint final|best|best-val|best-test] [--split-by KEY] [--group-by KEY]
@@ -18,9 +18,7 @@ See docs/REPORT.md.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,10 +27,10 @@ import pandas as pd
 
 from dml_runner.config import PathsConfig
 from dml_runner.report.collect import FINGERPRINT, ReportError, find_runs, load_run
-from dml_runner.report.group import CHECKPOINTS, build_tables
+from dml_runner.report.group import build_tables
 from dml_runner.report.render import render_html, render_latex, render_markdown, table_frame
 
-__all__ = ["FINGERPRINT", "ReportError", "build_tables", "find_runs", "load_run", "main", "report"]
+__all__ = ["DEFAULT_OUT", "FINGERPRINT", "ReportError", "build_tables", "find_runs", "load_run", "report"]
 
 log = logging.getLogger(__name__)
 
@@ -82,49 +80,3 @@ def report(paths: Sequence[Path | str], out: Path | str = DEFAULT_OUT, checkpoin
         (out / "index.html").write_text(render_html(tables, failed, out), encoding="utf-8")
         files.append(out / "index.html")
     return {"tables": tables, "failed": failed, "files": files}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dml-report", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="run or sweep directories (searched recursively for results.json)")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default: {DEFAULT_OUT})")
-    p.add_argument("--checkpoint", choices=tuple(CHECKPOINTS), default="final",
-                   help="metrics in the main columns: final epoch (default); best = the run's best.pt; best-val = "
-                        "best epoch on the validation split; best-test = best epoch on the test split (test-set "
-                        "selection, what the official D&C and HDML codes report)")
-    p.add_argument("--split-by", action="append", default=[], metavar="KEY",
-                   help=f"one table per value of KEY: a fingerprint field ({', '.join(FINGERPRINT)}) or any dotted "
-                        "config key (e.g. method.num_clusters)")
-    p.add_argument("--group-by", action="append", default=[], metavar="KEY",
-                   help="rows by the values of these dotted config keys only (and the experiment row); runs that "
-                        "differ in other settings are pooled and the row's footnote lists them")
-    p.add_argument("--select-metric", metavar="METRIC",
-                   help="metric that picks the best-on-val/best-on-test epoch (default: each run's "
-                        "trainer.select_metric, recall@1; the official HDML code kept the best test nmi)")
-    p.add_argument("--allow-mixed-protocols", action="store_true",
-                   help="put rows with different protocol fingerprints in one table (each row shows its protocol)")
-    p.add_argument("--metrics", nargs="+", help="metric columns (default: the paper table's, else R@K, NMI, F1, MAP@R)")
-    p.add_argument("--no-figures", action="store_true", help="tables only (no learning curves, t-SNE, grids)")
-    p.add_argument("--html", dest="html", action="store_true", default=True,
-                   help="write index.html next to the tables (the default)")
-    p.add_argument("--no-html", dest="html", action="store_false", help="no index.html")
-    p.add_argument("--tsne-points", type=int, default=300, help="t-SNE subsample per row (default 300)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="dml-report: %(message)s")
-    try:
-        result = report(args.paths, args.out, args.checkpoint, args.split_by, args.allow_mixed_protocols,
-                        args.metrics, figures=not args.no_figures, tsne_points=args.tsne_points,
-                        group_by=args.group_by, html=args.html, select_metric=args.select_metric)
-    except ReportError as err:
-        print(f"dml-report: error: {err}", file=sys.stderr)
-        return 1
-    print(render_markdown(result["tables"], result["failed"]))
-    print(f"dml-report: wrote {len(result['files'])} files to {Path(args.out)}"
-          + (f" (open {Path(args.out) / 'index.html'})" if args.html else "")
-          + (f"; {len(result['failed'])} failed run(s) listed separately" if result["failed"] else ""))
-    return 0

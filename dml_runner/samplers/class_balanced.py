@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,20 @@ class ClassBalancedBatchSampler(EpochBatchSampler):
     """
 
     too_few_classes_fix = "lower trainer.batch_size or raise sampler.samples_per_class"
+
+    @staticmethod
+    def check_config(node: dict[str, Any], config: dict[str, Any]) -> None:
+        """dml-run's config validation: samples_per_class is a positive integer that divides trainer.batch_size."""
+        from dml_runner import DMLRunnerError
+        from dml_runner.config import positive_int
+
+        if "samples_per_class" not in node:
+            return
+        spc, batch = node["samples_per_class"], config["trainer"]["batch_size"]
+        positive_int("sampler.samples_per_class", spc)
+        if batch % spc:
+            raise DMLRunnerError(f"trainer.batch_size={batch} must be a multiple of sampler.samples_per_class="
+                                 f"{spc} (each batch holds batch_size / samples_per_class classes)")
 
     def __init__(self, labels: np.ndarray, batch_size: int, seed: int = 0, samples_per_class: int = 4) -> None:
         super().__init__(labels, batch_size, seed)

@@ -18,7 +18,7 @@ from dml_runner.rundir import COMPLETED, read_results, split_override
 
 log = logging.getLogger(__name__)
 
-# Rows of the failed jobs of the last sweep that ended in this process; dml_runner.cli exits non-zero when non-empty.
+# Rows of the failed jobs of the last sweep that ended in this process; dml-run exits non-zero when non-empty.
 FAILED_JOBS: list[dict[str, Any]] = []
 METRICS = ("recall@1", "map@r", "nmi")
 

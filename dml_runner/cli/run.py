@@ -1,9 +1,13 @@
-"""`dml-run`: the Hydra entry point (train + evaluate). Thin on purpose: the work is in :func:`dml_runner.run.run`."""
+"""`dml-run`: the Hydra entry point (train + evaluate). Thin on purpose: the work is in :func:`dml_runner.run.run`.
+
+It is the one ``@hydra.main`` of the package; ``python -m dml_runner`` (what torchrun launches) runs it too.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,7 @@ def interrupt_message(stop: Any) -> str:
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def app(cfg: DictConfig) -> float | None:
     from dml_runner.run import format_results_table, run, write_failure
-    from dml_runner.trainer import RunInterrupted
+    from dml_runner.training.trainer import RunInterrupted
 
     meta = _hydra_meta()
     out_dir = Path(meta["output_dir"])
@@ -94,9 +98,12 @@ GROUP_HELP = {
 AUTOMATIC_GROUPS = ("preset", "preset_sampler", "preset_trainer", "preset_method")
 
 
-def format_help() -> str:
-    """`dml-run --help`: what each group does, its options (default marked *), then the trainer and eval keys."""
-    from dml_runner.config import SCHEMAS, default_choices, group_options, schema_help
+def format_help(overrides: Sequence[str] = ()) -> str:
+    """`dml-run --help`: what each group does, its options (default marked *), then the trainer and eval keys.
+
+    A ``hydra.searchpath=[...]`` among ``overrides`` adds the options of those config folders (a plug-in's), marked
+    with their folder."""
+    from dml_runner.config import SCHEMAS, default_choices, group_options, schema_help, search_path_dirs
 
     conf = conf_dir()
     defaults = default_choices()
@@ -114,6 +121,10 @@ def format_help() -> str:
             shown = f"{len(options)} rows under " + ", ".join(f"{f}/" for f in families)
         else:
             shown = ", ".join(o + ("*" if defaults.get(group) == o else "") for o in options)
+        for extra in search_path_dirs(overrides):
+            added = [o for o in group_options(group, extra) if o not in options]
+            if added:
+                shown += f"; from {extra}: " + ", ".join(added)
         lines.append(f"  {group:<{width}}  {GROUP_HELP.get(group, '')}: {shown}")
     for group, schema in SCHEMAS.items():
         lines += ["", f"{group} options ({group}.KEY=VALUE; default in brackets):"]
@@ -138,9 +149,9 @@ def _show_default(value: Any) -> str:
 
 def main() -> None:
     if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
-        print(format_help())
+        print(format_help(sys.argv[1:]))
         return
-    from dml_runner import callbacks
+    from dml_runner.training import callbacks
 
     app()
     if callbacks.FAILED_JOBS:  # a sweep with failed jobs (listed by the sweep summary) is not a success

@@ -1,21 +1,28 @@
-"""The contracts between the config groups and the trainer, in one place.
+"""The one builder from config to objects, and the contracts between the config groups and the trainer.
 
-Each config group builds an object with ``hydra.utils.instantiate``; :func:`check` verifies right after building it
-that the object honours its group's contract, so a plug-in that returns the wrong thing fails with one line naming
-the option and what is missing, not with an AttributeError deep inside the first epoch. docs/ARCHITECTURE.md
-describes the same contracts in prose; docs/EXTENDING.md shows one example of each.
+:func:`instantiate` is the package's call of ``hydra.utils.instantiate`` for the run's groups: it names the group in
+its error and, right after building, :func:`check` verifies that the object honours its group's contract, so a
+plug-in that returns the wrong thing fails with one line naming the option and what is missing, not with an
+AttributeError deep inside the first epoch. :func:`build_model`, :func:`build_loss`, :func:`sampler_factory` and
+:func:`build_evaluate` build what :mod:`dml_runner.run` hands the Trainer; the trained-run library
+(:mod:`dml_runner.trained`), scripts/ and examples/ build through the same functions. docs/ARCHITECTURE.md describes
+the contracts in prose; docs/EXTENDING.md shows one example of each.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
 
 from dml_runner import DMLRunnerError
+
+if TYPE_CHECKING:
+    from dml_runner.config import EvalConfig
 
 EVAL_MODES = ("loo", "query_gallery")
 
@@ -100,3 +107,64 @@ def check(group: str, obj: Any, target: str | None = None) -> Any:
         where = f"{group}={target}" if target else group
         raise DMLRunnerError(f"{where} breaks the {group} contract (docs/ARCHITECTURE.md): {'; '.join(problems)}")
     return obj
+
+
+# ----------------------------------------------------------------------------------------------- the builder
+def instantiate(node: Any, what: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(node, **kwargs)`` (plain containers), checked against the contract of the group
+    ``what``; a failure is one :class:`DMLRunnerError` that names the group."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate as hydra_instantiate
+
+    try:
+        built = hydra_instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, DMLRunnerError):
+            raise cause
+        raise DMLRunnerError(f"could not build `{what}` from its config: {err}") from err
+    target = node.get("_target_") if hasattr(node, "get") else None
+    return check(what, built, target)
+
+
+def build_model(cfg: Any, in_channels: int) -> Any:
+    """The embedding model as a run builds it (before any method changes it): the backbone group and
+    eval.normalize; the trained-run library rebuilds a run's model with it."""
+    from dml_runner.config import eval_settings
+
+    model = instantiate(cfg.backbone, "backbone", in_channels=in_channels)
+    if eval_settings(cfg).normalize:
+        model.head.eval_normalize = True
+    return model
+
+
+def build_loss(cfg: Any, train_labels: Any) -> Any:
+    """The loss group; a loss that learns per-class weights (loss=pml ProxyAnchorLoss, ...) declares
+    ``train_labels`` in its config and gets them."""
+    return instantiate(cfg.loss, "loss", **({"train_labels": train_labels} if "train_labels" in cfg.loss else {}))
+
+
+def build_scheduler(cfg: Any) -> Callable | None:
+    """The scheduler factory, or None when the scheduler group builds nothing."""
+    return instantiate(cfg.scheduler, "scheduler") if cfg.get("scheduler") and cfg.scheduler.get("_target_") \
+        else None
+
+
+def sampler_factory(node: Any, default_batch_size: int, default_seed: int) -> Callable[..., Any]:
+    """``make_sampler(labels, batch_size=None, seed=None)``: the sampler group built for a label array, with the
+    trainer's batch size and seed unless a method asks for others."""
+    def make_sampler(labels: Any, batch_size: int | None = None, seed: int | None = None) -> Any:
+        return instantiate(node, "sampler", labels=labels,
+                           batch_size=default_batch_size if batch_size is None else batch_size,
+                           seed=default_seed if seed is None else seed)
+
+    return make_sampler
+
+
+def build_evaluate(e: EvalConfig, recall_at: list[int], trainer_seed: int) -> Any:
+    """The evaluation function the Trainer calls: dml_runner.evaluation.evaluate with the eval settings bound."""
+    from dml_runner.evaluation import evaluate
+
+    return partial(evaluate, recall_at=tuple(recall_at), metrics=tuple(e.metrics), device=e.device,
+                   seed=trainer_seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
+                   kmeans_iters=e.kmeans_iters, backend=str(e.backend))

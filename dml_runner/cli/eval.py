@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import zipfile
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,13 +12,7 @@ import numpy as np
 from dml_runner.config import EvalBackend, EvalConfig
 from dml_runner.devices import DEVICE_CHOICES, DeviceError, resolve_device
 from dml_runner.evaluation import KNOWN_METRICS, estimate_memory_bytes, evaluate
-from dml_runner.rundir import write_json_atomic
-
-FILE_CONTENTS = (
-    "the file must be a .npz (numpy.savez) with 'embeddings' (N x D floats) and 'labels' (N integers), "
-    "and optionally boolean 'query_mask' and 'gallery_mask' of length N"
-)
-
+from dml_runner.rundir import EMBEDDINGS_CONTENTS, EmbeddingsFileError, read_embeddings, write_json_atomic
 
 class InputError(Exception):
     """Bad user input: reported on stderr with exit code 2."""
@@ -35,51 +28,6 @@ def available_memory_bytes() -> int | None:
     except OSError:
         pass
     return None
-
-
-def load_npz(path: str) -> dict[str, np.ndarray]:
-    if not os.path.exists(path):
-        raise InputError(f"{path}: file not found; {FILE_CONTENTS}")
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory; {FILE_CONTENTS}")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head.startswith(b"\x93NUMPY"):
-        raise InputError(f"{path}: is a single .npy array, not an .npz archive; save both arrays with "
-                         "numpy.savez(path, embeddings=..., labels=...)")
-    if not head.startswith(b"PK"):
-        kind = "a text file" if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head) else \
-            "empty" if not head else f"a file starting with bytes {head!r}"
-        raise InputError(f"{path}: not an .npz archive (it is {kind}); {FILE_CONTENTS}")
-    try:
-        data = np.load(path, allow_pickle=False)
-        if not isinstance(data, np.lib.npyio.NpzFile):
-            raise InputError(f"{path}: not an .npz archive; {FILE_CONTENTS}")
-        with data:
-            arrays = {k: data[k] for k in data.files}
-    except InputError:
-        raise
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise InputError(f"{path}: holds Python objects (pickled arrays), which dml-eval does not load; "
-                             f"{FILE_CONTENTS}") from None
-        raise InputError(f"{path}: cannot be read as .npz ({exc}); {FILE_CONTENTS}") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise InputError(f"{path}: cannot be read as .npz ({exc}); {FILE_CONTENTS}") from None
-    missing = [k for k in ("embeddings", "labels") if k not in arrays]
-    if missing:
-        raise InputError(f"{path}: missing key(s) {missing} (found {sorted(arrays)}); {FILE_CONTENTS}")
-    emb, lab = arrays["embeddings"], arrays["labels"]
-    if emb.ndim != 2:
-        raise InputError(f"{path}: 'embeddings' has shape {emb.shape}, expected (N, D); {FILE_CONTENTS}")
-    if lab.ndim != 1 or lab.shape[0] != emb.shape[0]:
-        raise InputError(f"{path}: length mismatch: {emb.shape[0]} embeddings but labels of shape {lab.shape}; "
-                         f"{FILE_CONTENTS}")
-    for key in ("query_mask", "gallery_mask"):
-        if key in arrays and arrays[key].shape != (emb.shape[0],):
-            raise InputError(f"{path}: '{key}' has shape {arrays[key].shape}, expected ({emb.shape[0]},); "
-                             f"{FILE_CONTENTS}")
-    return arrays
 
 
 def format_table(results: dict[str, float]) -> str:
@@ -163,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_arguments(args)
-        arrays = load_npz(args.file)
+        arrays = read_embeddings(args.file)
         emb, lab = arrays["embeddings"], arrays["labels"]
         qmask, gmask = arrays.get("query_mask"), arrays.get("gallery_mask")
         n, dim = emb.shape
@@ -183,11 +131,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = evaluate(emb, lab, recall_at=args.recall_at, metrics=args.metrics, query_mask=qmask,
                            gallery_mask=gmask, device=args.device, seed=args.seed, kmeans_iters=args.kmeans_iters,
                            max_memory_gb=args.max_memory_gb, backend=str(args.backend))
-    except InputError as exc:
+    except (InputError, EmbeddingsFileError) as exc:
         print(f"dml-eval: error: {exc}", file=sys.stderr)
         return 2
     except ValueError as exc:
-        print(f"dml-eval: error: {args.file}: {exc}; {FILE_CONTENTS}", file=sys.stderr)
+        print(f"dml-eval: error: {args.file}: {exc}; {EMBEDDINGS_CONTENTS}", file=sys.stderr)
         return 2
     print(format_table(results))
     if args.json:

@@ -1,27 +1,29 @@
-"""``dml-embed RUN INPUT``: embeddings of your images, or of a dataset split, with a trained run's model.
+"""A trained run as a library: find its checkpoint, rebuild its model, embed, search and export with it.
 
-``RUN`` is a run directory (its ``best.pt``, else ``last.pt``) or a checkpoint file. The model is rebuilt from the
-run's saved resolved config (``config.json``, else the checkpoint's copy), the checkpoint's weights are loaded and
-the model embeds in eval mode, normalised as the run evaluates. ``INPUT`` is
+``RUN`` is a run directory (its ``best.pt``, else ``last.pt``) or a checkpoint file. :func:`load_trained` rebuilds
+the model from the run's saved resolved config (``config.json``, else the checkpoint's copy) through
+:mod:`dml_runner.build`, loads the checkpoint's weights (read by :func:`dml_runner.training.checkpoint.read_checkpoint`)
+and puts the model in eval mode, normalised as the run evaluates. The inputs it embeds are
 
-- an image folder: every image below it (recursive, sorted paths); an image's class is its sub-folder (the path
-  of its directory relative to the folder; an image directly in the folder has no class: label -1, name ""),
-  read with the run's test transform (:func:`file_transform`);
-- or a dataset: a split name (``train``, ``val``, ``test``; default ``test``) and/or overrides of the run's dataset
-  config (``dataset.root=/data/CUB_200_2011``, or another dataset: ``dataset=cub200 dataset.root=...``), embedded
-  with the run's test transform.
+- an image folder (:func:`scan_images`): every image below it (recursive, sorted paths); an image's class is its
+  sub-folder (the path of its directory relative to the folder; an image directly in the folder has no class:
+  label -1, name ""), read with the run's test transform (:func:`file_transform`);
+- or a dataset split (:func:`dataset_split`): a split name (``train``, ``val``, ``test``; default ``test``) and/or
+  overrides of the run's dataset config (``dataset.root=/data/CUB_200_2011``, or another dataset:
+  ``dataset=cub200 dataset.root=...``), embedded with the run's test transform.
 
-It writes ``embeddings.npz`` (:func:`write_embeddings`): ``embeddings``, ``labels``, ``paths``, ``class_names`` and,
-for query/gallery datasets, ``query_mask`` / ``gallery_mask``; ``dml-eval``, ``dml-search`` and numpy read it.
-See docs/USING.md.
+With the model it finds the nearest neighbours of query images in an embeddings file (:func:`search`) and exports
+the model to TorchScript or ONNX, checked against the PyTorch model (:func:`export`). ``dml-embed``, ``dml-search``
+and ``dml-export`` (:mod:`dml_runner.cli`) are its commands; the embeddings file is written and read by
+:func:`dml_runner.rundir.write_embeddings` and :func:`dml_runner.rundir.read_embeddings`. See docs/USING.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import importlib.util
 import json
-import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dml_runner import DMLRunnerError
-from dml_runner.rundir import BEST, CONFIG, EMBEDDINGS, LAST, save_npz_atomic
+from dml_runner.rundir import BEST, CONFIG, LAST
 
 if TYPE_CHECKING:
     import torch
@@ -39,35 +41,6 @@ if TYPE_CHECKING:
 
 SPLITS = ("train", "val", "test")
 CHECKPOINTS = (BEST, LAST)
-
-
-def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarray, dataset: LabelledDataset,
-                     query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None,
-                     **extra: str) -> Path:
-    """Write ``embeddings.npz`` for the items of ``dataset`` (in its order); atomic (a temporary file, then rename).
-
-    Arrays: ``embeddings`` (N x D float32), ``labels`` (N int64), ``paths`` and ``class_names`` (N strings each:
-    the item's image file and the name of its class, from the dataset), ``query_mask`` / ``gallery_mask`` when given,
-    and ``extra`` strings (e.g. the checkpoint) as 0-d string arrays. Nothing is pickled.
-    """
-    path = Path(path)
-    emb = np.asarray(embeddings, dtype=np.float32)
-    labels = np.asarray(labels)
-    n = len(dataset)
-    if emb.ndim != 2 or emb.shape[0] != n:
-        raise ValueError(f"embeddings of shape {emb.shape} for a dataset of {n} items; expected ({n}, D)")
-    if not np.array_equal(labels, dataset.labels):
-        raise ValueError("labels differ from the dataset's labels: write the embeddings of the dataset given")
-    arrays: dict[str, np.ndarray] = {"embeddings": emb, "labels": labels.astype(np.int64),
-                                     "paths": dataset.item_paths(), "class_names": dataset.item_class_names()}
-    for key, mask in (("query_mask", query_mask), ("gallery_mask", gallery_mask)):
-        if mask is not None:
-            arrays[key] = np.asarray(mask, dtype=bool)
-            if arrays[key].shape != (n,):
-                raise ValueError(f"{key} of shape {arrays[key].shape}; expected ({n},)")
-    arrays.update({key: np.asarray(str(value)) for key, value in extra.items()})
-    save_npz_atomic(path, **arrays)
-    return path
 
 
 # --------------------------------------------------------------------------------------------- the trained model
@@ -109,11 +82,12 @@ def file_transform(dataset_config: Mapping[str, Any]) -> tuple[Callable[[Any], t
     return make(**kwargs)
 
 
-def build_model(config: Mapping[str, Any], in_channels: int) -> torch.nn.Module:
-    """The run's model as its config builds it, without loading pretrained weights (the checkpoint replaces them)."""
+def rebuild_model(config: Mapping[str, Any], in_channels: int) -> torch.nn.Module:
+    """The run's model as its saved config builds it, without loading pretrained weights (the checkpoint replaces
+    them), with what the run's method changes in the model."""
     from omegaconf import OmegaConf
 
-    from dml_runner import run
+    from dml_runner.build import build_model, instantiate
 
     backbone = dict(config["backbone"])
     had_weights = bool(backbone.get("pretrained") or backbone.get("weights"))
@@ -121,10 +95,10 @@ def build_model(config: Mapping[str, Any], in_channels: int) -> torch.nn.Module:
         backbone["pretrained"] = False
     if "weights" in backbone:
         backbone["weights"] = None
-    if config.get("eval") is not None:  # run.build_model: the backbone group and eval.normalize, as the run built it
-        model = run.build_model(OmegaConf.create({**config, "backbone": backbone}), in_channels)
+    if config.get("eval") is not None:  # build_model: the backbone group and eval.normalize, as the run built it
+        model = build_model(OmegaConf.create({**config, "backbone": backbone}), in_channels)
     else:  # a run directory from before eval was recorded
-        model = run._instantiate(OmegaConf.create(backbone), "backbone", in_channels=in_channels)
+        model = instantiate(OmegaConf.create(backbone), "backbone", in_channels=in_channels)
     trunk = getattr(model, "trunk", None)
     if had_weights and getattr(trunk, "arch", None) == "googlenet":
         # torchvision's GoogLeNet re-scales its input when built with ImageNet weights (transform_input); the flag is
@@ -132,9 +106,7 @@ def build_model(config: Mapping[str, Any], in_channels: int) -> torch.nn.Module:
         trunk.transform_input = True
     method_cfg = config.get("method")
     if method_cfg:
-        from hydra.utils import instantiate
-
-        prepare = getattr(instantiate(method_cfg, _convert_="all"), "prepare_model", None)
+        prepare = getattr(instantiate(method_cfg, "method"), "prepare_model", None)
         if prepare is not None:  # what the method changes in the model (HDML's head BN, D&C's sliced embedding)
             prepare(model)
     return model
@@ -179,24 +151,17 @@ class TrainedModel:
 
 def load_trained(run: str | Path, device: str = "cpu") -> TrainedModel:
     """Rebuild a run's model from its saved config and load its checkpoint (see the module docstring)."""
-    import torch
+    from dml_runner.training.checkpoint import read_checkpoint
 
     checkpoint, run_dir = find_checkpoint(run)
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same message
-        raise DMLRunnerError(f"{checkpoint}: cannot read this checkpoint ({err}); give a best.pt or last.pt that "
-                             "dml-run wrote") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise DMLRunnerError(f"{checkpoint}: not a dml-run checkpoint (no 'model' entry); give a best.pt or last.pt "
-                             "that dml-run wrote")
+    state = read_checkpoint(checkpoint)
     config_file = run_dir / CONFIG
     config = json.loads(config_file.read_text()) if config_file.is_file() else state.get("config")
     if not config or "backbone" not in config or "dataset" not in config:
         raise DMLRunnerError(f"{checkpoint}: neither {config_file} nor the checkpoint holds the run's config; keep "
                              "config.json next to the checkpoint")
     transform, in_channels = file_transform(config["dataset"])
-    model = build_model(config, in_channels)
+    model = rebuild_model(config, in_channels)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
@@ -254,7 +219,7 @@ def dataset_split(trained: TrainedModel, tokens: Sequence[str]) -> tuple[Labelle
     """
     from omegaconf import OmegaConf
 
-    from dml_runner.run import _instantiate
+    from dml_runner.build import instantiate
 
     split = "test"
     overrides = []
@@ -282,7 +247,7 @@ def dataset_split(trained: TrainedModel, tokens: Sequence[str]) -> tuple[Labelle
             key, value = token.lstrip("+").split("=", 1)
             OmegaConf.update(node, key.removeprefix("dataset."), OmegaConf.from_dotlist([f"v={value}"]).v,
                              force_add=token.startswith("+"))
-    splits = _instantiate(node, "dataset")
+    splits = instantiate(node, "dataset")
     part = getattr(splits, split)
     if part is None:
         raise DMLRunnerError(f"split {split}: the dataset has no {split} split (a val split needs "
@@ -294,65 +259,126 @@ def dataset_split(trained: TrainedModel, tokens: Sequence[str]) -> tuple[Labelle
     return part, splits, split
 
 
-# --------------------------------------------------------------------------------------------- command line
-def add_common_arguments(parser: argparse.ArgumentParser, device: bool = True) -> None:
-    """What dml-embed, dml-search and dml-export share: the run (and the device the model runs on)."""
-    parser.add_argument("run", help="run directory (best.pt, else last.pt) or checkpoint file")
-    if device:
-        parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
+# --------------------------------------------------------------------------------------------- search
+def nearest(queries: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(indices, distances)`` of the ``k`` nearest index rows of every query (Euclidean, ties by index order)."""
+    q, g = queries.astype(np.float64), index.astype(np.float64)
+    d2 = (q ** 2).sum(1)[:, None] + (g ** 2).sum(1)[None, :] - 2.0 * q @ g.T
+    order = np.argsort(d2, axis=1, kind="stable")[:, :k]
+    return order, np.sqrt(np.maximum(np.take_along_axis(d2, order, axis=1), 0.0))
 
 
-def output_path(option: str, value: str) -> Path:
-    """``value`` as a path whose directory exists (else a one-line error naming ``option``)."""
-    out = Path(value).expanduser()
-    if not out.parent.resolve().is_dir():
-        raise DMLRunnerError(f"{option} {value}: the directory {out.parent.resolve()} does not exist; create it first")
-    if out.is_dir():
-        raise DMLRunnerError(f"{option} {value}: is a directory; give a file name")
-    return out
+def search(trained: TrainedModel, queries: Sequence[str], index: dict[str, np.ndarray], k: int,
+           batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """``(query paths, query labels, neighbours, distances)``; a query's label is the index class named like its
+    folder (-1 when none is)."""
+    files = image_files(queries)
+    names = {str(n): int(lab) for lab, n in zip(index["labels"], index["class_names"])}
+    labels = np.array([names.get(Path(f).parent.name, -1) for f in files], dtype=np.int64)
+    emb = trained.embed(trained.image_dataset(files), batch_size)
+    if emb.shape[1] != index["embeddings"].shape[1]:
+        raise DMLRunnerError(f"--index: its embeddings have {index['embeddings'].shape[1]} dimensions, this run's "
+                             f"model gives {emb.shape[1]}; embed the index with the same run (dml-embed)")
+    neighbours, distances = nearest(emb, index["embeddings"], min(k, len(index["labels"])))
+    return files, labels, neighbours, distances
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="dml-embed", description="Embed an image folder or a dataset split with a trained run's model; "
-                                      "writes embeddings.npz (embeddings, labels, paths, class_names).")
-    add_common_arguments(parser)
-    parser.add_argument("input", nargs="+",
-                        help="image folder, or a split (train/val/test) and/or dataset overrides "
-                             "(dataset=cub200 dataset.root=/data/CUB_200_2011)")
-    parser.add_argument("--out", default="embeddings.npz", help="output .npz (default: ./embeddings.npz)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=0)
-    args = parser.parse_args(argv)
+# --------------------------------------------------------------------------------------------- export
+FORMATS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
+ONNX_PACKAGES = ("onnx", "onnxruntime", "onnxscript")
+
+
+def require_onnx() -> None:
+    missing = [name for name in ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise DMLRunnerError(f"--format onnx needs {', '.join(missing)}: pip install dml-runner[onnx]")
+
+
+def check_images(trained: TrainedModel, images: Sequence[str], count: int = 4, seed: int = 0) -> np.ndarray:
+    """Model inputs ``(N, C, H, W)``: the given image files (or folders) through the run's test transform, else
+    ``count`` random RGB images (64 x 80 pixels, seeded) through it."""
+    import torch
+    from PIL import Image
+
+    if images:
+        dataset = trained.image_dataset(image_files(images))
+        return torch.stack([dataset[i][0] for i in range(len(dataset))]).numpy()
+    rng = np.random.default_rng(seed)
+    pictures = [Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8)) for _ in range(count)]
+    return torch.stack([trained.transform(p) for p in pictures]).numpy()
+
+
+def compare(reference: np.ndarray, exported: np.ndarray, atol: float, what: str) -> float:
+    """The maximum absolute difference of two embedding batches; above ``atol`` a one-line error."""
+    if reference.shape != exported.shape:
+        raise DMLRunnerError(f"{what}: gives embeddings of shape {exported.shape}, the PyTorch model "
+                             f"{reference.shape}")
+    diff = float(np.abs(reference.astype(np.float64) - exported.astype(np.float64)).max()) if reference.size else 0.0
+    if not diff <= atol:
+        raise DMLRunnerError(f"{what}: its embeddings differ from the PyTorch model's by {diff:.3g} (max abs) on "
+                             f"{len(reference)} images, above --atol {atol:g}; the exported file was removed")
+    return diff
+
+
+def export_torchscript(model: Callable, example: object, out: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """Trace to TorchScript, save, and return the reloaded file as a numpy function."""
+    import torch
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch marks TorchScript deprecated; the format is asked for
+        # shape tests (e.g. repeating a grey channel) are fixed by the run's input, which the check then exercises
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(model, example, check_trace=False)
+        traced.save(str(out))
+        loaded = torch.jit.load(str(out), map_location="cpu")
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return loaded(torch.from_numpy(x)).numpy()
+
+    return run
+
+
+def export_onnx(model: Callable, example: object, out: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """torch.onnx (the torch.export-based exporter) with a dynamic batch dimension; returns an ONNX Runtime
+    session on the file as a numpy function."""
+    import onnxruntime
+    import torch
+
+    torch.onnx.export(model, (example,), str(out), input_names=["images"], output_names=["embeddings"],
+                      dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False,
+                      verbose=False)
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return session.run(["embeddings"], {"images": x.astype(np.float32)})[0]
+
+    return run
+
+
+def export(trained: TrainedModel, fmt: str, out: Path, images: Sequence[str] = (), atol: float = 1e-4) -> dict:
+    """Write ``out`` in ``fmt``, check it against the PyTorch model and write ``<out>.json``; returns that record."""
+    import torch
+
+    if fmt == "onnx":
+        require_onnx()
+    model = trained.model.cpu().eval()
+    inputs = check_images(trained, images)
+    example = torch.from_numpy(inputs[:2])
+    with torch.no_grad():
+        reference = model(torch.from_numpy(inputs)).numpy()
+    run = (export_onnx if fmt == "onnx" else export_torchscript)(model, example, out)
     try:
-        if args.batch_size < 1:
-            raise DMLRunnerError(f"--batch-size {args.batch_size}: must be >= 1")
-        out = output_path("--out", args.out)
-        trained = load_trained(args.run, args.device)
-        if out.resolve() == (trained.run_dir / EMBEDDINGS).resolve():
-            raise DMLRunnerError(f"--out {out}: is the run's own embeddings.npz; choose another file name")
-        first = Path(args.input[0]).expanduser()
-        masks: dict[str, np.ndarray] = {}
-        if len(args.input) == 1 and (first.is_dir() or first.exists()):
-            if not first.is_dir():
-                raise DMLRunnerError(f"{first}: not a folder; give a folder of images (dml-search takes single "
-                                     "images)")
-            paths, labels, names = scan_images(first)
-            dataset = trained.image_dataset(paths, labels, names)
-            what = f"{len(paths)} images in {first} ({len(names)} classes)"
-        else:
-            dataset, splits, split = dataset_split(trained, args.input)
-            if split == "test" and splits.eval_mode == "query_gallery":
-                masks = {"query_mask": splits.query_mask, "gallery_mask": splits.gallery_mask}
-            what = f"the {split} split of {splits.name} ({len(dataset)} images)"
-        emb = trained.embed(dataset, args.batch_size, args.num_workers)
-        write_embeddings(out, emb, dataset.labels, dataset, **masks, checkpoint=str(trained.checkpoint))
-    except DMLRunnerError as err:
-        print(f"dml-embed: error: {err}", file=sys.stderr)
-        return 2
-    print(f"dml-embed: {what}: {emb.shape[0]} x {emb.shape[1]} embeddings from {trained.checkpoint} -> {out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        diff = compare(reference, run(inputs), atol, f"{out} ({fmt})")
+    except DMLRunnerError:
+        out.unlink(missing_ok=True)
+        raise
+    record = {"format": fmt, "file": str(out), "checkpoint": str(trained.checkpoint),
+              "input": {"name": "images", "shape": ["N", *inputs.shape[1:]], "dtype": "float32"},
+              "output": {"name": "embeddings", "shape": ["N", int(reference.shape[1])]},
+              "normalized": bool(np.allclose(np.linalg.norm(reference, axis=1), 1.0, atol=1e-4)),
+              "test_transform": repr(trained.transform), "checked_images": len(inputs),
+              "checked_on": "given images" if images else "random images through the test transform",
+              "max_abs_diff": diff, "atol": atol}
+    out.with_name(out.name + ".json").write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -1,7 +1,7 @@
 """``dml-search RUN QUERY... --index embeddings.npz``: nearest neighbours of query images among embedded images.
 
 The queries (image files, or folders of images) are embedded with the run's model and test transform
-(:mod:`dml_runner.embed`); the index is an ``embeddings.npz`` with ``paths`` (written by ``dml-embed`` or by a run)
+(:mod:`dml_runner.trained`); the index is an ``embeddings.npz`` with ``paths`` (written by ``dml-embed`` or by a run)
 embedded by the same model. Prints the top-k paths with their Euclidean distances and writes the retrieval grid as a
 PNG: one row per query, its top-k framed green (same class as the query), red (another class) or grey (the query's
 class is unknown: it is not in a sub-folder named like a class of the index). See docs/USING.md.
@@ -17,16 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from dml_runner import DMLRunnerError
-from dml_runner.embed import TrainedModel, add_common_arguments, image_files, load_trained, output_path
+from dml_runner.cli.embed import add_common_arguments, output_path
+from dml_runner.trained import load_trained, search
 
 
 def load_index(path: str | Path) -> dict[str, np.ndarray]:
     """The arrays of an embeddings.npz that has ``paths`` (one-line errors otherwise)."""
-    from dml_runner.eval_cli import InputError, load_npz
+    from dml_runner.rundir import EmbeddingsFileError, read_embeddings
 
     try:
-        arrays = load_npz(str(path))
-    except InputError as err:
+        arrays = read_embeddings(path)
+    except EmbeddingsFileError as err:
         raise DMLRunnerError(f"--index {err}") from None
     if "paths" not in arrays:
         raise DMLRunnerError(f"--index {path}: has no 'paths' (image files) to show; make the index with "
@@ -34,29 +35,6 @@ def load_index(path: str | Path) -> dict[str, np.ndarray]:
     if "class_names" not in arrays:
         arrays["class_names"] = np.asarray([str(c) for c in arrays["labels"]])
     return arrays
-
-
-def nearest(queries: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(indices, distances)`` of the ``k`` nearest index rows of every query (Euclidean, ties by index order)."""
-    q, g = queries.astype(np.float64), index.astype(np.float64)
-    d2 = (q ** 2).sum(1)[:, None] + (g ** 2).sum(1)[None, :] - 2.0 * q @ g.T
-    order = np.argsort(d2, axis=1, kind="stable")[:, :k]
-    return order, np.sqrt(np.maximum(np.take_along_axis(d2, order, axis=1), 0.0))
-
-
-def search(trained: TrainedModel, queries: Sequence[str], index: dict[str, np.ndarray], k: int,
-           batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
-    """``(query paths, query labels, neighbours, distances)``; a query's label is the index class named like its
-    folder (-1 when none is)."""
-    files = image_files(queries)
-    names = {str(n): int(lab) for lab, n in zip(index["labels"], index["class_names"])}
-    labels = np.array([names.get(Path(f).parent.name, -1) for f in files], dtype=np.int64)
-    emb = trained.embed(trained.image_dataset(files), batch_size)
-    if emb.shape[1] != index["embeddings"].shape[1]:
-        raise DMLRunnerError(f"--index: its embeddings have {index['embeddings'].shape[1]} dimensions, this run's "
-                             f"model gives {emb.shape[1]}; embed the index with the same run (dml-embed)")
-    neighbours, distances = nearest(emb, index["embeddings"], min(k, len(index["labels"])))
-    return files, labels, neighbours, distances
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """The training loop: devices, AMP, data parallelism, evaluation schedule, checkpoints, history and the NaN guard.
 
-Plain PyTorch; :mod:`dml_runner.run` builds the objects from the config and calls :func:`fit`. Under torchrun the
+Plain PyTorch; :mod:`dml_runner.run` builds the objects from the config and calls :func:`fit`. Checkpoints are the
+:class:`~dml_runner.training.checkpoint.Checkpointer`'s, seeds come from :mod:`dml_runner.devices`. Under torchrun the
 method's task module runs in DistributedDataParallel and its loss sees the gathered global batch
 (:mod:`dml_runner.distributed`); evaluation and every file are rank 0's.
 """
@@ -21,15 +22,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from dml_runner import DMLRunnerError, rundir
+from dml_runner import DMLRunnerError
 from dml_runner.config import TrainerConfig
 from dml_runner.datasets.base import DatasetSplits, LabelledDataset
-from dml_runner.devices import resolve_device
+from dml_runner.devices import epoch_seed, resolve_device, seed_everything, seed_worker
 from dml_runner.distributed import (DistInfo, ShardedBatchSampler, broadcast_module, convert_sync_batchnorm,
                                     data_parallel, gather_global_batch, init_distributed)
-from dml_runner.embed import write_embeddings
 from dml_runner.loggers import CSVLogger
 from dml_runner.methods.base import Method, TrainContext
+from dml_runner.rundir import EMBEDDINGS, write_embeddings
+from dml_runner.training.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
 
@@ -55,28 +57,6 @@ class RunInterrupted(KeyboardInterrupt):
         self.signum = signum
         self.signame = signal.Signals(signum).name
         self.checkpoint_epoch: int | None = None  # filled in by the Trainer (None: no checkpoint yet)
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """All random generators are reseeded from (seed, epoch) at every epoch start, so a run resumed at an epoch
-    boundary draws exactly the numbers the uninterrupted run drew (augmentation, dropout, sampling)."""
-    return (seed * 1_000_003 + epoch * 7_919) % 2**63
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _seed_worker(worker_id: int) -> None:
-    import random
-
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -132,6 +112,8 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         self.history_csv = CSVLogger(self.out_dir)  # history.csv, written by rank 0 only
         self.config = config or {}
+        self.checkpointer = Checkpointer(self.out_dir, self.config,
+                                         enabled=settings.save_checkpoints and self.dist.is_main)
         self.history: list[dict[str, Any]] = []
         self.select_split = self._selection_split()
         self.best: dict[str, Any] | None = None
@@ -140,7 +122,6 @@ class Trainer:
         self._last_test: dict[str, float] | None = None
         self._pending_eval: dict[str, Any] | None = None  # a trained epoch whose evaluation has not finished
         self.start_epoch = 1
-        self.checkpoint_epoch: int | None = None  # the epoch last.pt holds
 
         def sampler_factory(labels: Any, batch_size: int | None = None, seed: int | None = None) -> Any:
             sampler = make_sampler(labels, batch_size=batch_size, seed=seed)
@@ -188,7 +169,7 @@ class Trainer:
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
                           pin_memory=self.cuda and self.s.pin_memory,
                           persistent_workers=False if workers == 0 else self.s.persistent_workers,
-                          worker_init_fn=_seed_worker if workers > 0 else None)
+                          worker_init_fn=seed_worker if workers > 0 else None)
 
     def to_device(self, batch: Any) -> tuple:
         out = []
@@ -244,7 +225,7 @@ class Trainer:
         try:
             return self._fit(resume)
         except RunInterrupted as interrupt:
-            interrupt.checkpoint_epoch = self.checkpoint_epoch
+            interrupt.checkpoint_epoch = self.checkpointer.epoch
             raise
         finally:
             if self.logger is not None:
@@ -255,13 +236,13 @@ class Trainer:
         start = time.time()
         if resume is not None:
             self._restore(resume)
-            self.checkpoint_epoch = self.start_epoch - 1
+            self.checkpointer.epoch = self.start_epoch - 1
         elif s.eval_before_training:
             self.untrained = self._evaluate_epoch(0, train_loss=float("nan"), epoch_time=0.0, extra={})
         if self._pending_eval is not None:  # interrupted during an evaluation: the trained epoch was kept
             self._evaluate_epoch(**self._pending_eval)
             self._pending_eval = None
-            self._save_last(self.start_epoch - 1)
+            self.checkpointer.save_last(self.start_epoch - 1, self._state)
         for epoch in range(self.start_epoch, s.epochs + 1):
             t0 = time.time()
             seed_everything(epoch_seed(s.seed, epoch))
@@ -283,12 +264,12 @@ class Trainer:
                 # the trained epoch is saved before its evaluation, so an interrupt during evaluation loses nothing
                 self._pending_eval = {"epoch": epoch, "train_loss": train_loss, "epoch_time": epoch_time,
                                       "extra": extra}
-                self._save_last(epoch)
+                self.checkpointer.save_last(epoch, self._state)
                 self._evaluate_epoch(**self._pending_eval)
                 self._pending_eval = None
             else:
                 self._record(epoch, train_loss, epoch_time, extra, {})
-            self._save_last(epoch)
+            self.checkpointer.save_last(epoch, self._state)
             self._barrier()
         if self._last_emb is None and self.dist.is_main:  # resumed after the final evaluation
             self._last_test, self._last_emb = self.evaluate_split("test")
@@ -357,8 +338,7 @@ class Trainer:
         if self.select_split != "final" and epoch > 0 and (self.best is None or chosen[key] > self.best["value"]):
             self.best = {"epoch": epoch, "split": self.select_split, "metric": key, "value": chosen[key],
                          "test_metrics": split_metrics["test"]}
-            if self.s.save_checkpoints:
-                rundir.save_torch_atomic(self._checkpoint(epoch, metrics=split_metrics), self.out_dir / rundir.BEST)
+            self.checkpointer.save_best(epoch, self._state, metrics=split_metrics)
         self._barrier()
         return split_metrics["test"]
 
@@ -378,20 +358,12 @@ class Trainer:
     def _write_history(self) -> None:
         self.history_csv.write_rows(self.history)
 
-    def _checkpoint(self, epoch: int, metrics: dict | None = None) -> dict[str, Any]:
-        """Everything needed to continue: weights, optimiser/scheduler/method state, progress and the config.
-
-        Only tensors and plain containers, so it loads with ``torch.load(weights_only=True)``.
-        """
-        return rundir.build_checkpoint(
-            epoch=epoch, model=self.model.state_dict(), loss=self.loss.state_dict(), method=self.method.state_dict(),
-            metrics=metrics, history=self.history, best=self.best, untrained=self.untrained,
-            last_test=self._last_test, pending_eval=self._pending_eval, config=self.config)
-
-    def _save_last(self, epoch: int) -> None:
-        if self.s.save_checkpoints and self.dist.is_main:
-            rundir.save_torch_atomic(self._checkpoint(epoch), self.out_dir / rundir.LAST)
-            self.checkpoint_epoch = epoch
+    def _state(self) -> dict[str, Any]:
+        """What a checkpoint keeps to continue: the state dicts, the history, the best epoch and the evaluation
+        progress (the Checkpointer adds the epoch and the config)."""
+        return {"model": self.model.state_dict(), "loss": self.loss.state_dict(), "method": self.method.state_dict(),
+                "history": self.history, "best": self.best, "untrained": self.untrained,
+                "last_test": self._last_test, "pending_eval": self._pending_eval}
 
     def _restore(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -412,4 +384,4 @@ class Trainer:
         dml-search), and the query/gallery masks of a query-gallery protocol."""
         masks = {"query_mask": self.data.query_mask, "gallery_mask": self.data.gallery_mask} \
             if self.data.eval_mode == "query_gallery" else {}
-        write_embeddings(self.out_dir / rundir.EMBEDDINGS, emb, self.data.test.labels, self.data.test, **masks)
+        write_embeddings(self.out_dir / EMBEDDINGS, emb, self.data.test.labels, self.data.test, **masks)

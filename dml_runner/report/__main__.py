@@ -1,7 +1,0 @@
-"""`python -m dml_runner.report` = `dml-report`."""
-
-import sys
-
-from dml_runner.report import main
-
-sys.exit(main())

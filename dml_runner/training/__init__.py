@@ -1,0 +1,1 @@
+"""The training engine: the Trainer, its Checkpointer and the sweep callback."""
