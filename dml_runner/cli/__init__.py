@@ -1,0 +1,1 @@
+"""The dml-* commands: one thin module per command; the engine never imports from here."""
