@@ -6,8 +6,8 @@
     dml-prepare sop data/Stanford_Online_Products --quick  # existence only, no decoding
 
 ``--download`` works for the datasets whose authors publish an archive at a stable address with a known checksum
-(``--sources`` says which); ``--url``/``--md5`` point it at a mirror. An interrupted download resumes from the ``.part`` file
-(HTTP Range). For the others (licence forms, requests to the authors) it prints where to get the files.
+(``--sources`` says which); ``--url``/``--md5`` point it at a mirror. An interrupted download resumes from the
+``.part`` file (HTTP Range). For the others (licence forms, requests to the authors) it prints where to get the files.
 
 Exit status: 0 = complete (files present, every image decodes, counts equal a full official download);
 1 = something is missing, unreadable, failed to download, or the counts differ (the report says what);

@@ -2,7 +2,8 @@
 
 Layout (``root`` = ``CUB_200_2011/``): ``images.txt`` ("<image_id> <relative_path>"), ``image_class_labels.txt``
 ("<image_id> <class_id>", 1..200) and ``images/<relative_path>``. ``train_test_split.txt`` (the classification
-split) is NOT used. Official counts: train 5,864 images / 100 classes, test 5,924 / 100. :data:`SPEC` declares it to the registry.
+split) is NOT used. Official counts: train 5,864 images / 100 classes, test 5,924 / 100. :data:`SPEC` declares it
+to the registry.
 """
 
 from __future__ import annotations
