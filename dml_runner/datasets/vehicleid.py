@@ -135,8 +135,9 @@ def listed_images(root: Path) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def make_vehicleid(parent: Path, train_ids: Iterable[int] = (1, 2, 3, 4), test_ids: Sequence[int] = (11, 12, 13, 14, 15, 16),
-                   per_id: int = 3, singleton_ids: Iterable[int] = (16,), size: tuple[int, int] = FIXTURE_SIZE) -> Path:
+def make_vehicleid(parent: Path, train_ids: Iterable[int] = (1, 2, 3, 4),
+                   test_ids: Sequence[int] = (11, 12, 13, 14, 15, 16), per_id: int = 3,
+                   singleton_ids: Iterable[int] = (16,), size: tuple[int, int] = FIXTURE_SIZE) -> Path:
     """Fixture: VehicleID_V1.0/{train_test_split/{train_list,test_list_800,test_list_1600,test_list_2400}.txt,
     image/*.jpg}.
 
