@@ -101,7 +101,7 @@ def dataset_name(cfg: Any) -> str:
 
 def check_data(cfgs: dict[str, Any]) -> list[str]:
     """One message per dataset that is missing or incomplete (split files unreadable) under its configured root."""
-    from dml_runner.prepare import listed_images  # the checker's own reader: one definition of "present"
+    from dml_runner.datasets.prepare import listed_images  # the checker's own reader: one definition of "present"
 
     problems, seen = [], set()
     for cfg in cfgs.values():

@@ -1,4 +1,5 @@
-"""The image-file datasets on fixture trees in the official layouts (dml_runner/datasets/fixtures.py)."""
+"""The image-file datasets on fixture trees in the official layouts (each dataset module's ``make_<name>``), and the
+registry that declares them (dml_runner/datasets/registry.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from dml_runner.datasets.fixtures import (
     make_cars196, make_cub200, make_folder, make_inshop, make_sop, make_vehicleid, write_cars_annos,
@@ -18,20 +20,21 @@ from dml_runner.datasets.fixtures import (
 from dml_runner import DMLRunnerError
 from dml_runner.datasets import cars196, cub200, folder, inshop, sop, vehicleid
 from dml_runner.datasets.images import DatasetCountWarning
+from dml_runner.datasets.registry import SPECS
+from dml_runner.datasets.spec import TreeSize
 from dml_runner.datasets.transforms import caffe_227, resolve_transforms, rrc_224
 from dml_runner.datasets.vehicleid import vehicleid_gallery_draws
 
 pytestmark = pytest.mark.filterwarnings("ignore::dml_runner.datasets.images.DatasetCountWarning")
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-MAKERS = {"cub200": make_cub200, "cars196": make_cars196, "sop": make_sop, "inshop": make_inshop,
-          "vehicleid": make_vehicleid, "folder": make_folder}
 
 
 @pytest.fixture(scope="module")
 def trees(tmp_path_factory) -> dict[str, Path]:
+    """Every registered dataset's fixture tree (its spec's ``make_fixture``), under one parent."""
     parent = tmp_path_factory.mktemp("trees")
-    return {name: make(parent) for name, make in MAKERS.items()}
+    return {name: spec.make_fixture(parent) for name, spec in SPECS.items()}
 
 
 def from_config(name: str, root: Path, transform: str = "none", **overrides):
@@ -52,6 +55,46 @@ def from_config(name: str, root: Path, transform: str = "none", **overrides):
         if isinstance(err.__cause__, DMLRunnerError):
             raise err.__cause__ from None
         raise
+
+
+# ---------------------------------------------------------------- the registry
+
+def test_every_image_file_config_is_registered():
+    configs = {p.stem for p in (CONF / "dataset").glob("*.yaml")}
+    assert set(SPECS) <= configs, "a registered dataset without conf/dataset/<name>.yaml"
+    assert configs - set(SPECS) == {"digits"}, "only the embedded digits (nothing to fetch or check) has no spec"
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_registered_dataset_is_complete_and_its_fixture_loads(trees, tmp_path, name):
+    """Config, counts, sources and fixture of each spec agree with each other and with the real loader."""
+    spec = SPECS[name]
+    config = OmegaConf.to_container(OmegaConf.load(CONF / "dataset" / f"{name}.yaml"), resolve=False)
+    assert config["_target_"] == f"{spec.build.__module__}.{spec.build.__name__}" == f"dml_runner.datasets.{name}.build"
+    assert spec.name == name and spec.title and spec.layout and spec.variants
+    if spec.own_images:
+        assert spec.archive is None and all(v.official_counts is None for v in spec.variants)
+    else:
+        assert config["root"] == f"${{paths.data_dir}}/{spec.dir}" and spec.url.startswith("https://")
+        for variant in spec.variants:
+            assert {"train_images", "train_classes", "test_images", "test_classes"} <= set(variant.official_counts)
+            assert min(variant.official_counts.values()) > 0
+    if spec.archive is not None:
+        assert spec.archive.top == spec.dir and len(spec.archive.md5) == 32 and spec.archive.file in spec.archive.url
+    root = trees[name]
+    assert root.name == spec.fixture_dir and root.is_dir()
+    listed = spec.listed_images(root)
+    assert listed and all(Path(p).is_file() for p in listed) and len(set(listed)) == len(listed)
+    for variant in spec.variants:  # what `dml-run dataset=<name>` builds, with the settings dml-prepare checks
+        splits = from_config(name, root, **variant.settings)
+        assert splits.info.get("official_counts") == (None if variant.official_counts is None
+                                                      else dict(variant.official_counts))
+        assert set(splits.train.paths) | set(splits.test.paths) <= set(listed)
+        image, label = splits.test[0]
+        assert image.ndim == 3 and label == int(splits.test.labels[0])
+    sized = spec.fixture_tree(tmp_path, TreeSize(train_classes=2, per_class=2, test_classes=3))
+    counts = spec.build(str(sized)).info["counts"]
+    assert (counts["train_classes"], counts["train_images"], counts["test_classes"]) == (2, 4, 3)
 
 
 # ---------------------------------------------------------------- loaders on their fixtures
@@ -234,23 +277,19 @@ def test_query_gallery_counts_are_compared(trees):
 
 # ---------------------------------------------------------------- bad input
 
-BUILDERS = {"cub200": cub200.build, "cars196": cars196.build, "sop": sop.build, "inshop": inshop.build,
-            "vehicleid": vehicleid.build, "folder": folder.build}
-
-
-@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("name", sorted(SPECS))
 def test_missing_root_names_path_and_source(tmp_path, name):
-    missing = tmp_path / "nowhere"
+    missing, spec = tmp_path / "nowhere", SPECS[name]
     with pytest.raises(DMLRunnerError) as err:
-        BUILDERS[name](str(missing))
+        spec.build(str(missing))
     message = str(err.value)
     assert str(missing) in message and f"dml-prepare {name} {missing}" in message
-    if name == "folder":  # nothing to download: the message says how to lay out your own images
+    if spec.own_images:  # nothing to download: the message says how to lay out your own images
         assert "Download" not in message and "<class_name>" in message
     else:
-        assert "http" in message
-    if name == "cub200":  # a stable archive exists: the message offers the download
-        assert f"dml-prepare cub200 {missing} --download" in message
+        assert "http" in message and spec.url in message and spec.layout in message
+    # a stable archive exists (CUB, SOP): the message offers the download
+    assert (f"dml-prepare {name} {missing} --download" in message) == (spec.archive is not None)
 
 
 SPLIT_FILES = {"cub200": "images.txt", "cars196": "cars_annos.mat", "sop": "Ebay_test.txt",
@@ -259,10 +298,10 @@ SPLIT_FILES = {"cub200": "images.txt", "cars196": "cars_annos.mat", "sop": "Ebay
 
 @pytest.mark.parametrize("name", sorted(SPLIT_FILES))
 def test_missing_split_file_names_path_and_source(tmp_path, name):
-    root = MAKERS[name](tmp_path)
+    root = SPECS[name].make_fixture(tmp_path)
     (root / SPLIT_FILES[name]).unlink()
     with pytest.raises(DMLRunnerError) as err:
-        BUILDERS[name](str(root))
+        SPECS[name].build(str(root))
     assert str(root / SPLIT_FILES[name]) in str(err.value) and "http" in str(err.value)
     assert f"dml-prepare {name}" in str(err.value)
 
@@ -320,10 +359,10 @@ def _rewrite_line(path: Path, lineno: int, text: str) -> None:
     ("vehicleid", "train_test_split/train_list.txt", 2, "0000002 car", r"train_list\.txt:2: vehicle_id"),
 ])
 def test_malformed_lines_name_file_and_line(tmp_path, name, file, lineno, text, match):
-    root = MAKERS[name](tmp_path)
+    root = SPECS[name].make_fixture(tmp_path)
     _rewrite_line(root / file, lineno, text)
     with pytest.raises(DMLRunnerError, match=match):
-        BUILDERS[name](str(root))
+        SPECS[name].build(str(root))
 
 
 def test_cars_malformed_annotations(tmp_path):

@@ -16,15 +16,18 @@ import pytest
 
 from dml_runner import DMLRunnerError
 
-from dml_runner.datasets.fixtures import MAKERS, make_cub200, make_inshop
 from dml_runner.datasets import cub200
+from dml_runner.datasets.fixtures import MAKERS, make_cub200, make_inshop
+from dml_runner.datasets.prepare import download
+from dml_runner.datasets.registry import SPECS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "prepare_data.py"
 
 
 @pytest.fixture(scope="module")
 def prepare():
-    from dml_runner import prepare as module
+    """The dml-prepare command's module."""
+    from dml_runner.cli import prepare as module
 
     return module
 
@@ -32,8 +35,8 @@ def prepare():
 def test_sources_lists_every_dataset(prepare, capsys):
     assert prepare.main(["--sources"]) == 0
     out = capsys.readouterr().out
-    for name in ("cub200", "cars196", "sop", "inshop", "vehicleid", "folder"):
-        assert f"dml-run dataset={name}" in out
+    for name, spec in SPECS.items():
+        assert f"dml-run dataset={name}" in out and spec.title in out and spec.layout in out
     assert "cars_annos.mat" in out and "list_eval_partition.txt" in out and "test_list_800.txt" in out
 
 
@@ -85,7 +88,7 @@ def test_unreadable_and_missing_images_are_listed(prepare, tmp_path, capsys):
 
 def dml_prepare_cmd() -> list[str]:
     script = Path(sys.executable).with_name("dml-prepare")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "dml_runner.prepare"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dml_runner.cli.prepare"]
 
 
 def test_runs_as_a_command_from_any_directory_and_as_the_old_script(tmp_path):
@@ -169,7 +172,7 @@ def test_download_verifies_extracts_and_checks(prepare, tmp_path, archive_server
     assert handler.ranges == [None]
 
 
-def test_download_resumes_a_partial_file(prepare, tmp_path, archive_server):
+def test_download_resumes_a_partial_file(tmp_path, archive_server):
     serve, handler = archive_server
     payload = _cub_archive(tmp_path)
     url = serve(payload)
@@ -178,9 +181,9 @@ def test_download_resumes_a_partial_file(prepare, tmp_path, archive_server):
     md5 = hashlib.md5(payload).hexdigest()
     part = tmp_path / "data" / "CUB_200_2011.tgz.part"
     with pytest.raises(DMLRunnerError, match="run the same command again to resume"):
-        prepare.download("cub200", root, url, md5)
+        download("cub200", root, url, md5)
     assert part.stat().st_size == len(payload) // 3 and not root.exists()
-    prepare.download("cub200", root, url, md5)  # the same command again
+    download("cub200", root, url, md5)  # the same command again
     assert handler.ranges == [None, f"bytes={len(payload) // 3}-"]
     assert (root / "image_class_labels.txt").is_file() and not part.exists()
 
@@ -209,7 +212,7 @@ def test_download_refuses_members_outside_the_target(prepare, tmp_path, archive_
     assert "outside" in capsys.readouterr().err and not (tmp_path / "escaped.txt").exists()
 
 
-@pytest.mark.parametrize("name", ["cars196", "inshop", "vehicleid"])
+@pytest.mark.parametrize("name", sorted(n for n, spec in SPECS.items() if spec.archive is None and not spec.own_images))
 def test_download_without_a_stable_archive_says_where_to_get_it(prepare, tmp_path, capsys, name):
     assert prepare.main([name, str(tmp_path / "d"), "--download"]) == 1
     err = capsys.readouterr().err

@@ -3,6 +3,7 @@
 The training classes are the first half of the sorted class names, or the names listed in ``split_file`` (one per
 line, ``#`` comments allowed; a relative path is read from ``root``); every other class is a test class. Labels
 are the positions of the class names in sorted order. Evaluation: leave-one-out Recall@K over the test classes.
+:data:`SPEC` declares it to the registry.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from dml_runner import DMLRunnerError
 from dml_runner.datasets.base import DatasetSplits
-from dml_runner.datasets.images import IMAGE_EXTENSIONS, build_class_split, require_dir, require_file
+from dml_runner.datasets.images import (FIXTURE_SIZE, IMAGE_EXTENSIONS, build_class_split, require_dir, require_file,
+                                       write_jpeg)
+from dml_runner.datasets.spec import DatasetSpec, TreeSize
 
 NAME = "folder"
+FIXTURE_DIR = "my_images"
 
 
 def scan_tree(root: Path) -> tuple[list[str], list[str], np.ndarray]:
@@ -52,7 +57,7 @@ def build(root: str, split_file: str | None = None, recall_at: list[int] | tuple
           transform: Any = None, default_transform: str = "rrc_224", val_fraction: float = 0.0, seed: int = 0,
           skip_bad_images: bool = False, verify_images: bool = False) -> DatasetSplits:
     """A class-per-directory tree split by class (first half sorted, or ``split_file``)."""
-    base = require_dir(root, NAME)
+    base = require_dir(root, SPEC)
     class_names, paths, labels = scan_tree(base)
     if len(class_names) < 2:
         raise DMLRunnerError(f"dataset folder: {base} must contain at least two <class>/ sub-directories with images "
@@ -60,7 +65,7 @@ def build(root: str, split_file: str | None = None, recall_at: list[int] | tuple
     if split_file:
         split_path = Path(split_file).expanduser()
         split_path = split_path if split_path.is_absolute() else base / split_path
-        train_names = read_split_file(require_file(split_path, NAME, base), class_names)
+        train_names = read_split_file(require_file(split_path, SPEC, base), class_names)
         if not train_names or len(train_names) == len(class_names):
             raise DMLRunnerError(f"{split_path}: must list some but not all of the {len(class_names)} classes")
         split = f"train classes from {split_path}"
@@ -75,3 +80,34 @@ def build(root: str, split_file: str | None = None, recall_at: list[int] | tuple
         skip_bad_images=skip_bad_images, verify_images=verify_images, eval_recall_at=list(recall_at),
         info={"root": str(base), "split": split, "class_names": class_names if len(class_names) <= 200 else None},
         class_names=dict(enumerate(class_names)))
+
+
+def listed_images(root: Path) -> list[str]:
+    """Every image of the tree's class directories."""
+    return scan_tree(root)[1]
+
+
+def make_folder(parent: Path, n_classes: int = 6, per_class: int = 3, size: tuple[int, int] = FIXTURE_SIZE,
+                name: str = FIXTURE_DIR) -> Path:
+    """Fixture: <name>/<class_XX>/<k>.jpg (and one .png)."""
+    root = Path(parent) / name
+    for c in range(n_classes):
+        for k in range(per_class):
+            path = write_jpeg(root / f"class_{c:02d}" / f"{k}.jpg", c + 1, k, size)
+            if k == 0 and c == 0:
+                Image.open(path).save(path.with_suffix(".png"))
+                path.unlink()
+    return root
+
+
+def fixture_tree(parent: Path, size: TreeSize, image_size: tuple[int, int] = FIXTURE_SIZE) -> Path:
+    """Fixture of ``size``: the training and test classes in one tree (the first half trains)."""
+    return make_folder(parent, n_classes=size.train_classes + size.test_classes, per_class=size.per_class,
+                       size=image_size)
+
+
+SPEC = DatasetSpec(
+    name=NAME, title="your own images", url="(your own images: nothing to download)", dir="<any>",
+    layout="<root>/<class_name>/<image>.{jpg,png,...} (optionally a split file listing the train classes)",
+    build=build, listed_images=listed_images, own_images=True,
+    make_fixture=make_folder, fixture_tree=fixture_tree, fixture_dir=FIXTURE_DIR)

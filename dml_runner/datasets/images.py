@@ -1,9 +1,10 @@
 """Shared machinery of the image-file datasets (CUB-200-2011, Cars196, SOP, In-shop, VehicleID, folder).
 
-One module owns: the lazily-decoding :class:`ImageListDataset`, the official download sources, split-file parsing
-with file:line errors, the up-front existence check (``skip_bad_images``), the comparison of the counts found with
-the official ones (a partial download must never silently produce a paper-looking table) and the final assembly
-of a :class:`DatasetSplits`.
+One module owns: the lazily-decoding :class:`ImageListDataset`, the missing-file messages (what a dataset's
+:class:`~dml_runner.datasets.spec.DatasetSpec` says about where to get it), split-file parsing with file:line errors,
+the up-front existence check (``skip_bad_images``), the comparison of the counts found with the official ones (a
+partial download must never silently produce a paper-looking table), the final assembly of a :class:`DatasetSplits`,
+and the JPEG writer of the fixture trees.
 """
 
 from __future__ import annotations
@@ -21,52 +22,9 @@ from PIL import Image
 
 from dml_runner import DMLRunnerError
 from dml_runner.datasets.base import DatasetSplits, LabelledDataset, with_validation_split
+from dml_runner.datasets.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
-
-# Where each dataset comes from and how its root must look. Used in error messages, dml-prepare (dml_runner/prepare.py) and
-# docs/DATASETS.md (keep the three consistent).
-SOURCES: dict[str, dict[str, str]] = {
-    "cub200": {
-        "title": "Caltech-UCSD Birds-200-2011",
-        "url": "https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz, also on data.caltech.edu)",
-        "dir": "CUB_200_2011",
-        "layout": "CUB_200_2011/{images.txt, image_class_labels.txt, images/<class_dir>/<image>.jpg}",
-    },
-    "cars196": {
-        "title": "Stanford Cars (Cars196)",
-        "url": "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (car_ims.tgz + cars_annos.mat; "
-               "mirrors exist on Kaggle since the original host went offline)",
-        "dir": "cars196",
-        "layout": "cars196/{cars_annos.mat, car_ims/000001.jpg ...}",
-    },
-    "sop": {
-        "title": "Stanford Online Products",
-        "url": "https://cvgl.stanford.edu/projects/lifted_struct/ (Stanford_Online_Products.zip)",
-        "dir": "Stanford_Online_Products",
-        "layout": "Stanford_Online_Products/{Ebay_train.txt, Ebay_test.txt, bicycle_final/..., ...}",
-    },
-    "inshop": {
-        "title": "DeepFashion In-shop Clothes Retrieval Benchmark",
-        "url": "https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html "
-               "(Eval/list_eval_partition.txt and Img/img.zip, unzipped so that img/ sits next to Eval/)",
-        "dir": "InShop",
-        "layout": "InShop/{Eval/list_eval_partition.txt, img/WOMEN/..., img/MEN/...}",
-    },
-    "vehicleid": {
-        "title": "PKU VehicleID",
-        "url": "https://www.pkuml.org/resources/pku-vehicleid.html (VehicleID_V1.0, on request from the authors)",
-        "dir": "VehicleID_V1.0",
-        "layout": "VehicleID_V1.0/{train_test_split/{train_list.txt, test_list_800.txt, test_list_1600.txt, "
-                  "test_list_2400.txt}, image/<image_name>.jpg}",
-    },
-    "folder": {
-        "title": "your own images",
-        "url": "(your own images: nothing to download)",
-        "dir": "<any>",
-        "layout": "<root>/<class_name>/<image>.{jpg,png,...} (optionally a split file listing the train classes)",
-    },
-}
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -75,31 +33,28 @@ class DatasetCountWarning(UserWarning):
     """The counts found differ from those of a full official download."""
 
 
-def where_to_get(dataset: str, root: Path | str) -> str:
+def where_to_get(spec: DatasetSpec, root: Path | str) -> str:
     """The 'how to fix it' part of every missing-file error."""
-    src = SOURCES[dataset]
-    if dataset == "folder":
-        return (f"Put your images in {src['layout']} and point dataset.root at that directory; check it with "
-                f"`dml-prepare folder {root}`. See docs/DATASETS.md.")
-    from dml_runner.prepare import ARCHIVES  # the downloader imports this module
-
-    get = (f"Get it with `dml-prepare {dataset} {root} --download`, or download" if dataset in ARCHIVES
+    if spec.own_images:
+        return (f"Put your images in {spec.layout} and point dataset.root at that directory; check it with "
+                f"`dml-prepare {spec.name} {root}`. See docs/DATASETS.md.")
+    get = (f"Get it with `dml-prepare {spec.name} {root} --download`, or download" if spec.archive is not None
            else "Download")
-    return (f"{get} {src['title']} from {src['url']}, lay it out as {src['layout']} and point "
+    return (f"{get} {spec.title} from {spec.url}, lay it out as {spec.layout} and point "
             f"dataset.root (or $DML_DATA) at it; check the tree with "
-            f"`dml-prepare {dataset} {root}`. See docs/DATASETS.md.")
+            f"`dml-prepare {spec.name} {root}`. See docs/DATASETS.md.")
 
 
-def require_dir(root: Path | str, dataset: str) -> Path:
+def require_dir(root: Path | str, spec: DatasetSpec) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
-        raise DMLRunnerError(f"dataset {dataset}: root directory {root} does not exist. {where_to_get(dataset, root)}")
+        raise DMLRunnerError(f"dataset {spec.name}: root directory {root} does not exist. {where_to_get(spec, root)}")
     return root
 
 
-def require_file(path: Path, dataset: str, root: Path | str) -> Path:
+def require_file(path: Path, spec: DatasetSpec, root: Path | str) -> Path:
     if not path.is_file():
-        raise DMLRunnerError(f"dataset {dataset}: split file {path} does not exist. {where_to_get(dataset, root)}")
+        raise DMLRunnerError(f"dataset {spec.name}: split file {path} does not exist. {where_to_get(spec, root)}")
     return path
 
 
@@ -289,3 +244,17 @@ def build_class_split(dataset: str, train_paths: list[str], train_labels: np.nda
     train = ImageListDataset(train_paths, train_labels, name=dataset, class_names=class_names)
     test = ImageListDataset(test_paths, test_labels, name=dataset, class_names=class_names)
     return assemble(dataset, train, test, transform, default_transform, val_fraction, seed, info, eval_recall_at)
+
+
+FIXTURE_SIZE = (40, 32)  # width, height of a fixture image: above nothing in particular; transforms upscale it
+
+
+def write_jpeg(path: Path, label: int, index: int = 0, size: tuple[int, int] = FIXTURE_SIZE) -> Path:
+    """A fixture JPEG whose mean colour is a function of ``label`` (plus per-image noise), so that a model can learn
+    something on a fixture tree."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(label * 1009 + index)
+    base = np.array([(label * 67) % 256, (label * 131) % 256, (label * 197) % 256], dtype=np.float64)
+    pixels = base + rng.normal(0.0, 20.0, size=(size[1], size[0], 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, format="JPEG", quality=85)
+    return path

@@ -20,10 +20,12 @@ Protocols (``protocol``):
 
 Official counts (line counts of the released V1.0 lists; the 2016 paper's table gives slightly different numbers):
 train 113,346 images / 13,164 ids; test 7,332 / 800 (small), 12,995 / 1,600 (medium), 20,038 / 2,400 (large).
+:data:`SPEC` declares it to the registry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +34,10 @@ import numpy as np
 from dml_runner import DMLRunnerError
 from dml_runner.datasets.base import DatasetSplits
 from dml_runner.datasets.images import (
-    ImageListDataset, assemble, basic_counts, check_counts, drop_bad_images, parse_int, read_rows, require_dir,
-    require_file,
+    FIXTURE_SIZE, ImageListDataset, assemble, basic_counts, check_counts, drop_bad_images, parse_int, read_rows,
+    require_dir, require_file, write_jpeg,
 )
+from dml_runner.datasets.spec import DatasetSpec, TreeSize, Variant
 
 NAME = "vehicleid"
 TEST_LISTS = {"small": 800, "medium": 1600, "large": 2400}
@@ -46,7 +49,7 @@ RECALL_AT = [1, 5]
 
 def read_list(root: Path, filename: str) -> tuple[list[str], np.ndarray]:
     """``(paths, vehicle_ids)`` of one list file under ``train_test_split/``."""
-    path = require_file(root / "train_test_split" / filename, NAME, root)
+    path = require_file(root / "train_test_split" / filename, SPEC, root)
     paths, ids = [], []
     for lineno, (image_name, vehicle_id) in read_rows(path, 2):
         ids.append(parse_int(vehicle_id, path, lineno, "vehicle_id"))
@@ -91,7 +94,7 @@ def build(root: str, test_size: str = "large", protocol: str = "original", repea
         raise DMLRunnerError(f"dataset.test_size={test_size!r}: choose one of {sorted(TEST_LISTS)}")
     if protocol not in PROTOCOLS:
         raise DMLRunnerError(f"dataset.protocol={protocol!r}: choose one of {PROTOCOLS}")
-    base = require_dir(root, NAME)
+    base = require_dir(root, SPEC)
     test_file = f"test_list_{TEST_LISTS[test_size]}.txt"
     train_paths, train_labels = read_list(base, "train_list.txt")
     test_paths, test_labels = read_list(base, test_file)
@@ -122,3 +125,66 @@ def build(root: str, test_size: str = "large", protocol: str = "original", repea
     return assemble(NAME, train, test, transform, default_transform, val_fraction, seed, info, RECALL_AT,
                     eval_mode="query_gallery" if protocol == "original" else "loo",
                     query_mask=query_mask, gallery_mask=gallery_mask, eval_draws=draws)
+
+
+def listed_images(root: Path) -> list[str]:
+    """Every image the train list and the three test lists name, once (the test lists overlap)."""
+    paths = read_list(root, "train_list.txt")[0]
+    for n in TEST_LISTS.values():
+        paths += read_list(root, f"test_list_{n}.txt")[0]
+    return list(dict.fromkeys(paths))
+
+
+def make_vehicleid(parent: Path, train_ids: Iterable[int] = (1, 2, 3, 4),
+                   test_ids: Sequence[int] = (11, 12, 13, 14, 15, 16), per_id: int = 3,
+                   singleton_ids: Iterable[int] = (16,), size: tuple[int, int] = FIXTURE_SIZE) -> Path:
+    """Fixture: VehicleID_V1.0/{train_test_split/{train_list,test_list_800,test_list_1600,test_list_2400}.txt,
+    image/*.jpg}.
+
+    The large list holds every test id, medium the first two thirds, small the first third; ids in
+    ``singleton_ids`` get one image only.
+    """
+    root = Path(parent) / SPEC.dir
+    image_no = 0
+
+    def rows_for(ids: Iterable[int]) -> list[str]:
+        nonlocal image_no
+        rows = []
+        for vid in ids:
+            for k in range(1 if vid in set(singleton_ids) else per_id):
+                image_no += 1
+                name = f"{image_no:07d}"
+                write_jpeg(root / "image" / f"{name}.jpg", vid, k, size)
+                rows.append(f"{name} {vid:04d}")
+        return rows
+
+    split = root / "train_test_split"
+    split.mkdir(parents=True, exist_ok=True)
+    (split / "train_list.txt").write_text("\n".join(rows_for(train_ids)) + "\n")
+    test_ids = list(test_ids)
+    large = rows_for(test_ids)
+    by_id: dict[int, list[str]] = {}
+    for row in large:
+        by_id.setdefault(int(row.split()[1]), []).append(row)
+    for n, fraction in ((800, 1 / 3), (1600, 2 / 3), (2400, 1.0)):
+        ids = test_ids[: max(1, round(len(test_ids) * fraction))]
+        (split / f"test_list_{n}.txt").write_text("\n".join(r for i in ids for r in by_id[i]) + "\n")
+    return root
+
+
+def fixture_tree(parent: Path, size: TreeSize, image_size: tuple[int, int] = FIXTURE_SIZE) -> Path:
+    """Fixture of ``size``: training ids from 1, test ids from 1001, no singleton id."""
+    return make_vehicleid(parent, range(1, size.train_classes + 1), range(1001, 1001 + size.test_classes),
+                          per_id=size.per_class, singleton_ids=(), size=image_size)
+
+
+SPEC = DatasetSpec(
+    name=NAME, title="PKU VehicleID",
+    url="https://www.pkuml.org/resources/pku-vehicleid.html (VehicleID_V1.0, on request from the authors)",
+    dir="VehicleID_V1.0",
+    layout="VehicleID_V1.0/{train_test_split/{train_list.txt, test_list_800.txt, test_list_1600.txt, "
+           "test_list_2400.txt}, image/<image_name>.jpg}",
+    build=build, listed_images=listed_images,
+    variants=tuple(Variant(f"test_size={size}", {"test_size": size, "protocol": "original"},
+                           official_counts(size, "original")) for size in TEST_LISTS),
+    make_fixture=make_vehicleid, fixture_tree=fixture_tree)

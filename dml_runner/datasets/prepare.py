@@ -1,27 +1,16 @@
-"""``dml-prepare``: get a dataset, check its tree against the official layout and counts, say where it comes from.
+"""Get a dataset, check its tree against the official layout and counts, say where it comes from: the library of
+``dml-prepare`` (:mod:`dml_runner.cli.prepare`), which reads every fact from the dataset's spec (the registry).
 
-    dml-prepare --sources                                  # where every dataset comes from, expected layouts
-    dml-prepare cub200 data/CUB_200_2011 --download        # fetch the official archive, verify, extract, check
-    dml-prepare cub200 data/CUB_200_2011                   # check a tree: split files, counts, unreadable images
-    dml-prepare sop data/Stanford_Online_Products --quick  # existence only, no decoding
-
-``--download`` works for the datasets whose authors publish an archive at a stable address with a known checksum
-(:data:`ARCHIVES`); ``--url``/``--md5`` point it at a mirror. An interrupted download resumes from the ``.part`` file
-(HTTP Range). For the others (licence forms, requests to the authors) it prints where to get the files.
-
-Exit status: 0 = complete (files present, every image decodes, counts equal a full official download);
-1 = something is missing, unreadable, failed to download, or the counts differ (the report says what);
-2 = usage error.
+:func:`download` works for the datasets whose authors publish an archive at a stable address with a known checksum
+(``DatasetSpec.archive``); ``url``/``md5`` point it at a mirror. An interrupted download resumes from the ``.part``
+file (HTTP Range). For the others (licence forms, requests to the authors) it says where to get the files.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
-import logging
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -29,63 +18,29 @@ import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
 
 from dml_runner import DMLRunnerError
-from dml_runner.datasets import cars196, cub200, folder, inshop, sop, vehicleid
-from dml_runner.datasets.images import SOURCES, find_bad_images
+from dml_runner.datasets.images import find_bad_images
+from dml_runner.datasets.registry import SPECS
 
-DATASETS = ("cub200", "cars196", "sop", "inshop", "vehicleid", "folder")
 SHOWN = 20  # bad images listed in full
 CHUNK = 1 << 20
 
-# Archives published by the datasets' authors at an address that has stayed put, with their checksums.
-ARCHIVES: dict[str, dict[str, str]] = {
-    "cub200": {"url": "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",
-               "file": "CUB_200_2011.tgz", "md5": "97eceeb196236b17998738112f37df78", "top": "CUB_200_2011"},
-    "sop": {"url": "ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
-            "file": "Stanford_Online_Products.zip", "md5": "7f73d41a2f44250d4779881525aea32e",
-            "top": "Stanford_Online_Products"},
-}
-
 
 def describe(name: str) -> str:
-    src = SOURCES[name]
-    how = (f"dml-prepare {name} <dir>/{src['dir']} --download" if name in ARCHIVES
+    """``name``'s paragraph of ``dml-prepare --sources``: what it is, where to get it, its layout, how to use it."""
+    spec = SPECS[name]
+    how = (f"dml-prepare {name} <dir>/{spec.dir} --download" if spec.archive is not None
            else "manual (no stable public archive: follow the address above)")
-    return (f"{name}: {src['title']}\n  download: {src['url']}\n  layout:   {src['layout']}\n"
-            f"  get it:   {how}\n  use:      dml-run dataset={name} dataset.root=<path to {src['dir']}>")
+    return (f"{name}: {spec.title}\n  download: {spec.url}\n  layout:   {spec.layout}\n"
+            f"  get it:   {how}\n  use:      dml-run dataset={name} dataset.root=<path to {spec.dir}>")
 
 
 def listed_images(name: str, root: Path) -> list[str]:
     """Every image path the split files name (raises DMLRunnerError for a missing root or split file)."""
     if not root.is_dir():
         raise DMLRunnerError(f"{root} does not exist")
-    if name == "cub200":
-        return cub200.read_cub(root)[0]
-    if name == "cars196":
-        return cars196.read_cars_annos(root)[0]
-    if name == "sop":
-        return sop.read_ebay_list(root, "Ebay_train.txt")[0] + sop.read_ebay_list(root, "Ebay_test.txt")[0]
-    if name == "inshop":
-        return inshop.read_partition(root)[0]
-    if name == "vehicleid":
-        paths = vehicleid.read_list(root, "train_list.txt")[0]
-        for n in vehicleid.TEST_LISTS.values():
-            paths += vehicleid.read_list(root, f"test_list_{n}.txt")[0]
-        return list(dict.fromkeys(paths))  # the test lists overlap
-    return folder.scan_tree(root)[1]
-
-
-def variants(name: str) -> list[tuple[str, dict[str, Any]]]:
-    """The builder settings whose counts are compared with the official ones."""
-    if name == "vehicleid":
-        return [(f"test_size={size}", {"test_size": size, "protocol": "original"}) for size in vehicleid.TEST_LISTS]
-    return [("", {})]
-
-
-BUILD = {"cub200": cub200.build, "cars196": cars196.build, "sop": sop.build, "inshop": inshop.build,
-         "vehicleid": vehicleid.build, "folder": folder.build}
+    return SPECS[name].listed_images(root)
 
 
 def check(name: str, root: Path, decode: bool = True) -> tuple[bool, list[str]]:
@@ -105,12 +60,12 @@ def check(name: str, root: Path, decode: bool = True) -> tuple[bool, list[str]]:
         lines.append("  (dataset.skip_bad_images=true trains without them, but results are then not comparable)")
     else:
         lines.append(f"  all {len(paths)} images present" + (" and decodable" if decode else ""))
-    for label, kwargs in variants(name):
+    for variant in SPECS[name].variants:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            splits = BUILD[name](str(root), skip_bad_images=True, **kwargs)
+            splits = SPECS[name].build(str(root), skip_bad_images=True, **variant.settings)
         counts, official = splits.info["counts"], splits.info.get("official_counts")
-        lines.append(f"  counts{' (' + label + ')' if label else ''}:")
+        lines.append(f"  counts{' (' + variant.label + ')' if variant.label else ''}:")
         for key, value in counts.items():
             want = None if official is None else official.get(key)
             mark = "" if want is None else ("  ok" if want == value else f"  DIFFERS (official {want})")
@@ -194,18 +149,19 @@ def extract(archive: Path, where: Path) -> None:
 
 def download(name: str, root: Path, url: str | None = None, md5: str | None = None) -> None:
     """Fetch, verify and extract ``name``'s archive so that its top directory becomes ``root``."""
-    if name not in ARCHIVES and url is None:
-        raise DMLRunnerError(f"{name} has no stable public archive to download: get it from {SOURCES[name]['url']}, "
-                             f"lay it out as {SOURCES[name]['layout']}, then run `dml-prepare {name} {root}` to check it")
-    spec = ARCHIVES.get(name, {})
-    url = url or spec["url"]
-    md5 = md5 or spec.get("md5")
-    top = spec.get("top", SOURCES[name]["dir"])
+    spec = SPECS[name]
+    if spec.archive is None and url is None:
+        raise DMLRunnerError(f"{name} has no stable public archive to download: get it from {spec.url}, "
+                             f"lay it out as {spec.layout}, then run `dml-prepare {name} {root}` to check it")
+    url = url or spec.archive.url
+    md5 = md5 or (spec.archive.md5 if spec.archive is not None else None)
+    top = spec.archive.top if spec.archive is not None else spec.dir
+    file = spec.archive.file if spec.archive is not None else None
     if root.is_dir() and any(root.iterdir()):
         print(f"  {root} exists and is not empty: not downloading again (delete it to start over)")
         return
     root.parent.mkdir(parents=True, exist_ok=True)
-    archive = fetch(url, root.parent / (spec.get("file") or Path(url.split("?")[0]).name), md5)
+    archive = fetch(url, root.parent / (file or Path(url.split("?")[0]).name), md5)
     print(f"  checksum ok, extracting {archive.name}", flush=True)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=".extract-") as tmp:
         extract(archive, Path(tmp))
@@ -220,43 +176,3 @@ def download(name: str, root: Path, url: str | None = None, md5: str | None = No
                 root.rmdir()
             src.replace(root)
     archive.unlink()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dml-prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", nargs="?", choices=DATASETS)
-    parser.add_argument("root", nargs="?", type=Path, help="the dataset's directory (e.g. data/CUB_200_2011)")
-    parser.add_argument("--sources", action="store_true", help="print where to get every dataset and exit")
-    parser.add_argument("--download", action="store_true",
-                        help="fetch the official archive (where one exists), verify its checksum, extract, check")
-    parser.add_argument("--url", help="with --download: a mirror of the archive")
-    parser.add_argument("--md5", help="with --download --url: the mirror's archive checksum")
-    parser.add_argument("--quick", action="store_true", help="check that images exist, without decoding them")
-    args = parser.parse_args(argv)
-    if args.sources:
-        print("\n\n".join(describe(n) for n in DATASETS))
-        return 0
-    if args.dataset is None or args.root is None:
-        parser.print_usage(sys.stderr)
-        print("dml-prepare: error: give a dataset and its directory (or --sources)", file=sys.stderr)
-        return 2
-    if (args.url or args.md5) and not args.download:
-        print("dml-prepare: error: --url/--md5 only make sense with --download", file=sys.stderr)
-        return 2
-    logging.getLogger("dml_runner.datasets").setLevel(logging.ERROR)  # the report below says it all
-    root = args.root.expanduser()
-    print(describe(args.dataset) + "\n")
-    if args.download:
-        try:
-            download(args.dataset, root, args.url, args.md5)
-        except DMLRunnerError as err:
-            print(f"dml-prepare: error: {err}", file=sys.stderr)
-            return 1
-    ok, lines = check(args.dataset, root, decode=not args.quick)
-    print("\n".join(lines))
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
