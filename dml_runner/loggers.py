@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from dml_runner import DMLRunnerError
-from dml_runner.rundir import CONFIG, HISTORY, RESULTS, write_csv_atomic
+from dml_runner.rundir import CONFIG, HISTORY, RESULTS, flatten_config, write_csv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,17 +72,13 @@ def numeric_items(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"trainer": {"epochs": 2}}`` -> ``{"trainer.epochs": 2}``; lists stay values (as JSON text)."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, name + "."))
-        elif isinstance(value, (list, tuple, Mapping)):
-            out[name] = json.dumps(value, default=str)
-        else:
-            out[name] = value
-    return out
+    """``{"trainer": {"epochs": 2}}`` -> ``{"trainer.epochs": 2}`` (:func:`dml_runner.rundir.flatten_config`);
+    lists and empty mappings stay values, as JSON text."""
+    return {f"{prefix}{k}": v for k, v in flatten_config(config, leaf=_json_if_container).items()}
+
+
+def _json_if_container(value: Any) -> Any:
+    return json.dumps(value, default=str) if isinstance(value, (list, tuple, Mapping)) else value
 
 
 def default_run_name(out_dir: Path, choices: Mapping[str, Any] | None) -> str:

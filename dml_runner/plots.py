@@ -1,9 +1,11 @@
-"""PNG figures: learning curves of a run and metric-versus-parameter curves of a sweep (matplotlib, Agg)."""
+"""PNG figures (matplotlib, Agg): a run's learning curves, a sweep's metric-versus-parameter curves, the report's
+curves per row, t-SNE panels and retrieval grids."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -28,22 +30,44 @@ def _save(fig, out_png: Path, title: str = "", dpi: int = 110) -> Path:
     return Path(out_png)
 
 
-def plot_learning_curves(history: pd.DataFrame, out_png: Path,
-                         metrics: Sequence[str] = ("recall@1", "nmi"), title: str = "") -> Path | None:
-    """R@1 and NMI (by default) per evaluation, for every split in the history (HDML paper Figures 4-5)."""
-    columns = [c for c in history.columns if "/" in c and c.split("/", 1)[1] in metrics]
-    if not columns:
-        return None
+LEARNING_CURVE_PANELS = ("train_loss", "recall@1", "map@r", "nmi")
+SPLIT_STYLE = {"test": ("tab:blue", "o"), "val": ("tab:orange", "s")}
+
+
+def plot_learning_curves(history: pd.DataFrame, out_png: Path, best: dict[str, Any] | None = None,
+                         panels: Sequence[str] = LEARNING_CURVE_PANELS, title: str = "") -> Path | None:
+    """A run's learning_curves.png: one panel per quantity (training loss, R@1, MAP@R and NMI by default; epochs on
+    an integer axis, epoch 0 is the untrained network), one line per split.
+
+    ``best`` is results.json's ``best`` entry: its epoch is marked in every panel with the split that chose it.
+    """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.5), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
-        for col in [c for c in columns if c.endswith("/" + metric)]:
-            rows = history[["epoch", col]].dropna()
-            ax.plot(rows["epoch"], 100 * rows[col], marker="o", label=col.split("/")[0])
+    from matplotlib.ticker import MaxNLocator
+
+    if history.empty or "epoch" not in history:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.3), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "train_loss":
+            rows = history[["epoch", "train_loss"]].dropna() if "train_loss" in history else history.iloc[:0]
+            ax.plot(rows["epoch"], rows["train_loss"], marker=".", color="tab:gray", label="train")
+            ax.set_ylabel("training loss")
+        else:
+            for split, (colour, marker) in SPLIT_STYLE.items():
+                col = f"{split}/{panel}"
+                if col in history:
+                    rows = history[["epoch", col]].dropna()
+                    ax.plot(rows["epoch"], 100 * rows[col], marker=marker, color=colour, label=split)
+            ax.set_ylabel(f"{panel} (%)")
+        if best and best.get("epoch") is not None:
+            chosen = "final epoch" if best.get("split") == "final" else f"best on {best.get('split')}"
+            ax.axvline(best["epoch"], color="tab:green", linestyle="--", linewidth=1,
+                       label=f"selected: epoch {best['epoch']} ({chosen})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{metric} (%)")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     return _save(fig, out_png, title)
 
 

@@ -250,7 +250,7 @@ def _plot_history(out_dir: Path, title: str, best: dict[str, Any] | None) -> Non
     """learning_curves.png next to history.csv; a plotting failure never fails a finished run."""
     import pandas as pd
 
-    from dml_runner.learning_curves import plot_learning_curves
+    from dml_runner.plots import plot_learning_curves
 
     try:
         plot_learning_curves(pd.read_csv(out_dir / rundir.HISTORY), out_dir / "learning_curves.png", best=best,

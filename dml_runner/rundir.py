@@ -17,7 +17,7 @@ import contextlib
 import csv
 import json
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -259,13 +259,20 @@ def failed_results(error: BaseException, hydra_meta: dict[str, Any] | None, conf
 
 
 # ----------------------------------------------------------------------------------------------- resume matching
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: tree}
+def flatten_config(tree: Mapping[str, Any], leaf: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Dotted leaf keys of a nested config: ``{"trainer": {"epochs": 2}}`` -> ``{"trainer.epochs": 2}``.
+
+    The one flattener (resume's comparison, the trackers' params, the report's recipes). Non-empty mappings are
+    walked; every other value, lists and empty mappings included, is a leaf, stored as ``leaf(value)`` (default: as
+    it is).
+    """
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping) and value:
+            out.update({f"{key}.{k}": v for k, v in flatten_config(value, leaf).items()})
+        else:
+            out[str(key)] = value if leaf is None else leaf(value)
+    return out
 
 
 def config_mismatches(saved: dict[str, Any], current: dict[str, Any],
@@ -276,7 +283,7 @@ def config_mismatches(saved: dict[str, Any], current: dict[str, Any],
         from dml_runner.config import resume_free_keys
 
         free = resume_free_keys()
-    a, b = _flatten(saved), _flatten(current)
+    a, b = flatten_config(saved), flatten_config(current)
     out = []
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key) or any(key == f or key.startswith(f + ".") for f in free):

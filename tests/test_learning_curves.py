@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from dml_runner.learning_curves import plot_learning_curves
+from dml_runner.plots import plot_learning_curves
 
 
 def test_learning_curves_show_every_panel_and_the_selected_epoch(tmp_path, monkeypatch):

@@ -90,6 +90,19 @@ def test_params_are_the_flattened_config_and_metric_names_suit_mlflow():
     assert mlflow_key("val/nmi") == "val/nmi"
 
 
+def test_resume_the_trackers_and_the_report_flatten_a_config_alike():
+    from dml_runner.report.collect import recipe_config
+    from dml_runner.rundir import config_mismatches, flatten_config
+
+    cfg = {"trainer": {"epochs": 2, "lr": [1, 2]}, "aug": {}, "x": {"y": {"z": None}}}
+    keys = {"trainer.epochs", "trainer.lr", "aug", "x.y.z"}
+    assert flatten_config(cfg) == {"trainer.epochs": 2, "trainer.lr": [1, 2], "aug": {}, "x.y.z": None}
+    assert set(flatten(cfg)) == keys and set(recipe_config({"config": cfg})) == keys
+    assert recipe_config({"config": cfg})["trainer.lr"] == (1, 2) and flatten(cfg)["trainer.lr"] == "[1, 2]"
+    changed = {**cfg, "x": {"y": {"z": 3}}}
+    assert config_mismatches(cfg, changed, free=()) == ["x.y.z: None -> 3"]
+
+
 # ----------------------------------------------------------------------------------------------- missing packages
 @pytest.mark.parametrize("name", ["mlflow", "wandb"])
 def test_a_missing_tracker_package_names_the_extra_to_install(compose_cfg, tmp_path, monkeypatch, name):

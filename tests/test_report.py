@@ -512,6 +512,21 @@ def test_figures_for_ten_rows_titled_by_row_and_fast(tmp_path):
     assert elapsed < 30, f"figures of 10 small runs took {elapsed:.1f} s"
 
 
+def test_a_retrieval_grid_without_a_readable_results_json_is_skipped_with_the_reason(tmp_path, caplog):
+    from dml_runner.report.figures import retrieval_grid
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "embeddings.npz", embeddings=rng.normal(size=(20, 4)), labels=np.arange(20) % 4)
+    with caplog.at_level("WARNING"):
+        assert retrieval_grid(tmp_path, tmp_path / "grid.png") is None
+    assert "no results.json" in caplog.text
+    (tmp_path / "results.json").write_text("{not json")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert retrieval_grid(tmp_path, tmp_path / "grid.png") is None
+    assert "unreadable results.json" in caplog.text and not (tmp_path / "grid.png").exists()
+
+
 def test_settings_flagged_neutral_in_the_schema_never_split_a_row():
     """Where files live and how fast a run goes (config.NEUTRAL fields) cannot change a number; the seed is a
     repeat; a learning rate is a recipe."""

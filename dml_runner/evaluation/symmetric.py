@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from dml_runner.evaluation.retrieval import (
+    Queries,
     RetrievalStats,
     map_r_and_r_precision,
     ordered_topk,
@@ -149,146 +150,224 @@ def symmetric_retrieval(
         raise ValueError(f"block_rows must be a positive multiple of 1024; got {block_rows}")
     dev = torch.device(device)
     xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=dev)
-    n, d = xt.shape
-    b = block_rows
-    npad = -(-n // b) * b
-    nb = npad // b
-    # half squared norms in float64 and their two-part float32 split
-    h = torch.empty(n, dtype=torch.float64, device=dev)
-    for s in range(0, n, 8192):
-        xd = xt[s : s + 8192].double()
-        h[s : s + 8192] = 0.5 * (xd * xd).sum(dim=1)
-    h_hi = h.float()
-    h_lo = (h - h_hi.double()).float()
-    split_resid = float((h - h_hi.double() - h_lo.double()).abs().max()) if n else 0.0
-    kp = -(-(d + 4) // 8) * 8
-    a = torch.zeros(npad, kp, device=dev)  # rows:    [x, -h_hi, -h_lo, 1, 1]
-    bm = torch.zeros(npad, kp, device=dev)  # columns: [x, 1, 1, -h_hi, -h_lo]
-    a[:n, :d], bm[:n, :d] = xt, xt
-    a[:n, d], a[:n, d + 1], a[:n, d + 2], a[:n, d + 3] = -h_hi, -h_lo, 1.0, 1.0
-    bm[:n, d], bm[:n, d + 1], bm[:n, d + 2], bm[:n, d + 3] = 1.0, 1.0, -h_hi, -h_lo
-    a[n:, d] = PAD  # a padding row scores PAD against every real column
-    bm[n:, d + 2] = PAD  # a padding column scores PAD against every real row
-
+    n = xt.shape[0]
+    ops = _Operands.of(xt, block_rows)
     qs = prepare_queries(labels, labels, np.arange(n), dev)
-    pidx, r_all, lab, scored = qs.pidx, qs.r, qs.labels, qs.scored
-    # 1. exact nearest positive of every scored query (float64 over its own class)
-    t = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)  # unscored queries: nothing counts
+    t, p1, pmin = _nearest_positives(xt, ops.h, qs)  # 1.
+    e = _row_error_bounds(ops, t)  # 2.
+    scan = _BlockScan(ops, qs, t, e, pmin, need_ranking, slack)  # 3.
+    diag_listed = scan.diagonal_blocks()
+    if give_up_if_weak and n and diag_listed * ops.nb > band_limit(n) * n:
+        return None
+    scan.off_diagonal_blocks()
+    del ops.a, ops.bm
+    ranks = _first_ranks(xt, ops.h, scan, t, p1, qs.labels)[qs.scored]  # 4.
+    without_positive = int(n - qs.scored.numel())
+    if not need_ranking:
+        return RetrievalStats(first_rank=ranks.cpu().numpy(), map_at_r=np.zeros(0), r_precision=np.zeros(0),
+                              num_without_positive=without_positive)
+    ap, rp = _map_at_r(xt, ops.h, scan, qs, ranks, e, slack)  # 5.
+    return RetrievalStats(first_rank=ranks.cpu().numpy(), map_at_r=ap.cpu().numpy(), r_precision=rp.cpu().numpy(),
+                          num_without_positive=without_positive, neighbours=scan.neighbours())
+
+
+class _Operands:
+    """The two augmented operands of the block products: rows ``a`` = [x, -h_hi, -h_lo, 1, 1] and columns ``bm`` =
+    [x, 1, 1, -h_hi, -h_lo] (h = |x|^2 / 2 in float64 and its two-part float32 split), padded to ``nb`` blocks of
+    ``b`` items; a padding row or column scores PAD against every real one."""
+
+    def __init__(self, h, h_hi, h_lo, split_resid, kp, a, bm, b):
+        self.h, self.h_hi, self.h_lo, self.split_resid, self.kp = h, h_hi, h_lo, split_resid, kp
+        self.a, self.bm, self.b = a, bm, b
+        self.npad = a.shape[0]
+        self.nb = self.npad // b
+
+    @classmethod
+    def of(cls, xt: torch.Tensor, b: int) -> _Operands:
+        dev = xt.device
+        n, d = xt.shape
+        npad = -(-n // b) * b
+        h = torch.empty(n, dtype=torch.float64, device=dev)
+        for s in range(0, n, 8192):
+            xd = xt[s : s + 8192].double()
+            h[s : s + 8192] = 0.5 * (xd * xd).sum(dim=1)
+        h_hi = h.float()
+        h_lo = (h - h_hi.double()).float()
+        split_resid = float((h - h_hi.double() - h_lo.double()).abs().max()) if n else 0.0
+        kp = -(-(d + 4) // 8) * 8
+        a = torch.zeros(npad, kp, device=dev)  # rows:    [x, -h_hi, -h_lo, 1, 1]
+        bm = torch.zeros(npad, kp, device=dev)  # columns: [x, 1, 1, -h_hi, -h_lo]
+        a[:n, :d], bm[:n, :d] = xt, xt
+        a[:n, d], a[:n, d + 1], a[:n, d + 2], a[:n, d + 3] = -h_hi, -h_lo, 1.0, 1.0
+        bm[:n, d], bm[:n, d + 1], bm[:n, d + 2], bm[:n, d + 3] = 1.0, 1.0, -h_hi, -h_lo
+        a[n:, d] = PAD  # a padding row scores PAD against every real column
+        bm[n:, d + 2] = PAD  # a padding column scores PAD against every real row
+        return cls(h, h_hi, h_lo, split_resid, kp, a, bm, b)
+
+
+def _nearest_positives(xt: torch.Tensor, h: torch.Tensor,
+                       qs: Queries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 1, exact (float64 over its own class): each scored query's nearest positive score t (m scale) and
+    index p1, and its lowest positive score; unscored queries keep t = +inf (nothing counts before it)."""
+    n, dev = xt.shape[0], xt.device
+    t = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)
     p1 = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    pmin = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)  # lowest positive score
-    for s in range(0, scored.numel(), 8192):
-        rows = scored[s : s + 8192]
-        t_rows, p1[rows], low = exact_nearest_positive(xt, xt, h, pidx, rows, rows, with_lowest=True)
+    pmin = torch.full((n,), float("inf"), dtype=torch.float64, device=dev)
+    for s in range(0, qs.scored.numel(), 8192):
+        rows = qs.scored[s : s + 8192]
+        t_rows, p1[rows], low = exact_nearest_positive(xt, xt, h, qs.pidx, rows, rows, with_lowest=True)
         t[rows] = t_rows - h[rows]
         pmin[rows] = low - h[rows]
-    # 2. error bound of M on each row: float32 accumulation of kp terms in any order, plus the split residuals
+    return t, p1, pmin
+
+
+def _row_error_bounds(ops: _Operands, t: torch.Tensor) -> torch.Tensor:
+    """Stage 2: e_i bounds |M - m| on row i: float32 accumulation of kp terms in any order, the split residuals and
+    the float64 rounding of the exact scores."""
+    h = ops.h
+    n = h.shape[0]
     xnorm = (2 * h).sqrt()
-    parts = h_hi.double().abs() + h_lo.double().abs()
+    parts = ops.h_hi.double().abs() + ops.h_lo.double().abs()
     xmax = float(xnorm.max()) if n else 0.0
     pmax = float(parts.max()) if n else 0.0
-    e = (2 * (kp + 8) * U_F32 * (xnorm * xmax + parts + pmax) + 2 * split_resid) * 1.0625 + 1e-30
-    e = e + 2.0**-50 * (t.abs().nan_to_num(posinf=0.0) + parts + pmax)  # float64 rounding of the exact scores
-    lo = torch.full((npad,), float("inf"), device=dev)
-    hi = torch.full((npad,), float("inf"), device=dev)
-    sc = scored
-    lo[sc], hi[sc] = _round_down(t[sc] - e[sc]), _round_up(t[sc] + e[sc])
-    # 3. the blocks
-    r_max = int(r_all.max()) if n else 0
-    kk = min(r_max + slack, max(npad - 1, 1))
-    top = _TopK(npad, kk, dev) if need_ranking and scored.numel() else None
-    # What a query's top-k must hold: its first k_i = R_i + slack items (R_i >= 2; with R_i = 1, MAP@R has a closed
-    # form), and only items at or above its lowest positive score: the R positives all score at least that, so the
-    # R-th best score does too. ``top_lo`` (minus the bound e, rounded down; +inf: no top-k needed) and the running
-    # k_i-th value are both lower bounds of what the top-k needs: an item below either is not merged.
-    kidx = torch.full((npad,), kk - 1, dtype=torch.int64, device=dev)
-    top_lo = torch.full((npad,), float("inf"), device=dev)
-    if top is not None:
-        wants = sc[r_all[sc] >= 2]
-        kidx[wants] = (r_all[wants] + slack).clamp_max(kk) - 1
-        e_low = e[wants] + 2.0**-50 * pmin[wants].abs()
-        top_lo[wants] = _round_down(pmin[wants] - e_low)
-    sure = torch.zeros(npad, dtype=torch.int64, device=dev)
-    band_q, band_i = [], []
-    m = torch.empty(b, b, device=dev)
-    mask = torch.empty(b, b, dtype=torch.bool, device=dev)
-    eye = torch.arange(b, device=dev)
+    e = (2 * (ops.kp + 8) * U_F32 * (xnorm * xmax + parts + pmax) + 2 * ops.split_resid) * 1.0625 + 1e-30
+    return e + 2.0**-50 * (t.abs().nan_to_num(posinf=0.0) + parts + pmax)
 
-    def listed(q: torch.Tensor, items: torch.Tensor, v: torch.Tensor, merge: bool = True,
+
+class _BlockScan:
+    """Stage 3: the upper-triangular blocks of M, each listing for its row queries and its column queries the items
+    at or above their thresholds, sorted into sure counts (M > t + e), band items (within t +- e, settled in
+    float64 later) and candidates for the running top-k of MAP@R.
+
+    What a query's top-k must hold: its first k_i = R_i + slack items (R_i >= 2; with R_i = 1, MAP@R has a closed
+    form), and only items at or above its lowest positive score: the R positives all score at least that, so the
+    R-th best score does too. ``top_lo`` (minus the bound e, rounded down; +inf: no top-k needed) and the running
+    k_i-th value are both lower bounds of what the top-k needs: an item below either is not merged.
+    """
+
+    def __init__(self, ops: _Operands, qs: Queries, t: torch.Tensor, e: torch.Tensor, pmin: torch.Tensor,
+                 need_ranking: bool, slack: int):
+        dev, npad, n = ops.h.device, ops.npad, ops.h.shape[0]
+        sc, r_all = qs.scored, qs.r
+        self.ops = ops
+        self.lo = torch.full((npad,), float("inf"), device=dev)
+        self.hi = torch.full((npad,), float("inf"), device=dev)
+        self.lo[sc], self.hi[sc] = _round_down(t[sc] - e[sc]), _round_up(t[sc] + e[sc])
+        r_max = int(r_all.max()) if n else 0
+        self.kk = kk = min(r_max + slack, max(npad - 1, 1))
+        self.top = _TopK(npad, kk, dev) if need_ranking and sc.numel() else None
+        self.kidx = torch.full((npad,), kk - 1, dtype=torch.int64, device=dev)
+        self.top_lo = torch.full((npad,), float("inf"), device=dev)
+        if self.top is not None:
+            wants = sc[r_all[sc] >= 2]
+            self.kidx[wants] = (r_all[wants] + slack).clamp_max(kk) - 1
+            e_low = e[wants] + 2.0**-50 * pmin[wants].abs()
+            self.top_lo[wants] = _round_down(pmin[wants] - e_low)
+        self.sure = torch.zeros(npad, dtype=torch.int64, device=dev)
+        self.band_q: list[torch.Tensor] = []
+        self.band_i: list[torch.Tensor] = []
+
+    def listed(self, q: torch.Tensor, items: torch.Tensor, v: torch.Tensor, merge: bool = True,
                q_sorted: bool = False) -> None:
         """Sort the listed (query, item, M) triples into sure counts, band items and [top-k candidates]."""
-        hq = hi[q]
+        hq = self.hi[q]
         is_sure = v > hq
-        sure.index_add_(0, q[is_sure], torch.ones_like(q[is_sure]))
-        in_band = ~is_sure & (v >= lo[q])
-        band_q.append(q[in_band])
-        band_i.append(items[in_band])
-        if top is not None and merge:
-            keep = (v >= top_lo[q]) & (v > top.vals[q, kidx[q]])
-            top.merge(q[keep], items[keep], v[keep], q_sorted=q_sorted)
+        self.sure.index_add_(0, q[is_sure], torch.ones_like(q[is_sure]))
+        in_band = ~is_sure & (v >= self.lo[q])
+        self.band_q.append(q[in_band])
+        self.band_i.append(items[in_band])
+        if self.top is not None and merge:
+            keep = (v >= self.top_lo[q]) & (v > self.top.vals[q, self.kidx[q]])
+            self.top.merge(q[keep], items[keep], v[keep], q_sorted=q_sorted)
 
-    def threshold(s0: int) -> torch.Tensor:
+    def threshold(self, s0: int) -> torch.Tensor:
         """Per query of s0:s0+b: list the items at or above min(lower band edge, what its top-k still takes)."""
-        lo_s = lo[s0 : s0 + b]
-        if top is None:
+        b = self.ops.b
+        lo_s = self.lo[s0 : s0 + b]
+        if self.top is None:
             return lo_s
-        kth = top.vals[s0 : s0 + b].gather(1, kidx[s0 : s0 + b, None]).squeeze(1)
-        return torch.minimum(lo_s, torch.maximum(top_lo[s0 : s0 + b], kth))
+        kth = self.top.vals[s0 : s0 + b].gather(1, self.kidx[s0 : s0 + b, None]).squeeze(1)
+        return torch.minimum(lo_s, torch.maximum(self.top_lo[s0 : s0 + b], kth))
 
-    diag_listed = 0
-    for bi in range(nb):  # diagonal blocks first: they seed the running top-k (tight thresholds from the start)
-        i0 = bi * b
-        torch.mm(a[i0 : i0 + b], bm[i0 : i0 + b].T, out=m)
-        m[eye, eye] = -float("inf")  # the query itself
-        if top is not None:
-            v, j = torch.topk(m, min(kk, b), dim=1)
-            top.seed(slice(i0, i0 + b), v, j + i0)
-        torch.ge(m, lo[i0 : i0 + b, None], out=mask)
-        f = _flat_nonzero(mask)
-        diag_listed += f.numel()
-        listed(f // b + i0, f % b + i0, m.view(-1)[f], merge=False)  # the seeding already holds this block's best
-    if give_up_if_weak and n and diag_listed * nb > band_limit(n) * n:
-        return None
-    for bi in range(nb):
-        i0 = bi * b
-        qs_, its_, vs_ = [], [], []  # one block row's listings, sorted out together (fewer small operations)
-        for bj in range(bi + 1, nb):
-            j0 = bj * b
-            torch.mm(a[i0 : i0 + b], bm[j0 : j0 + b].T, out=m)
-            torch.ge(m, threshold(j0)[None, :], out=mask)  # columns of the block as queries: sorted out per block row
+    def diagonal_blocks(self) -> int:
+        """The diagonal blocks first: they seed the running top-k (tight thresholds from the start). Returns the
+        number of items they listed."""
+        a, bm, b, dev = self.ops.a, self.ops.bm, self.ops.b, self.ops.h.device
+        m = torch.empty(b, b, device=dev)
+        mask = torch.empty(b, b, dtype=torch.bool, device=dev)
+        eye = torch.arange(b, device=dev)
+        diag_listed = 0
+        for bi in range(self.ops.nb):
+            i0 = bi * b
+            torch.mm(a[i0 : i0 + b], bm[i0 : i0 + b].T, out=m)
+            m[eye, eye] = -float("inf")  # the query itself
+            if self.top is not None:
+                v, j = torch.topk(m, min(self.kk, b), dim=1)
+                self.top.seed(slice(i0, i0 + b), v, j + i0)
+            torch.ge(m, self.lo[i0 : i0 + b, None], out=mask)
             f = _flat_nonzero(mask)
-            qs_.append(f % b + j0)
-            its_.append(f // b + i0)
-            vs_.append(m.view(-1)[f])
-            torch.ge(m, threshold(i0)[:, None], out=mask)  # rows of the block as queries: sorted out now, so that
-            f = _flat_nonzero(mask)  # their k-th values rise before the next block of the row
-            listed(f // b + i0, f % b + j0, m.view(-1)[f], q_sorted=True)  # row-major: queries ascending
-            if sum(v.numel() for v in vs_) > FLUSH_ITEMS:  # bounded memory whatever the embedding
-                listed(torch.cat(qs_), torch.cat(its_), torch.cat(vs_))
-                qs_, its_, vs_ = [], [], []
-        if qs_:
-            listed(torch.cat(qs_), torch.cat(its_), torch.cat(vs_))
-    del m, mask, a, bm
-    neighbours = None
-    if top is not None:
-        # an item missing from row i was below the row's floor, or at most its k_i-th value when listed or pushed
-        # out (that value only rises); rows without a top-k (no positive, R = 1) keep only their diagonal seeds
-        bound = torch.maximum(top_lo, top.vals.gather(1, kidx[:, None]).squeeze(1))
-        neighbours = (top.idx[:n], top.vals[:n], bound[:n])
-    # 4. the band, in float64: an item is before the nearest positive iff it is a negative with a higher exact
-    # score, or an equal one and a lower index
-    bq, bit = torch.cat(band_q), torch.cat(band_i)
-    rank = sure
+            diag_listed += f.numel()
+            self.listed(f // b + i0, f % b + i0, m.view(-1)[f], merge=False)  # the seeds hold this block's best
+        return diag_listed
+
+    def off_diagonal_blocks(self) -> None:
+        """Every block above the diagonal, one block row at a time: its rows as queries sorted out per block (so
+        that their k-th values rise before the next block of the row), its columns as queries per block row."""
+        a, bm, b, dev = self.ops.a, self.ops.bm, self.ops.b, self.ops.h.device
+        m = torch.empty(b, b, device=dev)
+        mask = torch.empty(b, b, dtype=torch.bool, device=dev)
+        nb = self.ops.nb
+        for bi in range(nb):
+            i0 = bi * b
+            qs_, its_, vs_ = [], [], []  # one block row's listings, sorted out together (fewer small operations)
+            for bj in range(bi + 1, nb):
+                j0 = bj * b
+                torch.mm(a[i0 : i0 + b], bm[j0 : j0 + b].T, out=m)
+                torch.ge(m, self.threshold(j0)[None, :], out=mask)  # columns of the block as queries
+                f = _flat_nonzero(mask)
+                qs_.append(f % b + j0)
+                its_.append(f // b + i0)
+                vs_.append(m.view(-1)[f])
+                torch.ge(m, self.threshold(i0)[:, None], out=mask)  # rows of the block as queries
+                f = _flat_nonzero(mask)
+                self.listed(f // b + i0, f % b + j0, m.view(-1)[f], q_sorted=True)  # row-major: queries ascending
+                if sum(v.numel() for v in vs_) > FLUSH_ITEMS:  # bounded memory whatever the embedding
+                    self.listed(torch.cat(qs_), torch.cat(its_), torch.cat(vs_))
+                    qs_, its_, vs_ = [], [], []
+            if qs_:
+                self.listed(torch.cat(qs_), torch.cat(its_), torch.cat(vs_))
+
+    def neighbours(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The running top-k as k-means' neighbour lists (indices, scores, each row's bound), or None without one.
+
+        An item missing from row i was below the row's floor, or at most its k_i-th value when listed or pushed out
+        (that value only rises); rows without a top-k (no positive, R = 1) keep only their diagonal seeds."""
+        if self.top is None:
+            return None
+        n = self.ops.h.shape[0]
+        bound = torch.maximum(self.top_lo, self.top.vals.gather(1, self.kidx[:, None]).squeeze(1))
+        return self.top.idx[:n], self.top.vals[:n], bound[:n]
+
+
+def _first_ranks(xt: torch.Tensor, h: torch.Tensor, scan: _BlockScan, t: torch.Tensor, p1: torch.Tensor,
+                 lab: torch.Tensor) -> torch.Tensor:
+    """Stage 4: each item's rank of its nearest positive: the sure count plus the band items before it in float64
+    (a negative with a higher exact score, or an equal one and a lower index)."""
+    bq, bit = torch.cat(scan.band_q), torch.cat(scan.band_i)
+    rank = scan.sure
     if bq.numel():
         exact = pair_scores(xt, xt, h, bq, bit) - h[bq]
         before = (lab[bit] != lab[bq]) & ((exact > t[bq]) | ((exact == t[bq]) & (bit < p1[bq])))
         rank = rank.index_add(0, bq[before], torch.ones_like(bq[before]))
-    rank = rank[:n]
-    ranks = rank[scored]
-    if not need_ranking:
-        return RetrievalStats(first_rank=ranks.cpu().numpy(), map_at_r=np.zeros(0), r_precision=np.zeros(0),
-                              num_without_positive=int(n - scored.numel()))
-    # 5. MAP@R and R-Precision
-    r = r_all[scored]
+    return rank[: xt.shape[0]]
+
+
+def _map_at_r(xt: torch.Tensor, h: torch.Tensor, scan: _BlockScan, qs: Queries, ranks: torch.Tensor, e: torch.Tensor,
+              slack: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stage 5: MAP@R and R-Precision of the scored queries. Closed form where the nearest positive ranks >= R - 1;
+    the others from their certified top-k (rows that fail certification: a float64 search against all items)."""
+    n, lab, scored = xt.shape[0], qs.labels, qs.scored
+    r = qs.r[scored]
     rf = r.to(torch.float64)
     at_r = (ranks + 1 == r).to(torch.float64)
     ap, rp = at_r / (rf * rf), at_r / rf
@@ -296,15 +375,14 @@ def symmetric_retrieval(
     if need.numel():
         rows = scored[need]
         rn = r[need]
-        top_idx = _certified(xt, h, top, rows, rn, e[rows], slack, top_lo[rows])
+        top_idx = _certified(xt, h, scan.top, rows, rn, e[rows], slack, scan.top_lo[rows])
         bad = (top_idx[:, 0] < 0).nonzero().ravel()
         if bad.numel():
             top_idx[bad] = _full_topk(xt, h, rows[bad], int(rn.max()))
         rel = (top_idx >= 0) & (top_idx < n) & (lab[top_idx.clamp(0, max(n - 1, 0))] == lab[rows, None])
         mp, pp = map_r_and_r_precision(rel, rn)
         ap[need], rp[need] = mp, pp
-    return RetrievalStats(first_rank=ranks.cpu().numpy(), map_at_r=ap.cpu().numpy(), r_precision=rp.cpu().numpy(),
-                          num_without_positive=int(n - scored.numel()), neighbours=neighbours)
+    return ap, rp
 
 
 def _certified(xt: torch.Tensor, h: torch.Tensor, top: _TopK, rows: torch.Tensor, rn: torch.Tensor,

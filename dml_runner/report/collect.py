@@ -25,7 +25,7 @@ import pandas as pd
 
 from dml_runner import DMLRunnerError
 from dml_runner.config import LABEL_KEYS, NEUTRAL, flagged_keys
-from dml_runner.rundir import HISTORY, RESULTS, read_results, split_override
+from dml_runner.rundir import HISTORY, RESULTS, flatten_config, read_results, split_override
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,6 @@ def find_runs(paths: Sequence[Path | str], select_metric: str | None = None) -> 
     return records
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted leaf keys of a nested config; lists become tuples (hashable), empty dicts stay as leaves."""
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    if isinstance(tree, list):
-        return {prefix: tuple(_hashable(v) for v in tree)}
-    return {prefix: _hashable(tree)}
-
-
 def _hashable(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_hashable(v) for v in value)
@@ -103,7 +91,8 @@ def recipe_config(res: dict[str, Any]) -> dict[str, Any]:
     Group choices appear under the group's name (``loss: hdml_npair``); config leaves under their dotted key
     (``loss.pulling_factor: 90``). The seed and neutral keys are left out.
     """
-    out = {k: v for k, v in flatten(res.get("config") or {}).items() if k != SEED_KEY and not is_neutral(k)}
+    config = flatten_config(res.get("config") or {}, leaf=_hashable)
+    out = {k: v for k, v in config.items() if k != SEED_KEY and not is_neutral(k)}
     for group, choice in (res.get("choices") or {}).items():
         if choice is not None and group not in NEUTRAL_CHOICES and not group.startswith("hydra"):
             out[group] = choice

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from dml_runner.report.group import CHECKPOINTS, metric_values
+from dml_runner.rundir import EMBEDDINGS, HISTORY, read_results
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def write_figures(table: dict[str, Any], out: Path, tsne_points: int = 300, grid
     ours = [e for e in table["rows"] if e["kind"] == "ours"]
     histories = {}
     for e in ours:
-        frames = [pd.read_csv(Path(d) / "history.csv") for d in e["dirs"] if (Path(d) / "history.csv").is_file()]
+        frames = [pd.read_csv(Path(d) / HISTORY) for d in e["dirs"] if (Path(d) / HISTORY).is_file()]
         if frames:
             histories[e["row"]] = frames
     metric = "recall@1" if "recall@1" in table["metrics"] else table["metrics"][0]
@@ -55,7 +56,7 @@ def write_figures(table: dict[str, Any], out: Path, tsne_points: int = 300, grid
     panels, loaders = [], {}
     for e in ours:
         run_dir = Path(e["dirs"][0])
-        npz = run_dir / "embeddings.npz"
+        npz = run_dir / EMBEDDINGS
         if not npz.is_file():
             continue
         data = np.load(npz)
@@ -98,7 +99,7 @@ def retrieval_grid(run_dir: Path, out_png: Path, n_queries: int = 5, k: int = 5,
     """Queries (one per class) and their top-k neighbours from a run's embeddings.npz; images from the dataset."""
     from dml_runner.plots import plot_retrieval_grid
 
-    data = np.load(Path(run_dir) / "embeddings.npz") if data is None else data
+    data = np.load(Path(run_dir) / EMBEDDINGS) if data is None else data
     emb, labels = data["embeddings"].astype(np.float32), data["labels"]
     loader = _test_image_loader(Path(run_dir), loaders if loaders is not None else {})
     if loader is None:
@@ -127,8 +128,11 @@ def _test_image_loader(run_dir: Path, cache: dict[str, Any]) -> Callable[[int], 
     """index -> image array of the run's test set, rebuilt from the dataset config in results.json (or None)."""
     from hydra.utils import instantiate
 
+    res = read_results(run_dir)
     try:
-        cfg = json.loads((run_dir / "results.json").read_text())["config"]["dataset"]
+        if res.get("results_missing"):
+            raise ValueError(res["error"])
+        cfg = res["config"]["dataset"]
         key = json.dumps(cfg, sort_keys=True)
         if key not in cache:
             cache[key] = instantiate(cfg, _convert_="all").test
