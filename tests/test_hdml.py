@@ -469,11 +469,18 @@ def test_batchnorm_uses_the_tensorflow_momentum_and_eps(compose_cfg, tmp_path):
     for bn in bns:  # tf.layers.batch_normalization: moving = 0.99 moving + 0.01 batch, eps 1e-3
         bn.train()
         x = torch.randn(16, bn.num_features) + 3.0
-        before = bn.running_mean.clone()
+        before, before_var = bn.running_mean.clone(), bn.running_var.clone()
         out = bn(x)
         assert torch.allclose(bn.running_mean, 0.99 * before + 0.01 * x.mean(0), atol=1e-6)
         want = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-3) * bn.weight + bn.bias
         assert torch.allclose(out, want, atol=1e-5)
+        if bn in bns[:1]:  # BN1 (the head's, used by evaluation): TF's non-fused moving variance is the biased one
+            biased, unbiased = x.var(0, unbiased=False), x.var(0, unbiased=True)
+            assert torch.allclose(bn.running_var, 0.99 * before_var + 0.01 * biased, atol=1e-6)
+            assert not torch.allclose(bn.running_var, 0.99 * before_var + 0.01 * unbiased, atol=1e-6)
+            bn.eval()  # evaluation normalises with the moving statistics
+            moving = (x - bn.running_mean) / torch.sqrt(bn.running_var + 1e-3) * bn.weight + bn.bias
+            assert torch.allclose(bn(x), moving, atol=1e-5)
 
 
 def test_weight_decay_covers_the_trainable_non_batchnorm_metric_parameters(compose_cfg, tmp_path):

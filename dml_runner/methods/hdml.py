@@ -51,6 +51,28 @@ _LOGGED = ("metric_real", "metric_syn", "weight_decay", "gen", "recon", "soft", 
 _OBJECTIVES = (("loss", "metric"), ("gen", "generator"), ("cls", "classifier"))
 
 
+class BiasedVarianceBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose moving variance averages the biased batch variance (divided by N, not N - 1).
+
+    The HDML code's BN1 is ``tf.layers.batch_normalization(fused=True)`` on (N, 1024) pool5 features; TensorFlow
+    falls back to its non-fused path for inputs that are not 4-D, which updates ``moving_variance`` with
+    ``tf.nn.moments``' biased variance. PyTorch's BatchNorm averages the unbiased one. Normalisation in training
+    (batch statistics) and in evaluation (moving statistics) is PyTorch's own.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.track_running_stats):
+            return super().forward(x)
+        out = nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            flat = x.detach().float()
+            self.running_mean.lerp_(flat.mean(0), factor)
+            self.running_var.lerp_(flat.var(0, unbiased=False), factor)
+        return out
+
+
 class HDMLMethod(Method):
     def __init__(self, metric_lr: float | None = None, generator_lr: float = 1e-2, softmax_lr: float = 1e-3,
                  lr_milestones: tuple[int, ...] | list[int] = (5632, 6848), lr_milestone_unit: str = "step",
@@ -116,7 +138,8 @@ class HDMLMethod(Method):
                 "cache_views": ctx.cache_views if ctx.cache_features else None, "pulling_factor": loss.pulling_factor,
                 "use_softmax": loss.use_softmax, "use_reconstruction": loss.use_reconstruction,
                 "regular_factor": loss.regular_factor, "nan_to_zero": loss.nan_to_zero,
-                "eval_normalize": self.eval_normalize, "bn": "momentum 0.01 (TF 0.99), eps 1e-3",
+                "eval_normalize": self.eval_normalize,
+                "bn": "momentum 0.01 (TF 0.99), eps 1e-3, biased moving variance",
                 "lrs": {"metric": base_lr, "generator": self.generator_lr, "softmax": self.softmax_lr}}
         if isinstance(getattr(model, "info", None), dict):
             model.info["hdml"] = info  # recorded in results.json under "model"
@@ -125,11 +148,12 @@ class HDMLMethod(Method):
         self._steps = 0
 
     def prepare_model(self, model: nn.Module) -> None:
-        """The head as HDML trains and evaluates it: ``feature_bn`` puts a BatchNorm (TF's momentum and eps) before
-        the FC layer (official: pool5 -> BN -> FC; part of the head, so evaluation uses it too), and
+        """The head as HDML trains and evaluates it: ``feature_bn`` puts a BatchNorm (TF's momentum and eps, moving
+        variance of the biased batch variance: :class:`BiasedVarianceBatchNorm1d`) before the FC layer (official: pool5 -> BN -> FC; part of the head, so evaluation uses it too), and
         ``eval_normalize`` L2-normalises the evaluated embeddings."""
         if self.feature_bn:
-            model.head.dropout = nn.Sequential(nn.BatchNorm1d(model.feature_dim, **TF_BN), model.head.dropout)
+            model.head.dropout = nn.Sequential(BiasedVarianceBatchNorm1d(model.feature_dim, **TF_BN),
+                                               model.head.dropout)
         if self.eval_normalize:
             model.head.eval_normalize = True
 
