@@ -123,7 +123,7 @@ class HDMLMethod(Method):
                                                 lr=self.generator_lr)
         self.classifier_opt = ctx.make_optimizer([{"params": self.classifier_params, "name": "softmax"}],
                                                  lr=self.softmax_lr)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.metric_opt, self.lr_milestones, self.lr_gamma)
+        self.scheduler = self.metric_schedule(self.metric_opt)
 
         self.build_task(model=model, loss=loss)
         self.sampler = ctx.make_sampler(ctx.train_set.labels)
@@ -146,6 +146,11 @@ class HDMLMethod(Method):
         self.info = info
         self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
+
+    def metric_schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
+        """The metric optimiser's schedule: times ``lr_gamma`` at each of ``lr_milestones``, stepped after every
+        optimisation step (``lr_milestone_unit="step"``) or epoch; no milestones: a constant lr."""
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, self.lr_milestones, self.lr_gamma)
 
     def prepare_model(self, model: nn.Module) -> None:
         """The head as HDML trains and evaluates it: ``feature_bn`` puts a BatchNorm (TF's momentum and eps, moving
