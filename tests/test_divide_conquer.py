@@ -27,6 +27,7 @@ from dml_runner.methods.divide_conquer import (
 from dml_runner.methods.standard import StandardMethod
 from dml_runner.samplers.class_balanced import ClassBalancedBatchSampler
 from dml_runner.config import TrainerConfig
+from dml_runner.reference import row_deviations
 from dml_runner.trainer import Trainer
 
 
@@ -405,7 +406,7 @@ def test_paper_rows_follow_the_official_code(compose_cfg, row):
     assert bb.embedding_dim == 128 and bb.normalize is True
     assert cfg.trainer.batch_size == 80 and cfg.sampler.samples_per_class == 4 and cfg.transform.name == "rrc_224"
     assert cfg.optimizer.lr == pytest.approx(1e-5) and cfg.optimizer.weight_decay == pytest.approx(1e-4)
-    deviations = " ".join(cfg.reference.deviations)
+    deviations = " ".join(row_deviations(cfg.reference))
     assert "weights may differ" not in deviations and "final epoch" in deviations
     if row.startswith("vehicleid"):
         assert cfg.dataset.protocol == "original" and cfg.dataset.repeats == 10
@@ -416,7 +417,7 @@ def test_paper_rows_follow_the_official_code(compose_cfg, row):
                                  "mdl_sop"])
 def test_mdl_rows_declare_their_own_protocol(compose_cfg, row):
     cfg = compose_cfg(f"+experiment=mdl/{row}")
-    deviations = list(cfg.reference.deviations)
+    deviations = row_deviations(cfg.reference)
     assert "no published protocol; the training settings are dml-runner's choice" in deviations
     assert any("reconstructed from the abstract" in d for d in deviations) == row.startswith("mdl_")
     assert cfg.backbone.freeze == "bn" and cfg.method._target_.endswith("StandardMethod")

@@ -15,6 +15,7 @@ import torch
 
 from conftest import dml_run_cmd
 from dml_runner import DMLRunnerError
+from dml_runner.reference import row_deviations
 from dml_runner.losses.hdml import HDMLLoss, RunningLossMean, hardness_aware_negatives
 from dml_runner.methods.feature_cache import FeatureCache, SeededView, trunk_is_frozen
 
@@ -610,7 +611,7 @@ def test_every_hdml_table_row_declares_its_differences(compose_cfg):
     assert len(rows) == 27
     for path in rows:
         cfg = compose_cfg(f"+experiment=hdml/{path.parent.name}/{path.stem}")
-        text = " ".join(cfg.reference.deviations)
+        text = " ".join(row_deviations(cfg.reference))
         assert "GoogLeNet" in text and "best test NMI" in text and "bf16" in text
         assert "freezes" not in text  # the official trunk is trained (trainable tf.get_variable)
         if not path.stem.startswith("hdml_"):
@@ -703,7 +704,7 @@ def test_cub_rows_keep_a_constant_lr_to_step_8004(compose_cfg, row):
     base = float(cfg.optimizer.lr)
     for step in (1, 5631, 5632, 5633, 5634, 6847, 6848, 6849, 6850, 8000, 8004, len(lrs)):
         assert lrs[step - 1] == base, (row, step)
-    assert str(len(lrs)) in " ".join(cfg.reference.deviations)  # the row states its run length
+    assert str(len(lrs)) in " ".join(row_deviations(cfg.reference))  # the row states its run length
 
 
 @pytest.mark.parametrize("row", ["hdml/table1_cub200/hdml_npair", "hdml/table1_cub200/hdml_triplet",
@@ -726,7 +727,7 @@ def test_hdml_rows_evaluate_in_float32_from_cv2_style_resizes(compose_cfg, row):
     cfg = compose_cfg(f"+experiment={row}")
     assert cfg.eval.amp is False
     assert cfg.transform.train.resize_mode == cfg.transform.test.resize_mode == "warp_cv2"
-    text = " ".join(cfg.reference.deviations)
+    text = " ".join(row_deviations(cfg.reference))
     assert "computed in float32 (eval.amp=false)" in text and "evaluation embeds" not in text
 
 
