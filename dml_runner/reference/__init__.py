@@ -1,6 +1,7 @@
 """Published numbers of the reproduced papers, as data: one CSV per paper table (``<table>.csv``, in percent).
 
-Every line is ONE number with its ``source`` and a ``verified`` flag as docs/PAPERS.md states them;
+Every line is ONE number with its ``source``, a ``verified`` flag (true only where the number was matched against
+a second copy) and ``checked_against``, which names that copy;
 ``trainable = false`` marks paper-only rows (e.g. DAML, not implemented here). These are the papers' numbers, never
 dml-runner's. Lines starting with ``#`` describe the table. Example::
 
