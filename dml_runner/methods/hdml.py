@@ -6,7 +6,9 @@ The loss (:class:`~dml_runner.losses.hdml.HDMLLoss`) computes every term; this m
   ``feature_bn``) and the trunk when it is not frozen; minimises ``J_metric``;
 - the generator optimiser (minimises ``J_gen``) and the softmax-classifier optimiser (``J_cls`` on real features);
 - the schedule: the metric learning rate times ``lr_gamma`` at each of ``lr_milestones`` (in steps or epochs;
-  official code: halved at steps 5632 and 6848; the generator and classifier rates stay constant);
+  official code: halved at steps 5632 and 6848 where those are evaluation steps, i.e. on Cars196 but not on CUB with
+  its recommended ``batch_per_epoch`` 46, whose rows set no milestone; the generator and classifier rates stay
+  constant);
 - with ``trainer.cache_features=true`` and a frozen trunk, training from a :class:`FeatureCache`;
 - the weight-decay term of ``J_m``: the metric layers' non-BatchNorm parameters go to the loss as ``decay_params``
   (official ``main_npair.py``: every trainable variable built before the loss except BatchNorm ones, i.e. the
