@@ -172,7 +172,11 @@ def cv2_linear_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
         return ((blocks + 2) >> 2).astype(np.uint8)
     x0, x1, a0, a1 = _cv2_linear_taps(w, width, clamp=True)
     y0, y1, b0, b1 = _cv2_linear_taps(h, height, clamp=False)
-    pixels = src.astype(np.int64)
+    # int32 holds every intermediate: 255 x 2048 per row sum, then 2048 x (row sum >> 4) per product
+    a0, a1, b0, b1 = (v.astype(np.int32) for v in (a0, a1, b0, b1))
+    used = np.unique(np.concatenate([y0, y1]))  # the horizontal pass only for the source rows the output reads
+    pixels = src[used].astype(np.int32)
+    y0, y1 = np.searchsorted(used, y0), np.searchsorted(used, y1)
     shape = (1, -1) + (1,) * (src.ndim - 2)
     rows = (a0.reshape(shape) * pixels[:, x0] + a1.reshape(shape) * pixels[:, x1]) >> 4
     shape = (-1,) + (1,) * (src.ndim - 1)
