@@ -119,6 +119,7 @@ class EvalConfig:
     seed: Optional[int] = _opt(None, "k-means seed (null: trainer.seed)", resume_free=True)
     normalize: bool = _opt(False, "L2-normalise the embeddings for evaluation only (training sees them raw)",
                            resume_free=True)
+    amp: bool = False
 
 
 @dataclass

@@ -3,6 +3,9 @@
     python tests/config_snapshot.py dump OUT_DIR [--conf CONF_DIR]   # one JSON file per composition
     python tests/config_snapshot.py compare BEFORE_DIR AFTER_DIR      # the keys whose values differ
 
+A paper row's deviations compare as one set: those of its table's base (``reference.table_deviations``) and its own
+(``reference.deviations``), in any order, as dml-report shows them.
+
 ``--conf`` composes another conf/ tree (e.g. one with the config files of an earlier commit); the schemas
 registered by ``dml_runner.config`` apply to both. ``$DML_DATA`` is unset while composing, so data paths resolve to
 their default."""
@@ -86,6 +89,17 @@ def differences(before: Any, after: Any, path: str = "") -> list[str]:
     return [] if before == after else [f"{path}: {before!r} -> {after!r}"]
 
 
+def normalised(value: Any) -> Any:
+    """A composition as the report reads it: a paper row's deviations are one set, wherever they are stated (the
+    table's base, ``reference.table_deviations``, or the row, ``reference.deviations``) and in whatever order."""
+    ref = value.get("reference") if isinstance(value, dict) else None
+    if isinstance(ref, dict) and ("deviations" in ref or "table_deviations" in ref):
+        ref = dict(ref)
+        ref["deviations"] = sorted({*(ref.pop("table_deviations", None) or []), *(ref.get("deviations") or [])})
+        value = {**value, "reference": ref}
+    return value
+
+
 def compare(before_dir: Path, after_dir: Path) -> int:
     before = {p.name: p for p in before_dir.glob("*.json")}
     after = {p.name: p for p in after_dir.glob("*.json")}
@@ -95,7 +109,8 @@ def compare(before_dir: Path, after_dir: Path) -> int:
             print(f"{name}: only in {'before' if name in before else 'after'}")
             changed += 1
             continue
-        diff = differences(json.loads(before[name].read_text()), json.loads(after[name].read_text()))
+        diff = differences(normalised(json.loads(before[name].read_text())),
+                           normalised(json.loads(after[name].read_text())))
         if diff:
             changed += 1
             print(f"{name}:\n  " + "\n  ".join(diff))

@@ -27,6 +27,7 @@ from dml_runner.methods.divide_conquer import (
 from dml_runner.methods.standard import StandardMethod
 from dml_runner.samplers.class_balanced import ClassBalancedBatchSampler
 from dml_runner.config import TrainerConfig
+from dml_runner.reference import row_deviations
 from dml_runner.training.trainer import Trainer
 
 
@@ -405,8 +406,11 @@ def test_paper_rows_follow_the_official_code(compose_cfg, row):
     assert bb.embedding_dim == 128 and bb.normalize is True
     assert cfg.trainer.batch_size == 80 and cfg.sampler.samples_per_class == 4 and cfg.transform.name == "rrc_224"
     assert cfg.optimizer.lr == pytest.approx(1e-5) and cfg.optimizer.weight_decay == pytest.approx(1e-4)
-    deviations = " ".join(cfg.reference.deviations)
+    deviations = " ".join(row_deviations(cfg.reference))
     assert "weights may differ" not in deviations and "final epoch" in deviations
+    # official NMI: faiss k-means, 100 iterations; every In-shop query has a gallery positive (inshop.py asserts it)
+    assert cfg.eval.kmeans_iters == 100 and "eval.kmeans_iters=100" in deviations
+    assert "without a positive" not in deviations and cfg.eval.amp is False
     if row.startswith("vehicleid"):
         assert cfg.dataset.protocol == "original" and cfg.dataset.repeats == 10
         assert cfg.dataset.test_size == row.split("_")[1] and "leave-one-out" in deviations
@@ -416,7 +420,7 @@ def test_paper_rows_follow_the_official_code(compose_cfg, row):
                                  "mdl_sop"])
 def test_mdl_rows_declare_their_own_protocol(compose_cfg, row):
     cfg = compose_cfg(f"+experiment=mdl/{row}")
-    deviations = list(cfg.reference.deviations)
+    deviations = row_deviations(cfg.reference)
     assert "no published protocol; the training settings are dml-runner's choice" in deviations
     assert any("reconstructed from the abstract" in d for d in deviations) == row.startswith("mdl_")
     assert cfg.backbone.freeze == "bn" and cfg.method._target_.endswith("StandardMethod")
@@ -509,3 +513,18 @@ def test_the_digits_demo_leaves_room_to_divide(compose_cfg):
     assert cfg.trainer.epochs == 10 and cfg.method.finetune_epochs == 3
     validate_config(cfg)  # accepted: the checks refuse a run that would never divide
     assert compose_cfg("method=divide_conquer", "dataset=cub200").method.finetune_epochs == 10
+
+
+@pytest.mark.parametrize("dataset", ["cub200", "cars196"])
+def test_author_recipe_presets_config(compose_cfg, dataset):
+    """The first author's CUB/Cars advice (official issue 6) as a preset beside the table's row."""
+    cfg = compose_cfg(f"+experiment=dc/author_recipe/{dataset}")
+    row = compose_cfg(f"+experiment=dc/{dataset}")
+    assert cfg.dataset._target_ == row.dataset._target_ and cfg.method.num_clusters == row.method.num_clusters
+    assert cfg.loss.sampling == "distance_weighted" and cfg.backbone.embedding_dim == 256
+    assert cfg.trainer.epochs - cfg.method.finetune_epochs == 60  # conquer from epoch 61 (official finetune_epoch 60)
+    assert list(cfg.scheduler.milestones) == [30, 60, 90, 120, 150, 180] and cfg.scheduler.gamma == 0.5
+    deviations = row_deviations(cfg.reference)
+    assert any("author's recipe" in d for d in deviations) and "eval.kmeans_iters=100" in " ".join(deviations)
+    assert not any("applies its SOP settings" in d for d in deviations)
+    assert (cfg.reference.table, cfg.reference.row) == ("divide_conquer", dataset)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ import torch
 
 from conftest import dml_run_cmd
 from dml_runner import DMLRunnerError
+from dml_runner.reference import row_deviations
 from dml_runner.losses.hdml import HDMLLoss, RunningLossMean, hardness_aware_negatives
 from dml_runner.methods.feature_cache import FeatureCache, SeededView, trunk_is_frozen
 
@@ -470,11 +472,18 @@ def test_batchnorm_uses_the_tensorflow_momentum_and_eps(compose_cfg, tmp_path):
     for bn in bns:  # tf.layers.batch_normalization: moving = 0.99 moving + 0.01 batch, eps 1e-3
         bn.train()
         x = torch.randn(16, bn.num_features) + 3.0
-        before = bn.running_mean.clone()
+        before, before_var = bn.running_mean.clone(), bn.running_var.clone()
         out = bn(x)
         assert torch.allclose(bn.running_mean, 0.99 * before + 0.01 * x.mean(0), atol=1e-6)
         want = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-3) * bn.weight + bn.bias
         assert torch.allclose(out, want, atol=1e-5)
+        if bn in bns[:1]:  # BN1 (the head's, used by evaluation): TF's non-fused moving variance is the biased one
+            biased, unbiased = x.var(0, unbiased=False), x.var(0, unbiased=True)
+            assert torch.allclose(bn.running_var, 0.99 * before_var + 0.01 * biased, atol=1e-6)
+            assert not torch.allclose(bn.running_var, 0.99 * before_var + 0.01 * unbiased, atol=1e-6)
+            bn.eval()  # evaluation normalises with the moving statistics
+            moving = (x - bn.running_mean) / torch.sqrt(bn.running_var + 1e-3) * bn.weight + bn.bias
+            assert torch.allclose(bn(x), moving, atol=1e-5)
 
 
 def test_weight_decay_covers_the_trainable_non_batchnorm_metric_parameters(compose_cfg, tmp_path):
@@ -603,7 +612,7 @@ def test_every_hdml_table_row_declares_its_differences(compose_cfg):
     assert len(rows) == 27
     for path in rows:
         cfg = compose_cfg(f"+experiment=hdml/{path.parent.name}/{path.stem}")
-        text = " ".join(cfg.reference.deviations)
+        text = " ".join(row_deviations(cfg.reference))
         assert "GoogLeNet" in text and "best test NMI" in text and "bf16" in text
         assert "freezes" not in text  # the official trunk is trained (trainable tf.get_variable)
         if not path.stem.startswith("hdml_"):
@@ -632,3 +641,155 @@ def test_a_row_runs_with_the_frozen_trunk_and_feature_cache(compose_cfg, tmp_pat
     assert hdml["trunk_frozen"] and hdml["feature_cache"] and hdml["cache_views"] == 2
     emb = np.load(tmp_path / "out" / "embeddings.npz")["embeddings"]
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------- schedule and precision
+# CUB-200-2011's training split (classes 1-100, 5,864 images): the samplers' batches per epoch depend on its size.
+CUB_TRAIN_LABELS = np.repeat(np.arange(100), [59] * 64 + [58] * 36)
+HDML_ROWS = sorted(f"hdml/{p.parent.name}/{p.stem}"
+                   for p in (Path(__file__).resolve().parent.parent / "conf/experiment/hdml").glob("*/*.yaml"))
+CUB_ROWS = [row for row in HDML_ROWS if row.startswith("hdml/table1_cub200/")]
+
+
+def row_schedule(cfg, labels):
+    """(lr of every optimisation step, 1-based as list index + 1; batches per epoch) of a composed row, from the row's
+    own sampler, scheduler or method schedule, stepped as the trainer and HDMLMethod step them."""
+    from hydra.utils import instantiate
+
+    from dml_runner.run import _instantiate
+
+    sampler = _instantiate(cfg.sampler, "sampler", labels=labels, batch_size=cfg.trainer.batch_size, seed=0)
+    per_epoch = len(sampler)
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=float(cfg.optimizer.lr))
+    per_step = cfg.method._target_.endswith("HDMLMethod")
+    if per_step:
+        method = _instantiate(cfg.method, "method")
+        assert method.lr_milestone_unit == "step"
+        schedule = method.metric_schedule(opt)
+    else:
+        schedule = instantiate(cfg.scheduler)(opt) if cfg.get("scheduler") and cfg.scheduler.get("_target_") else None
+    lrs = []
+    for step in range(1, cfg.trainer.epochs * per_epoch + 1):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if schedule is not None and (per_step or step % per_epoch == 0):
+            schedule.step()
+    return lrs, per_epoch
+
+
+def test_official_schedule_on_cub_never_halves_and_ends_at_step_8004():
+    """The official loop tests `step in [5632, 6848]` and `step >= 8000` only at evaluation steps: every 500 steps up
+    to 5000, then every batch_per_epoch steps (46 recommended for CUB, 64 for Cars196)."""
+    def official(batch_per_epoch):
+        step, period, halvings = 0, 500, []
+        while True:
+            step += 1
+            if step % period == 0:
+                if step in (5632, 6848):
+                    halvings.append(step)
+                if step >= 5000:
+                    period = batch_per_epoch
+                if step >= 8000:
+                    return halvings, step
+
+    assert official(46) == ([], 8004)
+    assert official(64) == ([5632, 6848], 8000)
+
+
+@pytest.mark.parametrize("row", CUB_ROWS)
+def test_cub_rows_keep_a_constant_lr_to_step_8004(compose_cfg, row):
+    cfg = compose_cfg(f"+experiment={row}")
+    lrs, per_epoch = row_schedule(cfg, CUB_TRAIN_LABELS)
+    assert per_epoch == 5864 // cfg.trainer.batch_size
+    assert len(lrs) >= 8004 > len(lrs) - per_epoch  # the first epoch end at or after the official last step
+    base = float(cfg.optimizer.lr)
+    for step in (1, 5631, 5632, 5633, 5634, 6847, 6848, 6849, 6850, 8000, 8004, len(lrs)):
+        assert lrs[step - 1] == base, (row, step)
+    assert str(len(lrs)) in " ".join(row_deviations(cfg.reference))  # the row states its run length
+
+
+@pytest.mark.parametrize("row", ["hdml/table1_cub200/hdml_npair", "hdml/table1_cub200/hdml_triplet",
+                                 "hdml/table2_cars196/hdml_npair"])
+def test_the_other_reading_halves_at_steps_5632_and_6848(compose_cfg, row):
+    """Cars196 rows (batch_per_epoch 64 divides both steps) and the CUB option method.lr_milestones=[5632,6848]."""
+    extra = ["method.lr_milestones=[5632,6848]"] if "cub" in row else []
+    cfg = compose_cfg(f"+experiment={row}", *extra)
+    labels = CUB_TRAIN_LABELS if "cub" in row else np.repeat(np.arange(98), [83] * 18 + [82] * 80)
+    lrs, _ = row_schedule(cfg, labels)
+    base = float(cfg.optimizer.lr)
+    assert lrs[5632 - 1] == base and lrs[5633 - 1] == base / 2  # halved after step 5632
+    assert lrs[6848 - 1] == base / 2 and lrs[6849 - 1] == base / 4
+    assert lrs[-1] == base / 4
+
+
+@pytest.mark.parametrize("row", HDML_ROWS)
+def test_hdml_rows_evaluate_in_float32_from_cv2_style_resizes(compose_cfg, row):
+    """The official evaluation.py embeds in float32 and its converters store cv2.resize(img, (256, 256))."""
+    cfg = compose_cfg(f"+experiment={row}")
+    assert cfg.eval.amp is False
+    assert cfg.transform.train.resize_mode == cfg.transform.test.resize_mode == "warp_cv2"
+    text = " ".join(row_deviations(cfg.reference))
+    assert "computed in float32 (eval.amp=false)" in text and "evaluation embeds" not in text
+
+
+def _cv2_linear_oracle(src: np.ndarray, width: int, height: int) -> np.ndarray:
+    """One output pixel at a time, OpenCV's INTER_LINEAR for 8-bit images written out: float32 sampling position
+    (x + 0.5) * src / dst - 0.5; horizontal taps clamped to the image (weight 1 on the border pixel), vertical taps
+    clipped row indices; weights rounded to 1/2048; vertical rounding of OpenCV's vectorised path."""
+    h, w = src.shape[:2]
+    out = np.zeros((height, width) + src.shape[2:], dtype=np.int64)
+
+    def taps(i, size, dst, clamp):
+        pos = float(np.float32((i + 0.5) * (1.0 / (dst / size)) - 0.5))
+        lo = math.floor(pos)
+        frac = float(np.float32(pos - lo))
+        if clamp and (lo < 0 or lo >= size - 1):
+            lo, frac = min(max(lo, 0), size - 1), 0.0
+        one = np.float32(2048)
+        weights = (int(np.rint(np.float32(1 - frac) * one)), int(np.rint(np.float32(frac) * one)))
+        return (min(max(lo, 0), size - 1), min(max(lo + 1, 0), size - 1)), weights
+
+    for y in range(height):
+        (r0, r1), (b0, b1) = taps(y, h, height, clamp=False)
+        for x in range(width):
+            (c0, c1), (a0, a1) = taps(x, w, width, clamp=True)
+            s0 = (int(src[r0, c0]) * a0 + int(src[r0, c1]) * a1) >> 4 if src.ndim == 2 else \
+                (src[r0, c0].astype(np.int64) * a0 + src[r0, c1].astype(np.int64) * a1) >> 4
+            s1 = (int(src[r1, c0]) * a0 + int(src[r1, c1]) * a1) >> 4 if src.ndim == 2 else \
+                (src[r1, c0].astype(np.int64) * a0 + src[r1, c1].astype(np.int64) * a1) >> 4
+            out[y, x] = np.clip((((s0 * b0) >> 16) + ((s1 * b1) >> 16) + 2) >> 2, 0, 255)
+    return out.astype(np.uint8)
+
+
+@pytest.mark.parametrize("shape,size", [((13, 17, 3), (9, 11)), ((5, 4), (12, 10)), ((1, 6, 3), (4, 3)),
+                                        ((40, 23, 3), (16, 16)), ((16, 16, 3), (7, 16))])
+def test_cv2_linear_resize_matches_the_formula_pixel_by_pixel(shape, size):
+    from dml_runner.datasets.transforms import cv2_linear_resize
+
+    src = np.random.default_rng(3).integers(0, 256, size=shape, dtype=np.uint8)
+    ours = cv2_linear_resize(src, *size)
+    assert ours.shape == (size[1], size[0]) + shape[2:] and ours.dtype == np.uint8
+    assert np.array_equal(ours, _cv2_linear_oracle(src, *size))
+
+
+def test_cv2_linear_resize_special_cases_and_no_antialiasing():
+    from PIL import Image
+
+    from dml_runner.datasets.transforms import Cv2LinearResize, caffe_227, cv2_linear_resize
+
+    src = np.random.default_rng(4).integers(0, 256, size=(8, 6, 3), dtype=np.uint8)
+    assert np.array_equal(cv2_linear_resize(src, 6, 8), src)  # same size: a copy
+    halves = cv2_linear_resize(src, 3, 4)  # exact 2x downscale: OpenCV averages each 2x2 block
+    assert np.array_equal(halves, (src.reshape(4, 2, 3, 2, 3).astype(int).sum(axis=(1, 3)) + 2) >> 2)
+    # a 1-pixel stripe pattern shrunk 3x: bilinear sampling without antialiasing keeps sampled stripes at full
+    # contrast, where an antialiased filter averages them to grey
+    stripes = np.tile(np.array([0, 255, 0], dtype=np.uint8), 30)[None, :].repeat(9, axis=0)
+    ours = cv2_linear_resize(stripes, 30, 3)
+    assert set(np.unique(ours)) == {255}
+    pil = np.asarray(Image.fromarray(stripes).resize((30, 3), Image.BILINEAR))
+    assert pil.max() < 200
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 256, size=(30, 40, 3), dtype=np.uint8))
+    assert Cv2LinearResize(16)(image).size == (16, 16)
+    assert "Cv2LinearResize" in repr(caffe_227(train=False, resize=16, crop=12, resize_mode="warp_cv2"))
+    with pytest.raises(ValueError, match="8-bit"):
+        cv2_linear_resize(src.astype(np.float32), 3, 4)

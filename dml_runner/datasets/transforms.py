@@ -18,8 +18,11 @@ Both normalise with the ImageNet mean/std torchvision's pretrained weights expec
   and test images by ``gen_images.m``): crop to the pixels whose grey value is below 250 plus a ``crop_padding``
   margin, resize the longer side to ``resize`` (aspect ratio kept) and pad the shorter side with white to a
   ``resize`` x ``resize`` square (:class:`CropToContent`, :class:`LongerSidePad`). ``conf/transform/lifted_227.yaml``.
-- ``"warp"``: resize to 256x256 ignoring the aspect ratio, as Caffe LMDB pipelines built with
-  ``convert_imageset --resize_height=256 --resize_width=256`` do (``conf/transform/caffe_227.yaml``, used by HDML).
+- ``"warp"``: resize to 256x256 ignoring the aspect ratio with PIL's antialiased bilinear filter, as Caffe LMDB
+  pipelines built with ``convert_imageset --resize_height=256 --resize_width=256`` roughly do
+  (``conf/transform/caffe_227.yaml``'s default).
+- ``"warp_cv2"``: resize to 256x256 ignoring the aspect ratio as the HDML code's ``cv2.resize(img, (256, 256))``:
+  bilinear without antialiasing (:func:`cv2_linear_resize`); the HDML paper rows use it.
 - ``"shorter"``: resize the shorter side to 256.
 """
 
@@ -119,7 +122,85 @@ class LongerSidePad:
         return f"{type(self).__name__}(size={self.size}, fill={self.fill})"
 
 
-RESIZE_MODES = ("warp", "shorter", "content_pad")
+_CV2_COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS: 8-bit linear resizing weights in 1/2048 units
+
+
+def _cv2_linear_taps(src: int, dst: int, clamp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices ``(i0, i1)`` and their integer weights ``(w0, w1)`` (1/2048 units) for ``dst`` outputs.
+
+    The sampling position of output ``x`` is ``(x + 0.5) * scale - 0.5`` (pixel centres at half-integers),
+    ``scale = 1 / (dst / src)`` in double precision, then rounded to single precision; each weight is rounded to
+    1/2048 on its own (to nearest, ties to even). ``clamp`` (OpenCV's horizontal axis): a position left of the first
+    or right of the last pixel takes that border pixel with the whole weight. Otherwise (the vertical axis) the
+    weights stay as computed and the row indices are clipped to the image, so a border row is split between two
+    copies of itself.
+    """
+    scale = 1.0 / (dst / src)
+    pos = ((np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5).astype(np.float32)
+    base = np.floor(pos)
+    frac = (pos - base).astype(np.float32)
+    i0 = base.astype(np.int64)
+    if clamp:
+        outside = (i0 < 0) | (i0 >= src - 1)
+        frac = np.where(outside, np.float32(0), frac)
+        i0 = np.clip(i0, 0, src - 1)
+    one = np.float32(1 << _CV2_COEF_BITS)
+    w0 = np.rint((np.float32(1) - frac) * one).astype(np.int64)
+    w1 = np.rint(frac * one).astype(np.int64)
+    return np.clip(i0, 0, src - 1), np.clip(i0 + 1, 0, src - 1), w0, w1
+
+
+def cv2_linear_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """OpenCV's ``cv2.resize(image, (width, height))`` (``INTER_LINEAR``) of an 8-bit (H, W) or (H, W, C) array.
+
+    Bilinear interpolation between the two nearest source pixels per axis, without antialiasing (a downscale
+    skips pixels rather than averaging them), in OpenCV's 8-bit fixed-point arithmetic: the horizontal pass sums
+    ``pixel x weight`` exactly (weights in 1/2048); the vertical pass (OpenCV's vectorised one, which covers every row
+    whose length W x C is a multiple of the vector width, e.g. 256 x 3) shifts each row sum right by 4, keeps the
+    high 16 bits of its product with the row weight, adds the two, and rounds off the last 2 bits. Like OpenCV, an
+    image of the target size is returned as is, and an exact 2x downscale in both axes averages each 2x2 block
+    (OpenCV switches to its area mode there).
+    """
+    src = np.asarray(image)
+    if src.dtype != np.uint8 or src.ndim not in (2, 3):
+        raise ValueError(f"cv2_linear_resize takes an 8-bit (H, W) or (H, W, C) array, got {src.dtype} {src.shape}")
+    h, w = src.shape[:2]
+    if (w, h) == (width, height):
+        return src.copy()
+    if (w, h) == (2 * width, 2 * height):
+        blocks = src.astype(np.int64).reshape(height, 2, width, 2, *src.shape[2:]).sum(axis=(1, 3))
+        return ((blocks + 2) >> 2).astype(np.uint8)
+    x0, x1, a0, a1 = _cv2_linear_taps(w, width, clamp=True)
+    y0, y1, b0, b1 = _cv2_linear_taps(h, height, clamp=False)
+    # int32 holds every intermediate: 255 x 2048 per row sum, then 2048 x (row sum >> 4) per product
+    a0, a1, b0, b1 = (v.astype(np.int32) for v in (a0, a1, b0, b1))
+    used = np.unique(np.concatenate([y0, y1]))  # the horizontal pass only for the source rows the output reads
+    pixels = src[used].astype(np.int32)
+    y0, y1 = np.searchsorted(used, y0), np.searchsorted(used, y1)
+    shape = (1, -1) + (1,) * (src.ndim - 2)
+    rows = (a0.reshape(shape) * pixels[:, x0] + a1.reshape(shape) * pixels[:, x1]) >> 4
+    shape = (-1,) + (1,) * (src.ndim - 1)
+    total = ((b0.reshape(shape) * rows[y0]) >> 16) + ((b1.reshape(shape) * rows[y1]) >> 16)
+    return np.clip((total + 2) >> 2, 0, 255).astype(np.uint8)
+
+
+class Cv2LinearResize:
+    """Resize a PIL image to ``size`` x ``size`` (aspect ratio ignored) as ``cv2.resize(img, (size, size))`` does:
+    bilinear without antialiasing (:func:`cv2_linear_resize`). The HDML code stores its images so
+    (``datasets/cub200_2011_converter.py``, ``cars196_converter.py``)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = int(size)
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        array = np.asarray(image.convert("RGB"))
+        return Image.fromarray(cv2_linear_resize(array, self.size, self.size))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size})"
+
+
+RESIZE_MODES = ("warp", "warp_cv2", "shorter", "content_pad")
 
 
 def caffe_227(train: bool = True, resize: int = 256, crop: int = 227, resize_mode: str = "warp",
@@ -135,6 +216,8 @@ def caffe_227(train: bool = True, resize: int = 256, crop: int = 227, resize_mod
     steps: list[Transform]
     if resize_mode == "content_pad":
         steps = [CropToContent(crop_padding, white_threshold), LongerSidePad(resize)]
+    elif resize_mode == "warp_cv2":
+        steps = [Cv2LinearResize(resize)]
     else:
         steps = [T.Resize((resize, resize) if resize_mode == "warp" else resize)]
     steps += [T.RandomCrop(crop), T.RandomHorizontalFlip()] if train else [T.CenterCrop(crop)]

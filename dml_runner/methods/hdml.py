@@ -6,7 +6,9 @@ The loss (:class:`~dml_runner.losses.hdml.HDMLLoss`) computes every term; this m
   ``feature_bn``) and the trunk when it is not frozen; minimises ``J_metric``;
 - the generator optimiser (minimises ``J_gen``) and the softmax-classifier optimiser (``J_cls`` on real features);
 - the schedule: the metric learning rate times ``lr_gamma`` at each of ``lr_milestones`` (in steps or epochs;
-  official code: halved at steps 5632 and 6848; the generator and classifier rates stay constant);
+  official code: halved at steps 5632 and 6848 where those are evaluation steps, i.e. on Cars196 but not on CUB with
+  its recommended ``batch_per_epoch`` 46, whose rows set no milestone; the generator and classifier rates stay
+  constant);
 - with ``trainer.cache_features=true`` and a frozen trunk, training from a :class:`FeatureCache`;
 - the weight-decay term of ``J_m``: the metric layers' non-BatchNorm parameters go to the loss as ``decay_params``
   (official ``main_npair.py``: every trainable variable built before the loss except BatchNorm ones, i.e. the
@@ -49,6 +51,28 @@ from dml_runner.methods.feature_cache import FeatureCache, require_frozen_trunk,
 
 _LOGGED = ("metric_real", "metric_syn", "weight_decay", "gen", "recon", "soft", "cls", "weight_real", "javg")
 _OBJECTIVES = (("loss", "metric"), ("gen", "generator"), ("cls", "classifier"))
+
+
+class BiasedVarianceBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose moving variance averages the biased batch variance (divided by N, not N - 1).
+
+    The HDML code's BN1 is ``tf.layers.batch_normalization(fused=True)`` on (N, 1024) pool5 features; TensorFlow
+    falls back to its non-fused path for inputs that are not 4-D, which updates ``moving_variance`` with
+    ``tf.nn.moments``' biased variance. PyTorch's BatchNorm averages the unbiased one. Normalisation in training
+    (batch statistics) and in evaluation (moving statistics) is PyTorch's own.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.track_running_stats):
+            return super().forward(x)
+        out = nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            flat = x.detach().float()
+            self.running_mean.lerp_(flat.mean(0), factor)
+            self.running_var.lerp_(flat.var(0, unbiased=False), factor)
+        return out
 
 
 class HDMLMethod(Method):
@@ -101,7 +125,7 @@ class HDMLMethod(Method):
                                                 lr=self.generator_lr)
         self.classifier_opt = ctx.make_optimizer([{"params": self.classifier_params, "name": "softmax"}],
                                                  lr=self.softmax_lr)
-        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.metric_opt, self.lr_milestones, self.lr_gamma)
+        self.scheduler = self.metric_schedule(self.metric_opt)
 
         self.build_task(model=model, loss=loss)
         self.sampler = ctx.make_sampler(ctx.train_set.labels)
@@ -116,7 +140,8 @@ class HDMLMethod(Method):
                 "cache_views": ctx.cache_views if ctx.cache_features else None, "pulling_factor": loss.pulling_factor,
                 "use_softmax": loss.use_softmax, "use_reconstruction": loss.use_reconstruction,
                 "regular_factor": loss.regular_factor, "nan_to_zero": loss.nan_to_zero,
-                "eval_normalize": self.eval_normalize, "bn": "momentum 0.01 (TF 0.99), eps 1e-3",
+                "eval_normalize": self.eval_normalize,
+                "bn": "momentum 0.01 (TF 0.99), eps 1e-3, biased moving variance",
                 "lrs": {"metric": base_lr, "generator": self.generator_lr, "softmax": self.softmax_lr}}
         if isinstance(getattr(model, "info", None), dict):
             model.info["hdml"] = info  # recorded in results.json under "model"
@@ -124,12 +149,18 @@ class HDMLMethod(Method):
         self._sums: dict[str, torch.Tensor] = {}
         self._steps = 0
 
+    def metric_schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.MultiStepLR:
+        """The metric optimiser's schedule: times ``lr_gamma`` at each of ``lr_milestones``, stepped after every
+        optimisation step (``lr_milestone_unit="step"``) or epoch; no milestones: a constant lr."""
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, self.lr_milestones, self.lr_gamma)
+
     def prepare_model(self, model: nn.Module) -> None:
-        """The head as HDML trains and evaluates it: ``feature_bn`` puts a BatchNorm (TF's momentum and eps) before
-        the FC layer (official: pool5 -> BN -> FC; part of the head, so evaluation uses it too), and
+        """The head as HDML trains and evaluates it: ``feature_bn`` puts a BatchNorm (TF's momentum and eps, moving
+        variance of the biased batch variance: :class:`BiasedVarianceBatchNorm1d`) before the FC layer (official: pool5 -> BN -> FC; part of the head, so evaluation uses it too), and
         ``eval_normalize`` L2-normalises the evaluated embeddings."""
         if self.feature_bn:
-            model.head.dropout = nn.Sequential(nn.BatchNorm1d(model.feature_dim, **TF_BN), model.head.dropout)
+            model.head.dropout = nn.Sequential(BiasedVarianceBatchNorm1d(model.feature_dim, **TF_BN),
+                                               model.head.dropout)
         if self.eval_normalize:
             model.head.eval_normalize = True
 

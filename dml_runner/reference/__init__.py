@@ -1,6 +1,7 @@
 """Published numbers of the reproduced papers, as data: one CSV per paper table (``<table>.csv``, in percent).
 
-Every line is ONE number with its ``source`` and a ``verified`` flag as docs/PAPERS.md states them;
+Every line is ONE number with its ``source``, a ``verified`` flag (true only where the number was matched against
+a second copy) and ``checked_against``, which names that copy;
 ``trainable = false`` marks paper-only rows (e.g. DAML, not implemented here). These are the papers' numbers, never
 dml-runner's. Lines starting with ``#`` describe the table. Example::
 
@@ -13,6 +14,7 @@ dml-runner's. Lines starting with ``#`` describe the table. Example::
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -40,3 +42,12 @@ def table_description(table: str) -> str:
     """The ``#`` header of a table file, as one paragraph."""
     lines = (REFERENCE_DIR / f"{table}.csv").read_text().splitlines()
     return " ".join(line[1:].strip() for line in lines if line.startswith("#"))
+
+
+def row_deviations(reference: Any) -> list[str]:
+    """Every deviation a paper row declares, as one list: those its table's rows share (``table_deviations``, set
+    in the table's base config) followed by its own (``deviations``). ``reference``: the row's ``reference`` node."""
+    if not reference:
+        return []
+    shared, own = reference.get("table_deviations"), reference.get("deviations")
+    return [str(d) for d in [*(shared or []), *(own or [])]]

@@ -25,6 +25,7 @@ import pandas as pd
 
 from dml_runner import DMLRunnerError
 from dml_runner.config import LABEL_KEYS, NEUTRAL, flagged_keys
+from dml_runner.reference import row_deviations
 from dml_runner.rundir import HISTORY, RESULTS, flatten_config, read_results, split_override
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def load_run(path: Path | str, select_metric: str | None = None) -> dict[str, An
         "experiment": (res.get("choices") or {}).get("experiment"), "seed": trainer.get("seed"),
         "ref_paper": ref.get("paper"), "ref_table": ref.get("table"), "paper_row": ref.get("row"),
         "row": ref.get("row") or run_label(res),
-        "deviations": [str(d) for d in ref.get("deviations") or []], "note": ref.get("note") or "",
+        "deviations": row_deviations(ref), "note": ref.get("note") or "",
         "dataset": dataset_label(res), "overrides": list(res.get("overrides") or []),
         "override_keys": {split_override(o)[0] for o in res.get("overrides") or []},
         "smoke": "smoke" in (cfg.get("tags") or []), "config": recipe_config(res),

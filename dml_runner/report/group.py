@@ -310,7 +310,8 @@ def _make_table(table: dict[str, Any], runs: list[dict[str, Any]], checkpoint: s
             "n_seeds": len({m["seed"] for m in members}), "seeds": " ".join(str(m["seed"]) for m in members),
             **{f: first[f] for f in FINGERPRINT}, "batch": first["batch"], "frozen": first["frozen"],
             "recipe": "; ".join(f"{k}={_format_value(first['config'].get(k, MISSING))}" for k in recipe),
-            "deviations": "; ".join(first["deviations"]), "note": first["note"], "pooled": "; ".join(g["pooled"]),
+            "deviations": "; ".join(first["deviations"]), "deviation_list": list(first["deviations"]),
+            "note": first["note"], "pooled": "; ".join(g["pooled"]),
             "dirs": [m["dir"] for m in members], "experiment": first["experiment"],
             "select_metric": first["select_metric"],
         }
@@ -334,7 +335,8 @@ def _make_table(table: dict[str, Any], runs: list[dict[str, Any]], checkpoint: s
                 continue
             paper = _paper_values(ref, row_key, dim)
             entry = {"row": row_key, "paper_row": row_key, "method": paper["method"], "kind": "paper only",
-                     "n_seeds": 0, "seeds": "", "embedding_dim": int(dim), "deviations": "", "note": paper["note"],
+                     "n_seeds": 0, "seeds": "", "embedding_dim": int(dim), "deviations": "", "deviation_list": [],
+                     "note": paper["note"],
                      "dirs": [], "experiment": None, "batch": "", "recipe": "", "pooled": ""}
             for m in cols:
                 entry.update({m: math.nan, f"{m}_std": math.nan})

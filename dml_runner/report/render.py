@@ -60,6 +60,22 @@ def reading_title(reading: str, metric: str) -> str:
     return title + f" (test-set selection) {PILCROW}" if reading == "best_test" else title
 
 
+def _deviation_list(entry: dict[str, Any]) -> list[str]:
+    listed = entry.get("deviation_list")
+    if listed is not None:
+        return list(listed)
+    return [entry["deviations"]] if entry.get("deviations") else []
+
+
+def shared_deviations(rows: list[dict[str, Any]]) -> list[str]:
+    """The deviations every one of ``rows`` (two or more) declares, in the first row's order: printed once per
+    table, each row's footnote then lists only its own."""
+    lists = [_deviation_list(e) for e in rows]
+    if len(lists) < 2:
+        return []
+    return [d for d in lists[0] if all(d in other for other in lists[1:])]
+
+
 def _cells(table: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]]:
     """Header, body cells and footnotes shared by every renderer."""
     ours = [e for e in table["rows"] if e["kind"] == "ours"]
@@ -73,14 +89,20 @@ def _cells(table: dict[str, Any]) -> tuple[list[str], list[list[str]], list[str]
     primary, extras = primary_metric(table), extra_readings(table)
     header += [reading_title(r, primary) for r in extras]
     body, notes = [], []
+    shared = shared_deviations(ours)
+    if shared:
+        notes.append(f"{DDAGGER} all rows: deviate from the paper's protocol or the official code: "
+                     f"{'; '.join(shared)}.")
     for e in table["rows"]:
         name = e["method"] if e["method"] == e["row"] else f"{e['method']} [{e['row']}]"
         if e["kind"] == "paper only":
             name += " (paper only)"
         if e["deviations"]:
             name += " " + DDAGGER
-            notes.append(f"{DDAGGER} {e['row']}: deviates from the paper's protocol or the official code: "
-                         f"{e['deviations']}.")
+            own = [d for d in _deviation_list(e) if d not in shared]
+            if own:
+                notes.append(f"{DDAGGER} {e['row']}: {'also ' if shared else ''}deviates from the paper's protocol "
+                             f"or the official code: {'; '.join(own)}.")
         if e["note"] and e["kind"] == "ours":
             name += " " + SECTION
             notes.append(f"{SECTION} {e['row']}: {e['note']}.")
@@ -197,7 +219,7 @@ def render_latex(table: dict[str, Any]) -> str:
 
 
 def table_frame(table: dict[str, Any]) -> pd.DataFrame:
-    frame = pd.DataFrame([{k: v for k, v in e.items() if k != "dirs"} for e in table["rows"]])
+    frame = pd.DataFrame([{k: v for k, v in e.items() if k not in ("dirs", "deviation_list")} for e in table["rows"]])
     frame.insert(0, "dataset", table["key"].get("dataset"))
     frame.insert(0, "table", table["key"].get("ref_table") or "runs")
     frame["checkpoint"] = table["checkpoint"]
