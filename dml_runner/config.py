@@ -66,7 +66,7 @@ class EvalBackend(Choice):
 
 @dataclass
 class TrainerConfig:
-    """The training loop's settings: the schema of the `trainer` group and what :class:`dml_runner.trainer.Trainer`
+    """The training loop's settings: the schema of the `trainer` group and what :class:`dml_runner.training.trainer.Trainer`
     reads."""
 
     epochs: int = _opt(30, "epochs to train", resume_free=True)

@@ -1,6 +1,6 @@
 """The training-method contract: what happens to one batch, and which batches an epoch sees.
 
-The trainer (``dml_runner.trainer``) owns the loop, devices, AMP, evaluation, checkpoints and the NaN guard; a
+The trainer (``dml_runner.training.trainer``) owns the loop, devices, AMP, evaluation, checkpoints and the NaN guard; a
 method owns the optimisation. Methods are plain Python objects built from ``conf/method/<name>.yaml``.
 
 A method's trainable modules and its loss computation form one :class:`TaskModule` (an ``nn.Module`` whose
