@@ -214,3 +214,136 @@ def test_default_loader_workers_from_the_cores(tmp_path, monkeypatch):
     assert loader_workers(None, files, cuda=False) == 0  # CPU training: the cores compute the step
     assert loader_workers(5, memory, cuda=False) == 5  # an explicit trainer.num_workers wins
     assert TrainerConfig().num_workers is None
+
+
+class _FakeGpuFaiss:
+    """Real faiss, except that it claims two GPUs and records which one an index is copied to (the copy stays the
+    CPU index, so searches still answer)."""
+
+    def __init__(self, real):
+        self._real, self.copies = real, []
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def get_num_gpus(self):
+        return 2
+
+    class StandardGpuResources:
+        pass
+
+    def index_cpu_to_gpu(self, resources, number, index):
+        self.copies.append(number)
+        return index
+
+    def index_cpu_to_all_gpus(self, *a, **k):
+        raise AssertionError("every GPU taken")
+
+
+@pytest.fixture
+def fake_gpu_faiss(monkeypatch):
+    import sys
+
+    fake = _FakeGpuFaiss(pytest.importorskip("faiss"))
+    monkeypatch.setitem(sys.modules, "faiss", fake)
+    return fake
+
+
+def _retrieval_problem(n_per_class: int, classes: int = 3, dim: int = 4):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(classes), n_per_class)
+    x = (rng.normal(size=(labels.size, dim)) + labels[:, None]).astype(np.float32)
+    return x, labels
+
+
+def test_faiss_gpu_search_uses_the_ranks_gpu_and_the_cpu_index_beyond_its_k_limit(fake_gpu_faiss, caplog):
+    from dml_runner.evaluation.retrieval import FAISS_GPU_MAX_K, faiss_retrieval
+
+    x, y = _retrieval_problem(20)
+    idx = np.arange(y.size)
+    on_gpu = faiss_retrieval(x, y, x, y, idx, max_k=4, use_gpu=True, device=torch.device("cuda", 1))
+    assert fake_gpu_faiss.copies == [1]  # cuda:1 alone, not every GPU
+    plain = faiss_retrieval(x, y, x, y, idx, max_k=4)
+    assert np.array_equal(on_gpu.first_rank, plain.first_rank)
+    # a class with more gallery items than the GPU search returns: the CPU index, the same answer, logged
+    x, y = _retrieval_problem(FAISS_GPU_MAX_K + 2, classes=2, dim=2)
+    fake_gpu_faiss.copies.clear()
+    with caplog.at_level("INFO"):
+        big = faiss_retrieval(x, y, x, y, np.arange(y.size), max_k=1, use_gpu=True, device=torch.device("cuda", 0),
+                              need_ranking=True)
+    assert fake_gpu_faiss.copies == [] and "at most 2048 neighbours" in caplog.text
+    assert big.map_at_r.shape == (y.size,)
+
+
+def test_faiss_kmeans_takes_the_given_gpu_alone(fake_gpu_faiss):
+    from dml_runner.evaluation.kmeans import kmeans
+
+    x, y = _retrieval_problem(30)
+    _, a_gpu = kmeans(x, 3, backend="faiss", device=torch.device("cuda", 1), niter=10)
+    assert fake_gpu_faiss.copies == [1]
+    _, a_cpu = kmeans(x, 3, backend="faiss", device="cpu", niter=10)
+    assert fake_gpu_faiss.copies == [1] and np.array_equal(a_gpu, a_cpu)
+
+
+def test_divide_and_conquer_without_faiss_falls_back_to_torch_kmeans_with_a_message(monkeypatch, caplog):
+    import importlib.util
+
+    from dml_runner.methods.divide_conquer import DivideConquerMethod
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "faiss" else real(name, *a))
+    with caplog.at_level("WARNING"):
+        method = DivideConquerMethod(num_clusters=2, kmeans_backend="faiss")
+    assert method.kmeans_backend == "torch"
+    assert "faiss is not installed" in caplog.text and "method.kmeans_backend=torch" in caplog.text
+    monkeypatch.undo()
+    if importlib.util.find_spec("faiss") is not None:
+        assert DivideConquerMethod(num_clusters=2).kmeans_backend == "faiss"
+
+
+def test_cached_feature_batches_are_the_same_rows_pinned_or_not(monkeypatch):
+    import dml_runner.methods.feature_cache as fc
+
+    gen = torch.Generator().manual_seed(0)
+    features, labels = torch.randn(3, 10, 4, generator=gen), np.arange(10) % 5
+    sampler = [[0, 3, 5, 9], [1, 2, 8, 7]]
+    pinned = []
+
+    def buffer(shape, dtype, pin):  # the CPU has no page-locked memory: record the request, return plain memory
+        pinned.append(pin)
+        return torch.empty(shape, dtype=dtype)
+
+    monkeypatch.setattr(fc, "_batch_buffer", buffer)
+    for pin in (False, True):
+        cache = fc.FeatureCache(features, labels, seed=1, pin_memory=pin)
+        batches = cache.batches(sampler, epoch=2)
+        for (got, lab), indices in zip(batches, sampler):
+            idx = torch.tensor(indices)
+            assert torch.equal(got, features[batches.view_of[idx], idx]) and torch.equal(lab, torch.as_tensor(
+                labels[indices]))
+    assert pinned == [False, False, True, True]
+    assert fc.FeatureCache(features, labels).pin_memory == torch.cuda.is_available()
+
+
+def test_divide_and_conquer_clusters_on_the_training_gpu(monkeypatch):
+    """Rank 0's re-clustering runs k-means on the training device when that is CUDA (here a stand-in device)."""
+    import types
+
+    import dml_runner.methods.divide_conquer as dc
+
+    seen = {}
+
+    def fake_kmeans(x, k, **kw):
+        seen.update(kw)
+        return None, np.arange(len(x)) % k
+
+    monkeypatch.setattr(dc, "kmeans", fake_kmeans)
+    method = dc.DivideConquerMethod(num_clusters=2, kmeans_backend="torch", cluster_on="embedding")
+    monkeypatch.setattr(method, "_build_cluster_sampler", lambda epoch: None)
+    monkeypatch.setattr(method, "_cluster_view", lambda: None)
+    for device, want in ((torch.device("cuda", 0), torch.device("cuda", 0)), (torch.device("cpu"), "cpu")):
+        method.ctx = types.SimpleNamespace(dist=DistInfo(), embed=lambda *a, **k: torch.zeros(6, 3), seed=0,
+                                           device=device)
+        method.assignments = None
+        method.recluster(1)
+        assert seen["device"] == want
