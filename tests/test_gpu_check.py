@@ -50,7 +50,7 @@ def test_dry_run_passes_every_check(gpu_check, tmp_path, capsys):
     assert all(r["differing_queries"] == 0 for r in evals if r["what"].startswith(("torch_screened",
                                                                                     "torch_symmetric")))
     table = (out / "gpu_check.md").read_text()
-    assert table.count("\n| ") == len(rows) + 1 and "| ok |" in table  # header row + one line per check
+    assert table.count("\n| ") == len(rows) + 2 and "| ok |" in table  # header, rule, one line per check
     printed = capsys.readouterr().out
     assert "generated weights" in printed and "torchrun" in printed and "| ok" in printed
 
