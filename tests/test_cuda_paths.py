@@ -347,3 +347,18 @@ def test_divide_and_conquer_clusters_on_the_training_gpu(monkeypatch):
         method.assignments = None
         method.recluster(1)
         assert seen["device"] == want
+
+
+def test_search_blocks_are_sized_for_the_device(monkeypatch):
+    """On CUDA a distance block may take GPU_BLOCK_GB (at most a quarter of the free memory), so a chunk is
+    thousands of rows; the host keeps its 0.5 GB."""
+    from dml_runner.evaluation.cpu import GPU_BLOCK_GB, HOST_BLOCK_GB, block_budget_gb
+    from dml_runner.evaluation.memory import rows_per_chunk
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (80 * 2**30, 80 * 2**30))
+    assert block_budget_gb("cpu") == HOST_BLOCK_GB and block_budget_gb("cuda:0") == GPU_BLOCK_GB
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (6 * 2**30, 80 * 2**30))
+    assert block_budget_gb("cuda:0") == 1.5  # a quarter of 6 GB free
+    sop = 60_502  # gallery size of Stanford Online Products
+    assert rows_per_chunk(sop, 4096, None, budget_gb=GPU_BLOCK_GB) == 4096
+    assert rows_per_chunk(sop, 4096, None, budget_gb=HOST_BLOCK_GB) < 1000
