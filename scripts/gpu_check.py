@@ -36,7 +36,6 @@ import gc
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile

@@ -440,7 +440,8 @@ def kmeans(
     int64)`` as numpy arrays (plus the iterations of the kept run when ``return_iters``).
 
     ``backend``: ``auto`` (= ``torch``), ``torch`` (this module) or ``faiss`` (faiss.Kmeans, on the GPU ``device``
-    alone when it is cuda and faiss sees a GPU). ``device``: where the torch backend runs (default: the tensor's device, else cpu).
+    alone when it is cuda and faiss sees a GPU). ``device``: where the torch backend runs (default: the tensor's
+    device, else cpu).
     ``precision``: the assignment product, ``auto`` | ``bf16`` | ``fp32`` (``cpu.kmeans_dtype``). ``nredo``: runs
     from seeds ``seed``, ``seed + 1``, ...; the one with the lowest sum of squared distances is kept. ``tol``: stop
     when at most this fraction of points changes cluster (0: only at a fixed point). k is clipped to n.

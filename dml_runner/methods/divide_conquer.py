@@ -226,9 +226,9 @@ class DivideConquerMethod(StandardMethod):
         self.kmeans_seed = None if kmeans_seed is None else int(kmeans_seed)
         self.kmeans_backend = kmeans_backend
         if kmeans_backend == "faiss" and importlib.util.find_spec("faiss") is None:
-            log.warning("method.kmeans_backend=faiss: faiss is not installed, so the clusterings use dml-runner's torch "
-                        "k-means (method.kmeans_backend=torch; other clusters than the official code's): pip install "
-                        "faiss-cpu for the official one")
+            log.warning("method.kmeans_backend=faiss: faiss is not installed, so the clusterings use dml-runner's "
+                        "torch k-means (method.kmeans_backend=torch; other clusters than the official code's): pip "
+                        "install faiss-cpu for the official one")
             self.kmeans_backend = "torch"
         self.normalize_slices = normalize_slices
         self.small_cluster = small_cluster
