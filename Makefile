@@ -75,6 +75,25 @@ reproduce-mdl: $(STAMP) ## MDL (reconstructed from the abstract) vs margin loss 
 reproduce-modern: $(STAMP) ## ViT-S/16 DINO + Proxy-Anchor (CUB, Cars, SOP) x SEEDS next to Sph-DINO's numbers
 	$(REPRODUCE) modern $(REPRODUCE_ARGS)
 
-.PHONY: gpu-check
-gpu-check: $(STAMP) ## On a CUDA machine: every GPU path (backbones, eval backends vs CPU, faiss-gpu, torchrun/NCCL), one table
-	$(PY) scripts/gpu_check.py $(ARGS)
+# --- GPU check (docs/PERFORMANCE.md, "GPU check")
+# make gpu-check [GPU_CHECK_OUT=outputs/gpu_check] [ARGS="--dry-run ..."]: with .venv (installed first when missing);
+# make gpu-check OFFLINE=1 [PYTHON=python3]: an offline node's own Python and torch, plus the wheels of $(WHEELHOUSE)
+# installed with --no-index into a temporary folder (scripts/gpu_check.sh); nothing is installed into the node.
+# make wheelhouse [WHEEL_PYTHON=3.12] [FAISS=1]: on a connected machine, the pure-Python wheels that node lacks.
+WHEELHOUSE ?= wheelhouse
+WHEEL_PYTHON ?= 3.12
+FAISS ?=
+OFFLINE ?=
+GPU_CHECK_OUT ?= outputs/gpu_check
+is_set = $(filter 1 true yes,$(1))
+
+.PHONY: gpu-check wheelhouse
+gpu-check: $(if $(call is_set,$(OFFLINE)),,$(STAMP)) ## On a CUDA machine: every GPU path, one table in outputs/gpu_check/ (OFFLINE=1: node's own Python + wheelhouse/)
+ifneq ($(call is_set,$(OFFLINE)),)
+	PYTHON=$(PYTHON) WHEELHOUSE=$(WHEELHOUSE) scripts/gpu_check.sh $(GPU_CHECK_OUT) $(ARGS)
+else
+	$(PY) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(ARGS)
+endif
+
+wheelhouse: ## On a connected machine: the wheels an offline GPU node lacks, into wheelhouse/ (WHEEL_PYTHON=3.12, FAISS=1)
+	$(PYTHON) scripts/wheelhouse.py $(WHEELHOUSE) --python-version $(WHEEL_PYTHON) $(if $(call is_set,$(FAISS)),--faiss)

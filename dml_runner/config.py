@@ -81,7 +81,8 @@ class TrainerConfig:
     select_on: SelectOn = _opt(SelectOn.auto, "checkpoint choice: auto (val split if any, else the final epoch) "
                                               "| val | final | test (optimistic)")
     select_metric: str = _opt("recall@1", "metric that selects the checkpoint (recall@K, map@r, nmi, ...)")
-    num_workers: int = _opt(0, "DataLoader worker processes", neutral=True)
+    num_workers: Optional[int] = _opt(None, "DataLoader worker processes (null: image files on CUDA take "
+                                             "min(8, cores per GPU - 1), else 0)", neutral=True)
     num_threads: Optional[int] = _opt(None, "torch intra-op CPU threads (null: torch's default)", neutral=True)
     pin_memory: bool = _opt(True, "pinned host memory for CUDA transfers", neutral=True)
     persistent_workers: bool = _opt(True, "keep DataLoader workers between epochs (num_workers > 0)", neutral=True)
@@ -97,6 +98,8 @@ class TrainerConfig:
     cache_features: bool = _opt(False, "frozen trunk: compute pooled features once per image and view")
     cache_views: int = _opt(1, "augmented views cached per image when cache_features=true")
     sync_bn: bool = _opt(False, "torchrun: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)")
+    dist_timeout_s: float = _opt(14400.0, "torchrun: seconds a rank may wait in a collective (rank 0 evaluates "
+                                          "alone meanwhile)", neutral=True)
     resume: Optional[str] = _opt(None, "null | auto (an unfinished run with this config) | a run dir or last.pt",
                                  neutral=True)
 
@@ -329,10 +332,10 @@ def _check_trainer(t: dict[str, Any]) -> None:
         positive_int(f"trainer.{key}", t[key])
     positive_int("trainer.max_steps_per_epoch", t["max_steps_per_epoch"], allow_none=True)
     positive_int("trainer.num_threads", t["num_threads"], allow_none=True)
-    positive_int("trainer.num_workers", t["num_workers"], minimum=0)
+    positive_int("trainer.num_workers", t["num_workers"], allow_none=True, minimum=0)
     if not DEVICE_PATTERN.match(str(t["device"])):
         _fail("trainer.device", t["device"], f"use {DEVICE_CHOICES}")
-    for key in ("head_lr_mult", "loss_lr_mult"):
+    for key in ("head_lr_mult", "loss_lr_mult", "dist_timeout_s"):
         if not t[key] > 0:
             _fail(f"trainer.{key}", t[key], "must be > 0")
     if t["grad_clip"] is not None and not t["grad_clip"] > 0:

@@ -52,10 +52,42 @@ def dist_info_from_env() -> DistInfo:
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_distributed(info: DistInfo, device: torch.device) -> None:
+# trainer.dist_timeout_s's default: rank 0 evaluates, checkpoints and (Divide & Conquer) re-clusters alone while the
+# other ranks wait; NCCL's own 10-minute default kills such a job at SOP's size
+DEFAULT_TIMEOUT_S = 4 * 3600
+_WAIT_GROUP: Any = None  # gloo group the waiting ranks block on (None: the default group is gloo already)
+
+
+def rank_device(info: DistInfo, device: torch.device) -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` under torchrun on CUDA (checked against the GPUs torch sees), else
+    ``device``."""
+    if not (info.enabled and device.type == "cuda"):
+        return device
+    gpus = torch.cuda.device_count()
+    if info.local_rank >= gpus:
+        raise DMLRunnerError(f"torchrun started local rank {info.local_rank} but this machine has {gpus} GPU(s): "
+                             f"use --nproc_per_node={gpus} or fewer")
+    return torch.device("cuda", info.local_rank)
+
+
+def init_distributed(info: DistInfo, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """The process group (NCCL on CUDA, gloo on the CPU) with ``timeout_s`` (``trainer.dist_timeout_s``) for every
+    collective; on NCCL also a gloo group for :func:`wait_for_main`, so waiting ranks block on the host, not in a
+    GPU kernel under NCCL's watchdog."""
+    global _WAIT_GROUP
     if info.enabled and not dist.is_initialized():
+        from datetime import timedelta
+
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        timeout = timedelta(seconds=float(timeout_s))
+        dist.init_process_group(backend=backend, timeout=timeout)
+        _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+
+
+def wait_for_main() -> None:
+    """Every rank waits here until all have arrived (rank 0 after its evaluation or checkpoint); no-op alone."""
+    if _active():
+        dist.barrier(group=_WAIT_GROUP)
 
 
 def _active() -> bool:
@@ -137,7 +169,7 @@ def broadcast_from_main(value: Any) -> Any:
     if not _active():
         return value
     box = [value if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_WAIT_GROUP)  # host-side: the waiting ranks hold no GPU kernel
     return box[0]
 
 

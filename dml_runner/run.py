@@ -7,6 +7,7 @@ tests and notebooks can call :func:`run` with a config composed by Hydra's compo
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import platform
 import shlex
@@ -151,6 +152,10 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
         except Exception as err:
             err.run_dir = where["out_dir"]  # type: ignore[attr-defined]
             raise
+        finally:
+            # exceptions caught inside libraries (OmegaConf, matplotlib) leave reference cycles through this run's
+            # frames, which hold the model, optimiser and data: free them now, not in a later in-process run
+            gc.collect()
 
 
 def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, where: dict[str, Path]) -> dict[str, Any]:
@@ -187,10 +192,9 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
 
         torch.set_num_threads(settings.num_threads)
     seed_everything(settings.seed)
-    if settings.deterministic:
-        import torch
+    from dml_runner.backends import configure_backends  # before the first CUDA operation (cuBLAS's workspace)
 
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    configure_backends(settings.deterministic, resolve_device(settings.device, "trainer.device").type == "cuda")
 
     data = instantiate(cfg.dataset, "dataset")
     counts = data.counts()
@@ -212,8 +216,11 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
         if dist_info.is_main else None
     trainer = Trainer(settings, data, model, loss, method, make_optimizer, make_scheduler, make_sampler,
                       build_evaluate(eval_cfg, recall_at, settings.seed), out_dir, dist_info=dist_info, config=config,
-                      logger=logger)
-    outcome = trainer.fit(resume=resume_state)
+                      logger=logger, eval_amp=eval_cfg.amp)
+    try:
+        outcome = trainer.fit(resume=resume_state)
+    finally:
+        trainer.release()
 
     results = rundir.completed_results(
         outcome=outcome, data=data, counts=counts, recall_at=recall_at, model=model,

@@ -1,48 +1,78 @@
 #!/usr/bin/env python
-"""GPU check (``make gpu-check``): every CUDA path of dml-runner on one GPU, in a few minutes, as one table.
+"""GPU check (``make gpu-check``, or ``scripts/gpu_check.sh OUT`` on an offline node): every CUDA path of dml-runner
+on one GPU, in a few minutes, as one table.
 
-    python scripts/gpu_check.py                 # on a machine with a CUDA GPU (about 3-5 minutes on one H200)
+    python scripts/gpu_check.py --out DIR       # on a machine with a CUDA GPU (DIR/gpu_check.json, DIR/gpu_check.md)
     python scripts/gpu_check.py --dry-run       # the same code on the CPU with tiny sizes (tests/test_gpu_check.py)
-    python scripts/gpu_check.py --json out.json # also write the rows
+    scripts/gpu_check.sh DIR                    # offline node: installs wheelhouse/ into a temporary target first
 
-Checks, each one row of the table:
-1. train: a few training steps of every backbone (googlenet, resnet18, resnet50, resnet101) through the project's
-   own run (``dml_runner.run.run`` on a composed config: the ``folder`` dataset on generated JPEGs, the ``rrc_224``
-   transform, the class-balanced sampler, triplet loss, the Trainer with bf16 autocast, channels_last and pinned-
-   memory loading); images/s of the second epoch (loading included), peak GPU memory. Weights: random init
-   (``backbone.pretrained=false``: the GPU machine has no network), so the loss values mean nothing.
-2. eval: every retrieval backend (torch_fp32, torch_screened, torch_symmetric, faiss) on the GPU against the CPU
-   result on the same embeddings (largest difference of Recall@K / MAP@R / R-Precision, NMI difference, time of
-   each), and k-means in bf16 and float32 on the GPU against the CPU; faiss's GPU index and GPU k-means when
-   faiss-gpu is installed.
+Checks, each one row of the table, each run on its own (a row that fails or cannot run says so; the others stand):
+1. eval: every retrieval backend (torch_fp32, torch_screened, torch_symmetric, faiss) on the GPU against the
+   certified CPU result (the screened search in float32, equal to a float64 brute force): the number of queries
+   whose rank of the first positive or MAP@R differs (0 expected from the screened and symmetric searches, a few at
+   most from the float32 ones), and the time of each; k-means in bf16 and float32 on the GPU against the CPU (NMI).
+   faiss rows are skipped, saying so, when faiss is not installed.
+2. train: a few training steps through the project's own run (``dml_runner.run.run`` on a composed config: the
+   ``folder`` dataset on generated JPEGs, ``rrc_224``, the class-balanced sampler, the Trainer with bf16 autocast,
+   channels_last and pinned-memory loading) of: GoogLeNet loading an ImageNet-shaped state dict from a generated
+   torchvision hub cache (``backbone.pretrained=true``: the weights path and ``transform_input``), ResNet-18/50/101
+   (random init), ResNet-18 with ``trainer.amp=false`` (the control), HDML (N-pair), HDML on cached features (frozen
+   trunk), Divide & Conquer with 2 clusters, and a timm ViT. images/s of the second epoch (loading included), the
+   data / compute split of a step when the run's history records it, peak GPU memory, and the memory still held
+   after the run and a garbage collection. The weights are random (no network), so the loss values mean nothing.
 3. torchrun: NCCL all-reduce in ``--nproc`` processes (2 when the machine has 2+ GPUs, else 1) and a ``dml-run``
    under torchrun with the same number of processes (a single process trains without a process group).
 
-A row fails when a run raises, or when the GPU result differs from the CPU one by more than 1e-4 (retrieval) or
-0.01 (NMI). Exit code 1 when any row fails. ``--dry-run`` runs on the CPU ("cuda" side = the CPU again), gloo
-instead of NCCL.
+A row fails when its run raises, or when its numbers differ from the reference beyond the limits above (k-means:
+NMI by more than 0.01). Exit code 1 when any row fails. ``--dry-run`` runs on the CPU ("cuda" side = the CPU again),
+gloo instead of NCCL. The rows are written after each check, so a run stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
 import os
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the checkout itself, not an installed copy (an offline node installs nothing)
+    sys.path.insert(0, str(ROOT))
+
 ARCHS = ("googlenet", "resnet18", "resnet50", "resnet101")
-RETRIEVAL_KEYS = ("recall@1", "recall@10", "recall@100", "map@r", "r_precision")
+# training runs: name -> (what the row says, extra overrides); the backbone is resnet18 unless the run names one
+TRAIN_RUNS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "googlenet": ("googlenet, generated ImageNet-shaped hub weights (pretrained=true, transform_input)",
+                  ("backbone=googlenet", "backbone.pretrained=true")),
+    "resnet18": ("resnet18, random init", ("backbone=resnet18",)),
+    "resnet50": ("resnet50, random init", ("backbone=resnet50",)),
+    "resnet101": ("resnet101, random init", ("backbone=resnet101",)),
+    "amp_off": ("resnet18, trainer.amp=false channels_last=false (control)",
+                ("backbone=resnet18", "trainer.amp=false", "trainer.channels_last=false")),
+    "hdml": ("HDML N-pair, resnet18", ("backbone=resnet18", "loss=hdml_npair", "method=hdml", "sampler=npair")),
+    "hdml_cache": ("HDML N-pair on cached features, resnet18 frozen",
+                   ("backbone=resnet18", "loss=hdml_npair", "method=hdml", "sampler=npair", "backbone.freeze=all",
+                    "trainer.cache_features=true")),
+    "dc": ("Divide & Conquer, 2 clusters, margin loss, resnet18",
+           ("backbone=resnet18", "method=divide_conquer", "loss=margin", "method.num_clusters=2",
+            "method.recluster_every=1", "method.finetune_epochs=0")),
+    "timm": ("timm vit_tiny_patch16_224, random init", ("backbone=timm", "backbone.name=vit_tiny_patch16_224")),
+}
+RETRIEVAL_BACKENDS = ("torch_fp32", "torch_screened", "torch_symmetric", "faiss")
+EXACT_BACKENDS = ("torch_screened", "torch_symmetric")  # certified: must equal the float64 result query by query
+OUT_JSON, OUT_MD = "gpu_check.json", "gpu_check.md"
+MAX_K = 100  # the largest Recall@K compared (faiss searches the top max(K, R) + 1)
 
 
 class Sizes:
@@ -54,10 +84,32 @@ class Sizes:
         self.resize = 36 if dry else 256
         # the folder split trains on half of the classes: enough images there for `steps` full batches per epoch
         self.classes, self.per_class = (8, 6) if dry else (64, 32)
-        self.batch = 8 if dry else 64  # class-balanced: 4 images per class
+        self.batch = 8 if dry else 64  # class-balanced: 4 images per class; N-pair: 2 per class
         self.steps = steps or (2 if dry else 12)
         self.workers = 0 if dry else min(8, os.cpu_count() or 1)
         self.n_eval, self.dim = (n_eval or 800, 16) if dry else (n_eval or 30_000, 128)
+
+
+class Skip(Exception):
+    """A check that cannot run here (an optional package missing); its row says why and does not fail the run."""
+
+
+def row(section: str, what: str, result: str, time_s: float = float("nan"), peak_gb: float = float("nan"),
+        ok: bool = True, status: str | None = None, **extra) -> dict:
+    return dict(section=section, what=what, result=result, time_s=time_s, peak_gb=peak_gb, ok=ok,
+                status=status or ("ok" if ok else "FAIL"), **extra)
+
+
+def release(cuda: bool) -> float:
+    """Garbage-collect; the GPU memory still allocated afterwards (GB), the host RSS peak on the CPU."""
+    import torch
+
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return torch.cuda.memory_allocated() / 2**30
+    return float("nan")
 
 
 def peak_gb(cuda: bool) -> float:
@@ -71,8 +123,8 @@ def peak_gb(cuda: bool) -> float:
 def reset_peak(cuda: bool) -> None:
     import torch
 
+    release(cuda)
     if cuda:
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
 
 
@@ -91,9 +143,26 @@ def make_images(root: Path, classes: int, per_class: int, side: int, seed: int =
     return root
 
 
-def train_overrides(arch: str, data: Path, sz: Sizes, device: str, epochs: int = 2) -> list[str]:
-    return [
-        "dataset=folder", f"dataset.root={data}", f"backbone={arch}", "backbone.pretrained=false",
+def make_hub_cache(torch_home: Path) -> Path:
+    """A torchvision hub cache holding GoogLeNet's ImageNet weights file name with generated values (the same keys
+    and shapes, auxiliary heads included): ``backbone.pretrained=true`` then runs torchvision's own loading code,
+    which sets ``transform_input``, without a network."""
+    import torch
+    import torchvision
+
+    url = torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.url
+    path = torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True, transform_input=True)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def train_overrides(data: Path, sz: Sizes, device: str, extra: tuple[str, ...] = (), epochs: int = 2) -> list[str]:
+    base = [
+        "dataset=folder", f"dataset.root={data}", "backbone=resnet18", "backbone.pretrained=false",
         "transform=rrc_224", f"transform.train.crop={sz.crop}", f"transform.test.crop={sz.crop}",
         f"transform.test.resize={sz.resize}", "loss=triplet", "sampler=class_balanced",
         f"trainer.device={device}", "trainer.amp=true", "trainer.channels_last=true", "trainer.pin_memory=true",
@@ -102,6 +171,10 @@ def train_overrides(arch: str, data: Path, sz: Sizes, device: str, epochs: int =
         "trainer.save_checkpoints=false", "trainer.save_embeddings=false", "trainer.progress=false",
         f"eval.device={device}", "eval.metrics=[recall]",
     ]
+    if any(o.startswith("backbone=timm") for o in extra):
+        extra = (*extra, f"backbone.img_size={sz.crop}")  # a ViT rebuilt for the crop (tiny in a dry run)
+    keys = {o.split("=", 1)[0] for o in extra}
+    return [o for o in base if o.split("=", 1)[0] not in keys] + list(extra)
 
 
 def compose(overrides: list[str]):
@@ -115,79 +188,138 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
-def check_training(arch: str, data: Path, out: Path, sz: Sizes, device: str) -> dict:
+def step_split(history_row: dict) -> str:
+    """The data / compute split of a step as the run's history records it (columns named for data and compute)."""
+    parts = [f"{k} {float(v):.3g}" for k, v in history_row.items() if v not in ("", None)
+             and any(word in k for word in ("data", "compute")) and k.endswith("_s")]
+    return ", ".join(parts) if parts else "data/compute split not in history.csv"
+
+
+def check_training(name: str, data: Path, out: Path, sz: Sizes, device: str, torch_home: Path | None) -> dict:
     import torch
 
     from dml_runner.run import run
 
+    what, extra = TRAIN_RUNS[name]
     cuda = device == "cuda"
     reset_peak(cuda)
-    t0 = time.perf_counter()
-    run(compose(train_overrides(arch, data, sz, device)), out / arch)
-    wall = time.perf_counter() - t0
-    with open(out / arch / "history.csv", newline="") as fh:
+    before_home = os.environ.get("TORCH_HOME")
+    if torch_home is not None:
+        os.environ["TORCH_HOME"] = str(torch_home)
+    try:
+        t0 = time.perf_counter()
+        run(compose(train_overrides(data, sz, device, extra)), out / name)
+        wall = time.perf_counter() - t0
+    finally:
+        if torch_home is not None:
+            if before_home is None:
+                os.environ.pop("TORCH_HOME", None)
+            else:
+                os.environ["TORCH_HOME"] = before_home
+    peak = peak_gb(cuda)
+    held = release(cuda)
+    with open(out / name / "history.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     epoch2 = float(rows[-1]["epoch_time_s"])
     rate = sz.steps * sz.batch / epoch2
-    amp = "bf16 autocast, channels_last, pinned" if cuda else "CPU: fp32 (autocast/channels_last/pin are CUDA-only)"
-    return dict(section="train", what=f"{arch} {sz.crop}px b{sz.batch} x{sz.steps} steps ({amp})",
-                result=f"{rate:.0f} img/s (epoch 2), loss {float(rows[-1]['train_loss']):.3f}", time_s=wall,
-                peak_gb=peak_gb(cuda), ok=bool(np.isfinite(float(rows[-1]["train_loss"]))), torch=torch.__version__)
+    loss = float(rows[-1]["train_loss"])
+    mode = "bf16 autocast" if cuda and "trainer.amp=false" not in extra else "fp32"
+    mode += ", channels_last, pinned" if cuda and "trainer.channels_last=false" not in extra else ""
+    if not cuda:
+        mode = "CPU: fp32 (autocast/channels_last/pin are CUDA-only)"
+    results = json.loads((out / name / "results.json").read_text())
+    recall = (results.get("metrics") or {}).get("recall@1", float("nan"))
+    return row("train", f"{what}, {sz.crop}px b{sz.batch} x{sz.steps} steps ({mode})",
+               f"{rate:.0f} img/s (epoch 2), loss {loss:.3f}, R@1 {recall:.3f}; {step_split(rows[-1])}; "
+               f"held after gc {held:.2f} GB" if cuda else
+               f"{rate:.0f} img/s (epoch 2), loss {loss:.3f}, R@1 {recall:.3f}; {step_split(rows[-1])}",
+               time_s=wall, peak_gb=peak, ok=bool(np.isfinite(loss)), torch=torch.__version__, held_gb=held)
 
 
-def _diff(a: dict, b: dict) -> tuple[float, float]:
-    ret = max(abs(a[k] - b[k]) for k in RETRIEVAL_KEYS if k in a)
-    return ret, abs(a.get("nmi", 0.0) - b.get("nmi", 0.0))
+def _require_faiss() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("faiss") is None:
+        raise Skip("faiss is not installed (pip install faiss-cpu / faiss-gpu, or FAISS=1 make wheelhouse)")
 
 
-def check_evaluation(sz: Sizes, device: str, has_faiss_gpu: bool) -> list[dict]:
+def backend_stats(backend: str, x: np.ndarray, y: np.ndarray, device: str, max_k: int):
+    """Per-query retrieval statistics (leave-one-out) of one backend on one device."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from bench_eval import make_data
+    from dml_runner.evaluation.retrieval import exact_retrieval, faiss_retrieval
+    from dml_runner.evaluation.screened import screened_retrieval
+    from dml_runner.evaluation.symmetric import symmetric_retrieval
 
-    from dml_runner.evaluation import evaluate, nmi_from_assignments
-    from dml_runner.evaluation.kmeans import kmeans
+    dev = torch.device(device)
+    args = (x, y, x, y, np.arange(len(y)))
+    if backend == "certified":  # the CPU reference: a float32 screen whose undecided pairs are redone in float64
+        return screened_retrieval(*args, device=torch.device("cpu"), dtype=torch.float32)
+    if backend == "torch_fp32":
+        return exact_retrieval(*args, device=dev)
+    if backend == "torch_screened":
+        from dml_runner.evaluation.cpu import screen_dtype
+
+        return screened_retrieval(*args, device=dev, dtype=screen_dtype(dev))
+    if backend == "torch_symmetric":
+        return symmetric_retrieval(x, y, device=dev)
+    _require_faiss()
+    return faiss_retrieval(*args, max_k=max_k, use_gpu=dev.type == "cuda", device=dev)
+
+
+def differing_queries(ref, got, cap: int | None = None) -> tuple[int, float]:
+    """Queries whose first-positive rank (both clipped at ``cap``: faiss reports ranks past its top k as k) or
+    MAP@R differs; the largest Recall@1/10/100 difference."""
+    ref_rank, got_rank = (ref.first_rank, got.first_rank) if cap is None else \
+        (np.minimum(ref.first_rank, cap), np.minimum(got.first_rank, cap))
+    differ = (ref_rank != got_rank) | (np.abs(ref.map_at_r - got.map_at_r) > 1e-12)
+    recall = max(abs(float(np.mean(ref.first_rank < k)) - float(np.mean(got.first_rank < k))) for k in (1, 10, 100))
+    return int(differ.sum()), recall
+
+
+def check_retrieval(backend: str, x: np.ndarray, y: np.ndarray, device: str, reference, has_faiss_gpu: bool) -> dict:
+    import torch
 
     cuda = device == "cuda"
-    classes = max(2, sz.n_eval // 5)
-    x, y = make_data(sz.n_eval, sz.dim, classes)
-    rows = []
-    for backend in ("torch_fp32", "torch_screened", "torch_symmetric", "faiss"):
-        res, times, peak = {}, {}, 0.0
-        for side, dev in (("ref", "cpu"), ("dev", device)):  # the CPU reference, then the device under test
-            reset_peak(dev == "cuda")
-            t0 = time.perf_counter()
-            res[side] = evaluate(x, y, recall_at=(1, 10, 100), metrics=("recall", "map_at_r", "r_precision", "nmi"),
-                                 backend=backend, device=dev, seed=0)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-                peak = peak_gb(True)
-            times[side] = time.perf_counter() - t0
-        d_ret, d_nmi = _diff(res["ref"], res["dev"])
-        where = ("faiss GPU index" if has_faiss_gpu else "faiss CPU index (faiss-gpu not installed)") \
-            if backend == "faiss" and cuda else device
-        rows.append(dict(section="eval", what=f"{backend} on {where} vs cpu, {sz.n_eval} x {sz.dim}",
-                         result=f"max |dRet| {d_ret:.1e}, |dNMI| {d_nmi:.1e}, R@1 {res['dev']['recall@1']:.4f}; "
-                                f"cpu {times['ref']:.2f} s",
-                         time_s=times["dev"], peak_gb=peak if cuda else peak_gb(False),
-                         ok=d_ret <= 1e-4 and d_nmi <= 0.01))
-    km_backends = [("torch", "bf16"), ("torch", "fp32")] + ([("faiss", "fp32")] if has_faiss_gpu or not cuda else [])
-    for backend, prec in km_backends:
-        nmi, times = {}, {}
-        for side, dev in (("ref", "cpu"), ("dev", device)):
-            reset_peak(dev == "cuda")
-            t0 = time.perf_counter()
-            _, a = kmeans(x, classes, niter=20, seed=0, backend=backend, device=dev, precision=prec)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            times[side] = time.perf_counter() - t0
-            nmi[side] = nmi_from_assignments(a, y)
-        rows.append(dict(section="kmeans", what=f"{backend} {prec if backend == 'torch' else ''} k={classes} on "
-                                                 f"{device} vs cpu",
-                         result=f"NMI {nmi['dev']:.4f} vs {nmi['ref']:.4f}; cpu {times['ref']:.2f} s",
-                         time_s=times["dev"], peak_gb=peak_gb(cuda), ok=abs(nmi["dev"] - nmi["ref"]) <= 0.01))
-    return rows
+    reset_peak(cuda)
+    t0 = time.perf_counter()
+    stats = backend_stats(backend, x, y, device, max_k=MAX_K)
+    if cuda:
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    differ, d_recall = differing_queries(reference["stats"], stats, cap=MAX_K if backend == "faiss" else None)
+    n = len(stats.first_rank)
+    allowed = 0 if backend in EXACT_BACKENDS else max(2, n // 1000)
+    where = device
+    if backend == "faiss" and cuda:
+        where = "faiss GPU index" if has_faiss_gpu else "faiss CPU index (faiss has no GPU here)"
+    return row("eval", f"{backend} on {where} vs certified cpu, {len(y)} x {x.shape[1]}",
+               f"{differ} of {n} queries differ (allowed {allowed}), max |dRecall| {d_recall:.1e}; "
+               f"certified cpu {reference['time_s']:.2f} s",
+               time_s=wall, peak_gb=peak_gb(cuda), ok=differ <= allowed, differing_queries=differ)
+
+
+def check_kmeans(backend: str, precision: str, x: np.ndarray, y: np.ndarray, classes: int, device: str) -> dict:
+    import torch
+
+    from dml_runner.evaluation import nmi_from_assignments
+    from dml_runner.evaluation.kmeans import kmeans
+
+    if backend == "faiss":
+        _require_faiss()
+    cuda = device == "cuda"
+    nmi, times = {}, {}
+    for side, dev in (("ref", "cpu"), ("dev", device)):
+        reset_peak(dev == "cuda")
+        t0 = time.perf_counter()
+        _, a = kmeans(x, classes, niter=20, seed=0, backend=backend, device=dev, precision=precision)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        times[side] = time.perf_counter() - t0
+        nmi[side] = nmi_from_assignments(a, y)
+    return row("kmeans", f"{backend} {precision if backend == 'torch' else ''} k={classes} on {device} vs cpu",
+               f"NMI {nmi['dev']:.4f} vs {nmi['ref']:.4f}; cpu {times['ref']:.2f} s", time_s=times["dev"],
+               peak_gb=peak_gb(cuda), ok=abs(nmi["dev"] - nmi["ref"]) <= 0.01)
 
 
 def nccl_worker() -> None:
@@ -210,60 +342,92 @@ def nccl_worker() -> None:
 
 
 def torchrun(args: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
-    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    return subprocess.run([exe, "--standalone", *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=ROOT)
+    # this interpreter's own torch.distributed.run: the same environment (PYTHONPATH of an offline install included)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
-def check_torchrun(nproc: int, data: Path, out: Path, sz: Sizes, device: str, dry: bool) -> list[dict]:
-    env = dict(os.environ, GPU_CHECK_DRY="1" if dry else "0", OMP_NUM_THREADS="1")
-    rows = []
+def _child_env(dry: bool) -> dict:
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, GPU_CHECK_DRY="1" if dry else "0", OMP_NUM_THREADS="1", PYTHONPATH=path)
+
+
+def check_allreduce(nproc: int, dry: bool) -> dict:
     t0 = time.perf_counter()
-    p = torchrun([f"--nproc_per_node={nproc}", str(Path(__file__).resolve()), "--nccl-worker"], env, 300)
+    p = torchrun([f"--nproc_per_node={nproc}", str(Path(__file__).resolve()), "--nccl-worker"], _child_env(dry), 300)
     wall = time.perf_counter() - t0
     try:
         info = json.loads(p.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         info = {"backend": "?", "world": nproc, "ok": False}
-    rows.append(dict(section="torchrun", what=f"{info['backend']} all_reduce, {nproc} process(es)",
-                     result="sum correct" if info["ok"] else f"FAILED: {p.stderr.strip()[-300:]}", time_s=wall,
-                     peak_gb=float("nan"), ok=info["ok"] and p.returncode == 0))
+    ok = info["ok"] and p.returncode == 0
+    return row("torchrun", f"{info['backend']} all_reduce, {nproc} process(es)",
+               "sum correct" if ok else f"FAILED: {p.stderr.strip()[-300:]}", time_s=wall, ok=ok)
+
+
+def check_torchrun_training(nproc: int, data: Path, out: Path, sz: Sizes, device: str, dry: bool) -> dict:
     run_dir = out / "torchrun"
-    over = [o for o in train_overrides("resnet18", data, sz, device, epochs=1) if not o.startswith("trainer.num_w")]
+    over = [o for o in train_overrides(data, sz, device, epochs=1) if not o.startswith("trainer.num_w")]
     t0 = time.perf_counter()
     p = torchrun([f"--nproc_per_node={nproc}", "-m", "dml_runner", *over, "trainer.num_workers=0",
-                  f"hydra.run.dir={run_dir}"], env, 600)
+                  f"hydra.run.dir={run_dir}"], _child_env(dry), 600)
     wall = time.perf_counter() - t0
     done = (run_dir / "results.json").is_file() and json.loads((run_dir / "results.json").read_text()).get(
         "status") == "completed"
     group = f"{'NCCL' if device == 'cuda' else 'gloo'} process group" if nproc > 1 else "no process group (1 process)"
-    rows.append(dict(section="torchrun", what=f"dml-run resnet18, {nproc} process(es), {group}",
-                     result="completed" if done and p.returncode == 0 else f"FAILED: {p.stderr.strip()[-300:]}",
-                     time_s=wall, peak_gb=float("nan"), ok=done and p.returncode == 0))
-    return rows
+    ok = done and p.returncode == 0
+    return row("torchrun", f"dml-run resnet18, {nproc} process(es), {group}",
+               "completed" if ok else f"FAILED: {p.stderr.strip()[-300:]}", time_s=wall, ok=ok)
 
 
 def print_table(rows: list[dict], header: str) -> None:
     print(header)
-    widths = (9, 74, 60, 8, 8, 4)
-    cols = ("section", "check", "result", "time s", "peak GB", "ok")
+    widths = (9, 74, 70, 8, 8, 7)
+    cols = ("section", "check", "result", "time s", "peak GB", "status")
     print(" | ".join(c.ljust(w) for c, w in zip(cols, widths)))
     print("-+-".join("-" * w for w in widths))
     for r in rows:
-        pk = "-" if not np.isfinite(r.get("peak_gb", float("nan"))) else f"{r['peak_gb']:.2f}"
-        vals = (r["section"], r["what"], r["result"], f"{r['time_s']:.1f}", pk, "ok" if r["ok"] else "FAIL")
+        vals = (r["section"], r["what"], r["result"], _num(r["time_s"], 1), _num(r["peak_gb"], 2), r["status"])
         print(" | ".join(str(v)[:w].ljust(w) for v, w in zip(vals, widths)))
+
+
+def _num(value, digits: int) -> str:
+    return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def markdown(rows: list[dict], header: str, total: float) -> str:
+    lines = [f"# dml-runner GPU check", "", header, "", f"total {total:.0f} s", "",
+             "| section | check | result | time s | peak GB | status |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        cells = (r["section"], r["what"], r["result"], _num(r["time_s"], 1), _num(r["peak_gb"], 2), r["status"])
+        lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: list[dict], header: str, total: float, out_dir: Path | None, json_path: str | None) -> None:
+    blob = json.dumps(dict(header=header, total_s=total, rows=rows), indent=2, default=str)
+    if json_path:
+        Path(json_path).write_text(blob)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / OUT_JSON).write_text(blob)
+        (out_dir / OUT_MD).write_text(markdown(rows, header, total))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: the same code without a GPU")
-    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--train", nargs="*", default=list(TRAIN_RUNS), choices=list(TRAIN_RUNS),
+                   help="training runs (default: all)")
+    p.add_argument("--archs", nargs="+", choices=ARCHS, help="(older spelling) train only these torchvision backbones")
     p.add_argument("--steps", type=int, help="training steps per epoch (default 12; dry run 2)")
     p.add_argument("--n-eval", type=int, help="embeddings for the evaluation checks (default 30,000; dry run 800)")
     p.add_argument("--nproc", type=int, help="torchrun processes (default: 2 with 2+ GPUs, else 1)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["train", "eval", "torchrun"])
-    p.add_argument("--json", help="write the rows to this file")
+    p.add_argument("--skip", nargs="*", default=[], choices=["train", "eval", "kmeans", "torchrun"])
+    p.add_argument("--budget-s", type=float, default=420.0,
+                   help="start no check after this many seconds (its row says skipped); default 420")
+    p.add_argument("--out", help="folder for gpu_check.json and gpu_check.md (written after every check)")
+    p.add_argument("--json", help="also write the rows to this file")
     p.add_argument("--nccl-worker", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.nccl_worker:
@@ -271,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
+    import dml_runner
     from dml_runner.evaluation import cpu_info
 
     if not a.dry_run and not torch.cuda.is_available():
@@ -279,44 +444,91 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = "cpu" if a.dry_run else "cuda"
     sz = Sizes(a.dry_run, a.steps, a.n_eval)
+    train_runs = list(a.archs) if a.archs else list(a.train)
     try:
         import faiss
 
-        has_faiss_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 and not a.dry_run
+        faiss_state = "faiss-gpu" if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0 else "faiss-cpu"
     except ImportError:
-        has_faiss_gpu = False
+        faiss_state = "no faiss"
+    has_faiss_gpu = faiss_state == "faiss-gpu" and not a.dry_run
     gpus = torch.cuda.device_count() if not a.dry_run else 0
     nproc = a.nproc or (2 if gpus >= 2 else 1)
     gpu_name = torch.cuda.get_device_name(0) if gpus else "none (dry run on the CPU)"
-    header = (f"dml-runner GPU check: GPU {gpu_name}; torch {torch.__version__} (CUDA {torch.version.cuda}); "
-              f"CPU {cpu_info().model}, {os.cpu_count()} cores; faiss-gpu: {'yes' if has_faiss_gpu else 'no'}; "
-              f"backbones random-init (no pretrained weights: no network)")
+    import torchvision
+
+    header = (f"dml-runner GPU check: GPU {gpu_name}; torch {torch.__version__} (CUDA {torch.version.cuda}), "
+              f"torchvision {torchvision.__version__}; python {sys.version.split()[0]}; CPU {cpu_info().model}, "
+              f"{os.cpu_count()} cores; {faiss_state}; dml_runner from {Path(dml_runner.__file__).parent}; "
+              f"backbones random-init or generated weights (no network)")
     print(header, flush=True)
+    out_dir = Path(a.out) if a.out else None
     rows: list[dict] = []
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp_path = Path(tmp)
-        data = make_images(tmp_path / "images", sz.classes, sz.per_class, sz.image)
-        steps = [("train", arch) for arch in a.archs] + [("eval", None), ("torchrun", None)]
-        for section, arch in steps:
-            if section in a.skip:
-                continue
+
+    def attempt(section: str, what: str, check: Callable[[], dict]) -> None:
+        elapsed = time.perf_counter() - started
+        if elapsed > a.budget_s:
+            rows.append(row(section, what, f"skipped: the time budget ({a.budget_s:.0f} s) was spent",
+                            status="skipped"))
+        else:
             try:
-                if section == "train":
-                    rows.append(check_training(arch, data, tmp_path / "runs", sz, device))
-                elif section == "eval":
-                    rows.extend(check_evaluation(sz, device, has_faiss_gpu))
-                else:
-                    rows.extend(check_torchrun(nproc, data, tmp_path / "runs", sz, device, a.dry_run))
+                rows.append(check())
+            except Skip as why:
+                rows.append(row(section, what, f"skipped: {why}", status="skipped"))
             except Exception as err:  # noqa: BLE001 - one failing check must not hide the others
                 traceback.print_exc()
-                rows.append(dict(section=section, what=arch or section, result=f"FAILED: {type(err).__name__}: "
-                                 f"{str(err)[:200]}", time_s=float("nan"), peak_gb=float("nan"), ok=False))
-            print(f"  {section} {arch or ''} done ({time.perf_counter() - started:.0f} s)", flush=True)
+                rows.append(row(section, what, f"FAILED: {type(err).__name__}: {str(err)[:200]}", ok=False))
+        r = rows[-1]
+        print(f"  {section} {what}: {r['status']} ({time.perf_counter() - started:.0f} s)", flush=True)
+        write_outputs(rows, header, time.perf_counter() - started, out_dir, a.json)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        if "eval" not in a.skip or "kmeans" not in a.skip:
+            sys.path.insert(0, str(ROOT / "scripts"))
+            from bench_eval import make_data
+
+            classes = max(2, sz.n_eval // 5)
+            x, y = make_data(sz.n_eval, sz.dim, classes)
+        if "eval" not in a.skip:
+            reference: dict = {}
+
+            def certified() -> dict:
+                t0 = time.perf_counter()
+                reference["stats"] = backend_stats("certified", x, y, "cpu", max_k=MAX_K)
+                reference["time_s"] = time.perf_counter() - t0
+                return row("eval", f"certified cpu reference (float32 screen + float64 recheck), {sz.n_eval} x "
+                           f"{sz.dim}", f"R@1 {float(np.mean(reference['stats'].first_rank < 1)):.4f}",
+                           time_s=reference["time_s"], peak_gb=peak_gb(False))
+
+            attempt("eval", "certified cpu reference", certified)
+            for backend in RETRIEVAL_BACKENDS:
+                if "stats" in reference:
+                    attempt("eval", backend, lambda b=backend: check_retrieval(b, x, y, device, reference,
+                                                                               has_faiss_gpu))
+        if "kmeans" not in a.skip:
+            for backend, prec in (("torch", "bf16"), ("torch", "fp32"), ("faiss", "fp32")):
+                attempt("kmeans", f"{backend} {prec}", lambda b=backend, pr=prec: check_kmeans(b, pr, x, y, classes,
+                                                                                              device))
+        if "train" not in a.skip and train_runs:
+            data = make_images(tmp_path / "images", sz.classes, sz.per_class, sz.image)
+            torch_home = None
+            if "googlenet" in train_runs:
+                torch_home = tmp_path / "torch_home"
+                make_hub_cache(torch_home)
+            for name in train_runs:
+                attempt("train", name, lambda n=name: check_training(n, data, tmp_path / "runs", sz, device,
+                                                                     torch_home if n == "googlenet" else None))
+        if "torchrun" not in a.skip:
+            if "train" in a.skip or not train_runs:
+                data = make_images(tmp_path / "images", sz.classes, sz.per_class, sz.image)
+            attempt("torchrun", "all_reduce", lambda: check_allreduce(nproc, a.dry_run))
+            attempt("torchrun", "dml-run", lambda: check_torchrun_training(nproc, data, tmp_path / "runs", sz, device,
+                                                                           a.dry_run))
     total = time.perf_counter() - started
     print_table(rows, f"\n{header}\ntotal {total:.0f} s")
-    if a.json:
-        Path(a.json).write_text(json.dumps(dict(header=header, total_s=total, rows=rows), indent=2, default=str))
+    write_outputs(rows, header, total, out_dir, a.json)
     return 0 if rows and all(r["ok"] for r in rows) else 1
 
 

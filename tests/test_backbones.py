@@ -325,3 +325,28 @@ def test_freeze_modes(compose_cfg, hub_cache, name, freeze):
     assert changed(before, after, affine) == trains_affine
     assert changed(before, after, conv) == trains_conv
     assert not torch.equal(head_before, model.head.fc.weight)
+
+
+def test_googlenet_rescale_keeps_channels_last_and_torchvisions_values():
+    """GoogLeNet's input re-scaling: torchvision's own values, and a channels_last batch stays channels_last."""
+    from dml_runner.backbones.torchvision_nets import imagenet_rescale
+
+    net = torchvision.models.googlenet(weights=None, aux_logits=False, init_weights=False, transform_input=True)
+    x = torch.randn(2, 3, 9, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(imagenet_rescale(x), net._transform_input(x))
+    cl = x.contiguous(memory_format=torch.channels_last)
+    out = imagenet_rescale(cl)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.equal(out, net._transform_input(x))
+    assert net._transform_input(cl).is_contiguous()  # torchvision's drops the layout: the reason for the rewrite
+
+
+def test_repeat_channels_keeps_channels_last_off_the_cpu():
+    """The repeated 1-channel batch is channels_last on a non-CPU device (meta: layouts without a GPU)."""
+    from dml_runner.backbones.frozen import RepeatChannels
+
+    x = torch.empty(2, 1, 5, 4, device="meta").contiguous(memory_format=torch.channels_last)
+    out = RepeatChannels()(x)
+    assert out.shape == (2, 3, 5, 4) and out.is_contiguous(memory_format=torch.channels_last)
+    cpu = torch.arange(40.0).reshape(2, 1, 5, 4)
+    assert torch.equal(RepeatChannels()(cpu), cpu.expand(-1, 3, -1, -1))  # the CPU path as before

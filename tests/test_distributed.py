@@ -218,10 +218,9 @@ def test_sharded_sampler_splits_every_global_batch():
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_end_to_end(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
     out = tmp_path / "run"
-    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "dml_runner", "trainer=smoke",
-           "trainer.device=cpu", f"hydra.run.dir={out}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "dml_runner",
+           "trainer=smoke", "trainer.device=cpu", f"hydra.run.dir={out}"]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())

@@ -72,6 +72,18 @@ def test_failure_mid_run_keeps_the_last_checkpoint(tmp_path, how, error, words):
     assert (tmp_path / "history.csv").read_text().count("\n") == 2  # header + epoch 1
 
 
+def test_nan_guard_read_every_n_steps_still_names_the_step_and_keeps_the_checkpoint(tmp_path):
+    """On CUDA the guard reads the device every N steps (no host sync per step); the step it names is still the
+    first non-finite one, and epoch 1's checkpoint survives. Here N=100 > steps per epoch: read at the epoch end."""
+    steps_per_epoch = 40 // 8
+    trainer = make_trainer(tmp_path, FailingLoss(steps_per_epoch + 2, "nan"))
+    trainer.finite_check_every = 100
+    with pytest.raises(TrainingDivergedError, match="epoch 2, step 2;"):
+        trainer.fit()
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 1
+    assert (tmp_path / "history.csv").read_text().count("\n") == 2
+
+
 def test_full_disk_leaves_no_half_written_results(tmp_path, monkeypatch):
     from dml_runner import rundir as run_module
 

@@ -1,15 +1,24 @@
 """scripts/gpu_check.py: its CPU dry run goes through the same checks (training through the project's own run,
-every evaluation backend against the CPU, torchrun) and a difference between devices fails a row."""
+every evaluation backend against the certified CPU result, torchrun); a difference between devices fails its row, a
+check that raises or cannot run (faiss missing) is its own row and the others stand. The offline path
+(scripts/wheelhouse.py --from-installed, scripts/gpu_check.sh) runs end to end in a fresh interpreter environment
+that has torch and its neighbours but not hydra, omegaconf, antlr4, faiss or pytorch-metric-learning."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+# what an offline GPU node's Python lacks (and this checkout's own install, which the node does not have either)
+NODE_LACKS = ("hydra", "omegaconf", "antlr4", "pytorch_metric_learning", "faiss", "dml_runner", "__editable__")
 
 
 @pytest.fixture(scope="module")
@@ -20,43 +29,89 @@ def gpu_check():
     return mod
 
 
-@pytest.mark.slow  # trains resnet18 for 2 x 2 steps, evaluates, and starts two torchrun jobs (30-120 s)
+def _rows(out_dir: Path) -> list[dict]:
+    return json.loads((out_dir / "gpu_check.json").read_text())["rows"]
+
+
+@pytest.mark.slow  # trains 4 small runs for 2 x 2 steps, evaluates, and starts two torchrun jobs (1-3 minutes)
 def test_dry_run_passes_every_check(gpu_check, tmp_path, capsys):
-    out = tmp_path / "rows.json"
-    assert gpu_check.main(["--dry-run", "--archs", "resnet18", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["rows"]
+    out = tmp_path / "out"
+    assert gpu_check.main(["--dry-run", "--train", "googlenet", "resnet18", "hdml", "hdml_cache", "--out",
+                           str(out)]) == 0
+    rows = _rows(out)
     sections = [r["section"] for r in rows]
-    assert sections.count("train") == 1 and sections.count("eval") == 4 and sections.count("torchrun") == 2
-    assert sections.count("kmeans") == 3
+    assert sections.count("eval") == 5 and sections.count("kmeans") == 3  # certified reference + 4 backends
+    assert sections.count("train") == 4 and sections.count("torchrun") == 2
     assert all(r["ok"] for r in rows)
-    train = rows[0]
-    assert "img/s" in train["result"] and train["what"].startswith("resnet18")
+    train = {r["what"].split(",")[0]: r for r in rows if r["section"] == "train"}
+    assert "transform_input" in train["googlenet"]["what"] and "img/s" in train["googlenet"]["result"]
+    assert "HDML N-pair on cached features" in train and "HDML N-pair" in train
+    evals = [r for r in rows if r["section"] == "eval"][1:]
+    assert all(r["differing_queries"] == 0 for r in evals if r["what"].startswith(("torch_screened",
+                                                                                    "torch_symmetric")))
+    table = (out / "gpu_check.md").read_text()
+    assert table.count("\n| ") == len(rows) + 2 and "| ok |" in table  # header, rule, one line per check
     printed = capsys.readouterr().out
-    assert "random-init" in printed and "torchrun" in printed and "| ok" in printed
+    assert "generated weights" in printed and "torchrun" in printed and "| ok" in printed
+
+
+def _skew_torch_fp32(gpu_check, monkeypatch):
+    """The 'GPU' side (the CPU in a dry run) of torch_fp32 returns other ranks for 3 queries."""
+    real = gpu_check.backend_stats
+
+    def skewed(backend, *args, **kwargs):
+        stats = real(backend, *args, **kwargs)
+        if backend == "torch_fp32":
+            stats.first_rank[:3] += 1
+        return stats
+
+    monkeypatch.setattr(gpu_check, "backend_stats", skewed)
 
 
 def test_a_device_difference_fails_its_row(gpu_check, tmp_path, monkeypatch, capsys):
-    """The 'GPU' side (the CPU in a dry run) returning other numbers must fail the row and the exit code."""
-    import dml_runner.evaluation as ev
-
-    real = ev.evaluate
-    calls = {"n": 0}
-
-    def skewed(*a, **k):
-        calls["n"] += 1
-        r = real(*a, **k)
-        if calls["n"] % 2 == 0 and k.get("backend") == "torch_fp32":  # the second ("cuda") call of each pair
-            r["recall@1"] += 0.01
-        return r
-
-    monkeypatch.setattr(ev, "evaluate", skewed)
-    out = tmp_path / "rows.json"
-    code = gpu_check.main(["--dry-run", "--skip", "train", "torchrun", "--n-eval", "300", "--json", str(out)])
-    rows = json.loads(out.read_text())["rows"]
-    by = {r["what"].split(" ")[0]: r for r in rows if r["section"] == "eval"}
-    assert code == 1 and not by["torch_fp32"]["ok"] and by["torch_screened"]["ok"] and by["faiss"]["ok"]
-    assert by["torch_symmetric"]["ok"]
+    _skew_torch_fp32(gpu_check, monkeypatch)
+    out = tmp_path / "out"
+    code = gpu_check.main(["--dry-run", "--skip", "train", "kmeans", "torchrun", "--n-eval", "300", "--out", str(out)])
+    by = {r["what"].split(" ")[0]: r for r in _rows(out) if r["section"] == "eval"}
+    assert code == 1 and not by["torch_fp32"]["ok"] and by["torch_fp32"]["differing_queries"] == 3
+    assert by["torch_screened"]["ok"] and by["torch_symmetric"]["ok"] and by["faiss"]["status"] in ("ok", "skipped")
     assert "FAIL" in capsys.readouterr().out
+
+
+def test_missing_faiss_and_a_failing_check_keep_every_other_row(gpu_check, tmp_path, monkeypatch, capsys):
+    """faiss missing: its rows are skipped, saying so, and do not fail the run; a check that raises is one FAILED
+    row; the rows before and after it stand (each is written as soon as it is measured)."""
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError, find_spec finds nothing
+    real = gpu_check.check_kmeans
+
+    def broken(backend, precision, *args):
+        if precision == "bf16":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(backend, precision, *args)
+
+    monkeypatch.setattr(gpu_check, "check_kmeans", broken)
+    out = tmp_path / "out"
+    code = gpu_check.main(["--dry-run", "--skip", "train", "torchrun", "--n-eval", "300", "--out", str(out)])
+    rows = _rows(out)
+    status = {(r["section"], r["what"].split(" ")[0], r["what"].split(" ")[1] if " " in r["what"] else ""): r
+              for r in rows}
+    assert status[("eval", "faiss", "")]["status"] == "skipped"
+    assert "faiss is not installed" in status[("eval", "faiss", "")]["result"]
+    assert status[("kmeans", "faiss", "fp32")]["status"] == "skipped"
+    assert status[("kmeans", "torch", "bf16")]["status"] == "FAIL"
+    assert "illegal memory access" in status[("kmeans", "torch", "bf16")]["result"]
+    assert [r["status"] for r in rows if r["section"] == "eval"][:4] == ["ok"] * 4
+    assert any(r["what"].startswith("torch fp32") and r["ok"] for r in rows)
+    assert code == 1  # the failed row, not the skipped ones
+    assert "no faiss" in capsys.readouterr().out
+
+
+def test_spent_time_budget_skips_the_remaining_checks(gpu_check, tmp_path):
+    out = tmp_path / "out"
+    assert gpu_check.main(["--dry-run", "--skip", "train", "torchrun", "--n-eval", "200", "--budget-s", "0",
+                           "--out", str(out)]) == 0
+    rows = _rows(out)
+    assert rows and all(r["status"] == "skipped" and "time budget" in r["result"] for r in rows)
 
 
 def test_no_gpu_without_dry_run_is_a_clear_error(gpu_check, capsys):
@@ -66,3 +121,72 @@ def test_no_gpu_without_dry_run_is_a_clear_error(gpu_check, capsys):
         pytest.skip("this machine has a GPU")
     assert gpu_check.main([]) == 2
     assert "--dry-run" in capsys.readouterr().err
+
+
+def test_the_script_finds_the_checkout_without_an_install(tmp_path):
+    """Run as a file with a bare interpreter environment (no dml_runner installed): it puts the checkout on sys.path
+    itself before importing anything of the project."""
+    env = _node_environment(tmp_path)
+    p = subprocess.run([str(env), str(SCRIPT), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert p.returncode == 0 and "--dry-run" in p.stdout, p.stderr[-2000:]
+    p = subprocess.run([str(env), "-c", "import dml_runner"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert p.returncode != 0  # nothing else would have found it
+
+
+def _node_environment(tmp_path: Path) -> Path:
+    """A fresh virtual environment that sees this interpreter's site-packages except NODE_LACKS (and every .pth
+    file, such as an editable install's finder): the Python of an offline GPU node. Returns its interpreter."""
+    site = tmp_path / "node_site"
+    site.mkdir()
+    dirs = [p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
+    for d in dirs:
+        for entry in os.scandir(d):
+            name = entry.name.lower().replace("-", "_")
+            if name.startswith(NODE_LACKS) or name.endswith((".pth", ".egg-link")) or (site / entry.name).exists():
+                continue
+            (site / entry.name).symlink_to(entry.path)
+    venv = tmp_path / "node_venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site_packages = next((venv / "lib").glob("python3*/site-packages"))
+    (site_packages / "node_packages.pth").write_text(f"{site}\n")
+    return venv / "bin" / "python"
+
+
+@pytest.mark.slow  # builds the wheelhouse, installs it offline and runs a dry run end to end (1-2 minutes)
+def test_offline_node_path_end_to_end(tmp_path):
+    """What an offline node does: the wheelhouse (here packed from this environment's installed copies, no network)
+    installed with pip --no-index into an empty temporary target by scripts/gpu_check.sh, then the dry run with the
+    environment's own torch; the table lands as JSON and Markdown in the folder given."""
+    python = _node_environment(tmp_path)
+    probe = subprocess.run([str(python), "-c", "import torch, torchvision, timm, PIL, yaml\n"
+                            "import importlib.util as u\n"
+                            "print([m for m in ('hydra', 'omegaconf', 'antlr4', 'faiss', 'dml_runner') "
+                            "if u.find_spec(m)])"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert probe.returncode == 0 and probe.stdout.strip() == "[]", probe.stderr[-2000:]
+
+    wheelhouse = tmp_path / "wheelhouse"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "wheelhouse.py"), str(wheelhouse), "--from-installed"],
+                   check=True, capture_output=True, timeout=300)
+    wheels = sorted(p.name.split("-")[0] for p in wheelhouse.glob("*.whl"))
+    assert wheels == ["antlr4_python3_runtime", "hydra_core", "omegaconf", "pytorch_metric_learning"]
+
+    out = tmp_path / "table"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env.update(PYTHON=str(python), WHEELHOUSE=str(wheelhouse), PIP_NO_INDEX="1", OMP_NUM_THREADS="1",
+               TMPDIR=str(scratch))
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry-run", "--train", "resnet18",
+                        "dc", "--n-eval", "300"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    data = json.loads((out / "gpu_check.json").read_text())
+    rows = data["rows"]
+    assert str(ROOT / "dml_runner") in data["header"] and "no faiss" in data["header"]
+    assert [r["section"] for r in rows].count("train") == 2 and [r["section"] for r in rows].count("torchrun") == 2
+    assert all(r["ok"] for r in rows)
+    skipped = [r["what"] for r in rows if r["status"] == "skipped"]
+    assert skipped == ["faiss", "faiss fp32"]  # the node has no faiss: said, not failed
+    assert "faiss is not installed, so the clusterings use dml-runner's torch k-means" in p.stdout + p.stderr
+    assert (out / "gpu_check.md").read_text().startswith("# dml-runner GPU check")
+    assert not list(scratch.glob("dml-gpu-check.*"))  # the temporary install target is removed afterwards

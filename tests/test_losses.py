@@ -194,3 +194,21 @@ def test_every_loss_config_instantiates_and_runs(path, compose_cfg):
     assert value.dim() == 0 and torch.isfinite(value)
     value.backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_margin_per_class_beta_refuses_a_label_out_of_range_in_one_line():
+    """Per-class betas index by label: a label >= num_classes is a one-line error naming the option (on CUDA the
+    index would be a device-side assert); labels inside the range train as before."""
+    from dml_runner import DMLRunnerError
+    from dml_runner.losses.margin import MarginLoss
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(8, 4, generator=gen), dim=1)
+    loss = MarginLoss(num_classes=3, sampling="closest")
+    assert torch.isfinite(loss(x, torch.tensor([0, 0, 1, 1, 2, 2, 0, 1])))
+    with pytest.raises(DMLRunnerError, match=r"loss.num_classes=3 .* label 3") as err:
+        loss(x, torch.tensor([0, 0, 1, 1, 3, 3, 0, 1]))
+    assert "\n" not in str(err.value)
+    with pytest.raises(DMLRunnerError, match="label -1"):
+        loss(x, torch.tensor([0, 0, 1, 1, -1, -1, 0, 1]))
+    MarginLoss(sampling="closest")(x, torch.tensor([0, 0, 1, 1, 7, 7, 9, 9]))  # one shared beta: any labels

@@ -34,10 +34,19 @@ def check_trunk_options(model: str, in_channels: int, pretrained: bool, weights:
 
 
 class RepeatChannels(nn.Module):
-    """Lets a 3-channel ImageNet network read 1-channel images (e.g. digits) by repeating the channel."""
+    """Lets a 3-channel ImageNet network read 1-channel images (e.g. digits) by repeating the channel.
+
+    On an accelerator the repeated batch is laid out channels_last (what the trainer's ``trainer.channels_last``
+    gives every 4-d batch there; a 1-channel batch is contiguous in both layouts, a bare expand in neither).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        if x.shape[1] != 1:
+            return x
+        out = x.expand(-1, 3, -1, -1)
+        if x.ndim == 4 and x.device.type != "cpu" and x.is_contiguous(memory_format=torch.channels_last):
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
 
 
 class FreezableTrunk(nn.Module):

@@ -147,6 +147,18 @@ def _imagenet_net(arch: str, pretrained: bool, weights: str | None) -> tuple[nn.
     return net, {"weights": str(path), "weights_file": str(path), "weights_sha256": file_sha256(path)}
 
 
+# torchvision GoogLeNet's ``transform_input``: its ImageNet weights expect inputs normalised with mean 0.5 and std 0.5,
+# so each channel normalised with the ImageNet mean/std is mapped to that: x * std / 0.5 + (mean - 0.5) / 0.5.
+_RESCALE = ((0.229 / 0.5, 0.224 / 0.5, 0.225 / 0.5), ((0.485 - 0.5) / 0.5, (0.456 - 0.5) / 0.5, (0.406 - 0.5) / 0.5))
+
+
+def imagenet_rescale(x: torch.Tensor) -> torch.Tensor:
+    """GoogLeNet's input re-scaling as one element-wise affine map, so a channels_last batch stays channels_last
+    (torchvision's own ``_transform_input`` concatenates the channels back into NCHW); the same float32 values."""
+    scale, shift = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, 3, 1, 1) for v in _RESCALE)
+    return x * scale + shift
+
+
 class TorchvisionTrunk(FreezableTrunk):
     """A torchvision classifier cut at ``feature_layer`` and globally average-pooled: images -> (B, feature_dim)."""
 
@@ -190,7 +202,7 @@ class TorchvisionTrunk(FreezableTrunk):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.adapt(x)
         if self.transform_input:
-            x = self.net._transform_input(x)
+            x = imagenet_rescale(x)
         for name in self.stages:
             x = getattr(self.net, name)(x)
         return self.pool(x).flatten(1)

@@ -23,7 +23,8 @@ from dml_runner.evaluation._validation import (
 )
 from dml_runner.devices import resolve_device
 from dml_runner.evaluation.clustering import f1_from_assignments, kmeans_assignments, nmi_from_assignments
-from dml_runner.evaluation.cpu import cpu_info, describe_paths, forced_search, screen_dtype, use_screen, use_symmetric
+from dml_runner.evaluation.cpu import (block_budget_gb, cpu_info, describe_paths, forced_search, screen_dtype,
+                                       use_screen, use_symmetric)
 from dml_runner.evaluation.kmeans import low_precision_dtype  # noqa: F401  (the k-means API: evaluation.kmeans.kmeans)
 from dml_runner.evaluation.memory import SCREENED_BYTES_PER_ELEMENT, estimate_memory_bytes, rows_per_chunk
 from dml_runner.evaluation.retrieval import RetrievalStats, exact_retrieval, faiss_retrieval
@@ -173,12 +174,12 @@ def _search(emb: np.ndarray, lab: np.ndarray, split: _Split, backend: str, dev: 
         args = (emb[q_idx], lab[q_idx], emb[g_idx], lab[g_idx], split.self_index)
     stats = None
     if backend == "faiss":
-        chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb)
+        chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb, budget_gb=block_budget_gb(dev))
         stats = faiss_retrieval(*args, max_k=max(ks), need_ranking=need_ranking, use_gpu=dev.type == "cuda",
                                 chunk_size=chunk)
     elif backend == "torch_screened":
         sdtype = screen_dtype(dev)
-        chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb,
+        chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb, budget_gb=block_budget_gb(dev),
                                bytes_per_element=SCREENED_BYTES_PER_ELEMENT[sdtype])
         stats = screened_retrieval(*args, need_ranking=need_ranking, device=dev, chunk_size=chunk,
                                    give_up_if_weak=auto, dtype=sdtype)
@@ -193,7 +194,7 @@ def _search(emb: np.ndarray, lab: np.ndarray, split: _Split, backend: str, dev: 
                      "(embeddings close to random); using the float32 search")
             backend = "torch_fp32"
     if backend == "torch_fp32":
-        chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb)
+        chunk = rows_per_chunk(g_idx.size, chunk_size, max_memory_gb, budget_gb=block_budget_gb(dev))
         stats = exact_retrieval(*args, need_ranking=need_ranking, device=dev, chunk_size=chunk)
     return stats
 

@@ -161,6 +161,20 @@ def use_symmetric(device: torch.device | str) -> bool:
     return torch.device(device).type == "cpu" and not use_screen(device)
 
 
+HOST_BLOCK_GB = 0.5  # one distance block in host memory: stays in a CPU's caches and RAM comfortably
+GPU_BLOCK_GB = 4.0  # on a GPU: blocks of thousands of rows (each chunk is a few large kernels, not many small ones)
+
+
+def block_budget_gb(device: torch.device | str) -> float:
+    """Memory for one (rows x gallery) distance block of the search: :data:`HOST_BLOCK_GB`, or on CUDA
+    :data:`GPU_BLOCK_GB` capped at a quarter of the GPU's free memory."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return HOST_BLOCK_GB
+    free, _ = torch.cuda.mem_get_info(dev)
+    return max(HOST_BLOCK_GB, min(GPU_BLOCK_GB, 0.25 * free / 2**30))
+
+
 def describe_paths(device: torch.device | str = "cpu") -> dict[str, str]:
     """The choices the auto settings make in this process (for logs and benchmarks)."""
     info = cpu_info()

@@ -44,6 +44,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from dml_runner.backends import exact_float32_matmul
 from dml_runner.evaluation.cpu import kmeans_dtype
 
 ARGMAX_BLOCK = 64  # columns per block of block_argmax (amax per block, then argmax inside the winner)
@@ -429,6 +430,7 @@ def _inertia(xt: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor) ->
     return float(((xt - centroids[assign]) ** 2).sum(dtype=torch.float64))
 
 
+@exact_float32_matmul()  # the float32 assignment never in TF32 on CUDA
 def kmeans(
     x: np.ndarray | torch.Tensor, k: int, *, niter: int = 50, seed: int = 0, backend: str = "auto",
     device: torch.device | str | None = None, tol: float = 1e-3, precision: str = "auto", nredo: int = 1,
@@ -437,8 +439,9 @@ def kmeans(
     """k-means of the rows of ``x`` (n, d) into ``k`` clusters: ``(centroids (k, d) float32, assignments (n,)
     int64)`` as numpy arrays (plus the iterations of the kept run when ``return_iters``).
 
-    ``backend``: ``auto`` (= ``torch``), ``torch`` (this module) or ``faiss`` (faiss.Kmeans, GPU when ``device`` is
-    cuda and faiss sees one). ``device``: where the torch backend runs (default: the tensor's device, else cpu).
+    ``backend``: ``auto`` (= ``torch``), ``torch`` (this module) or ``faiss`` (faiss.Kmeans, on the GPU ``device``
+    alone when it is cuda and faiss sees a GPU). ``device``: where the torch backend runs (default: the tensor's
+    device, else cpu).
     ``precision``: the assignment product, ``auto`` | ``bf16`` | ``fp32`` (``cpu.kmeans_dtype``). ``nredo``: runs
     from seeds ``seed``, ``seed + 1``, ...; the one with the lowest sum of squared distances is kept. ``tol``: stop
     when at most this fraction of points changes cluster (0: only at a fixed point). k is clipped to n.
@@ -453,17 +456,18 @@ def kmeans(
     if device is None:
         device = x.device if isinstance(x, torch.Tensor) else "cpu"
     dev = torch.device(device)
+    held = torch.device("cpu") if backend == "faiss" else dev  # faiss reads host memory, whatever its index's device
     if isinstance(x, torch.Tensor):
-        xt = x.detach().to(device=dev, dtype=torch.float32)
+        xt = x.detach().to(device=held, dtype=torch.float32)
     else:
-        xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=dev)
+        xt = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=held)
     if xt.ndim != 2 or xt.shape[0] < 1:
         raise ValueError(f"k-means needs a non-empty (n, d) array; got shape {tuple(xt.shape)}")
     n = xt.shape[0]
     k = max(1, min(int(k), n))
     if backend == "faiss":
-        return _faiss_kmeans(xt.cpu().numpy(), k, niter=niter, seed=seed, nredo=nredo, gpu=dev.type == "cuda",
-                             return_iters=return_iters)
+        return _faiss_kmeans(xt.cpu().numpy(), k, niter=niter, seed=seed, nredo=nredo,
+                             gpu=dev if dev.type == "cuda" else None, return_iters=return_iters)
     dtype = kmeans_dtype(dev, precision)
     mean = xt.mean(0, keepdim=True)
     xc = xt - mean  # k-means is translation invariant; centring keeps the bf16 products small
@@ -482,13 +486,18 @@ def kmeans(
     return (*out, it) if return_iters else out
 
 
-def _faiss_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, nredo: int, gpu: bool, return_iters: bool):
+def _faiss_kmeans(x: np.ndarray, k: int, *, niter: int, seed: int, nredo: int, gpu: torch.device | None,
+                  return_iters: bool):
     import faiss
 
+    from dml_runner.evaluation.retrieval import faiss_gpu
+
     n, d = x.shape
-    use_gpu = gpu and faiss.get_num_gpus() > 0
-    km = faiss.Kmeans(d, k, niter=int(niter), nredo=int(nredo), seed=int(seed) % 2**31, gpu=use_gpu,
+    km = faiss.Kmeans(d, k, niter=int(niter), nredo=int(nredo), seed=int(seed) % 2**31, gpu=False,
                       max_points_per_centroid=max(256, n), min_points_per_centroid=1, verbose=False)
+    on_gpu = faiss_gpu(km.index, gpu) if gpu is not None else None
+    if on_gpu is not None:  # the one GPU asked for (faiss.Kmeans(gpu=True) takes every GPU, other ranks' too)
+        km.index, km.gpu_resources = on_gpu
     threads = faiss.omp_get_max_threads()
     if x.size < 1_000_000:  # tiny problems: OpenMP start-up and spinning cost more than they save on a busy CPU
         faiss.omp_set_num_threads(1)

@@ -10,10 +10,16 @@ Per query q (searchable set = gallery minus q itself):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+
+from dml_runner.backends import exact_float32_matmul
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -160,6 +166,7 @@ def collect_stats(ranks: list, maps: list, rps: list, num_queries: int, num_scor
                           r_precision=cat(rps, np.float64), num_without_positive=int(num_queries - num_scored))
 
 
+@exact_float32_matmul()  # float32 products never in TF32 on CUDA
 def exact_retrieval(
     queries: np.ndarray,
     query_labels: np.ndarray,
@@ -204,6 +211,22 @@ def exact_retrieval(
     return collect_stats(ranks, maps, rps, queries.shape[0], scored.numel())
 
 
+FAISS_GPU_MAX_K = 2048  # faiss's GPU search (flat index) returns at most this many neighbours per query
+
+
+def faiss_gpu(index: Any, device: torch.device | None = None) -> tuple[Any, Any] | None:
+    """``(gpu_index, resources)``: ``index`` copied to the one GPU ``device`` (``cuda:N``; a bare ``cuda`` is torch's
+    current device, the rank's under torchrun), never to every GPU; None when faiss has no GPU support or sees no
+    GPU. Keep ``resources`` alive as long as the index."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        return None
+    number = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    resources = faiss.StandardGpuResources()
+    return faiss.index_cpu_to_gpu(resources, number, index), resources
+
+
 def faiss_retrieval(
     queries: np.ndarray,
     query_labels: np.ndarray,
@@ -215,21 +238,21 @@ def faiss_retrieval(
     need_ranking: bool = True,
     use_gpu: bool = False,
     chunk_size: int = 4096,
+    device: torch.device | None = None,
 ) -> RetrievalStats:
     """The same statistics from a faiss flat (exact L2) index: top-k search with k = max(max K, max R) + 1.
 
     ``first_rank`` is exact for ranks below ``max_k`` (larger ranks are reported as ``max_k``, which no requested
     K reaches). Ties are ordered by index within the returned neighbours; an item tied with the k-th neighbour may
-    be left out by faiss (the torch backend breaks every tie exactly).
+    be left out by faiss (the torch backend breaks every tie exactly). ``use_gpu``: faiss's GPU index on ``device``
+    alone (:func:`faiss_gpu`), unless k exceeds its limit (:data:`FAISS_GPU_MAX_K`: a class with more gallery items,
+    or a Recall@K beyond it): then the CPU index answers (logged).
     """
     import faiss
 
     q = np.ascontiguousarray(queries, dtype=np.float32)
     g = np.ascontiguousarray(gallery, dtype=np.float32)
     index = faiss.IndexFlatL2(g.shape[1])
-    if use_gpu and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(g)
     classes, counts = np.unique(gallery_labels, return_counts=True)
     pos = np.clip(np.searchsorted(classes, query_labels), 0, classes.size - 1)
     known = classes[pos] == query_labels
@@ -237,6 +260,15 @@ def faiss_retrieval(
     scored = np.flatnonzero(r_all > 0)
     k_needed = max(max_k, int(r_all.max()) if scored.size else 1)
     k = min(k_needed + 1, g.shape[0])
+    gpu = None
+    if use_gpu and k > FAISS_GPU_MAX_K:
+        log.info("retrieval: faiss's GPU search returns at most %d neighbours and k = %d is needed (max(K, R) + 1); "
+                 "searching faiss's CPU index", FAISS_GPU_MAX_K, k)
+    elif use_gpu:
+        gpu = faiss_gpu(index, device)
+        if gpu is not None:
+            index = gpu[0]
+    index.add(g)
     ranks, maps, rps = [], [], []
     for s in range(0, scored.size, chunk_size):
         rows = scored[s : s + chunk_size]

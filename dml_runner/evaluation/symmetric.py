@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dml_runner.backends import exact_float32_matmul
 from dml_runner.evaluation.retrieval import (
     Queries,
     RetrievalStats,
@@ -120,6 +121,7 @@ class _TopK:
         self.vals[rows], self.idx[rows] = top_v, torch.cat([self.idx[rows], ni], dim=1).gather(1, j)
 
 
+@exact_float32_matmul()  # float32 products never in TF32 on CUDA
 def symmetric_retrieval(
     x: np.ndarray,
     labels: np.ndarray,

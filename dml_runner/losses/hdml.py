@@ -49,6 +49,7 @@ TRIPLET_MINING = ("fixed", "all", "semihard", "hard")
 TRIPLET_REDUCTIONS = ("sum", "mean", "nonzero_mean")
 # tf.layers.batch_normalization defaults (official BN1 and generator BN): TF momentum 0.99 = PyTorch momentum 0.01
 TF_BN = {"momentum": 0.01, "eps": 1e-3}
+LAYOUT_CHECKS = 8  # batches whose [anchors; positives; negatives] layout is read on the host off the CPU
 _TINY = 1e-12  # floor of J_avg / J_gen_avg and of squared distances: keeps every ratio and gradient finite
 
 
@@ -101,14 +102,17 @@ class RunningLossMean(nn.Module):
 
     @torch.no_grad()
     def record(self, value: Tensor) -> None:
-        value = value.detach().float().reshape(())
-        if not bool(torch.isfinite(value)):  # a NaN step is not recorded (as the official code)
-            return
+        # on the device throughout (no host sync per step); a NaN step is not recorded (as the official code)
+        value = value.detach().float().reshape(()).to(self.values.device)
+        ok = torch.isfinite(value)
         window = self.values.numel()
-        self.values[self.count % window] = value
-        self.count += 1
-        if self.count >= window and (self.update_mode == "sliding" or self.count % window == 0):
-            self.mean.copy_(self.values.mean())
+        slot = (self.count % window).reshape(1)
+        self.values.index_copy_(0, slot, torch.where(ok, value, self.values.index_select(0, slot)[0]).reshape(1))
+        self.count += ok.long()
+        due = self.count >= window
+        if self.update_mode == "block":
+            due &= self.count % window == 0
+        self.mean.copy_(torch.where(ok & due, self.values.mean(), self.mean))
 
 
 class HDMLGenerator(nn.Sequential):
@@ -161,6 +165,7 @@ class HDMLLoss(nn.Module):
             raise DMLRunnerError(f"loss.regular_factor must be >= 0, got {regular_factor}")
         self.l2reg, self.generator_hidden = l2reg, generator_hidden
         self.regular_factor, self.nan_to_zero = float(regular_factor), bool(nan_to_zero)
+        self._layout_checks = 0
         self.margin, self.mining, self.squared, self.reduction = margin, mining, squared, reduction
         self.triplet = None
         if metric == "triplet":
@@ -231,7 +236,13 @@ class HDMLLoss(nn.Module):
                                  f"it holds {batch} samples: use sampler=hdml_triplets with trainer.batch_size a "
                                  "multiple of 3 (or loss.mining=all|semihard|hard with sampler=class_balanced)")
         a = torch.arange(m, device=labels.device)
-        if not bool(((labels[a] == labels[a + m]) & (labels[a] != labels[a + 2 * m])).all()):
+        # the layout is checked on every CPU batch, and on the first LAYOUT_CHECKS batches elsewhere (a host read)
+        if labels.device.type == "cpu" or self._layout_checks < LAYOUT_CHECKS:
+            self._layout_checks += 1
+            laid_out = bool(((labels[a] == labels[a + m]) & (labels[a] != labels[a + 2 * m])).all())
+        else:
+            laid_out = True
+        if not laid_out:
             raise DMLRunnerError("loss.mining=fixed needs batches laid out [anchors; positives; negatives] (same class "
                                  "for anchor i and positive i, another for negative i): use sampler=hdml_triplets, "
                                  "or loss.mining=all|semihard|hard with sampler=class_balanced")
@@ -279,8 +290,13 @@ class HDMLLoss(nn.Module):
         z_syn = head(y_syn)
         j_syn = synthetic_loss(z_syn)
         zero = features.new_zeros(())
-        if self.nan_to_zero and self.metric == "npair" and not bool(torch.isfinite(j_syn)):
-            j_syn = zero  # official new_npair_loss: tf.cond(is_nan(loss), 0, loss)
+        if self.nan_to_zero and self.metric == "npair":
+            # official new_npair_loss: tf.cond(is_nan(loss), 0, loss), decided on the device (no host sync): the
+            # value is 0 and the hook sends exact zeros back from z_syn (no 0 * NaN from inside the N-pair loss)
+            ok = torch.isfinite(j_syn.detach())
+            if z_syn.requires_grad:
+                z_syn.register_hook(lambda grad: torch.where(ok, grad, torch.zeros_like(grad)))
+            j_syn = torch.where(ok, j_syn, zero)
 
         j_recon = (1 - self.lambda_) * (y_recon - features.detach()).square().sum() \
             if self.use_reconstruction else zero

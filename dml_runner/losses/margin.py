@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dml_runner import DMLRunnerError
 from dml_runner.losses.distances import pairwise_distances
 from dml_runner.losses.mining import mine_triplets
 
@@ -61,6 +62,14 @@ class MarginLoss(nn.Module):
         self.nonzero_loss_cutoff = nonzero_loss_cutoff
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        if self.per_class_beta and labels.numel():
+            # checked on the host (one small copy per step, per-class betas only): an index past the end is a
+            # device-side assert on CUDA that names nothing
+            lo, hi = (int(v) for v in torch.stack(labels.aminmax()).tolist())
+            if lo < 0 or hi >= self.beta.numel():
+                raise DMLRunnerError(f"loss.num_classes={self.beta.numel()} (per-class margin betas) but the batch has "
+                                     f"label {hi if hi >= self.beta.numel() else lo}: set loss.num_classes to the "
+                                     "number of training classes (labels 0..n-1), or null for one beta")
         dist = pairwise_distances(embeddings)
         a, p, n = mine_triplets(self.sampling, dist, labels, embeddings.shape[1], self.cutoff,
                                 self.nonzero_loss_cutoff)

@@ -15,6 +15,7 @@ evaluated, is the concatenation of the per-slice-normalised slices, normalised a
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import math
 import time
@@ -239,6 +240,11 @@ class DivideConquerMethod(StandardMethod):
         self.niter, self.nredo = int(niter), int(nredo)
         self.kmeans_seed = None if kmeans_seed is None else int(kmeans_seed)
         self.kmeans_backend = kmeans_backend
+        if kmeans_backend == "faiss" and importlib.util.find_spec("faiss") is None:
+            log.warning("method.kmeans_backend=faiss: faiss is not installed, so the clusterings use dml-runner's "
+                        "torch k-means (method.kmeans_backend=torch; other clusters than the official code's): pip "
+                        "install faiss-cpu for the official one")
+            self.kmeans_backend = "torch"
         self.normalize_slices = normalize_slices
         self.small_cluster = small_cluster
         self.min_classes = int(min_classes)
@@ -342,8 +348,10 @@ class DivideConquerMethod(StandardMethod):
             x = x.numpy()
             t_embed = time.time() - t0
             seed = self.kmeans_seed if self.kmeans_seed is not None else ctx.seed * 7919 + epoch
+            # on the training GPU when there is one (faiss's GPU index on this rank's device alone)
             _, assign = kmeans(x, self.num_clusters, niter=self.niter, nredo=self.nredo, seed=seed,
-                               backend=self.kmeans_backend, tol=0.0)
+                               backend=self.kmeans_backend, tol=0.0,
+                               device=ctx.device if ctx.device.type == "cuda" else "cpu")
             if self.assignments is not None:
                 assign = match_clusters(self.assignments, assign, self.num_clusters)
         self.assignments = broadcast_from_main(assign)

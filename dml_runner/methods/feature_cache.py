@@ -78,20 +78,34 @@ class CachedBatches:
         return len(self.batch_sampler)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        features = self.cache.features
+        flat = features.reshape(-1, features.shape[-1])
         for indices in self.batch_sampler:
             idx = torch.as_tensor(indices, dtype=torch.long)
-            yield self.cache.features[self.view_of[idx], idx], self.cache.labels[idx]
+            rows = self.view_of[idx] * features.shape[1] + idx  # features[view_of[idx], idx] of the (V*N, D) view
+            # into page-locked memory when training on CUDA: the trainer's non_blocking copy is then asynchronous
+            out = _batch_buffer((idx.numel(), features.shape[-1]), features.dtype, self.cache.pin_memory)
+            yield torch.index_select(flat, 0, rows, out=out), self.cache.labels[idx]
+
+
+def _batch_buffer(shape: tuple[int, int], dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """An uninitialised batch, page-locked when ``pin`` (torch's host allocator reuses such blocks once their copies
+    to the device have finished)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
 
 class FeatureCache:
     """``features[v, i]``: pooled trunk features of view ``v`` of training image ``i`` (float32, CPU)."""
 
-    def __init__(self, features: torch.Tensor, labels: np.ndarray, seed: int = 0) -> None:
+    def __init__(self, features: torch.Tensor, labels: np.ndarray, seed: int = 0,
+                 pin_memory: bool | None = None) -> None:
         if features.ndim != 3 or features.shape[1] != len(labels):
             raise ValueError(f"features must be (views, N, D) with N = len(labels), got {tuple(features.shape)}")
         self.features = features
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.seed = seed
+        # batches in pinned memory (None: when torch sees a CUDA GPU, the device the cached features train on)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
 
     @property
     def views(self) -> int:

@@ -182,14 +182,14 @@ class HDMLMethod(Method):
         # every rank computes the objectives on the same global batch; the OR over ranks guarantees they also
         # take the same skip decision (a rank that skips alone would leave DDP waiting for its gradients)
         flags = any_rank(torch.stack([~torch.isfinite(out[key].detach()) for key, _ in _OBJECTIVES]))
-        finite = {key: not bool(flag) for (key, _), flag in zip(_OBJECTIVES, flags)}
+        # the flags stay on the device (no host sync per step); backward_and_step zeroes the skipped gradients
         if self.ctx.loss.nan_to_zero:
             # official nn_Ops.training: tf.cond(is_nan(loss), 0, loss), so a NaN objective gives zero gradients
-            out["skipped"] = [key for key, ok in finite.items() if not ok]
-            for key in out["skipped"]:
-                out[key] = out[key].new_zeros(())
-        elif not all(finite.values()):
-            out["loss"] = out["loss"] + float("nan")  # let the trainer's NaN guard stop the run with its message
+            out["skip_flags"] = flags
+            for (key, _), flag in zip(_OBJECTIVES, flags):
+                out[key] = torch.where(flag, out[key].new_zeros(()), out[key])
+        else:  # a NaN total: the trainer's NaN guard stops the run with its message
+            out["loss"] = out["loss"] + torch.where(flags.any(), float("nan"), 0.0)
         return out
 
     def backward_and_step(self, losses: dict[str, torch.Tensor]) -> None:
@@ -197,15 +197,17 @@ class HDMLMethod(Method):
         for opt in optimisers:
             opt.zero_grad(set_to_none=True)
         owned = {"loss": self.metric_params, "gen": self.generator_params, "cls": self.classifier_params}
-        skipped = losses.get("skipped", [])
-        for key, _ in _OBJECTIVES:
+        flags = losses.get("skip_flags")
+        for i, (key, _) in enumerate(_OBJECTIVES):
             params = [p for p in owned[key] if p.requires_grad]
-            if key in skipped and params:
-                # NaN objective: Adam still steps, with a zero gradient (as TF's minimize of 0); the zeros go
-                # through autograd, so that DDP sees (and all-reduces) a gradient of every parameter
-                (sum(p.sum() for p in params) * 0.0).backward(inputs=params)
-            elif params and losses[key].requires_grad:
+            if params and losses[key].requires_grad:
                 losses[key].backward(inputs=params, retain_graph=key != "cls")
+            if flags is not None:
+                # NaN objective: Adam still steps, with a zero gradient (as TF's minimize of 0); the backward above
+                # went through autograd, so DDP saw (and all-reduced) a gradient of every parameter
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.masked_fill_(flags[i], 0.0)
         if self.ctx.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.metric_params, self.ctx.grad_clip)
         for opt in optimisers:

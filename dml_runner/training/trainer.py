@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -23,11 +22,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dml_runner import DMLRunnerError
+from dml_runner.backends import loader_workers
 from dml_runner.config import TrainerConfig
 from dml_runner.datasets.base import DatasetSplits, LabelledDataset
 from dml_runner.devices import epoch_seed, resolve_device, seed_everything, seed_worker
 from dml_runner.distributed import (DistInfo, ShardedBatchSampler, broadcast_module, convert_sync_batchnorm,
-                                    data_parallel, gather_global_batch, init_distributed)
+                                    data_parallel, gather_global_batch, init_distributed, rank_device, wait_for_main)
 from dml_runner.loggers import CSVLogger
 from dml_runner.methods.base import Method, TrainContext
 from dml_runner.rundir import EMBEDDINGS, write_embeddings
@@ -82,16 +82,18 @@ class Trainer:
                  method: Method, make_optimizer: Callable, make_scheduler: Callable | None,
                  make_sampler: Callable, evaluate: Callable[..., dict[str, float]], out_dir: Path,
                  dist_info: DistInfo | None = None, config: dict[str, Any] | None = None,
-                 logger: Any = None) -> None:
+                 logger: Any = None, eval_amp: bool = False) -> None:
         self.s = settings
+        self.finite_check_every: int | None = None  # NaN-guard reads (None: every 50 steps on CUDA, else every step)
+        self.eval_amp = eval_amp  # eval.amp: evaluation embeds under the training autocast (else float32)
         self.logger = logger  # dml_runner.loggers.MetricLogger or None
         self.data = data
         self.dist = dist_info or DistInfo()
         self.device = resolve_device(settings.device, "trainer.device")
+        self.device = rank_device(self.dist, self.device)
         if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
-        init_distributed(self.dist, self.device)
+        init_distributed(self.dist, self.device, settings.dist_timeout_s)
         self.cuda = self.device.type == "cuda"
         self.use_amp = settings.amp and self.cuda
         self.channels_last = settings.channels_last and self.cuda
@@ -165,7 +167,7 @@ class Trainer:
 
     def train_loader(self, dataset: LabelledDataset, batch_sampler: Any) -> DataLoader:
         """Workers draw their seeds from the global torch RNG, which is reseeded every epoch (see epoch_seed)."""
-        workers = self.s.num_workers
+        workers = loader_workers(self.s.num_workers, dataset, self.cuda)
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
                           pin_memory=self.cuda and self.s.pin_memory,
                           persistent_workers=False if workers == 0 else self.s.persistent_workers,
@@ -182,7 +184,7 @@ class Trainer:
         return tuple(out)
 
     @torch.no_grad()
-    def embed(self, dataset: LabelledDataset, features: bool = False) -> torch.Tensor:
+    def embed(self, dataset: LabelledDataset, features: bool = False, amp: bool = True) -> torch.Tensor:
         """Embeddings (or pooled trunk features) of a whole dataset in eval mode, float32 on the CPU.
 
         The global CPU generator is left as it was (a DataLoader iterator draws its seed from it): a rank that embeds
@@ -192,12 +194,13 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         loader = DataLoader(dataset, batch_size=self.s.eval_batch_size, shuffle=False,
-                            num_workers=self.s.num_workers, pin_memory=self.cuda and self.s.pin_memory)
+                            num_workers=loader_workers(self.s.num_workers, dataset, self.cuda),
+                            pin_memory=self.cuda and self.s.pin_memory)
         chunks = []
         with torch.random.fork_rng(devices=[]):
             for images, _ in loader:
                 (images,) = self.to_device((images,))
-                with self.autocast():
+                with self.autocast() if amp else contextlib.nullcontext():
                     out = self.model.features(images) if features else self.model(images)
                 chunks.append(out.float().cpu())
         self.model.train(was_training)
@@ -205,7 +208,7 @@ class Trainer:
 
     def evaluate_split(self, split: str) -> tuple[dict[str, float], np.ndarray]:
         dataset = self.data.val if split == "val" else self.data.test
-        emb = self.embed(dataset).numpy()
+        emb = self.embed(dataset, amp=self.eval_amp).numpy()  # float32 unless eval.amp
         masks = {}
         if split == "test" and self.data.eval_mode == "query_gallery":
             masks = {"query_mask": self.data.query_mask, "gallery_mask": self.data.gallery_mask}
@@ -216,9 +219,16 @@ class Trainer:
         metrics = self.evaluate_fn(emb, dataset.labels, **masks)
         return metrics, emb
 
+    def release(self) -> None:
+        """Break the reference cycles of a finished run: the method's context calls back into the trainer and its
+        task module into the method. Without this their model, optimiser state and loader workers (GPU memory too)
+        live until the next full garbage collection, into the next run of an in-process multirun. The method cannot
+        train afterwards."""
+        vars(self.method).pop("ctx", None)
+        vars(self.method).pop("task", None)
+
     def _barrier(self) -> None:
-        if self.dist.enabled:
-            torch.distributed.barrier()
+        wait_for_main()
 
     # ----------------------------------------------------------------------------------------- main loop
     def fit(self, resume: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -295,26 +305,42 @@ class Trainer:
         # a bar only on a terminal: in a log file its redraws are noise (the epoch's log line says the same)
         bar = tqdm(batches, total=total, desc=f"epoch {epoch}/{s.epochs}", leave=False, dynamic_ncols=True,
                    disable=not (s.progress and self.dist.is_main and sys.stderr.isatty()))
-        running, n_steps = 0.0, 0
+        # the running loss and the first non-finite step stay on the device: the host reads them every
+        # `every` steps (each read waits for the GPU), on the CPU at every step (free there)
+        every = self.finite_check_every or (50 if self.cuda else 1)
+        acc = torch.float32 if self.device.type == "mps" else torch.float64
+        running, bad_step, n_steps = torch.zeros((), dtype=acc, device=self.device), None, 0
         for step, batch in enumerate(bar, start=1):
             if s.max_steps_per_epoch and step > s.max_steps_per_epoch:
                 break
             losses = self.method.compute_loss(self.to_device(batch))
-            value = float(losses["loss"].detach())
-            if not math.isfinite(value):
-                raise TrainingDivergedError(
-                    f"the training loss became {value} at epoch {epoch}, step {step}; stopping. The last good "
-                    f"checkpoint (if any) is kept in {self.out_dir / 'last.pt'}. Try a lower optimizer.lr, "
-                    "trainer.grad_clip=1.0 or trainer.amp=false.")
+            value = losses["loss"].detach().to(acc)
+            bad_now = ~torch.isfinite(value)
+            bad_step = torch.where(bad_now, step, 0) if bad_step is None else \
+                torch.where((bad_step == 0) & bad_now, step, bad_step)
+            if step % every == 0:  # before the step: on the CPU a non-finite loss never reaches the weights
+                self._check_finite(bad_step, epoch)
             self.method.backward_and_step(losses)
             running += value
             n_steps += 1
-            bar.set_postfix(loss=f"{running / n_steps:.4f}")
+            if step % every == 0:
+                bar.set_postfix(loss=f"{float(running) / n_steps:.4f}")
         bar.close()
+        if bad_step is not None:
+            self._check_finite(bad_step, epoch)
         if n_steps == 0:
             raise DMLRunnerError("an epoch produced no batch: the training set is smaller than one batch "
                                  "(lower trainer.batch_size)")
-        return running / n_steps, self.method.on_epoch_end(epoch)
+        return float(running) / n_steps, self.method.on_epoch_end(epoch)
+
+    def _check_finite(self, bad_step: torch.Tensor, epoch: int) -> None:
+        """The NaN guard: the run stops at the first non-finite training loss, naming its step (one host read)."""
+        step = int(bad_step)
+        if step:
+            raise TrainingDivergedError(
+                f"the training loss became nan/inf at epoch {epoch}, step {step}; stopping. The last good "
+                f"checkpoint (if any) is kept in {self.out_dir / 'last.pt'}. Try a lower optimizer.lr, "
+                "trainer.grad_clip=1.0 or trainer.amp=false.")
 
     def _evaluate_epoch(self, epoch: int, train_loss: float, epoch_time: float,
                         extra: dict[str, Any]) -> dict[str, float] | None:
