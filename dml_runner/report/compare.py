@@ -18,7 +18,7 @@ import numpy as np
 from dml_runner.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_SAMPLES, Difference, paired_difference
 from dml_runner.evaluation.per_query import PerQuery, per_query_values
 from dml_runner.report.collect import ReportError, find_runs
-from dml_runner.rundir import EMBEDDINGS
+from dml_runner.rundir import EMBEDDINGS, read_embeddings
 
 DEFAULT_METRICS = ("recall@1", "map@r", "r_precision")
 PER_QUERY_METRICS = "recall@K, map@r, r_precision, reciprocal_rank"
@@ -82,12 +82,7 @@ def check_output_file(option: str, value: str) -> None:
 
 
 def _test_set(path: Path) -> dict[str, np.ndarray]:
-    from dml_runner.eval_cli import InputError, load_npz
-
-    try:
-        arrays = load_npz(str(path))
-    except InputError as err:
-        raise ReportError(str(err)) from None
+    arrays = read_embeddings(path)  # an EmbeddingsFileError (a DMLRunnerError) says what a wrong file is
     keep = ("labels", "paths", "query_mask", "gallery_mask")
     return {k: arrays[k] for k in ("embeddings", *keep) if k in arrays}
 
