@@ -281,6 +281,7 @@ class DecodedCache:
     fingerprint: str
     index: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    built: bool = False  # True when this call built the file (False: an existing one was opened)
     _mm: np.memmap | None = field(default=None, repr=False)
 
     # --------------------------------------------------------------------------------------------- reading
@@ -472,6 +473,7 @@ def open_or_build(cache_dir: Path | str, paths: Sequence[str], load: Callable[[i
                 tmp.unlink(missing_ok=True)
                 raise
             cache = DecodedCache.open(path, fingerprint)
+            cache.built = True
             log.info("decoded cache %s: built %d images in %.1f s", path, n, time.perf_counter() - started)
             return cache
         finally:
