@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from torch.utils.data import Dataset
 
 from dml_runner import DMLRunnerError
 
@@ -258,7 +259,7 @@ def _to_array(image: Any) -> np.ndarray:
 def _from_array(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
-    return Image.fromarray(arr, mode="L" if arr.ndim == 2 else "RGB")
+    return Image.fromarray(arr)  # uint8 HxW -> "L", HxWx3 -> "RGB"
 
 
 def human_bytes(n: float) -> str:
@@ -503,7 +504,7 @@ def _cache_unavailable(dataset: Any) -> str | None:
     return None
 
 
-class CachedImageDataset:
+class CachedImageDataset(Dataset):
     """``base`` whose items come from a decoded cache: ``__getitem__(i) == (tail(cache.image(i)), label)``.
 
     A drop-in for ``base`` (a :class:`~dml_runner.datasets.base.LabelledDataset`): ``labels``, ``paths``,
