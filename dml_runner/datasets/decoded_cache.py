@@ -114,8 +114,8 @@ class Prefix:
         return f"Prefix({self.description})"
 
 
-class Compose:
-    """The tail: the remaining steps of the transform, in order (a plain list; pickles to DataLoader workers)."""
+class Tail:
+    """The steps of a transform after its prefix, in order (a plain list; pickles to DataLoader workers)."""
 
     def __init__(self, steps: Sequence[Callable[[Any], Any]]) -> None:
         self.steps = list(steps)
@@ -126,7 +126,7 @@ class Compose:
         return image
 
     def __repr__(self) -> str:
-        return "Compose(" + ", ".join(repr(s) for s in self.steps) + ")"
+        return "Tail(" + ", ".join(repr(s) for s in self.steps) + ")"
 
 
 @dataclass
@@ -160,7 +160,7 @@ def _steps(transform: Any) -> list[Any] | None:
 
     if isinstance(transform, T.Compose) or type(transform).__name__ == "Compose" and hasattr(transform, "transforms"):
         return list(transform.transforms)
-    if isinstance(transform, Compose):
+    if isinstance(transform, Tail):
         return list(transform.steps)
     return None
 
@@ -184,13 +184,13 @@ def split_transform(transform: Any, approximate: str | None = None, scale_size: 
     while n < len(steps) and is_deterministic(steps[n]):
         n += 1
     if n:
-        return TransformSplit(Prefix(steps[:n]), Compose(steps[n:]))
+        return TransformSplit(Prefix(steps[:n]), Tail(steps[n:]))
     first = " ".join(repr(steps[0]).split()) if steps else "nothing"
     if approximate == "fixed_scale":
         from torchvision import transforms as T
 
         resize = T.Resize(scale_size)
-        return TransformSplit(Prefix([resize]), Compose(steps), exact=False,
+        return TransformSplit(Prefix([resize]), Tail(steps), exact=False,
                               approximation=f"images stored with the shorter side resized to {scale_size} before "
                                             f"{first}: crops are drawn from that copy, not from the full-size image")
     return TransformSplit(None, transform, reason=f"first step is random ({first}); no exact prefix to cache")
@@ -287,7 +287,8 @@ class DecodedCache:
 
     # --------------------------------------------------------------------------------------------- reading
     @classmethod
-    def open(cls, path: Path | str, fingerprint: str | None = None, sample_checks: int = SAMPLED_CHECKS) -> DecodedCache:
+    def open(cls, path: Path | str, fingerprint: str | None = None,
+             sample_checks: int = SAMPLED_CHECKS) -> DecodedCache:
         """Open and check a cache file; raises :class:`CacheDamaged` with the reason when unusable."""
         path = Path(path)
         try:
@@ -354,7 +355,10 @@ class DecodedCache:
     def verify(self, full: bool = True, samples: int = SAMPLED_CHECKS) -> None:
         """Check the pixels' CRC-32 of every item (``full``) or of ``samples`` items spread over the file."""
         n = len(self.index)
-        which = range(n) if full else sorted(set(np.linspace(0, n - 1, min(n, samples)).astype(int).tolist())) if n else []
+        if full or not n:
+            which: Sequence[int] = range(n)
+        else:
+            which = sorted(set(np.linspace(0, n - 1, min(n, samples)).astype(int).tolist()))
         for i in which:
             if zlib.crc32(self.array(i)) != int(self.index[i]["crc"]):
                 raise CacheDamaged(f"item {i}: pixel checksum mismatch")
