@@ -122,7 +122,8 @@ class EvalConfig:
     seed: Optional[int] = _opt(None, "k-means seed (null: trainer.seed)", resume_free=True)
     normalize: bool = _opt(False, "L2-normalise the embeddings for evaluation only (training sees them raw)",
                            resume_free=True)
-    amp: bool = False
+    amp: bool = _opt(False, "embed for evaluation under the trainer's bf16 autocast (CUDA with trainer.amp); "
+                            "false: float32, as dml-embed and the papers' codes", resume_free=True)
 
 
 @dataclass
