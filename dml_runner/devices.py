@@ -1,12 +1,27 @@
 """Devices and seeds: the one rule that turns a device setting (``trainer.device``, ``eval.device``, ``--device``)
-into a torch device, and the seeding of every random generator (Python, numpy, torch and the loader workers).
+into a torch device, the seeding of every random generator (Python, numpy, torch and the loader workers), and the
+process-wide settings of torch's CUDA backends (determinism, cuDNN autotuning, float32 matmul precision).
+
+On the CPU the backend settings change no number. On CUDA:
+
+- ``trainer.deterministic=true`` (:func:`configure_backends`) sets ``CUBLAS_WORKSPACE_CONFIG`` (cuBLAS reads it when
+  it creates its first handle, so before the first CUDA matrix product), ``torch.use_deterministic_algorithms``
+  (warn-only: an operation without a deterministic CUDA kernel warns instead of stopping the run) and cuDNN's
+  deterministic mode with autotuning off;
+- otherwise cuDNN autotuning (``cudnn.benchmark``) is on: each convolution shape is timed once and its fastest
+  algorithm kept (the training batches have fixed shapes);
+- the evaluation's search and k-means run inside :func:`exact_float32_matmul`: float32 products in IEEE float32,
+  never TF32, whatever the process-wide setting is.
 
 torch is imported inside the functions, so the config checks can use :data:`DEVICE_PATTERN` cheaply.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from dml_runner import DMLRunnerError
@@ -74,3 +89,33 @@ def seed_worker(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+# ------------------------------------------------------------------------------------------- CUDA backend settings
+# the cuBLAS workspace setting NVIDIA documents for reproducible results (CUDA 10.2 and later)
+CUBLAS_DETERMINISTIC = ":4096:8"
+
+
+def configure_backends(deterministic: bool, cuda: bool) -> None:
+    """Determinism (``trainer.deterministic``) or cuDNN autotuning on CUDA; call before the first CUDA operation."""
+    import torch
+
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
+    # set both ways: an earlier run in the same process (a multirun) must not leave its choice behind
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = cuda and not deterministic
+
+
+@contextlib.contextmanager
+def exact_float32_matmul() -> Iterator[None]:
+    """float32 matrix products in full float32 (no TF32 on CUDA) inside the block; the setting is restored after."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)

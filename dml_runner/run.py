@@ -192,7 +192,7 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
 
         torch.set_num_threads(settings.num_threads)
     seed_everything(settings.seed)
-    from dml_runner.backends import configure_backends  # before the first CUDA operation (cuBLAS's workspace)
+    from dml_runner.devices import configure_backends  # before the first CUDA operation (cuBLAS's workspace)
 
     configure_backends(settings.deterministic, resolve_device(settings.device, "trainer.device").type == "cuda")
 

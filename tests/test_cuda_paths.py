@@ -24,7 +24,7 @@ from dml_runner.samplers import ClassBalancedBatchSampler
 
 def _tiny_trainer(tmp_path, eval_amp: bool):
     from dml_runner.losses import TripletLoss
-    from dml_runner.trainer import Trainer
+    from dml_runner.training.trainer import Trainer
 
     gen = torch.Generator().manual_seed(0)
     images, labels = torch.rand(48, 1, 8, 8, generator=gen), np.repeat(np.arange(6), 8)
@@ -157,7 +157,7 @@ def restore_backends():
 
 
 def test_deterministic_sets_cublas_workspace_and_deterministic_algorithms(restore_backends, monkeypatch):
-    from dml_runner.backends import CUBLAS_DETERMINISTIC, configure_backends
+    from dml_runner.devices import CUBLAS_DETERMINISTIC, configure_backends
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     configure_backends(deterministic=True, cuda=True)
@@ -171,12 +171,12 @@ def test_deterministic_sets_cublas_workspace_and_deterministic_algorithms(restor
 
 
 def test_run_configures_the_backends_before_building_anything(compose_cfg, tmp_path, monkeypatch):
-    import dml_runner.backends as backends
+    import dml_runner.devices as backends
 
     calls = []
     monkeypatch.setattr(backends, "configure_backends", lambda deterministic, cuda: calls.append((deterministic,
                                                                                                     cuda)))
-    monkeypatch.setattr("dml_runner.run._instantiate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    monkeypatch.setattr("dml_runner.run.instantiate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
     from dml_runner.run import run
 
     with pytest.raises(RuntimeError, match="stop"):
@@ -185,7 +185,7 @@ def test_run_configures_the_backends_before_building_anything(compose_cfg, tmp_p
 
 
 def test_exact_float32_matmul_turns_tf32_off_and_restores(monkeypatch):
-    from dml_runner.backends import exact_float32_matmul
+    from dml_runner.devices import exact_float32_matmul
 
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")  # TF32 allowed, as a user's script may set it
@@ -198,7 +198,7 @@ def test_exact_float32_matmul_turns_tf32_off_and_restores(monkeypatch):
 
 
 def test_default_loader_workers_from_the_cores(tmp_path, monkeypatch):
-    from dml_runner.backends import loader_workers
+    from dml_runner.training.trainer import loader_workers
     from dml_runner.datasets.base import SubsetLabelledDataset
     from dml_runner.datasets.images import ImageListDataset
 

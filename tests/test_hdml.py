@@ -656,7 +656,7 @@ def row_schedule(cfg, labels):
     own sampler, scheduler or method schedule, stepped as the trainer and HDMLMethod step them."""
     from hydra.utils import instantiate
 
-    from dml_runner.run import _instantiate
+    from dml_runner.build import instantiate as _instantiate
 
     sampler = _instantiate(cfg.sampler, "sampler", labels=labels, batch_size=cfg.trainer.batch_size, seed=0)
     per_epoch = len(sampler)

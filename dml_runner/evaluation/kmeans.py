@@ -44,7 +44,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from dml_runner.backends import exact_float32_matmul
+from dml_runner.devices import exact_float32_matmul
 from dml_runner.evaluation.cpu import kmeans_dtype
 
 ARGMAX_BLOCK = 64  # columns per block of block_argmax (amax per block, then argmax inside the winner)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dml_runner.backends import exact_float32_matmul
+from dml_runner.devices import exact_float32_matmul
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dml_runner.backends import exact_float32_matmul
+from dml_runner.devices import exact_float32_matmul
 from dml_runner.evaluation.retrieval import (
     PositiveIndex,
     RetrievalStats,

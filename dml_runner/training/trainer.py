@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +23,6 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dml_runner import DMLRunnerError
-from dml_runner.backends import loader_workers
 from dml_runner.config import TrainerConfig
 from dml_runner.datasets.base import DatasetSplits, LabelledDataset
 from dml_runner.devices import epoch_seed, resolve_device, seed_everything, seed_worker
@@ -57,6 +57,25 @@ class RunInterrupted(KeyboardInterrupt):
         self.signum = signum
         self.signame = signal.Signals(signum).name
         self.checkpoint_epoch: int | None = None  # filled in by the Trainer (None: no checkpoint yet)
+
+
+def loader_workers(setting: int | None, dataset: object, cuda: bool, local_processes: int | None = None) -> int:
+    """DataLoader worker processes: ``setting`` (``trainer.num_workers``), or when null: on CUDA, a dataset that decodes
+    image files gets min(8, cores per local process - 1); otherwise 0 (in-memory data need no workers, and on the CPU
+    the workers would take the cores the training step computes on)."""
+    if setting is not None:
+        return int(setting)
+    from dml_runner.datasets.images import ImageListDataset
+
+    base = dataset
+    while hasattr(base, "base"):  # a subset or validation split of a file dataset reads the same files
+        base = base.base
+    if not (cuda and isinstance(base, ImageListDataset)):
+        return 0
+    if local_processes is None:  # torchrun's processes on this machine share its cores
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, local_processes) - 1))
 
 
 def _is_oom(err: BaseException) -> bool:
