@@ -112,7 +112,13 @@ def check(group: str, obj: Any, target: str | None = None) -> Any:
 # ----------------------------------------------------------------------------------------------- the builder
 def instantiate(node: Any, what: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate(node, **kwargs)`` (plain containers), checked against the contract of the group
-    ``what``; a failure is one :class:`DMLRunnerError` that names the group."""
+    ``what``; a failure is one :class:`DMLRunnerError` that names the group. A dataset node's ``folds``/``fold``/
+    ``fold_seed`` are applied here: fold ``fold`` of ``folds`` class-disjoint folds of the training classes becomes
+    the validation split."""
+    from dml_runner.datasets.folds import FOLD_KEYS
+
+    if what == "dataset" and hasattr(node, "get") and any(k in node for k in FOLD_KEYS):
+        return _dataset_with_fold(node, **kwargs)
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
@@ -125,6 +131,18 @@ def instantiate(node: Any, what: str, **kwargs: Any) -> Any:
         raise DMLRunnerError(f"could not build `{what}` from its config: {err}") from err
     target = node.get("_target_") if hasattr(node, "get") else None
     return check(what, built, target)
+
+
+def _dataset_with_fold(node: Any, **kwargs: Any) -> Any:
+    from omegaconf import DictConfig, OmegaConf
+
+    from dml_runner.datasets.folds import FOLD_KEYS, check_folds, with_validation_fold
+
+    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    folds, fold, fold_seed = (int(plain.pop(k, 0) or 0) for k in FOLD_KEYS)
+    check_folds(folds, fold, val_fraction=float(plain.get("val_fraction") or 0.0))  # before any data is read
+    data = instantiate(plain, "dataset", **kwargs)
+    return with_validation_fold(data, folds, fold, fold_seed) if folds else data
 
 
 def build_model(cfg: Any, in_channels: int) -> Any:

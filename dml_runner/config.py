@@ -408,11 +408,26 @@ def validate_config(cfg: Any) -> None:
         _check_choices(group, tree.get(group) or {}, schema)
     _check_trainer(tree["trainer"])
     _check_eval(tree["eval"])
+    if isinstance(tree.get("dataset"), dict):
+        _check_dataset_folds(tree["dataset"])
     for group in INSTANTIATED_GROUPS:
         if group in tree:
             _check_target_keys(group, tree[group])
     _check_target_hooks(tree)
     _check_optimizer_scheduler(tree)
+
+
+def _check_dataset_folds(dataset: dict[str, Any]) -> None:
+    """dataset.folds / fold / fold_seed belong to every dataset (the builder applies them, the dataset's target never
+    sees them): checked here, then left out of the target's parameter check."""
+    from dml_runner.datasets.folds import FOLD_KEYS, check_folds
+
+    values = {key: dataset.pop(key) for key in FOLD_KEYS if key in dataset}
+    for key, value in values.items():
+        positive_int(f"dataset.{key}", value, minimum=0)
+    if values:
+        check_folds(int(values.get("folds") or 0), int(values.get("fold") or 0),
+                    val_fraction=float(dataset.get("val_fraction") or 0.0))
 
 
 def conf_dir() -> Path:

@@ -12,6 +12,7 @@ from torch import nn
 from dml_runner import DMLRunnerError
 from dml_runner.config import conf_dir
 from dml_runner.build import check
+from dml_runner.build import instantiate as build_instantiate
 
 
 def options(group: str) -> list[str]:
@@ -48,7 +49,7 @@ def test_backbones_honour_the_contract(compose_cfg, name):
 
 
 def test_the_digits_dataset_honours_the_contract(compose_cfg):
-    check("dataset", instantiate(compose_cfg().dataset), "digits")
+    check("dataset", build_instantiate(compose_cfg().dataset, "dataset"), "digits")
 
 
 class NoLabels(nn.Module):
@@ -70,7 +71,7 @@ def test_a_broken_plugin_is_refused_naming_the_option(group, obj, message):
 
 
 def test_dataset_labels_must_match_the_split(compose_cfg):
-    splits = instantiate(compose_cfg().dataset)
+    splits = build_instantiate(compose_cfg().dataset, "dataset")
     splits.test.labels = splits.test.labels.astype(np.float32)  # not class ids
     with pytest.raises(DMLRunnerError, match="test: labels must be a 1-D integer array"):
         check("dataset", splits, "digits")

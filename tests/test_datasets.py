@@ -18,6 +18,7 @@ from dml_runner.datasets.fixtures import (
     write_inshop_partition,
 )
 from dml_runner import DMLRunnerError
+from dml_runner.build import instantiate as build_instantiate
 from dml_runner.datasets import cars196, cub200, folder, inshop, sop, vehicleid
 from dml_runner.datasets.images import DatasetCountWarning
 from dml_runner.datasets.registry import SPECS
@@ -50,7 +51,7 @@ def from_config(name: str, root: Path, transform: str = "none", **overrides):
     for key, value in overrides.items():
         cfg.dataset[key] = value
     try:
-        return instantiate(cfg.dataset)
+        return build_instantiate(cfg.dataset, "dataset")
     except InstantiationException as err:  # Hydra wraps the builder's exception; the CLI unwraps it the same way
         if isinstance(err.__cause__, DMLRunnerError):
             raise err.__cause__ from None

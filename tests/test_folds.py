@@ -63,3 +63,34 @@ def test_an_existing_validation_split_is_not_silently_replaced():
     with_validation_fold(data, 2, 0, seed=0)
     with pytest.raises(DMLRunnerError, match="already has a validation split"):
         with_validation_fold(data, 2, 1, seed=0)
+
+
+@pytest.mark.slow
+def test_dml_run_holds_out_a_fold_and_records_it(tmp_path):
+    """The path a user runs: dml-run with dataset.folds/fold on digits' class-disjoint protocol."""
+    import json
+
+    from conftest import run_dml
+
+    run_dml(["dataset.protocol=classes", "dataset.folds=2", "dataset.fold=1", "trainer=smoke", "trainer.batch_size=8",
+             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    ds = res["dataset"]
+    want = class_folds(np.arange(5), 2, seed=0)[1]  # digits 0-4 train under protocol=classes
+    assert ds["info"]["val_classes"] == [str(c) for c in want] and ds["val_classes"] == want.size
+    assert ds["info"]["fold"] == 1 and ds["info"]["folds"] == 2 and ds["train_classes"] == 5 - want.size
+    assert res["best"]["split"] == "val"  # the held-out fold chose the checkpoint
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["dataset.folds=3", "dataset.fold=3"], "dataset.fold=3: with dataset.folds=3 the fold is 0 to 2"),
+    (["dataset.folds=2", "dataset.val_fraction=0.2"], "set dataset.val_fraction=0 when using folds"),
+    (["dataset.folds=-1"], "dataset.folds"),
+    (["dataset.fold_seed=x"], "dataset.fold_seed"),
+])
+def test_dml_run_refuses_impossible_folds_in_one_line(compose_cfg, overrides, message):
+    from dml_runner.config import validate_config
+
+    with pytest.raises(DMLRunnerError, match=message) as err:
+        validate_config(compose_cfg(*overrides))
+    assert "\n" not in str(err.value)

@@ -261,9 +261,9 @@ def test_cache_refuses_a_trainable_trunk(compose_cfg, tmp_path):
 
 
 def test_cache_views_are_deterministic_and_distinct(compose_cfg):
-    from hydra.utils import instantiate
+    from dml_runner.build import instantiate
 
-    data = instantiate(compose_cfg("dataset.max_shift=1").dataset)
+    data = instantiate(compose_cfg("dataset.max_shift=1").dataset, "dataset")
     first = [SeededView(data.train, v, seed=0)[5][0] for v in range(3)]
     again = [SeededView(data.train, v, seed=0)[5][0] for v in range(3)]
     assert all(torch.equal(x, y) for x, y in zip(first, again))

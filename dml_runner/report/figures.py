@@ -126,7 +126,7 @@ def retrieval_grid(run_dir: Path, out_png: Path, n_queries: int = 5, k: int = 5,
 
 def _test_image_loader(run_dir: Path, cache: dict[str, Any]) -> Callable[[int], np.ndarray] | None:
     """index -> image array of the run's test set, rebuilt from the dataset config in results.json (or None)."""
-    from hydra.utils import instantiate
+    from dml_runner.build import instantiate
 
     res = read_results(run_dir)
     try:
@@ -135,7 +135,7 @@ def _test_image_loader(run_dir: Path, cache: dict[str, Any]) -> Callable[[int], 
         cfg = res["config"]["dataset"]
         key = json.dumps(cfg, sort_keys=True)
         if key not in cache:
-            cache[key] = instantiate(cfg, _convert_="all").test
+            cache[key] = instantiate(cfg, "dataset").test
     except Exception as err:  # noqa: BLE001 - data moved or unavailable: skip the figure
         log.warning("no retrieval grid for %s: cannot rebuild its test set (%s)", run_dir, err)
         return None
