@@ -87,6 +87,18 @@ OFFLINE ?=
 GPU_CHECK_OUT ?= outputs/gpu_check
 is_set = $(filter 1 true yes,$(1))
 
+# --- fair comparison (docs/COMPARING.md)
+# make reality-check [SMOKE=1] [LOSSES=contrastive,triplet,margin] [FOLDS=4] [TRIALS=20] [FINAL_SEEDS=1] [ARGS="overrides"]
+LOSSES ?=
+FOLDS ?=
+TRIALS ?=
+FINAL_SEEDS ?=
+.PHONY: reality-check
+reality-check: $(STAMP) ## Musgrave's reality check: same Optuna budget per loss, class-disjoint folds, MAP@R, intervals (SMOKE=1)
+	$(PY) scripts/reality_check.py $(if $(filter 1 true yes,$(SMOKE)),--smoke) $(if $(LOSSES),--losses $(LOSSES)) \
+		$(if $(FOLDS),--folds $(FOLDS)) $(if $(TRIALS),--trials $(TRIALS)) $(if $(FINAL_SEEDS),--seeds $(FINAL_SEEDS)) \
+		$(if $(ARGS),-- $(ARGS))
+
 .PHONY: gpu-check wheelhouse
 gpu-check: $(if $(call is_set,$(OFFLINE)),,$(STAMP)) ## On a CUDA machine: every GPU path, one table in outputs/gpu_check/ (OFFLINE=1: node's own Python + wheelhouse/)
 ifneq ($(call is_set,$(OFFLINE)),)
