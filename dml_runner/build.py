@@ -183,6 +183,18 @@ def build_evaluate(e: EvalConfig, recall_at: list[int], trainer_seed: int) -> An
     """The evaluation function the Trainer calls: dml_runner.evaluation.evaluate with the eval settings bound."""
     from dml_runner.evaluation import evaluate
 
-    return partial(evaluate, recall_at=tuple(recall_at), metrics=tuple(e.metrics), device=e.device,
-                   seed=trainer_seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
-                   kmeans_iters=e.kmeans_iters, backend=str(e.backend))
+    default = partial(evaluate, recall_at=tuple(recall_at), metrics=tuple(e.metrics), device=e.device,
+                      seed=trainer_seed if e.seed is None else e.seed, chunk_size=e.chunk_size,
+                      kmeans_iters=e.kmeans_iters, backend=str(e.backend))
+    if not (e.precision_at or e.map_at or e.mrr):
+        return default
+    from dml_runner.evaluation.per_query import requested_metrics
+
+    def with_requested(embeddings: Any, labels: Any, **masks: Any) -> dict[str, float]:
+        """The default metrics plus those asked for with eval.precision_at / map_at / mrr."""
+        out = default(embeddings, labels, **masks)
+        out.update(requested_metrics(embeddings, labels, precision_at=e.precision_at, map_at=e.map_at, mrr=e.mrr,
+                                     device=e.device, **masks))
+        return out
+
+    return with_requested

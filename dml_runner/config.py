@@ -124,6 +124,10 @@ class EvalConfig:
                            resume_free=True)
     amp: bool = _opt(False, "embed for evaluation under the trainer's bf16 autocast (CUDA with trainer.amp); "
                             "false: float32, as dml-embed and the papers' codes", resume_free=True)
+    precision_at: list[int] = _opt([], "also precision@K for these K (open-metric-learning's definition; computed "
+                                       "only when asked)", resume_free=True)
+    map_at: list[int] = _opt([], "also MAP@K for these K (computed only when asked)", resume_free=True)
+    mrr: bool = _opt(False, "also the mean reciprocal rank of the nearest positive (mrr)", resume_free=True)
 
 
 @dataclass
@@ -358,6 +362,10 @@ def _check_eval(e: dict[str, Any]) -> None:
         _fail("eval.device", e["device"], f"use {DEVICE_CHOICES}")
     positive_int("eval.chunk_size", e["chunk_size"])
     positive_int("eval.kmeans_iters", e["kmeans_iters"])
+    for key in ("precision_at", "map_at"):
+        bad = [k for k in e[key] if not isinstance(k, int) or k < 1]
+        if bad:
+            _fail(f"eval.{key}", e[key], f"every K must be an integer >= 1 (got {_show(bad)}), e.g. [1,5]")
 
 
 def _number(option: str, value: Any, minimum: float, strict: bool) -> None:

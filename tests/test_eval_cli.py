@@ -184,3 +184,46 @@ def test_the_backend_names_are_the_evaluation_engines():
     from dml_runner.evaluation import BACKENDS
 
     assert sorted(b.value for b in EvalBackend) == sorted(BACKENDS)
+
+
+def test_metrics_on_request_match_the_per_query_library(tmp_path, capsys):
+    """--precision-at, --map-at, --mrr, --cmc and --per-class: the library's values (checked by brute force in
+    test_per_query.py), only when asked, in the table, the JSON and the CSV."""
+    import csv
+
+    from dml_runner.evaluation.per_query import per_query_values, top_k_values
+
+    emb, lab = _data()
+    path = str(_write(tmp_path, embeddings=emb, labels=lab, class_names=np.array([f"c{v}" for v in lab])))
+    plain = tmp_path / "plain.json"
+    assert main([path, "--json", str(plain)]) == 0
+    assert not {"mrr", "cmc", "precision@5", "map@5"} & set(json.loads(plain.read_text()))  # not by default
+    out, rows = tmp_path / "m.json", tmp_path / "classes.csv"
+    assert main([path, "--precision-at", "1", "5", "--map-at", "5", "--mrr", "--cmc", "4", "--per-class", str(rows),
+                 "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    top = top_k_values(emb, lab, (1, 5)).means()
+    pq = per_query_values(emb, lab, recall_at=(1, 2, 3, 4))
+    assert got["precision@1"] == pytest.approx(top["precision@1"]) and got["precision@5"] == pytest.approx(
+        top["precision@5"]) and got["map@5"] == pytest.approx(top["map@5"])
+    assert got["mrr"] == pytest.approx(pq.means()["reciprocal_rank"])
+    assert got["cmc"] == pytest.approx([pq.means()[f"recall@{k}"] for k in range(1, 5)])
+    assert got["cmc"][0] == pytest.approx(got["recall@1"])  # the curve starts at the reported Recall@1
+    printed = capsys.readouterr().out
+    assert "mrr" in printed and "CMC (Recall@1..4)" in printed and "worst Recall@1" in printed
+    with open(rows) as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == np.unique(lab).size
+    r1 = [float(r["recall@1"]) for r in table]
+    assert r1 == sorted(r1) and all(r["class"].startswith("c") for r in table)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--precision-at", "0"], "--precision-at 0: every K must be >= 1"),
+    (["--map-at", "3", "-2"], "--map-at 3 -2: every K must be >= 1"),
+    (["--cmc", "-1"], "--cmc -1"),
+])
+def test_requested_metric_options_are_checked_first(tmp_path, capsys, args, message):
+    assert main([str(tmp_path / "missing.npz"), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -119,3 +119,33 @@ def test_per_class_breakdown_is_the_mean_over_each_class_worst_first():
         assert r["class"] == f"c{r['label']}" and r["queries"] == int(members.sum())
         assert r["map@r"] == pytest.approx(pq.values["map@r"][members].mean(), abs=1e-12)
         assert r["recall@1"] == pytest.approx(pq.values["recall@1"][members].mean(), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_a_run_reports_the_metrics_asked_for_and_only_those(tmp_path):
+    """eval.precision_at / map_at / mrr through dml-run: results.json holds them, equal to the library's values on
+    the run's saved test embeddings; a run that does not ask has none of them."""
+    import json
+
+    from conftest import run_dml
+    from dml_runner.evaluation.per_query import requested_metrics
+
+    run_dml(["trainer=smoke", "eval.precision_at=[1,5]", "eval.map_at=[5]", "eval.mrr=true",
+             f"hydra.run.dir={tmp_path / 'asked'}"], cwd=tmp_path)
+    metrics = json.loads((tmp_path / "asked" / "results.json").read_text())["metrics"]
+    saved = np.load(tmp_path / "asked" / "embeddings.npz")
+    want = requested_metrics(saved["embeddings"], saved["labels"], precision_at=(1, 5), map_at=(5,), mrr=True)
+    for key, value in want.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-12), key
+    run_dml(["trainer=smoke", f"hydra.run.dir={tmp_path / 'default'}"], cwd=tmp_path)
+    plain = json.loads((tmp_path / "default" / "results.json").read_text())["metrics"]
+    assert not {"precision@1", "precision@5", "map@5", "mrr"} & set(plain)
+
+
+def test_bad_requested_metric_settings_are_refused_in_one_line(compose_cfg):
+    from dml_runner import DMLRunnerError
+    from dml_runner.config import validate_config
+
+    with pytest.raises(DMLRunnerError, match=r"eval.precision_at") as err:
+        validate_config(compose_cfg("eval.precision_at=[0,5]"))
+    assert "\n" not in str(err.value)

@@ -12,7 +12,10 @@ import numpy as np
 from dml_runner.config import EvalBackend, EvalConfig
 from dml_runner.devices import DEVICE_CHOICES, DeviceError, resolve_device
 from dml_runner.evaluation import KNOWN_METRICS, estimate_memory_bytes, evaluate
-from dml_runner.rundir import EMBEDDINGS_CONTENTS, EmbeddingsFileError, read_embeddings, write_json_atomic
+from dml_runner.evaluation.per_query import per_class, per_query_values, requested_metrics
+from dml_runner.rundir import (EMBEDDINGS_CONTENTS, EmbeddingsFileError, read_embeddings, write_csv_atomic,
+                               write_json_atomic)
+
 
 class InputError(Exception):
     """Bad user input: reported on stderr with exit code 2."""
@@ -57,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kmeans-iters", type=int, default=DEFAULTS.kmeans_iters)
     p.add_argument("--max-memory-gb", type=float, default=None,
                    help="refuse to start if the estimated memory exceeds this (default: available memory)")
+    extra = p.add_argument_group("metrics computed only when asked (docs/COMPARING.md)")
+    extra.add_argument("--precision-at", type=int, nargs="+", default=[], metavar="K",
+                       help="precision@K = positives among the K nearest / min(K, positives of the query)")
+    extra.add_argument("--map-at", type=int, nargs="+", default=[], metavar="K",
+                       help="MAP@K as open-metric-learning defines it")
+    extra.add_argument("--mrr", action="store_true", help="mean reciprocal rank of the nearest positive")
+    extra.add_argument("--cmc", type=int, default=0, metavar="N", help="the CMC curve: Recall@k for k = 1..N")
+    extra.add_argument("--per-class", metavar="CSV",
+                       help="write one row per class (queries, Recall@1, MAP@R, R-Precision, reciprocal rank), "
+                            "worst Recall@1 first")
     return p
 
 
@@ -73,15 +86,26 @@ def check_arguments(args: argparse.Namespace) -> None:
         resolve_device(args.device, option="--device")
     except DeviceError as err:
         raise InputError(str(err)) from None
-    if args.json:
-        out = os.path.abspath(args.json)
-        parent = os.path.dirname(out)
-        if os.path.isdir(out):
-            raise InputError(f"--json {args.json}: is a directory; give a file name")
-        if not os.path.isdir(parent):
-            raise InputError(f"--json {args.json}: the directory {parent} does not exist; create it first")
-        if not os.access(parent, os.W_OK):
-            raise InputError(f"--json {args.json}: the directory {parent} is not writable")
+    for option, values in (("--precision-at", args.precision_at), ("--map-at", args.map_at)):
+        if any(k < 1 for k in values):
+            raise InputError(f"{option} {' '.join(map(str, values))}: every K must be >= 1")
+    if args.cmc < 0:
+        raise InputError(f"--cmc {args.cmc}: give the curve's length N >= 1 (or leave it out)")
+    for option, value in (("--json", args.json), ("--per-class", args.per_class)):
+        if value:
+            check_output(option, value)
+
+
+def check_output(option: str, value: str) -> None:
+    """An output file in an existing, writable folder (checked before any work)."""
+    out = os.path.abspath(value)
+    parent = os.path.dirname(out)
+    if os.path.isdir(out):
+        raise InputError(f"{option} {value}: is a directory; give a file name")
+    if not os.path.isdir(parent):
+        raise InputError(f"{option} {value}: the directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"{option} {value}: the directory {parent} is not writable")
 
 
 def check_labels(path: str, labels: np.ndarray, query_mask: np.ndarray | None,
@@ -131,6 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = evaluate(emb, lab, recall_at=args.recall_at, metrics=args.metrics, query_mask=qmask,
                            gallery_mask=gmask, device=args.device, seed=args.seed, kmeans_iters=args.kmeans_iters,
                            max_memory_gb=args.max_memory_gb, backend=str(args.backend))
+        extra = requested_metrics(emb, lab, precision_at=args.precision_at, map_at=args.map_at, mrr=args.mrr,
+                                  cmc=args.cmc, query_mask=qmask, gallery_mask=gmask, device=args.device)
+        cmc = extra.pop("cmc", None)
+        results.update(extra)
+        per_class_rows = per_class(per_query_values(emb, lab, recall_at=(1,), query_mask=qmask, gallery_mask=gmask,
+                                                    device=args.device), lab, arrays.get("class_names")) \
+            if args.per_class else None
     except (InputError, EmbeddingsFileError) as exc:
         print(f"dml-eval: error: {exc}", file=sys.stderr)
         return 2
@@ -138,8 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dml-eval: error: {args.file}: {exc}; {EMBEDDINGS_CONTENTS}", file=sys.stderr)
         return 2
     print(format_table(results))
+    if cmc is not None:
+        print("CMC (Recall@1.." + str(len(cmc)) + "): " + " ".join(f"{v:.4f}" for v in cmc))
+    if per_class_rows is not None:
+        write_csv_atomic(per_class_rows, args.per_class)
+        worst = per_class_rows[0]
+        print(f"per class: {args.per_class} ({len(per_class_rows)} classes; worst Recall@1: {worst['class']} "
+              f"{worst['recall@1']:.4f} over {worst['queries']} queries)")
     if args.json:
-        write_json_atomic(results, args.json)
+        write_json_atomic({**results, **({"cmc": cmc} if cmc is not None else {})}, args.json)
     return 0
 
 

@@ -143,4 +143,28 @@ def per_class(per_query: PerQuery, labels: np.ndarray, class_names: np.ndarray |
     return sorted(rows, key=lambda r: (*(r[k] for k in order), r["label"]))
 
 
-__all__ = ["PerQuery", "per_class", "per_query_values", "top_k_values"]
+def requested_metrics(embeddings: np.ndarray, labels: np.ndarray, *, precision_at: Sequence[int] = (),
+                      map_at: Sequence[int] = (), mrr: bool = False, cmc: int = 0,
+                      query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None,
+                      device: str = "cpu") -> dict[str, float | list[float]]:
+    """The metrics beyond the default evaluation, computed only when asked: ``precision@K`` and ``map@K`` for the
+    K of ``precision_at`` / ``map_at``, ``mrr`` (mean reciprocal rank of the nearest positive) and ``cmc`` (the
+    cumulative matching curve: Recall@k for k = 1..``cmc``, as a list)."""
+    out: dict[str, float | list[float]] = {}
+    masks = {"query_mask": query_mask, "gallery_mask": gallery_mask}
+    ks = sorted(set(precision_at) | set(map_at))
+    if ks:
+        top = top_k_values(embeddings, labels, ks, device=device, **masks).means()
+        out.update({f"precision@{k}": top[f"precision@{k}"] for k in sorted(set(precision_at))})
+        out.update({f"map@{k}": top[f"map@{k}"] for k in sorted(set(map_at))})
+    if mrr or cmc:
+        pq = per_query_values(embeddings, labels, recall_at=range(1, max(cmc, 1) + 1), device=device, **masks)
+        means = pq.means()
+        if mrr:
+            out["mrr"] = means["reciprocal_rank"]
+        if cmc:
+            out["cmc"] = [means[f"recall@{k}"] for k in range(1, cmc + 1)]
+    return out
+
+
+__all__ = ["PerQuery", "per_class", "per_query_values", "requested_metrics", "top_k_values"]

@@ -253,6 +253,9 @@ def _metric_columns(ref: pd.DataFrame | None, runs: list[dict[str, Any]], metric
         return list(dict.fromkeys(ref["metric"]))
     ks = sorted({k for r in runs for k in r["recall_at"]}) or [1, 2, 4, 8]
     cols = [f"recall@{k}" for k in ks] + ["nmi", "f1", "map@r"]
+    # the metrics a run computed on request (eval.precision_at / map_at / mrr)
+    cols += sorted({m for r in runs for m in r["metrics"] if m == "mrr" or m.startswith(("precision@", "map@"))} -
+                   {"map@r"}, key=lambda m: (m.split("@")[0], int(m.split("@")[1]) if "@" in m else 0))
     return [c for c in cols if any(c in r["metrics"] for r in runs)]
 
 
