@@ -84,3 +84,52 @@ def test_refusals_are_one_line(sweep, tmp_path):
         proc = dml_compare(args, tmp_path)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def row_named(table, needle):
+    names = [r["row"] for r in table["rows"] if r.get("kind") == "ours"]
+    matches = [n for n in names if needle in n]
+    assert len(matches) == 1, names
+    return matches[0]
+
+
+@pytest.mark.slow
+def test_report_baseline_intervals_are_dml_compares(sweep, tmp_path):
+    """dml-report --baseline: each row's difference from the baseline row, the same numbers dml-compare gives for
+    the same runs, with the interval's meaning in the table's header."""
+    from dml_runner.cli.report import main as report_main
+    from dml_runner.report import report
+
+    table = report([sweep], tmp_path / "probe", figures=False, html=False)["tables"][0]
+    base, other = row_named(table, "epochs=1"), row_named(table, "epochs=4")
+    result = report([sweep], tmp_path / "rep", figures=False, baseline=base, samples=500)
+    diffs = result["tables"][0]["baseline"]
+    assert set(diffs["rows"]) == {other} and "recall@1" in diffs["metrics"] and "nmi" not in diffs["metrics"]
+    proc = dml_compare([",".join(map(str, jobs(sweep, 1))), ",".join(map(str, jobs(sweep, 4))), "--samples", 500,
+                        "--metrics", *diffs["metrics"], "--json", tmp_path / "c.json"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    direct = json.loads((tmp_path / "c.json").read_text())
+    for m, d in diffs["rows"][other].items():
+        assert (d.difference, d.ci_low, d.ci_high) == pytest.approx(
+            (direct[m]["difference"], direct[m]["ci_low"], direct[m]["ci_high"]), abs=1e-12), m
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"Difference from the baseline row `{base}`" in md and "paired bootstrap interval" in md
+    assert "95%" in (tmp_path / "rep" / "index.html").read_text()
+    assert report_main([str(sweep), "--out", str(tmp_path / "x"), "--no-figures", "--baseline", "no such row"]) == 1
+
+
+@pytest.mark.slow
+def test_report_marks_a_difference_that_is_noise(tmp_path):
+    """Two rows that differ only in an evaluation setting that cannot move retrieval (k-means iterations): their
+    embeddings are the same, the difference is 0 and the report marks its interval as containing 0."""
+    from dml_runner.report import report
+
+    run_dml(["-m", "trainer=smoke", "eval.kmeans_iters=10,20", f"hydra.sweep.dir={tmp_path / 'sw'}"], cwd=tmp_path)
+    table = report([tmp_path / "sw"], tmp_path / "probe", figures=False, html=False)["tables"][0]
+    base = row_named(table, "kmeans_iters=10")
+    t = report([tmp_path / "sw"], tmp_path / "rep", figures=False, html=False, baseline=base,
+               samples=200)["tables"][0]
+    (other,) = t["baseline"]["rows"]
+    for d in t["baseline"]["rows"][other].values():
+        assert d.difference == 0 and d.contains_zero
+    assert "†" in (tmp_path / "rep" / "report.md").read_text()

@@ -44,16 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write index.html next to the tables (the default)")
     p.add_argument("--no-html", dest="html", action="store_false", help="no index.html")
     p.add_argument("--tsne-points", type=int, default=300, help="t-SNE subsample per row (default 300)")
+    p.add_argument("--baseline", metavar="ROW",
+                   help="a row's name: each other row of its table gets its difference from it with a 95%% paired "
+                        "bootstrap interval over the test queries and seeds (from the runs' embeddings.npz); "
+                        "intervals containing 0 are marked")
+    p.add_argument("--bootstrap-samples", type=int, default=None, metavar="N",
+                   help="bootstrap samples of --baseline (default 2000)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="dml-report: %(message)s")
+    if args.bootstrap_samples is not None and args.bootstrap_samples < 100:
+        print(f"dml-report: error: --bootstrap-samples {args.bootstrap_samples}: use at least 100", file=sys.stderr)
+        return 2
     try:
         result = report(args.paths, args.out, args.checkpoint, args.split_by, args.allow_mixed_protocols,
                         args.metrics, figures=not args.no_figures, tsne_points=args.tsne_points,
-                        group_by=args.group_by, html=args.html, select_metric=args.select_metric)
+                        group_by=args.group_by, html=args.html, select_metric=args.select_metric,
+                        baseline=args.baseline, samples=args.bootstrap_samples)
     except ReportError as err:
         print(f"dml-report: error: {err}", file=sys.stderr)
         return 1

@@ -42,13 +42,18 @@ DEFAULT_OUT = str(Path(PathsConfig.output_dir) / "tables")
 def report(paths: Sequence[Path | str], out: Path | str = DEFAULT_OUT, checkpoint: str = "final",
            split_by: Sequence[str] = (), allow_mixed: bool = False, metrics: Sequence[str] | None = None,
            figures: bool = True, tsne_points: int = 300, group_by: Sequence[str] = (),
-           html: bool = True, select_metric: str | None = None) -> dict[str, Any]:
-    """Build and write every table; returns ``{"tables": [...], "failed": [...], "files": [...]}``."""
+           html: bool = True, select_metric: str | None = None, baseline: str | None = None,
+           samples: int | None = None) -> dict[str, Any]:
+    """Build and write every table; returns ``{"tables": [...], "failed": [...], "files": [...]}``. ``baseline``
+    names a row: every table holding it gets each other row's difference from it, with its paired bootstrap
+    interval (``samples`` draws, :mod:`dml_runner.report.compare`)."""
     records = find_runs(paths, select_metric)
     if not records:
         raise ReportError(f"no results.json found under {', '.join(map(str, paths))}")
     failed = [r for r in records if r["status"] != "completed"]
     tables = build_tables(records, checkpoint, split_by, allow_mixed, metrics, group_by)
+    if baseline is not None:
+        _attach_baseline(tables, baseline, samples)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "report.md"]
@@ -80,3 +85,19 @@ def report(paths: Sequence[Path | str], out: Path | str = DEFAULT_OUT, checkpoin
         (out / "index.html").write_text(render_html(tables, failed, out), encoding="utf-8")
         files.append(out / "index.html")
     return {"tables": tables, "failed": failed, "files": files}
+
+
+def _attach_baseline(tables: list[dict[str, Any]], baseline: str, samples: int | None) -> None:
+    """``table["baseline"]`` for every table with a row named ``baseline``; no such row anywhere is refused."""
+    from dml_runner.report.compare import DEFAULT_SAMPLES, baseline_differences
+
+    found = False
+    for t in tables:
+        diffs = baseline_differences(t, baseline, samples=samples or DEFAULT_SAMPLES)
+        if diffs is not None:
+            t["baseline"] = diffs
+            found = True
+    if not found:
+        names = sorted({r["row"] for t in tables for r in t["rows"] if r.get("kind") == "ours"})
+        shown = "; ".join(names[:6]) + ("; ..." if len(names) > 6 else "")
+        raise ReportError(f"--baseline {baseline!r}: no row of that name; the rows are: {shown}")

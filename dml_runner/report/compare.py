@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from dml_runner import DMLRunnerError
 from dml_runner.evaluation.bootstrap import DEFAULT_LEVEL, DEFAULT_SAMPLES, Difference, paired_difference
 from dml_runner.evaluation.per_query import PerQuery, per_query_values
 from dml_runner.report.collect import ReportError, find_runs
@@ -166,3 +167,81 @@ def format_comparison(result: dict[str, Any]) -> str:
         lines.append(f"{m:<{width}}  {100 * d['a']:>7.2f}  {100 * d['b']:>7.2f}  {100 * d['difference']:>+7.2f}  "
                      f"{interval:>18}  {d['p_b_better']:>8.3f}{note}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------- dml-report --baseline
+def per_query_metric(metric: str) -> bool:
+    """Whether a report column has per-query values (Recall@K, MAP@R, R-Precision, MRR), so an interval."""
+    return (metric.startswith("recall@") and metric[7:].isdigit()) or metric in ("map@r", "r_precision", "mrr")
+
+
+def baseline_differences(table: dict[str, Any], baseline: str, *, samples: int = DEFAULT_SAMPLES,
+                         level: float = DEFAULT_LEVEL, seed: int = 0) -> dict[str, Any] | None:
+    """Each row's difference from the ``baseline`` row of ``table`` (a dml-report table), per metric with per-query
+    values: ``{"baseline", "level", "samples", "metrics", "rows": {row: {metric: Difference}}, "skipped": {row:
+    why}}``; None when the table has no row of that name."""
+    rows = {r["row"]: r for r in table["rows"] if r.get("kind") == "ours"}
+    if baseline not in rows:
+        return None
+    metrics = [m for m in table["metrics"] if per_query_metric(m)]
+    ks = sorted({int(m[7:]) for m in metrics if m.startswith("recall@")}) or [1]
+    cache: dict[Path, tuple[dict[str, np.ndarray], PerQuery]] = {}
+
+    def values(row: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]], list[PerQuery]]:
+        arrays, pqs = [], []
+        for run_dir in row["dirs"]:
+            path = Path(run_dir) / EMBEDDINGS
+            if path not in cache:
+                if not path.is_file():
+                    raise ReportError(f"{run_dir} has no {EMBEDDINGS}")
+                data = _test_set(path)
+                cache[path] = (data, per_query_values(data["embeddings"], data["labels"], recall_at=ks,
+                                                      query_mask=data.get("query_mask"),
+                                                      gallery_mask=data.get("gallery_mask")))
+            arrays.append(cache[path][0])
+            pqs.append(cache[path][1])
+        return arrays, pqs
+
+    out: dict[str, Any] = {"baseline": baseline, "level": level, "samples": samples, "metrics": metrics, "rows": {},
+                           "skipped": {}}
+    base_arrays, base = values(rows[baseline])
+    for name, row in rows.items():
+        if name == baseline:
+            continue
+        try:
+            arrays, pqs = values(row)
+            for a in arrays:
+                _same_test_set((Path(rows[baseline]["dirs"][0]), base_arrays[0]), (Path(row["dirs"][0]), a))
+        except DMLRunnerError as err:
+            out["skipped"][name] = str(err)
+            continue
+        key = {"mrr": "reciprocal_rank"}
+        out["rows"][name] = {m: paired_difference(np.stack([p.values[key.get(m, m)] for p in base]),
+                                                  np.stack([p.values[key.get(m, m)] for p in pqs]),
+                                                  samples=samples, level=level, seed=seed) for m in metrics}
+    return out
+
+
+def baseline_caption(diffs: dict[str, Any]) -> str:
+    """What the difference table's intervals mean (its header)."""
+    return (f"Difference from the baseline row `{diffs['baseline']}` (row - baseline, in points): the "
+            f"{round(100 * diffs['level'])}% paired bootstrap interval over the test queries and, for rows with "
+            f"several seeds, the seeds ({diffs['samples']} samples; the same query draw for both rows). "
+            "† marks an interval that contains 0: that difference is not distinguishable from noise. "
+            "NMI and F1 have no per-query values and get no interval.")
+
+
+def baseline_cells(diffs: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and body of the difference table."""
+    header = ["row", *diffs["metrics"]]
+    body = []
+    for name, by_metric in diffs["rows"].items():
+        cells = []
+        for m in diffs["metrics"]:
+            d = by_metric[m]
+            cells.append(f"{100 * d.difference:+.2f} [{100 * d.ci_low:+.2f}, {100 * d.ci_high:+.2f}]"
+                         + (" †" if d.contains_zero else ""))
+        body.append([name, *cells])
+    for name, why in diffs["skipped"].items():
+        body.append([name, *(["n/a"] * len(diffs["metrics"]))])
+    return header, body

@@ -183,6 +183,15 @@ def render_markdown(tables: list[dict[str, Any]], failed: list[dict[str, Any]]) 
         out.append("")
         out += [f"- {n}" for n in notes]
         out.append("")
+        if t.get("baseline"):
+            from dml_runner.report.compare import baseline_caption, baseline_cells
+
+            b_header, b_body = baseline_cells(t["baseline"])
+            out += [baseline_caption(t["baseline"]), "", "| " + " | ".join(b_header) + " |",
+                    "|" + "|".join(["---"] + ["---:"] * (len(b_header) - 1)) + "|"]
+            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in b_body]
+            out += [f"- {name}: no interval ({why})" for name, why in t["baseline"]["skipped"].items()]
+            out.append("")
     if failed:
         out += ["## Failed runs (not in the tables)", "", "| run dir | row | seed | error |", "|---|---|---|---|"]
         for r in failed:
@@ -297,6 +306,14 @@ def render_html(tables: list[dict[str, Any]], failed: list[dict[str, Any]], out_
         parts.append("</tbody></table>")
         if notes:
             parts.append('<ul class="notes">' + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+        if t.get("baseline"):
+            from dml_runner.report.compare import baseline_caption, baseline_cells
+
+            b_header, b_body = baseline_cells(t["baseline"])
+            parts.append(f'<p class="baseline">{esc(baseline_caption(t["baseline"]).replace("`", ""))}</p>')
+            parts.append("<table><thead><tr>" + "".join(f"<th>{esc(c)}</th>" for c in b_header) + "</tr></thead>"
+                         "<tbody>" + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
+                                             for row in b_body) + "</tbody></table>")
         files = [f for f in t.get("files", []) if Path(f).is_file()]
         if files:
             parts.append('<p class="files">Files: ' + ", ".join(
