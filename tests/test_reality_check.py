@@ -57,3 +57,13 @@ def test_unknown_loss_is_refused_before_anything_trains(tmp_path):
                            "--out", str(tmp_path / "runs")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no search space" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_make_target_runs_the_script_with_the_users_settings():
+    proc = subprocess.run(["make", "-n", "reality-check", "SMOKE=1", "LOSSES=triplet,margin", "FOLDS=3",
+                           "TRIALS=5", "FINAL_SEEDS=2", "ARGS=dataset=cub200"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    line = " ".join(proc.stdout.replace("\\\n", " ").split())
+    assert "scripts/reality_check.py --smoke --losses triplet,margin --folds 3 --trials 5 --seeds 2 -- dataset=cub200" \
+        in line, line
