@@ -28,8 +28,10 @@ from omegaconf import OmegaConf
 from dml_runner.config import group_options
 from smoke_runs import TARGET_DIRS, TargetRun, run_target, target_of
 
-# The paper rows: the experiments a reproduce target runs (conf/experiment/modern/ holds recipes, not table rows).
-EXPERIMENTS = [e for e in group_options("experiment") if e.startswith(tuple(TARGET_DIRS.values()))]
+# The paper rows: the experiments a reproduce target runs, the files directly in its directory
+# (conf/experiment/modern/ holds recipes, not table rows; dc/author_recipe/ holds presets outside the table).
+EXPERIMENTS = [e for e in group_options("experiment")
+               if any(e.startswith(d) and "/" not in e[len(d):] for d in TARGET_DIRS.values())]
 BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
 # What each backbone.freeze option keeps at the loaded values: BatchNorm statistics, BatchNorm affine, the rest.
 FROZEN = {"none": (False, False, False), "bn": (True, False, False), "bn_all": (True, True, False),
