@@ -206,3 +206,21 @@ def test_silent_no_ops_are_refused(compose_cfg, overrides, match):
 def test_their_working_forms_pass(compose_cfg):
     validate_config(compose_cfg("loss=npair", "sampler=npair"))
     validate_config(compose_cfg("optimizer.lr=1e-2"))
+
+
+def test_a_run_refuses_a_one_class_test_split_of_any_dataset(tmp_path):
+    """The check runs on every built dataset before training (digits here, which builds its own splits)."""
+    out = tmp_path / "run"
+    proc = run_dml(["dataset.protocol=classes", "dataset.test_classes=[5]", "trainer=smoke",
+                    f"hydra.run.dir={out}"], cwd=tmp_path, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dml-run: error:")]
+    assert proc.returncode != 0 and len(lines) == 1 and "test split holds 1 class" in lines[0]
+    assert not (out / "last.pt").exists()
+
+
+def test_image_size_with_a_chosen_transform_is_refused(tmp_path):
+    root = folder.make_folder(tmp_path)
+    with pytest.raises(DMLRunnerError, match="dataset.image_size=32 sets the size of the default transform, but "
+                                             "transform=rrc_224 is chosen"):
+        folder.build(str(root), image_size=32, transform={"name": "rrc_224", "train": "rrc_224", "test": "rrc_224"})
+    assert folder.build(str(root), image_size=32).test[0][0].shape == (3, 32, 32)

@@ -150,6 +150,16 @@ def fit_run_config(cfg: Any, hydra_meta: dict[str, Any] | None = None) -> dict[s
     return chosen
 
 
+def check_built(data: Any, cfg: Any) -> None:
+    """What a built dataset (any, plug-ins too) is checked for before training: a test split with trivial metrics
+    is refused (:func:`~dml_runner.datasets.images.check_test_split`), thin classes warned of
+    (:func:`warn_thin_classes`)."""
+    from dml_runner.datasets.images import check_test_split
+
+    check_test_split(data.name, data.test.labels, data.query_mask, data.gallery_mask)
+    warn_thin_classes(data.train.labels, cfg)
+
+
 def warn_thin_classes(labels: np.ndarray, cfg: Any) -> str | None:
     """One warning (logged and returned) when ``sampler.samples_per_class`` is above the images of some training
     classes: their share of every batch repeats images."""

@@ -235,7 +235,10 @@ def sized_transforms(transform: Any, default_transform: str,
     from dml_runner.datasets.transforms import resolve_transforms, rrc_224
 
     chosen = transform if isinstance(transform, Mapping) else {"train": transform, "test": transform}
-    if image_size and chosen.get("train") is None and chosen.get("test") is None:
+    if image_size and (chosen.get("train") is not None or chosen.get("test") is not None):
+        raise DMLRunnerError(f"dataset.image_size={image_size} sets the size of the default transform, but "
+                             f"transform={chosen.get('name') or 'custom'} is chosen and sets its own; drop one of them")
+    if image_size:
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise DMLRunnerError(f"dataset.image_size={image_size}: the side in pixels of the crop, an integer >= 1, "
                                  "or null to fit it to the images")
