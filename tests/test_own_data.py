@@ -125,6 +125,9 @@ def test_class_split_is_seeded_and_stated(tmp_path):
     assert split[0] != split[1] and len(split[0]) == len(split[1]) == 5
     info = folder.build(str(root), split_seed=1).info
     assert "dataset.split_seed=1" in info["split"] and info["train_class_names"] == split[1]
+    # a config without the key (a run's config.json written before it) rebuilds the split it trained on
+    old = folder.build(str(root))
+    assert old.info["train_class_names"] == [f"class_{c:02d}" for c in range(5)]
 
 
 # ---------------------------------------------------------------- the CSV table

@@ -85,7 +85,7 @@ def has_split_dirs(base: Path) -> bool:
     return all((base / name).is_dir() for name in SPLIT_DIRS)
 
 
-def split_tree(root: str, split_file: str | None = None, split_seed: int | None = 0) -> FolderSplit:
+def split_tree(root: str, split_file: str | None = None, split_seed: int | None = None) -> FolderSplit:
     """Read the tree under ``root`` and split it by class (see the module's layouts)."""
     base = require_dir(root, SPEC)
     if has_split_dirs(base):
@@ -133,20 +133,22 @@ def split_tree(root: str, split_file: str | None = None, split_seed: int | None 
                        labels[test_idx], class_names, split, sorted(train_names))
 
 
-def training_images(root: str, split_file: str | None = None, split_seed: int | None = 0,
+def training_images(root: str, split_file: str | None = None, split_seed: int | None = None,
                     **_: Any) -> tuple[list[str], np.ndarray]:
     """The training split's image paths and labels, as :func:`build` reads them (what the fit measures)."""
     tree = split_tree(root, split_file, split_seed)
     return tree.train_paths, tree.train_labels
 
 
-def build(root: str, split_file: str | None = None, split_seed: int | None = 0,
+def build(root: str, split_file: str | None = None, split_seed: int | None = None,
           recall_at: list[int] | tuple[int, ...] = (1, 2, 4, 8), transform: Any = None,
           default_transform: str = "rrc_224", image_size: int | None = None, fit: bool = True,
           fitted: dict[str, Any] | None = None, val_fraction: float = 0.0, seed: int = 0,
           skip_bad_images: bool = False, verify_images: bool = False) -> DatasetSplits:
     """A class-per-directory tree split by class (seeded halves, ``split_file`` or train/ + test/ folders).
 
+    ``split_seed``: conf/dataset/folder.yaml gives 0; the builder's own default (None, the sorted halves) is the split
+    of runs whose config.json predates the key, so dml-eval and dml-embed rebuild their test split unchanged.
     ``image_size``: the side of the default transform's crop (null: ``rrc_224``'s 224); ``fit`` and ``fitted`` are
     :mod:`dml_runner.datasets.fit`'s (``fitted``, what it chose, is recorded in ``info["fit"]``).
     """
