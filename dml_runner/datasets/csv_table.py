@@ -18,7 +18,6 @@ The file is ``file`` (absolute, or relative to ``root``), or the only ``*.csv`` 
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,6 @@ from dml_runner.datasets.base import DatasetSplits
 from dml_runner.datasets.images import (FIXTURE_SIZE, ImageListDataset, assemble, basic_counts, drop_bad_images,
                                        require_dir, write_jpeg)
 from dml_runner.datasets.spec import DatasetSpec, TreeSize
-
-log = logging.getLogger(__name__)
 
 NAME = "csv"
 FIXTURE_DIR = "my_table"

@@ -226,9 +226,11 @@ def singleton_classes(labels: np.ndarray) -> int:
     return int((counts == 1).sum())
 
 
+Transform = Callable[[Any], torch.Tensor]
+
+
 def sized_transforms(transform: Any, default_transform: str,
-                     image_size: int | None = None) -> tuple[Callable[[Any], torch.Tensor], Callable[[Any], torch.Tensor],
-                                                             str]:
+                     image_size: int | None = None) -> tuple[Transform, Transform, str]:
     """``(train, test, name)`` of an image dataset: the transform group's (:func:`resolve_transforms`); with
     ``image_size`` (``dataset.image_size``) and no transform chosen, the default ``rrc_224`` at that side instead:
     RandomResizedCrop ``image_size`` + flip (train), resize + centre crop ``image_size`` (test)."""
