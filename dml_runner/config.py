@@ -396,6 +396,31 @@ def _check_optimizer_scheduler(cfg: dict[str, Any]) -> None:
         _number("scheduler.eta_min", sched["eta_min"], 0, strict=False)
 
 
+MAX_LR = 1.0  # above it no optimizer of conf/optimizer trains these models: the loss diverges, recall falls to chance
+# losses that read a batch as N classes x 2 (the first two images of each class; the rest is ignored)
+PAIR_LOSSES = ("dml_runner.losses.npair.NPairLoss",)
+
+
+def _check_silent_no_ops(tree: dict[str, Any]) -> None:
+    """Refuse settings that would be accepted and then do nothing, or ruin a run without a word."""
+    transform, dataset = tree.get("transform") or {}, tree.get("dataset") or {}
+    chosen = transform.get("train") is not None or transform.get("test") is not None
+    if chosen and isinstance(dataset, dict) and "transform" not in dataset:
+        _fail("transform", transform.get("name") or "custom",
+              f"dataset {dataset.get('_target_', '?')} does not read the transform group (its images are tensors "
+              "prepared by the dataset itself); leave transform=none")
+    loss, sampler = tree.get("loss") or {}, tree.get("sampler") or {}
+    k = sampler.get("samples_per_class")
+    if loss.get("_target_") in PAIR_LOSSES and isinstance(k, int) and k > 2:
+        _fail("sampler.samples_per_class", k, f"loss {loss['_target_'].rsplit('.', 1)[-1]} reads each class's first "
+              f"2 images of a batch and ignores the other {k - 2}; use sampler=npair (N classes x 2) or "
+              "sampler.samples_per_class=2")
+    lr = (tree.get("optimizer") or {}).get("lr")
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > MAX_LR:
+        _fail("optimizer.lr", lr, f"above {MAX_LR:g}, training diverges and the model falls to chance; the recipes "
+              "here use 1e-6 to 1e-2 (e.g. optimizer.lr=1e-4)")
+
+
 def validate_config(cfg: Any) -> None:
     """Refuse, with one line naming the option, what would fail or be silently ignored later in a run."""
     from omegaconf import OmegaConf
@@ -423,6 +448,7 @@ def validate_config(cfg: Any) -> None:
             _check_target_keys(group, tree[group])
     _check_target_hooks(tree)
     _check_optimizer_scheduler(tree)
+    _check_silent_no_ops(tree)
 
 
 def _check_dataset_folds(dataset: dict[str, Any]) -> None:

@@ -164,6 +164,9 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
     from dml_runner.training.trainer import Trainer
 
     started = time.time()
+    from dml_runner.datasets.fit import check_built, fit_run_config  # your own images: size and batch
+
+    fit_run_config(cfg, hydra_meta)
     validate_config(cfg)  # every option checked before data are loaded or a step is trained
     log_config_choices(hydra_meta)
     settings = trainer_settings(cfg)
@@ -201,6 +204,7 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
     log.info("dataset %s: %s", data.name, ", ".join(f"{k}={v}" for k, v in counts.items()))
     if data.info.get("count_warning"):
         log.warning("DATASET COUNTS DIFFER FROM THE OFFICIAL ONES: %s", data.info["count_warning"])
+    check_built(data, cfg)  # trivial test metrics refused, thin classes warned of
     model = build_model(cfg, data.train.in_channels)
     loss = build_loss(cfg, data.train.labels)
     method = instantiate(cfg.method, "method")

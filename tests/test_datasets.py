@@ -71,7 +71,9 @@ def test_registered_dataset_is_complete_and_its_fixture_loads(trees, tmp_path, n
     """Config, counts, sources and fixture of each spec agree with each other and with the real loader."""
     spec = SPECS[name]
     config = OmegaConf.to_container(OmegaConf.load(CONF / "dataset" / f"{name}.yaml"), resolve=False)
-    assert config["_target_"] == f"{spec.build.__module__}.{spec.build.__name__}" == f"dml_runner.datasets.{name}.build"
+    # the module is named after the dataset, except where the name would shadow the standard library (csv)
+    module = {"csv": "csv_table"}.get(name, name)
+    assert config["_target_"] == f"{spec.build.__module__}.{spec.build.__name__}" == f"dml_runner.datasets.{module}.build"
     assert spec.name == name and spec.title and spec.layout and spec.variants
     if spec.own_images:
         assert spec.archive is None and all(v.official_counts is None for v in spec.variants)
@@ -107,6 +109,7 @@ EXPECTED = {  # name: (train images, train classes, test images, test classes, r
     "inshop": (6, 3, 9, 3, [1, 10, 20, 30, 40, 50], "query_gallery"),
     "vehicleid": (12, 4, 16, 6, [1, 5], "query_gallery"),
     "folder": (9, 3, 9, 3, [1, 2, 4, 8], "loo"),
+    "csv": (9, 3, 9, 3, [1, 2, 4, 8], "query_gallery"),
 }
 
 
@@ -203,7 +206,7 @@ def test_vehicleid_rejects_unknown_options(trees):
 
 
 def test_folder_first_half_and_split_file(trees, tmp_path):
-    splits = from_config("folder", trees["folder"])
+    splits = from_config("folder", trees["folder"], split_seed=None)
     assert splits.info["class_names"][:3] == ["class_00", "class_01", "class_02"]
     assert set(splits.train.labels) == {0, 1, 2} and set(splits.test.labels) == {3, 4, 5}
     assert any(p.endswith(".png") for p in splits.train.paths)
@@ -286,7 +289,7 @@ def test_missing_root_names_path_and_source(tmp_path, name):
     message = str(err.value)
     assert str(missing) in message and f"dml-prepare {name} {missing}" in message
     if spec.own_images:  # nothing to download: the message says how to lay out your own images
-        assert "Download" not in message and "<class_name>" in message
+        assert "Download" not in message and spec.layout in message
     else:
         assert "http" in message and spec.url in message and spec.layout in message
     # a stable archive exists (CUB, SOP): the message offers the download
@@ -321,9 +324,11 @@ def test_missing_image_is_an_error_naming_it_or_skipped_and_counted(tmp_path):
 def test_corrupt_image_names_file_at_load_time_or_up_front(tmp_path):
     root = make_sop(tmp_path)
     victim = root / "bicycle_final" / "1003_0.JPG"  # class 3 -> super class 1 (bicycle)
-    victim.write_bytes(b"not a jpeg at all")
-    splits = sop.build(str(root))  # existence is checked up front, decoding lazily
+    splits = sop.build(str(root))
+    victim.write_bytes(b"not a jpeg at all")  # broken after the up-front check: found when it is read
     index = splits.train.paths.index(str(victim))
+    with pytest.raises(DMLRunnerError, match="missing or cut short"):  # the cheap check: no end marker, no decode
+        sop.build(str(root))
     with pytest.raises(DMLRunnerError, match="1003_0.JPG"):
         splits.train[index]
     with pytest.raises(DMLRunnerError, match="missing or unreadable"):
@@ -332,13 +337,34 @@ def test_corrupt_image_names_file_at_load_time_or_up_front(tmp_path):
     assert splits.info["skipped_images"] == {"train": 1} and str(victim) not in splits.train.paths
 
 
-def test_truncated_jpeg_is_unreadable(tmp_path):
+def test_truncated_jpeg_is_caught_before_training(tmp_path, caplog):
+    """A JPEG cut short is found by the up-front check (no decoding needed), with a message naming the file, the
+    command that lists them all and the two settings; skip_bad_images leaves it out with a warning naming it."""
     root = make_folder(tmp_path)
     victim = root / "class_05" / "2.jpg"
-    victim.write_bytes(victim.read_bytes()[:100])
+    victim.write_bytes(victim.read_bytes()[:300])
+    with pytest.raises(DMLRunnerError) as err:
+        folder.build(str(root))
+    message = str(err.value)
+    assert str(victim) in message and f"dml-prepare folder {root}" in message and "<root>" not in message
+    assert "dataset.skip_bad_images=true" in message and "dataset.verify_images=true" in message
+    with caplog.at_level("WARNING"):
+        splits = folder.build(str(root), skip_bad_images=True)
+    assert str(victim) not in splits.train.paths + splits.test.paths
+    assert str(victim) in caplog.text and sum(splits.info["skipped_images"].values()) == 1
+
+
+def test_image_broken_during_training_names_the_fix(tmp_path):
+    """A file that breaks after the check: the error names it, the command with the real root and the settings."""
+    root = make_folder(tmp_path)
     splits = folder.build(str(root))
-    with pytest.raises(DMLRunnerError, match="2.jpg"):
+    victim = Path(splits.test.paths[-1])
+    victim.write_bytes(victim.read_bytes()[:300])
+    with pytest.raises(DMLRunnerError) as err:
         splits.test[len(splits.test) - 1]
+    message = str(err.value)
+    assert str(victim) in message and f"dml-prepare folder {root}" in message and "<dataset>" not in message
+    assert "dataset.skip_bad_images=true" in message and "dataset.verify_images=true" in message
 
 
 def _rewrite_line(path: Path, lineno: int, text: str) -> None:
@@ -467,7 +493,7 @@ def test_items_are_named_by_path_and_class(trees):
     assert sop.test.item_class_names()[0] == f"{Path(sop.test.paths[0]).parent.name}/{sop.test.labels[0]}"
     inshop = from_config("inshop", trees["inshop"])
     assert set(inshop.test.item_class_names()) == {"id_00000007", "id_00000008", "id_00000009"}
-    folder_splits = from_config("folder", trees["folder"])
+    folder_splits = from_config("folder", trees["folder"], split_seed=None)
     assert set(folder_splits.test.item_class_names()) == {"class_03", "class_04", "class_05"}
     vehicle = from_config("vehicleid", trees["vehicleid"], protocol="loo")
     assert vehicle.test.item_class_names().tolist() == [str(c) for c in vehicle.test.labels]

@@ -52,7 +52,7 @@ def check(name: str, root: Path, decode: bool = True) -> tuple[bool, list[str]]:
         return False, lines + [f"  ERROR: {err}"]
     lines.append(f"  split files parse: {len(paths)} distinct images listed")
     bad = find_bad_images(paths, decode=decode)
-    what = "missing or unreadable" if decode else "missing (decoding not checked: --quick)"
+    what = "missing or unreadable" if decode else "missing or cut short (not decoded: --quick)"
     if bad:
         ok = False
         lines.append(f"  PROBLEM: {len(bad)} image(s) {what}:")

@@ -7,10 +7,11 @@ check or fake, so it has no spec.
 
 from __future__ import annotations
 
-from dml_runner.datasets import cars196, cub200, folder, inshop, sop, vehicleid
+from dml_runner.datasets import cars196, csv_table, cub200, folder, inshop, sop, vehicleid
 from dml_runner.datasets.spec import DatasetSpec
 
 SPECS: dict[str, DatasetSpec] = {
-    spec.name: spec for spec in (cub200.SPEC, cars196.SPEC, sop.SPEC, inshop.SPEC, vehicleid.SPEC, folder.SPEC)
+    spec.name: spec for spec in (cub200.SPEC, cars196.SPEC, sop.SPEC, inshop.SPEC, vehicleid.SPEC, folder.SPEC,
+                                 csv_table.SPEC)
 }
 NAMES: tuple[str, ...] = tuple(SPECS)
