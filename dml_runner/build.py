@@ -128,6 +128,8 @@ def instantiate(node: Any, what: str, **kwargs: Any) -> Any:
         cause = err.__cause__
         if isinstance(cause, DMLRunnerError):
             raise cause
+        if isinstance(cause, (ValueError, TypeError)) and "\n" not in str(cause):  # the target's own refusal
+            raise DMLRunnerError(f"could not build `{what}`: {cause}") from err
         raise DMLRunnerError(f"could not build `{what}` from its config: {err}") from err
     target = node.get("_target_") if hasattr(node, "get") else None
     return check(what, built, target)

@@ -94,3 +94,26 @@ def test_dml_run_refuses_impossible_folds_in_one_line(compose_cfg, overrides, me
     with pytest.raises(DMLRunnerError, match=message) as err:
         validate_config(compose_cfg(*overrides))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_a_folder_dataset_takes_folds_with_no_other_override(tmp_path):
+    """dataset=folder fits its batch to the classes a fold model trains on (the training classes less the held-out
+    fold), so folds need no batch override; the sampler's own refusal stays one line."""
+    from PIL import Image
+
+    from conftest import run_dml
+
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        d = tmp_path / "data" / f"class{c}"
+        d.mkdir(parents=True)
+        base = rng.integers(0, 255, (28, 28))
+        for i in range(6):
+            Image.fromarray(np.clip(base + rng.normal(0, 30, (28, 28)), 0, 255).astype(np.uint8)).save(d / f"{i}.png")
+    run_dml(["dataset=folder", f"dataset.root={tmp_path / 'data'}", "dataset.folds=2", "dataset.fold=0",
+             "trainer=smoke", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    proc = run_dml(["dataset=folder", f"dataset.root={tmp_path / 'data'}", "trainer=smoke", "trainer.batch_size=40",
+                    "sampler.samples_per_class=4", f"hydra.run.dir={tmp_path / 'too_big'}"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines()[-1].startswith("dml-run: error: could not build "
+                                                                                    "`sampler`: a batch needs 10")

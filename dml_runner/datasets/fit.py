@@ -102,6 +102,9 @@ def fit_run_config(cfg: Any, hydra_meta: dict[str, Any] | None = None) -> dict[s
         return None  # the dataset's build names what is missing
     keys = user_keys(hydra_meta)
     _, counts = np.unique(labels, return_counts=True)
+    folds = int(settings.get("folds") or 0)
+    if folds >= 2:  # a fold model trains without its validation fold: fit the batch to the fewest classes left
+        counts = np.sort(counts)[:max(1, counts.size - -(-counts.size // folds))]
     sizes = header_sizes(paths)
     chosen: dict[str, Any] = {"train_images": len(paths), "train_classes": int(counts.size),
                               "fewest_images_per_class": int(counts.min()), "headers_read": len(sizes)}
