@@ -116,6 +116,14 @@ def instantiate(node: Any, what: str, **kwargs: Any) -> Any:
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
+    if what == "dataset":  # keys the run reads (dataset.cache), not the dataset's builder
+        from omegaconf import OmegaConf
+
+        from dml_runner.config import RUNNER_DATASET_KEYS
+
+        if hasattr(node, "keys") and any(k in node for k in RUNNER_DATASET_KEYS):
+            tree = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+            node = {k: v for k, v in tree.items() if k not in RUNNER_DATASET_KEYS}
     try:
         built = hydra_instantiate(node, _convert_="all", **kwargs)
     except InstantiationException as err:

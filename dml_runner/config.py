@@ -85,7 +85,12 @@ class TrainerConfig:
                                              "min(8, cores per GPU - 1), else 0)", neutral=True)
     num_threads: Optional[int] = _opt(None, "torch intra-op CPU threads (null: torch's default)", neutral=True)
     pin_memory: bool = _opt(True, "pinned host memory for CUDA transfers", neutral=True)
-    persistent_workers: bool = _opt(True, "keep DataLoader workers between epochs (num_workers > 0)", neutral=True)
+    persistent_workers: bool = _opt(True, "keep DataLoader workers between epochs and between evaluations "
+                                          "(num_workers > 0)", neutral=True)
+    prefetch_factor: Optional[int] = _opt(None, "batches each DataLoader worker loads ahead (null: torch's default, "
+                                                "2; used when num_workers > 0)", neutral=True)
+    compile: bool = _opt(False, "torch.compile the backbone's trunk (the first steps are slower while it compiles)",
+                         resume_free=True)
     eval_batch_size: int = _opt(256, "images per batch when embedding for evaluation", neutral=True)
     head_lr_mult: float = _opt(1.0, "learning-rate multiplier of the embedding head (Song 2016 uses 10)")
     loss_lr_mult: float = _opt(1.0, "learning-rate multiplier of learnable loss parameters")
@@ -133,6 +138,8 @@ class PathsConfig:
     data_dir: str = _opt("${oc.env:DML_DATA,data}", "root of the dataset folders", neutral=True)
     output_dir: str = _opt("outputs", "root of run and sweep directories; trainer.resume=auto searches it",
                            neutral=True)
+    cache_dir: str = _opt("${oc.env:DML_CACHE,${paths.data_dir}/.dml_cache}",
+                          "where the decoded-image caches live (dataset.cache; docs/CACHE.md)", neutral=True)
 
 
 SCHEMAS = {"trainer": TrainerConfig, "eval": EvalConfig, "paths": PathsConfig}
@@ -141,6 +148,8 @@ INSTANTIATED_GROUPS = ("dataset", "transform", "backbone", "sampler", "optimizer
                        "logger")
 # Top-level keys without a schema: free labels (tags), a paper row's metadata (reference), the sweeper's settings.
 LABEL_KEYS = ("tags",)  # recorded with a run, never read by training: may change on resume
+# Keys of the dataset group that the run reads, not the dataset's builder (build.instantiate leaves them out).
+RUNNER_DATASET_KEYS = ("cache",)
 TOP_LEVEL_KEYS = set(SCHEMAS) | set(INSTANTIATED_GROUPS) | {"tags", "reference", "hparams_search"}
 
 
@@ -334,6 +343,12 @@ def _check_trainer(t: dict[str, Any]) -> None:
     positive_int("trainer.max_steps_per_epoch", t["max_steps_per_epoch"], allow_none=True)
     positive_int("trainer.num_threads", t["num_threads"], allow_none=True)
     positive_int("trainer.num_workers", t["num_workers"], allow_none=True, minimum=0)
+    positive_int("trainer.prefetch_factor", t["prefetch_factor"], allow_none=True)
+    if t["compile"]:
+        import torch
+
+        if not hasattr(torch, "compile"):
+            _fail("trainer.compile", True, f"torch {torch.__version__} has no torch.compile; set trainer.compile=false")
     if not DEVICE_PATTERN.match(str(t["device"])):
         _fail("trainer.device", t["device"], f"use {DEVICE_CHOICES}")
     for key in ("head_lr_mult", "loss_lr_mult", "dist_timeout_s"):
@@ -341,6 +356,20 @@ def _check_trainer(t: dict[str, Any]) -> None:
             _fail(f"trainer.{key}", t[key], "must be > 0")
     if t["grad_clip"] is not None and not t["grad_clip"] > 0:
         _fail("trainer.grad_clip", t["grad_clip"], "must be > 0, or null for no clipping")
+
+
+def _check_dataset(d: dict[str, Any], paths: dict[str, Any]) -> None:
+    """``dataset.cache`` (the decoded-image cache) and the ``paths.cache_dir`` it needs."""
+    if "cache" not in d:
+        return
+    from dml_runner.datasets.decoded_cache import CACHE_MODES
+
+    if d["cache"] not in CACHE_MODES:
+        _fail("dataset.cache", d["cache"], f"use one of {', '.join(CACHE_MODES)} (none turns the decoded-image cache "
+                                            "off; docs/CACHE.md)")
+    if d["cache"] != "none" and not str(paths.get("cache_dir") or "").strip():
+        _fail("paths.cache_dir", paths.get("cache_dir"), "dataset.cache needs a directory: set paths.cache_dir, or "
+                                                          "dataset.cache=none")
 
 
 def _check_eval(e: dict[str, Any]) -> None:
@@ -408,9 +437,14 @@ def validate_config(cfg: Any) -> None:
         _check_choices(group, tree.get(group) or {}, schema)
     _check_trainer(tree["trainer"])
     _check_eval(tree["eval"])
+    if isinstance(tree.get("dataset"), dict):
+        _check_dataset(tree["dataset"], tree.get("paths") or {})
     for group in INSTANTIATED_GROUPS:
         if group in tree:
-            _check_target_keys(group, tree[group])
+            node = tree[group]
+            if group == "dataset" and isinstance(node, dict):
+                node = {k: v for k, v in node.items() if k not in RUNNER_DATASET_KEYS}
+            _check_target_keys(group, node)
     _check_target_hooks(tree)
     _check_optimizer_scheduler(tree)
 
