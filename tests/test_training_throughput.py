@@ -165,3 +165,31 @@ def test_caffe_227_run_with_the_cache_embeds_as_the_uncached_run(tmp_path):
     assert np.array_equal(hist_on["train_loss"], hist_off["train_loss"])
     for res, hist in ((res_on, hist_on), (res_off, hist_off)):
         assert (hist["data_time_s"] > 0).all() and res["timing"]["data_time_s"] > 0
+
+
+def test_hdml_cv2_resize_is_a_cached_prefix_with_identical_batches(tmp_path):
+    """resize_mode=warp_cv2 (the HDML rows) declares itself deterministic: its warp is cached, batches unchanged."""
+    from dml_runner.datasets.decoded_cache import CachedImageDataset, cached_dataset, split_transform
+    from dml_runner.datasets.fixtures import make_cub200
+    from dml_runner.datasets.images import ImageListDataset
+    from dml_runner.datasets.transforms import caffe_227
+
+    assert split_transform(caffe_227(True, resize_mode="warp_cv2")).prefix.description == "Cv2LinearResize(size=256)"
+    assert split_transform(caffe_227(False, resize_mode="warp_cv2")).prefix.description == \
+        "Cv2LinearResize(size=256) -> CenterCrop(size=(227, 227))"
+    root = make_cub200(tmp_path, classes=(1, 2), per_class=3)
+    paths = sorted(str(p) for p in (root / "images").rglob("*.jpg"))
+    labels = np.repeat(np.arange(2), 3)
+
+    def make():
+        return ImageListDataset(paths, labels, transform=caffe_227(True, resize=40, crop=32, resize_mode="warp_cv2"))
+
+    cached = cached_dataset(make(), tmp_path / "cache", progress=False)
+    assert isinstance(cached, CachedImageDataset)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        a = [cached[i][0] for i in range(len(paths))]
+        torch.manual_seed(seed)
+        plain = make()
+        b = [plain[i][0] for i in range(len(paths))]
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
