@@ -193,3 +193,32 @@ def test_hdml_cv2_resize_is_a_cached_prefix_with_identical_batches(tmp_path):
         plain = make()
         b = [plain[i][0] for i in range(len(paths))]
         assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_dml_prepare_cache_builds_what_the_run_then_opens(tmp_path, capsys, monkeypatch, compose_cfg):
+    from dml_runner.build import instantiate
+    from dml_runner.cli import prepare
+    from dml_runner.datasets import cub200, decoded_cache
+    from dml_runner.datasets.fixtures import make_cub200
+
+    root = make_cub200(tmp_path)
+    monkeypatch.setattr(cub200, "OFFICIAL_COUNTS", {"train_images": 9, "train_classes": 3, "test_images": 9,
+                                                    "test_classes": 3})
+    cache = tmp_path / "cache"
+    assert prepare.main(["cub200", str(root), "--quick", "--cache", "transform=lifted_227",
+                         f"paths.cache_dir={cache}"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 9 images" in out and "test: 9 images" in out and len(list(cache.glob("*.dcache"))) == 2
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the cache was built again")
+
+    monkeypatch.setattr(decoded_cache, "_write_cache", no_build)  # what dml-run does at its start: open, not build
+    cfg = compose_cfg("dataset=cub200", f"dataset.root={root}", "transform=lifted_227", f"paths.cache_dir={cache}")
+    data = decoded_cache.apply_decoded_cache(instantiate(cfg.dataset, "dataset"), cfg.dataset.cache,
+                                             cfg.paths.cache_dir, progress=False)  # as dml-run's start
+    assert data.info["decoded_cache"]["train"]["cached"] and data.info["decoded_cache"]["test"]["cached"]
+    # a typo'd option or the cache turned off is one line, exit 1
+    assert prepare.main(["cub200", str(root), "--quick", "--cache", "dataset.cache=none"]) == 1
+    assert "dataset.cache=none" in capsys.readouterr().err
+    assert prepare.main(["cub200", str(root), "transform=lifted_227"]) == 2  # overrides without --cache
