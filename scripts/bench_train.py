@@ -17,8 +17,8 @@
     dml-run runs each epoch), the minimal loop is ``for images, labels in islice(loader, steps): loss =
     criterion(model(images), labels); zero_grad; backward; step``. Both are timed in CPU-seconds of this process
     (robust to other processes on a shared machine; with one intra-op thread, wall time on an idle one) and in
-    wall-clock seconds (ours: history.csv's data_time_s + step_time_s); interleaved rounds, the best of each
-    counts. The overhead ratio is ours / minimal - 1 (CPU-seconds).
+    wall-clock seconds (ours: history.csv's data_time_s + step_time_s); interleaved rounds (which loop goes first
+    alternates), the best of each counts. The overhead ratio is ours / minimal - 1 (CPU-seconds).
 (c) images/s of an evaluation embedding pass (torchvision resnet18, random init, eval mode, no grad, batch 32,
     rrc_224's test transform: 224 px centre crops) through the loader with the cache off and on, next to the model
     alone on random tensors; on CPU (``--threads`` intra-op threads) unless ``--device cuda``.
@@ -259,7 +259,8 @@ def bench_training_step(args) -> dict:
     steps, batch = args.steps, args.batch_size
     g = torch.Generator().manual_seed(0)
     classes = max(2, steps * batch // 4)  # 8 images a class: twice the images `steps` batches take
-    images = torch.rand(classes * 8, 3, 224, 224, generator=g)
+    px = args.step_px
+    images = torch.rand(classes * 8, 3, px, px, generator=g)
     labels = np.repeat(np.arange(classes), 8)
     train = TensorLabelledDataset(images, labels, name="bench")
     test = TensorLabelledDataset(images[:16], labels[:16], name="bench")  # a token evaluation (outside the loop)
@@ -303,13 +304,15 @@ def bench_training_step(args) -> dict:
     best = {(side, clock): float("inf") for side in ("ours", "minimal") for clock in ("cpu", "wall")}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.step_rounds + 1):  # round 0 warms both up (allocator, first Adam step) and is dropped
-            times = {"ours": ours(Path(tmp) / f"r{r}"), "minimal": minimal()}
+            times = {}
+            for side in ("ours", "minimal") if r % 2 else ("minimal", "ours"):  # alternate which runs first
+                times[side] = ours(Path(tmp) / f"r{r}") if side == "ours" else minimal()
             print(f"  round {r}{' (warm-up)' if r == 0 else ''}: dml-run {times['ours']['cpu']:.3f} CPU-s/step "
                   f"({times['ours']['wall']:.3f} s wall), minimal loop {times['minimal']['cpu']:.3f} CPU-s/step "
                   f"({times['minimal']['wall']:.3f} s wall)", flush=True)
             if r:
                 best = {(side, clock): min(v, times[side][clock]) for (side, clock), v in best.items()}
-    out = {"model": "resnet18 (torchvision, 128-d head), triplet loss, Adam", "image_px": 224, "batch_size": batch,
+    out = {"model": "resnet18 (torchvision, 128-d head), triplet loss, Adam", "image_px": px, "batch_size": batch,
            "steps": steps, "rounds": args.step_rounds, "threads": torch.get_num_threads(),
            **{f"{side}_{clock}_s_per_step": v for (side, clock), v in best.items()},
            "overhead": best["ours", "cpu"] / best["minimal", "cpu"] - 1,
@@ -332,7 +335,7 @@ def markdown(loader_rows: list[dict], embed_rows: list[dict], step: dict | None 
         lines.append(f"| {r['transform']} | {r['workers']} | {r['plain_per_cpu_s']:.0f} / {r['plain_per_worker']:.0f}"
                      f" | {r['ours_off_per_cpu_s']:.0f} / {r['ours_off_per_worker']:.0f} | {on} |")
     if step:
-        lines += ["", f"| training step (resnet18, 224 px, batch {step['batch_size']}, CPU, {step['threads']} "
+        lines += ["", f"| training step (resnet18, {step['image_px']} px, batch {step['batch_size']}, CPU, {step['threads']} "
                   "thread(s)) | CPU-s/step | wall s/step |", "|---|---|---|",
                   f"| minimal PyTorch loop | {step['minimal_cpu_s_per_step']:.3f} | "
                   f"{step['minimal_wall_s_per_step']:.3f} |",
@@ -358,6 +361,8 @@ def main() -> None:
     p.add_argument("--skip-step", action="store_true", help="leave out (b), the training-step overhead")
     p.add_argument("--steps", type=int, default=4, help="(b): training steps per timed epoch")
     p.add_argument("--step-rounds", type=int, default=3, help="(b): timed rounds of each loop, interleaved")
+    p.add_argument("--step-px", type=int, default=224,
+                   help="(b): image side; a small one (32) makes the step short, so the loop's own cost shows")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the embedding pass")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads of this process (DataLoader workers always use 1); 0: torch's default")
