@@ -335,8 +335,8 @@ def markdown(loader_rows: list[dict], embed_rows: list[dict], step: dict | None 
         lines.append(f"| {r['transform']} | {r['workers']} | {r['plain_per_cpu_s']:.0f} / {r['plain_per_worker']:.0f}"
                      f" | {r['ours_off_per_cpu_s']:.0f} / {r['ours_off_per_worker']:.0f} | {on} |")
     if step:
-        lines += ["", f"| training step (resnet18, {step['image_px']} px, batch {step['batch_size']}, CPU, {step['threads']} "
-                  "thread(s)) | CPU-s/step | wall s/step |", "|---|---|---|",
+        lines += ["", f"| training step (resnet18, {step['image_px']} px, batch {step['batch_size']}, CPU, "
+                  f"{step['threads']} thread(s)) | CPU-s/step | wall s/step |", "|---|---|---|",
                   f"| minimal PyTorch loop | {step['minimal_cpu_s_per_step']:.3f} | "
                   f"{step['minimal_wall_s_per_step']:.3f} |",
                   f"| dml-run's Trainer | {step['ours_cpu_s_per_step']:.3f} | {step['ours_wall_s_per_step']:.3f} |",
