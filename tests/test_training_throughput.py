@@ -120,6 +120,13 @@ def test_prefetch_factor_and_persistent_evaluation_workers(tmp_path):
     (dataset, loader), = trainer._eval_loaders.values()  # one loader for the test split, kept across evaluations
     assert dataset is trainer.data.test and loader.persistent_workers and loader.prefetch_factor == 3
     assert trainer.eval_loader(trainer.data.test) is loader
+    from dml_runner.training.trainer import KEPT_EVAL_LOADERS
+
+    views = [trainer.data.test.__class__(trainer.data.test.images, trainer.data.test.labels) for _ in range(5)]
+    for view in views:  # ever new datasets: the oldest loaders are let go, the number kept stays bounded
+        trainer.eval_loader(view)
+    assert len(trainer._eval_loaders) == KEPT_EVAL_LOADERS and trainer.eval_loader(views[-1]) is \
+        trainer._eval_loaders[id(views[-1])][1]
     trainer.release()
     assert not trainer._eval_loaders
 

@@ -79,6 +79,7 @@ def loader_workers(setting: int | None, dataset: object, cuda: bool, local_proce
 
 
 DATA_BOUND_SHARE = 0.5  # above this share of the training loop spent waiting for batches, the run warns
+KEPT_EVAL_LOADERS = 3  # embedding loaders kept with their workers: validation, test and one view of a method
 
 
 class _Waits:
@@ -246,6 +247,8 @@ class Trainer:
                             pin_memory=self.cuda and self.s.pin_memory, persistent_workers=persistent,
                             **self._worker_options(workers))
         if persistent:  # the dataset is kept with its loader, so its id is not reused while the entry lives
+            while len(self._eval_loaders) >= KEPT_EVAL_LOADERS:  # a method embedding ever new views: no pile-up
+                self._eval_loaders.pop(next(iter(self._eval_loaders)))
             self._eval_loaders[id(dataset)] = (dataset, loader)
         return loader
 
