@@ -229,3 +229,20 @@ def test_dml_prepare_cache_builds_what_the_run_then_opens(tmp_path, capsys, monk
     assert prepare.main(["cub200", str(root), "--quick", "--cache", "dataset.cache=none"]) == 1
     assert "dataset.cache=none" in capsys.readouterr().err
     assert prepare.main(["cub200", str(root), "transform=lifted_227"]) == 2  # overrides without --cache
+
+
+def test_dml_run_with_an_unwritable_cache_dir_stops_in_one_line_naming_it(tmp_path):
+    from dml_runner.datasets.fixtures import make_cub200
+
+    from conftest import run_dml
+
+    make_cub200(tmp_path / "data", classes=(1, 2, 101, 102), per_class=2)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = run_dml(["dataset=cub200", f"paths.data_dir={tmp_path / 'data'}", f"paths.cache_dir={blocker / 'cache'}",
+                    "backbone=small_cnn", "trainer=smoke", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                   check=False)
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "paths.cache_dir=" in line]
+    assert lines and "dataset.cache=none" in lines[0] and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "last.pt").exists()
