@@ -112,13 +112,15 @@ def check(group: str, obj: Any, target: str | None = None) -> Any:
 # ----------------------------------------------------------------------------------------------- the builder
 def instantiate(node: Any, what: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate(node, **kwargs)`` (plain containers), checked against the contract of the group
-    ``what``; a failure is one :class:`DMLRunnerError` that names the group. A dataset node's ``folds``/``fold``/
-    ``fold_seed`` are applied here: fold ``fold`` of ``folds`` class-disjoint folds of the training classes becomes
-    the validation split."""
-    from dml_runner.datasets.folds import FOLD_KEYS
+    ``what``; a failure is one :class:`DMLRunnerError` that names the group. A dataset node's run-level keys
+    (:data:`dml_runner.config.RUNNER_DATASET_KEYS`) never reach its target: ``cache`` is the run's, and
+    ``folds``/``fold``/``fold_seed`` are applied here, fold ``fold`` of ``folds`` class-disjoint folds of the training
+    classes becoming the validation split."""
+    if what == "dataset" and hasattr(node, "keys"):
+        from dml_runner.config import RUNNER_DATASET_KEYS
 
-    if what == "dataset" and hasattr(node, "get") and any(k in node for k in FOLD_KEYS):
-        return _dataset_with_fold(node, **kwargs)
+        if any(k in node for k in RUNNER_DATASET_KEYS):
+            return _dataset(node, **kwargs)
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate as hydra_instantiate
 
@@ -135,15 +137,17 @@ def instantiate(node: Any, what: str, **kwargs: Any) -> Any:
     return check(what, built, target)
 
 
-def _dataset_with_fold(node: Any, **kwargs: Any) -> Any:
-    from omegaconf import DictConfig, OmegaConf
+def _dataset(node: Any, **kwargs: Any) -> Any:
+    """The dataset's target built without the run-level keys, then its fold held out (dataset.folds >= 2)."""
+    from omegaconf import OmegaConf
 
-    from dml_runner.datasets.folds import FOLD_KEYS, check_folds, with_validation_fold
+    from dml_runner.config import FOLD_KEYS, RUNNER_DATASET_KEYS
+    from dml_runner.datasets.folds import check_folds, with_validation_fold
 
-    plain = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    folds, fold, fold_seed = (int(plain.pop(k, 0) or 0) for k in FOLD_KEYS)
+    plain = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    folds, fold, fold_seed = (int(plain.get(k) or 0) for k in FOLD_KEYS)
     check_folds(folds, fold, val_fraction=float(plain.get("val_fraction") or 0.0))  # before any data is read
-    data = instantiate(plain, "dataset", **kwargs)
+    data = instantiate({k: v for k, v in plain.items() if k not in RUNNER_DATASET_KEYS}, "dataset", **kwargs)
     return with_validation_fold(data, folds, fold, fold_seed) if folds else data
 
 

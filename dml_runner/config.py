@@ -85,7 +85,12 @@ class TrainerConfig:
                                              "min(8, cores per GPU - 1), else 0)", neutral=True)
     num_threads: Optional[int] = _opt(None, "torch intra-op CPU threads (null: torch's default)", neutral=True)
     pin_memory: bool = _opt(True, "pinned host memory for CUDA transfers", neutral=True)
-    persistent_workers: bool = _opt(True, "keep DataLoader workers between epochs (num_workers > 0)", neutral=True)
+    persistent_workers: bool = _opt(True, "keep DataLoader workers between epochs and between evaluations "
+                                          "(num_workers > 0)", neutral=True)
+    prefetch_factor: Optional[int] = _opt(None, "batches each DataLoader worker loads ahead (null: torch's default, "
+                                                "2; used when num_workers > 0)", neutral=True)
+    compile: bool = _opt(False, "torch.compile the backbone's trunk (the first steps are slower while it compiles)",
+                         resume_free=True)
     eval_batch_size: int = _opt(256, "images per batch when embedding for evaluation", neutral=True)
     head_lr_mult: float = _opt(1.0, "learning-rate multiplier of the embedding head (Song 2016 uses 10)")
     loss_lr_mult: float = _opt(1.0, "learning-rate multiplier of learnable loss parameters")
@@ -137,6 +142,8 @@ class PathsConfig:
     data_dir: str = _opt("${oc.env:DML_DATA,data}", "root of the dataset folders", neutral=True)
     output_dir: str = _opt("outputs", "root of run and sweep directories; trainer.resume=auto searches it",
                            neutral=True)
+    cache_dir: str = _opt("${oc.env:DML_CACHE,${paths.data_dir}/.dml_cache}",
+                          "where the decoded-image caches live (dataset.cache; docs/CACHE.md)", neutral=True)
 
 
 SCHEMAS = {"trainer": TrainerConfig, "eval": EvalConfig, "paths": PathsConfig}
@@ -145,6 +152,12 @@ INSTANTIATED_GROUPS = ("dataset", "transform", "backbone", "sampler", "optimizer
                        "logger")
 # Top-level keys without a schema: free labels (tags), a paper row's metadata (reference), the sweeper's settings.
 LABEL_KEYS = ("tags",)  # recorded with a run, never read by training: may change on resume
+# Keys of the dataset group that the run reads, not the dataset's builder (build.instantiate leaves them out).
+# dataset.folds / fold / fold_seed: the class-disjoint fold held out for validation (dml_runner/datasets/folds.py)
+FOLD_KEYS = ("folds", "fold", "fold_seed")
+# Keys of every dataset node that the run reads and the builder applies (dml_runner.build), never the dataset's target:
+# the decoded-image cache and the fold.
+RUNNER_DATASET_KEYS = ("cache", *FOLD_KEYS)
 TOP_LEVEL_KEYS = set(SCHEMAS) | set(INSTANTIATED_GROUPS) | {"tags", "reference", "hparams_search"}
 
 
@@ -338,6 +351,12 @@ def _check_trainer(t: dict[str, Any]) -> None:
     positive_int("trainer.max_steps_per_epoch", t["max_steps_per_epoch"], allow_none=True)
     positive_int("trainer.num_threads", t["num_threads"], allow_none=True)
     positive_int("trainer.num_workers", t["num_workers"], allow_none=True, minimum=0)
+    positive_int("trainer.prefetch_factor", t["prefetch_factor"], allow_none=True)
+    if t["compile"]:
+        import torch
+
+        if not hasattr(torch, "compile"):
+            _fail("trainer.compile", True, f"torch {torch.__version__} has no torch.compile; set trainer.compile=false")
     if not DEVICE_PATTERN.match(str(t["device"])):
         _fail("trainer.device", t["device"], f"use {DEVICE_CHOICES}")
     for key in ("head_lr_mult", "loss_lr_mult", "dist_timeout_s"):
@@ -345,6 +364,29 @@ def _check_trainer(t: dict[str, Any]) -> None:
             _fail(f"trainer.{key}", t[key], "must be > 0")
     if t["grad_clip"] is not None and not t["grad_clip"] > 0:
         _fail("trainer.grad_clip", t["grad_clip"], "must be > 0, or null for no clipping")
+
+
+def _check_dataset(d: dict[str, Any], paths: dict[str, Any]) -> None:
+    """The dataset keys every dataset shares: the fold (``dataset.folds`` / ``fold`` / ``fold_seed``), and
+    ``dataset.cache`` (the decoded-image cache) with the ``paths.cache_dir`` it needs."""
+    folds = {key: d[key] for key in FOLD_KEYS if key in d}
+    for key, value in folds.items():
+        positive_int(f"dataset.{key}", value, minimum=0)
+    if folds:
+        from dml_runner.datasets.folds import check_folds
+
+        check_folds(int(folds.get("folds") or 0), int(folds.get("fold") or 0),
+                    val_fraction=float(d.get("val_fraction") or 0.0))
+    if "cache" not in d:
+        return
+    from dml_runner.datasets.decoded_cache import CACHE_MODES
+
+    if d["cache"] not in CACHE_MODES:
+        _fail("dataset.cache", d["cache"], f"use one of {', '.join(CACHE_MODES)} (none turns the decoded-image cache "
+                                            "off; docs/CACHE.md)")
+    if d["cache"] != "none" and not str(paths.get("cache_dir") or "").strip():
+        _fail("paths.cache_dir", paths.get("cache_dir"), "dataset.cache needs a directory: set paths.cache_dir, or "
+                                                          "dataset.cache=none")
 
 
 def _check_eval(e: dict[str, Any]) -> None:
@@ -442,26 +484,16 @@ def validate_config(cfg: Any) -> None:
     _check_trainer(tree["trainer"])
     _check_eval(tree["eval"])
     if isinstance(tree.get("dataset"), dict):
-        _check_dataset_folds(tree["dataset"])
+        _check_dataset(tree["dataset"], tree.get("paths") or {})
     for group in INSTANTIATED_GROUPS:
         if group in tree:
-            _check_target_keys(group, tree[group])
+            node = tree[group]
+            if group == "dataset" and isinstance(node, dict):
+                node = {k: v for k, v in node.items() if k not in RUNNER_DATASET_KEYS}
+            _check_target_keys(group, node)
     _check_target_hooks(tree)
     _check_optimizer_scheduler(tree)
     _check_silent_no_ops(tree)
-
-
-def _check_dataset_folds(dataset: dict[str, Any]) -> None:
-    """dataset.folds / fold / fold_seed belong to every dataset (the builder applies them, the dataset's target never
-    sees them): checked here, then left out of the target's parameter check."""
-    from dml_runner.datasets.folds import FOLD_KEYS, check_folds
-
-    values = {key: dataset.pop(key) for key in FOLD_KEYS if key in dataset}
-    for key, value in values.items():
-        positive_int(f"dataset.{key}", value, minimum=0)
-    if values:
-        check_folds(int(values.get("folds") or 0), int(values.get("fold") or 0),
-                    val_fraction=float(dataset.get("val_fraction") or 0.0))
 
 
 def conf_dir() -> Path:

@@ -200,6 +200,10 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
     configure_backends(settings.deterministic, resolve_device(settings.device, "trainer.device").type == "cuda")
 
     data = instantiate(cfg.dataset, "dataset")
+    from dml_runner.datasets.decoded_cache import apply_decoded_cache  # docs/CACHE.md
+
+    data = apply_decoded_cache(data, cfg.dataset.get("cache", "none"), cfg.paths.get("cache_dir"),
+                               progress=settings.progress and dist_info.is_main)
     counts = data.counts()
     log.info("dataset %s: %s", data.name, ", ".join(f"{k}={v}" for k, v in counts.items()))
     if data.info.get("count_warning"):

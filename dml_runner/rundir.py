@@ -234,6 +234,7 @@ def completed_results(*, outcome: dict[str, Any], data: Any, counts: dict[str, A
         "amp_bf16": outcome["amp"],
         "wall_time_s": round(wall_time_s, 2),
         "train_time_s": round(outcome["wall_time_s"], 2),
+        "timing": outcome.get("timing"),  # data_time_s / step_time_s per trained epoch and in total
         "resumed_from": {"checkpoint": str(resume_path), "epoch": outcome["resumed_from_epoch"]}
         if resume_path else None,
         "world_size": outcome["world_size"],

@@ -36,6 +36,9 @@ def test_dml_run_writes_the_run_directory(tmp_path):
     history = pd.read_csv(out / "history.csv")
     assert history["epoch"].tolist() == [0, 1]
     assert history.loc[1, "test/recall@1"] == pytest.approx(res["metrics"]["recall@1"])
+    assert history.loc[1, "data_time_s"] >= 0 and history.loc[1, "step_time_s"] > 0  # where epoch 1's time went
+    assert res["timing"]["per_epoch"] == [{"epoch": 1, "data_time_s": history.loc[1, "data_time_s"],
+                                           "step_time_s": history.loc[1, "step_time_s"]}]
     emb = np.load(out / "embeddings.npz")
     assert emb["embeddings"].shape == (ds["test_images"], 64) and emb["labels"].shape == (ds["test_images"],)
     ckpt = torch.load(out / "last.pt", weights_only=True)

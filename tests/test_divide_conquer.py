@@ -483,6 +483,31 @@ def test_clustering_sees_the_training_set_without_augmentation(tmp_path):
         assert torch.equal(view[i][0], train.load(i))
 
 
+def test_clustering_of_a_cached_training_set_reads_its_own_exact_cache(tmp_path):
+    """A training set served from the decoded cache is re-embedded through a cached view with the test transform:
+    the same tensors as the uncached test transform of the loaded images, and one view (one cache) for every pass."""
+    from types import SimpleNamespace
+
+    from dml_runner.datasets.decoded_cache import CachedImageDataset, cached_dataset
+    from dml_runner.datasets.fixtures import make_cub200
+    from dml_runner.datasets.images import ImageListDataset
+    from dml_runner.datasets.transforms import caffe_227
+
+    root = make_cub200(tmp_path, classes=(1, 2), per_class=3)
+    paths = sorted(str(p) for p in (root / "images").rglob("*.jpg"))
+    labels = np.repeat(np.arange(2), 3)
+    train = cached_dataset(ImageListDataset(paths, labels, transform=caffe_227(True, resize=40, crop=32)),
+                           tmp_path / "cache", progress=False)
+    method = DivideConquerMethod(num_clusters=2, finetune_epochs=0)
+    test_transform = caffe_227(False, resize=40, crop=32)
+    method.ctx = SimpleNamespace(train_set=train, eval_transform=test_transform, dist=SimpleNamespace(is_main=True))
+    view = method._cluster_view()
+    assert isinstance(view, CachedImageDataset) and view.cache_active and view.cache.path != train.cache.path
+    assert method._cluster_view() is view
+    for i in range(len(paths)):
+        assert torch.equal(view[i][0], test_transform(train.load(i)))
+
+
 @pytest.mark.slow
 def test_sweep_over_k_writes_summary_and_plot(tmp_path):
     """`dml-run -m method=divide_conquer method.num_clusters=...` out of the box: one job per K, the generic

@@ -194,7 +194,8 @@ def _resume_and_compare(tmp_path, expected):
     assert got["untrained"] == pytest.approx(expected["untrained"])
     import pandas as pd
 
-    full, cut = (pd.read_csv(tmp_path / d / "history.csv").drop(columns="epoch_time_s") for d in ("full", "cut"))
+    timers = ["epoch_time_s", "data_time_s", "step_time_s"]
+    full, cut = (pd.read_csv(tmp_path / d / "history.csv").drop(columns=timers) for d in ("full", "cut"))
     pd.testing.assert_frame_equal(cut, full, atol=1e-6)  # every epoch once, the same numbers
 
 
@@ -227,6 +228,37 @@ def test_interrupt_mid_epoch_resumes_from_the_last_epoch_boundary(tmp_path):
         _tiny_trainer(tmp_path / "cut", loss=loss).fit()
     assert stop.value.checkpoint_epoch == 1
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
+    _resume_and_compare(tmp_path, expected)
+
+
+def test_last_pt_is_written_once_per_epoch_evaluated_or_not(tmp_path, monkeypatch):
+    from dml_runner.training.checkpoint import Checkpointer
+
+    writes = []
+    original = Checkpointer.save_last
+
+    def counted(self, epoch, state):
+        writes.append((epoch, state()["pending_eval"] is not None))
+        return original(self, epoch, state)
+
+    monkeypatch.setattr(Checkpointer, "save_last", counted)
+    _tiny_trainer(tmp_path / "run", epochs=3).fit()  # eval_every=2: epochs 2 and 3 are evaluated
+    assert writes == [(1, False), (2, True), (3, True)]
+
+
+def test_interrupt_after_an_evaluated_epoch_resumes_with_the_same_history(tmp_path):
+    """The evaluated epoch's last.pt holds its evaluation as pending: a resume evaluates it again, with the same
+    numbers, and records every epoch once."""
+    from dml_runner.losses.triplet import TripletLoss
+    from dml_runner.training.trainer import RunInterrupted
+
+    expected = _tiny_trainer(tmp_path / "full").fit()
+    loss = TripletLoss()
+    loss.forward = _interrupt_at(2 * (40 // 8) + 2, loss.forward)  # step 2 of epoch 3, after epoch 2's evaluation
+    with pytest.raises(RunInterrupted) as stop:
+        _tiny_trainer(tmp_path / "cut", loss=loss).fit()
+    assert stop.value.checkpoint_epoch == 2
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["pending_eval"]["epoch"] == 2
     _resume_and_compare(tmp_path, expected)
 
 

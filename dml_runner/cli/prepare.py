@@ -4,10 +4,13 @@
     dml-prepare cub200 data/CUB_200_2011 --download        # fetch the official archive, verify, extract, check
     dml-prepare cub200 data/CUB_200_2011                   # check a tree: split files, counts, unreadable images
     dml-prepare sop data/Stanford_Online_Products --quick  # existence only, no decoding
+    dml-prepare cub200 data/CUB_200_2011 --cache transform=lifted_227   # also build the decoded-image cache
 
 ``--download`` works for the datasets whose authors publish an archive at a stable address with a known checksum
 (``--sources`` says which); ``--url``/``--md5`` point it at a mirror. An interrupted download resumes from the
 ``.part`` file (HTTP Range). For the others (licence forms, requests to the authors) it prints where to get the files.
+``--cache`` then builds the decoded-image caches (docs/CACHE.md) that ``dml-run dataset=<name>
+dataset.root=<root>`` with the same overrides (``transform=...``, ``paths.cache_dir=...``) opens at its start.
 
 Exit status: 0 = complete (files present, every image decodes, counts equal a full official download);
 1 = something is missing, unreadable, failed to download, or the counts differ (the report says what);
@@ -22,7 +25,7 @@ import sys
 from pathlib import Path
 
 from dml_runner import DMLRunnerError
-from dml_runner.datasets.prepare import check, describe, download
+from dml_runner.datasets.prepare import build_cache, check, describe, download
 from dml_runner.datasets.registry import NAMES
 
 
@@ -37,13 +40,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="with --download: a mirror of the archive")
     parser.add_argument("--md5", help="with --download --url: the mirror's archive checksum")
     parser.add_argument("--quick", action="store_true", help="check that images exist, without decoding them")
-    args = parser.parse_args(argv)
+    parser.add_argument("--cache", action="store_true",
+                        help="after a successful check, build the decoded-image caches a dml-run with these "
+                             "overrides uses (docs/CACHE.md)")
+    parser.add_argument("overrides", nargs="*",
+                        help="with --cache: dml-run overrides that choose the cache (transform=lifted_227, "
+                             "paths.cache_dir=DIR, dataset.val_fraction=0.1)")
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the flags
     if args.sources:
         print("\n\n".join(describe(n) for n in NAMES))
         return 0
     if args.dataset is None or args.root is None:
         parser.print_usage(sys.stderr)
         print("dml-prepare: error: give a dataset and its directory (or --sources)", file=sys.stderr)
+        return 2
+    if args.overrides and not args.cache:
+        print("dml-prepare: error: overrides (KEY=VALUE) only make sense with --cache", file=sys.stderr)
         return 2
     if (args.url or args.md5) and not args.download:
         print("dml-prepare: error: --url/--md5 only make sense with --download", file=sys.stderr)
@@ -59,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     ok, lines = check(args.dataset, root, decode=not args.quick)
     print("\n".join(lines))
+    if args.cache and ok:
+        try:
+            print("\n".join(build_cache(args.dataset, root, args.overrides, progress=sys.stderr.isatty())))
+        except DMLRunnerError as err:
+            print(f"dml-prepare: error: {err}", file=sys.stderr)
+            return 1
+    elif args.cache:
+        print("decoded-image cache not built: fix the tree first")
     return 0 if ok else 1
 
 

@@ -17,9 +17,6 @@ import numpy as np
 from dml_runner import DMLRunnerError
 from dml_runner.datasets.base import DatasetSplits, SubsetLabelledDataset
 
-# Keys of every dataset config that the builder applies (dml_runner.build); the dataset's own target never sees them.
-FOLD_KEYS = ("folds", "fold", "fold_seed")
-
 
 def class_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     """The classes of each of ``folds`` class-disjoint folds (sorted within a fold)."""

@@ -187,7 +187,10 @@ def cv2_linear_resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 class Cv2LinearResize:
     """Resize a PIL image to ``size`` x ``size`` (aspect ratio ignored) as ``cv2.resize(img, (size, size))`` does:
     bilinear without antialiasing (:func:`cv2_linear_resize`). The HDML code stores its images so
-    (``datasets/cub200_2011_converter.py``, ``cars196_converter.py``)."""
+    (``datasets/cub200_2011_converter.py``, ``cars196_converter.py``). Deterministic, so the decoded-image cache
+    stores its output (its ``repr`` names every parameter: it enters the cache's fingerprint)."""
+
+    cache_deterministic = True
 
     def __init__(self, size: int = 256) -> None:
         self.size = int(size)

@@ -332,7 +332,15 @@ class DivideConquerMethod(StandardMethod):
 
         train = self.ctx.train_set
         # the trainer hands over the test split's transform (None = images as loaded, no augmentation either)
-        return SubsetLabelledDataset(train, np.arange(len(train)), transform=self.ctx.eval_transform)
+        view = getattr(self, "_view", None)
+        if view is not None and view[0] is train:  # one view per training set: its loader (and cache) are reused
+            return view[1]
+        if hasattr(train, "with_transform"):  # a decoded-cache dataset: the view reads its own exact cache
+            out = train.with_transform(self.ctx.eval_transform, progress=self.ctx.dist.is_main)
+        else:
+            out = SubsetLabelledDataset(train, np.arange(len(train)), transform=self.ctx.eval_transform)
+        self._view = (train, out)
+        return out
 
     def recluster(self, epoch: int) -> None:
         """Embed the training set, k-means it and match the clusters to the previous ones; under torchrun rank 0

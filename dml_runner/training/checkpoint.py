@@ -45,6 +45,11 @@ def build_checkpoint(*, epoch: int, model: dict[str, Any], loss: dict[str, Any],
 class Checkpointer:
     """Saves a run's ``last.pt`` (every completed epoch) and ``best.pt`` (each new best on the selection split).
 
+    The Trainer writes ``last.pt`` once per epoch: after an epoch that is not evaluated, and before the evaluation of
+    one that is, with that evaluation recorded as pending (``pending_eval``). An interrupt or a crash during the
+    evaluation therefore loses no training, and a run resumed from it evaluates that epoch first (again, after a
+    completed evaluation: the same numbers, since evaluation changes no state).
+
     ``enabled`` is false when the run keeps no checkpoints (``trainer.save_checkpoints=false``) or on a rank other
     than 0. ``state`` is called only when a file is written: it returns the trained state (the model's, the loss's
     and the method's state dicts, the history, the best epoch and the evaluation progress: the keyword arguments of

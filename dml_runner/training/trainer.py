@@ -78,6 +78,37 @@ def loader_workers(setting: int | None, dataset: object, cuda: bool, local_proce
     return max(0, min(8, cores // max(1, local_processes) - 1))
 
 
+DATA_BOUND_SHARE = 0.5  # above this share of the training loop spent waiting for batches, the run warns
+KEPT_EVAL_LOADERS = 3  # embedding loaders kept with their workers: validation, test and one view of a method
+
+
+class _Waits:
+    """Seconds a loop spends waiting in an iterator's ``__next__`` (``total``; ``last``: the latest wait)."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.last = 0.0
+
+    def iterate(self, iterable: Any) -> Any:
+        it = iter(iterable)
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            self.last = time.perf_counter() - t
+            self.total += self.last
+            yield item
+
+
+def compile_backbone(model: torch.nn.Module) -> None:
+    """``trainer.compile``: torch.compile the backbone's trunk in place (``nn.Module.compile``: its state-dict keys,
+    hence checkpoints, stay as they are); a model without a trunk is compiled whole."""
+    target = getattr(model, "trunk", None)
+    (target if isinstance(target, torch.nn.Module) else model).compile()
+
+
 def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -119,6 +150,8 @@ class Trainer:
         self.model = model.to(self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if settings.compile:
+            compile_backbone(self.model)
         if settings.sync_bn:
             # before the method builds anything: layers it adds after the gather already see the global batch
             self.model = convert_sync_batchnorm(self.model, self.dist, self.device)
@@ -143,6 +176,9 @@ class Trainer:
         self._last_test: dict[str, float] | None = None
         self._pending_eval: dict[str, Any] | None = None  # a trained epoch whose evaluation has not finished
         self.start_epoch = 1
+        self._eval_loaders: dict[int, tuple[Any, DataLoader]] = {}  # id(dataset) -> (dataset, its loader)
+        self._train_workers: int | None = None  # worker processes of the last training loader built
+        self._warned_data_bound = False
 
         def sampler_factory(labels: Any, batch_size: int | None = None, seed: int | None = None) -> Any:
             sampler = make_sampler(labels, batch_size=batch_size, seed=seed)
@@ -184,13 +220,37 @@ class Trainer:
             return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _worker_options(self, workers: int) -> dict[str, Any]:
+        """DataLoader keywords that exist only with worker processes (``trainer.prefetch_factor``)."""
+        if workers == 0 or self.s.prefetch_factor is None:
+            return {}
+        return {"prefetch_factor": int(self.s.prefetch_factor)}
+
     def train_loader(self, dataset: LabelledDataset, batch_sampler: Any) -> DataLoader:
         """Workers draw their seeds from the global torch RNG, which is reseeded every epoch (see epoch_seed)."""
         workers = loader_workers(self.s.num_workers, dataset, self.cuda)
+        self._train_workers = workers
         return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
                           pin_memory=self.cuda and self.s.pin_memory,
                           persistent_workers=False if workers == 0 else self.s.persistent_workers,
-                          worker_init_fn=seed_worker if workers > 0 else None)
+                          worker_init_fn=seed_worker if workers > 0 else None, **self._worker_options(workers))
+
+    def eval_loader(self, dataset: LabelledDataset) -> DataLoader:
+        """The embedding loader of ``dataset`` in order; with workers and ``trainer.persistent_workers`` it is
+        built once and kept (its workers then live from one evaluation to the next, until :meth:`release`)."""
+        known = self._eval_loaders.get(id(dataset))
+        if known is not None and known[0] is dataset:
+            return known[1]
+        workers = loader_workers(self.s.num_workers, dataset, self.cuda)
+        persistent = workers > 0 and self.s.persistent_workers
+        loader = DataLoader(dataset, batch_size=self.s.eval_batch_size, shuffle=False, num_workers=workers,
+                            pin_memory=self.cuda and self.s.pin_memory, persistent_workers=persistent,
+                            **self._worker_options(workers))
+        if persistent:  # the dataset is kept with its loader, so its id is not reused while the entry lives
+            while len(self._eval_loaders) >= KEPT_EVAL_LOADERS:  # a method embedding ever new views: no pile-up
+                self._eval_loaders.pop(next(iter(self._eval_loaders)))
+            self._eval_loaders[id(dataset)] = (dataset, loader)
+        return loader
 
     def to_device(self, batch: Any) -> tuple:
         out = []
@@ -212,9 +272,7 @@ class Trainer:
         """
         was_training = self.model.training
         self.model.eval()
-        loader = DataLoader(dataset, batch_size=self.s.eval_batch_size, shuffle=False,
-                            num_workers=loader_workers(self.s.num_workers, dataset, self.cuda),
-                            pin_memory=self.cuda and self.s.pin_memory)
+        loader = self.eval_loader(dataset)
         chunks = []
         with torch.random.fork_rng(devices=[]):
             for images, _ in loader:
@@ -245,6 +303,7 @@ class Trainer:
         train afterwards."""
         vars(self.method).pop("ctx", None)
         vars(self.method).pop("task", None)
+        self._eval_loaders.clear()  # their persistent workers end with the loaders
 
     def _barrier(self) -> None:
         wait_for_main()
@@ -288,9 +347,10 @@ class Trainer:
                         f"{self.out_dir / 'last.pt'}.") from err
                 raise
             epoch_time = time.time() - t0
-            log.info("epoch %d/%d: train loss %.4f (%.1f s)", epoch, s.epochs, train_loss, epoch_time)
+            self._log_epoch(epoch, train_loss, epoch_time, extra)
             if epoch % s.eval_every == 0 or epoch == s.epochs:
-                # the trained epoch is saved before its evaluation, so an interrupt during evaluation loses nothing
+                # last.pt is written once, before the evaluation, with the evaluation pending: an interrupt (or a
+                # crash) during the evaluation loses nothing, and a resume from it evaluates this epoch first
                 self._pending_eval = {"epoch": epoch, "train_loss": train_loss, "epoch_time": epoch_time,
                                       "extra": extra}
                 self.checkpointer.save_last(epoch, self._state)
@@ -298,7 +358,7 @@ class Trainer:
                 self._pending_eval = None
             else:
                 self._record(epoch, train_loss, epoch_time, extra, {})
-            self.checkpointer.save_last(epoch, self._state)
+                self.checkpointer.save_last(epoch, self._state)
             self._barrier()
         if self._last_emb is None and self.dist.is_main:  # resumed after the final evaluation
             self._last_test, self._last_emb = self.evaluate_split("test")
@@ -308,7 +368,7 @@ class Trainer:
                          "checkpoint": "last.pt" if s.save_checkpoints else None}
         if s.save_embeddings and self.dist.is_main:
             self._save_embeddings(self._last_emb)
-        return {"final": {"epoch": s.epochs, "metrics": self._last_test},
+        return {"final": {"epoch": s.epochs, "metrics": self._last_test}, "timing": self.timing(),
                 "untrained": self.untrained, "best": self.best, "wall_time_s": time.time() - start,
                 "device": str(self.device), "amp": self.use_amp, "selection_split": self.select_split,
                 "resumed_from_epoch": self.start_epoch - 1 if resume is not None else None,
@@ -329,8 +389,14 @@ class Trainer:
         every = self.finite_check_every or (50 if self.cuda else 1)
         acc = torch.float32 if self.device.type == "mps" else torch.float64
         running, bad_step, n_steps = torch.zeros((), dtype=acc, device=self.device), None, 0
-        for step, batch in enumerate(bar, start=1):
+        # where the loop's time goes, on host clocks only: `waits` is the time spent in the loader's __next__ (the
+        # loop waiting for a batch); the rest of the loop, read after the epoch's final host read of the running
+        # loss (which waits for the device), is the steps' time. No per-step synchronisation.
+        waits = _Waits()
+        loop_start = time.perf_counter()
+        for step, batch in enumerate(waits.iterate(bar), start=1):
             if s.max_steps_per_epoch and step > s.max_steps_per_epoch:
+                waits.total -= waits.last  # a batch fetched only to end the epoch
                 break
             losses = self.method.compute_loss(self.to_device(batch))
             value = losses["loss"].detach().to(acc)
@@ -350,7 +416,37 @@ class Trainer:
         if n_steps == 0:
             raise DMLRunnerError("an epoch produced no batch: the training set is smaller than one batch "
                                  "(lower trainer.batch_size)")
-        return float(running) / n_steps, self.method.on_epoch_end(epoch)
+        train_loss = float(running) / n_steps  # the host read that waits for the epoch's last step
+        loop_time = time.perf_counter() - loop_start
+        timing = {"data_time_s": round(waits.total, 3), "step_time_s": round(max(0.0, loop_time - waits.total), 3)}
+        return train_loss, {**timing, **(self.method.on_epoch_end(epoch) or {})}
+
+    def _log_epoch(self, epoch: int, train_loss: float, epoch_time: float, extra: dict[str, Any]) -> None:
+        """The epoch's log line with the share of the training loop spent waiting for data, and a warning (once a
+        run) when loading took most of it."""
+        data_s, step_s = extra.get("data_time_s", 0.0), extra.get("step_time_s", 0.0)
+        share = data_s / (data_s + step_s) if data_s + step_s > 0 else 0.0
+        log.info("epoch %d/%d: train loss %.4f (%.1f s; %.0f%% waiting for data)", epoch, self.s.epochs, train_loss,
+                 epoch_time, 100 * share)
+        if share > DATA_BOUND_SHARE and not self._warned_data_bound and self.dist.is_main:
+            self._warned_data_bound = True
+            workers = self._train_workers
+            cache = (self.data.info.get("decoded_cache") or {}).get("train") or {}
+            log.warning("epoch %d spent %.0f%% of its training loop waiting for data (%.1f of %.1f s): loading, not "
+                        "the model, sets the pace. Raise trainer.num_workers (now %s)%s", epoch, 100 * share, data_s,
+                        data_s + step_s, "null" if workers is None else workers,
+                        "" if cache.get("cached") else ", and keep the decoded-image cache on (dataset.cache=auto; "
+                        "docs/CACHE.md)")
+
+    def timing(self) -> dict[str, Any]:
+        """results.json's ``timing``: the data and step times of every trained epoch and their totals."""
+        rows = [{"epoch": r["epoch"], "data_time_s": r["data_time_s"], "step_time_s": r["step_time_s"]}
+                for r in self.history if "data_time_s" in r]
+        data_s = sum(r["data_time_s"] for r in rows)
+        step_s = sum(r["step_time_s"] for r in rows)
+        return {"data_time_s": round(data_s, 3), "step_time_s": round(step_s, 3),
+                "data_share": round(data_s / (data_s + step_s), 4) if data_s + step_s > 0 else None,
+                "per_epoch": rows}
 
     def _check_finite(self, bad_step: torch.Tensor, epoch: int) -> None:
         """The NaN guard: the run stops at the first non-finite training loss, naming its step (one host read)."""
