@@ -48,6 +48,22 @@ def atomic_path(path: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
         raise
 
 
+def unwritable_reason(folder: Path | str) -> str | None:
+    """Why ``folder`` cannot be created or written (None when it can): its nearest existing ancestor is a file, or
+    refuses a new entry. Leaves nothing behind (the probe is an empty folder, removed at once)."""
+    import tempfile
+
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dml-write-probe-", dir=existing))
+    except OSError as err:
+        return f"{existing} cannot be written ({err.strerror or err})"
+    return None
+
+
 def write_json_atomic(obj: Any, path: Path | str) -> None:
     """JSON (indented, non-JSON values as str) written atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as fh:
