@@ -99,7 +99,8 @@ def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarra
 
     Arrays: ``embeddings`` (N x D float32), ``labels`` (N int64), ``paths`` and ``class_names`` (N strings each:
     the item's image file and the name of its class, from the dataset), ``query_mask`` / ``gallery_mask`` when given,
-    and ``extra`` strings (e.g. the checkpoint) as 0-d string arrays. Nothing is pickled.
+    and ``extra`` strings (the checkpoint; ``fingerprint``, :func:`model_fingerprint` of the model that embedded
+    them) as 0-d string arrays. Nothing is pickled.
     """
     import numpy as np
 
@@ -121,6 +122,27 @@ def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarra
     arrays.update({key: np.asarray(str(value)) for key, value in extra.items()})
     save_npz_atomic(path, **arrays)
     return path
+
+
+def model_fingerprint(model: Any, config: Mapping[str, Any]) -> str:
+    """A short hash of what makes a model's embeddings: its weights (every state-dict entry's name, dtype, shape and
+    bytes) and the config of its backbone and head (``backbone``, ``eval.normalize``). Written into embeddings.npz as
+    ``fingerprint`` by the run and by dml-embed; dml-search refuses an index whose fingerprint differs from its
+    model's. Wrappers' key prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``) are left out."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    node = {"backbone": config.get("backbone"), "normalize": (config.get("eval") or {}).get("normalize")}
+    digest.update(json.dumps(node, sort_keys=True, default=str).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        key = key.replace("_orig_mod.", "").removeprefix("module.")
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{data.dtype}|{tuple(data.shape)}".encode())
+        if data.numel():
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 EMBEDDINGS_CONTENTS = (
