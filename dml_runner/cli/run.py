@@ -250,12 +250,13 @@ def prepare_arguments(args: Sequence[str]) -> list[str]:
     return out
 
 
-def check_command_line(args: Sequence[str]) -> None:
+def check_command_line(args: Sequence[str]) -> Any:
     """Refuse, in one line with a "did you mean", a command line Hydra cannot compose (a misspelt key, group or
     option, a value of the wrong type, an unreadable override) and a run or sweep directory that cannot be written;
-    Hydra's own messages span several lines. Does nothing when a Hydra flag such as ``--cfg`` is given."""
+    Hydra's own messages span several lines. Returns the composed config (with ``hydra``); does nothing and returns
+    None when a Hydra flag such as ``--cfg`` is given."""
     if any(arg.split("=")[0] in _HYDRA_FLAGS for arg in args):
-        return
+        return None
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     multirun = any(arg in ("-m", "--multirun") for arg in args)
@@ -281,6 +282,23 @@ def check_command_line(args: Sequence[str]) -> None:
     except Exception as err:  # noqa: BLE001 - Hydra's composition errors; explained override by override
         raise DMLRunnerError(_explain(parsed, groups, err)) from None
     _check_output_dir(cfg, multirun, items)
+    return cfg
+
+
+def continue_sweep(cfg: Any, args: Sequence[str]) -> list[str]:
+    """``hydra.sweep.dir=<earlier sweep>`` for ``dml-run -m ... trainer.resume=auto`` when an unfinished sweep with
+    the same overrides exists under ``paths.output_dir`` (and no sweep directory was named): the resumed jobs and
+    the ones not yet run then finish in that one directory, with one summary.csv."""
+    from dml_runner.training.checkpoint import find_unfinished_sweep
+
+    items = [arg for arg in args if not arg.startswith("-")]
+    if str(cfg.trainer.get("resume")) != "auto" or any(i.lstrip("+").startswith("hydra.sweep.dir=") for i in items):
+        return []
+    earlier = find_unfinished_sweep(Path(str(cfg.paths.output_dir)), items)
+    if earlier is None:
+        return []
+    print(f"dml-run: trainer.resume=auto: continuing the unfinished sweep in {earlier}")
+    return [f"hydra.sweep.dir={earlier}"]
 
 
 def _group_names() -> set[str]:
@@ -414,7 +432,9 @@ def main() -> None:
 
     sys.argv[1:] = prepare_arguments(sys.argv[1:])
     try:
-        check_command_line(sys.argv[1:])
+        cfg = check_command_line(sys.argv[1:])
+        if cfg is not None and any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+            sys.argv[1:] += continue_sweep(cfg, sys.argv[1:])
     except DMLRunnerError as err:
         print(f"dml-run: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
