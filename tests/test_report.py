@@ -581,3 +581,23 @@ def test_settings_flagged_neutral_in_the_schema_never_split_a_row():
                              trainer__seed=3)) == base
     assert recipe_config(res(optimizer__lr=0.01)) != base
     assert recipe_config(res(trainer__batch_size=64)) != base
+
+
+def test_a_second_report_into_the_same_folder_leaves_no_stale_files(tmp_path, capsys):
+    """Guards dml-report into one --out folder: the PNGs and tables of an earlier report whose rows are gone stayed
+    behind; now a report removes the files the previous one wrote and it does not, and never a file of the user's."""
+    out = tmp_path / "report"
+    a = write_run(tmp_path / "a" / "r0", table=None, row="triplet", overrides=["loss=triplet"],
+                  metrics={"recall@1": 0.5})
+    b = write_run(tmp_path / "b" / "r0", table=None, row="contrastive", overrides=["loss=contrastive"],
+                  choices={"loss": "contrastive"}, metrics={"recall@1": 0.6})
+    assert main([str(a), "--out", str(out), "--no-figures"]) == 0
+    first = {p.name for p in out.iterdir()}
+    (out / "mine.png").write_bytes(b"user file")
+    stale = out / "old_rows.png"
+    stale.write_bytes(b"png")
+    (out / ".dml-report-files").write_text((out / ".dml-report-files").read_text() + "old_rows.png\n")
+    assert main([str(b), "--out", str(out), "--no-figures"]) == 0
+    assert "removed 1 file(s)" in capsys.readouterr().out
+    assert not stale.exists() and (out / "mine.png").read_bytes() == b"user file"
+    assert first - {"old_rows.png"} <= {p.name for p in out.iterdir()}
