@@ -102,3 +102,17 @@ def test_the_results_header_says_whether_test_classes_were_seen():
 
     assert "3 classes seen in training" in format_results_table(results("images"))
     assert "3 unseen classes" in format_results_table(results("classes"))
+
+
+def test_the_divide_and_conquer_example_states_the_length_digits_runs(compose_cfg):
+    """Guards docs/DIVIDE_CONQUER.md's first example against stating another run length than the presets give
+    (it said 30 epochs where digits runs 10)."""
+    import re
+
+    from conftest import REPO
+
+    line = next(ln for ln in (REPO / "docs" / "DIVIDE_CONQUER.md").read_text().splitlines()
+                if ln.startswith("dml-run method=divide_conquer loss=margin ") and "digits" in ln)
+    k, epochs, conquer = map(int, re.search(r"K = (\d+), (\d+) epochs \(the last (\d+) conquer\)", line).groups())
+    cfg = compose_cfg("method=divide_conquer", "loss=margin")
+    assert (k, epochs, conquer) == (cfg.method.num_clusters, cfg.trainer.epochs, cfg.method.finetune_epochs)
