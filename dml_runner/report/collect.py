@@ -38,7 +38,9 @@ FINGERPRINT = ("backbone", "weights", "embedding_dim", "test_transform", "evalua
 # The settings schemas flag theirs (config.NEUTRAL); the other groups' are named here.
 NEUTRAL_KEYS = (*flagged_keys(NEUTRAL), *LABEL_KEYS, "dataset.verify_images", "logger", "reference", "hydra")
 # Group choices that carry no setting of their own (their effect is in the config keys) or cannot change a number.
-NEUTRAL_CHOICES = ("logger", "hparams_search", "preset", "preset_sampler")
+# The presets are chosen from other choices (``preset_method: ${dataset}_${method}``) and are named even where no
+# such file exists (``digits_hdml``), so they never name a row.
+NEUTRAL_CHOICES = ("logger", "hparams_search", "preset", "preset_sampler", "preset_trainer", "preset_method")
 SEED_KEY = "trainer.seed"
 MISSING = "∅"  # value shown for a key a run's config does not have
 
