@@ -66,7 +66,7 @@ def find_checkpoint(run: str | Path) -> tuple[Path, Path]:
             if (path / name).is_file():
                 return path / name, path
         if not any((path / name).exists() for name in (CONFIG, RESULTS, ".hydra")):
-            raise DMLRunnerError(f"{path}: not a run folder (no config.json, results.json or checkpoint)"
+            raise DMLRunnerError(f"{path}: not a run folder (no checkpoint, config.json or results.json in it)"
                                  f"{_looks_like(path)}; give the dml-run output folder of a trained run first (it "
                                  "holds best.pt or last.pt), then the input")
         raise DMLRunnerError(
