@@ -360,7 +360,7 @@ def _explain(parsed: Sequence[tuple[str, Any]], groups: set[str], err: BaseExcep
         base = None
     for item, ov in parsed:
         key = ov.key_or_group
-        if base is None or ov.is_add() or ov.is_delete() or key in groups or key.split(".")[0] == "hydra":
+        if base is None or ov.is_add() or ov.is_delete() or key in groups or re.split(r"[./]", key)[0] == "hydra":
             continue
         path = key.split(".")
         node: Any = base
