@@ -116,3 +116,11 @@ def test_the_divide_and_conquer_example_states_the_length_digits_runs(compose_cf
     k, epochs, conquer = map(int, re.search(r"K = (\d+), (\d+) epochs \(the last (\d+) conquer\)", line).groups())
     cfg = compose_cfg("method=divide_conquer", "loss=margin")
     assert (k, epochs, conquer) == (cfg.method.num_clusters, cfg.trainer.epochs, cfg.method.finetune_epochs)
+
+
+def test_sweeps_only_a_sweeper_can_draw_are_left_to_it():
+    """Guards the command-line check against refusing sweeps it cannot enumerate (Optuna's interval(...), glob(...)):
+    they compose without that override and the sweeper draws them."""
+    for args in (["-m", "hparams_search=optuna", "optimizer.lr=tag(log,interval(1e-5,1e-2))"],
+                 ["-m", "loss=glob(*)"], ["-m", "trainer.seed=range(0,3)"]):
+        assert cli_run.check_command_line(args) is not None

@@ -276,7 +276,7 @@ def check_command_line(args: Sequence[str]) -> Any:
         if ov.key_or_group in groups and not ov.is_delete():
             _check_group_option(item, ov.key_or_group, _values(ov), extra_conf)
     plain = [item if not ov.is_sweep_override() else f"{item.split('=', 1)[0]}={_values(ov)[0]}"
-             for item, ov in parsed]
+             for item, ov in parsed if not ov.is_sweep_override() or _values(ov)]
     try:
         cfg = _compose(plain, with_hydra=True)
     except Exception as err:  # noqa: BLE001 - Hydra's composition errors; explained override by override
@@ -313,9 +313,13 @@ def _extra_conf_dirs(items: Sequence[str]) -> list[Path]:
 
 
 def _values(ov: Any) -> list[str]:
-    """The option or value strings of an override: each value of a sweep, each element of a list."""
+    """The option or value strings of an override: each value of a sweep, each element of a list; none for a sweep
+    that only its sweeper can draw from (``interval(...)``, ``glob(...)``)."""
     if ov.is_sweep_override():
-        return list(ov.sweep_string_iterator())
+        try:
+            return list(ov.sweep_string_iterator())
+        except Exception:  # noqa: BLE001 - Hydra's "can only enumerate CHOICE and RANGE sweeps" and the like
+            return []
     value = ov.value()
     if isinstance(value, list):
         return [str(v) for v in value]

@@ -162,7 +162,10 @@ def find_unfinished_sweep(search_root: Path, overrides: list[str]) -> Path | Non
     from dml_runner.training.callbacks import sweep_jobs
 
     want = _sweep_key(overrides)
-    jobs = len(sweep_jobs(list(overrides)))
+    try:
+        jobs = len(sweep_jobs(list(overrides)))
+    except Exception:  # noqa: BLE001 - a sweeper's own search space (Optuna's interval(...)): jobs not known ahead
+        return None
     found = []
     for saved in Path(search_root).glob("**/multirun.yaml") if Path(search_root).is_dir() else []:
         try:
