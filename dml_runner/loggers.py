@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # Files of the run directory a tracker stores next to the figures (when they exist).
 RUN_FILES = (RESULTS, CONFIG, HISTORY)
+# Folders the trackers write inside a run or sweep directory; copies of RUN_FILES in them are not runs.
+TRACKER_DIRS = ("mlruns", "wandb", "tensorboard")
 
 
 class MetricLogger:
@@ -180,11 +182,26 @@ def mlflow_key(name: str) -> str:
     return _MLFLOW_BAD.sub("_", name.replace("@", "_at_"))
 
 
+def mlflow_store_dir(run_dir: Path) -> Path:
+    """Where ``tracking_uri=null`` keeps the MLflow store: ``<sweep dir>/mlruns`` for a job of a sweep (its parent
+    holds Hydra's multirun.yaml), so one ``mlflow ui`` compares every job; ``<run dir>/mlruns`` for a single run."""
+    run_dir = Path(run_dir)
+    if (run_dir.parent / "multirun.yaml").is_file():
+        return run_dir.parent / "mlruns"
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweeper that writes no yaml
+        return Path(HydraConfig.get().sweep.dir).resolve() / "mlruns"
+    return run_dir / "mlruns"
+
+
 class MLflowLogger(MetricLogger):
     """An MLflow run: params (the flattened config), per-epoch metrics, ``final/<metric>``, figures as artifacts.
 
     ``tracking_uri=null`` keeps everything in the run directory: ``sqlite:///<run dir>/mlruns/mlflow.db`` with
-    artifacts in ``<run dir>/mlruns/artifacts`` (``mlflow ui --backend-store-uri sqlite:///<that file>``). Any
+    artifacts in ``<run dir>/mlruns/artifacts`` (``mlflow ui --backend-store-uri sqlite:///<that file>``); the jobs
+    of a sweep share the sweep directory's ``mlruns/`` (:func:`mlflow_store_dir`). Any
     other URI (a server, a database, ``databricks``) is used as given. A resumed run continues the MLflow run that
     carries the same run directory (tag ``dml_runner.run_dir``).
     """
@@ -201,7 +218,7 @@ class MLflowLogger(MetricLogger):
                 if importlib.util.find_spec(module) is None:
                     raise DMLRunnerError(f"logger=mlflow's store in the run directory (SQLite) needs {module}: pip "
                                          "install sqlalchemy alembic, or set logger.mlflow.tracking_uri=<server>")
-            store = self.out_dir / "mlruns"
+            store = mlflow_store_dir(self.out_dir)
             store.mkdir(parents=True, exist_ok=True)
             tracking_uri = f"sqlite:///{store / 'mlflow.db'}"
             artifact_location = artifact_location or (store / "artifacts").as_uri()

@@ -19,13 +19,23 @@ def _pyplot():
     return plt
 
 
+def wrap(text: str, width: int) -> str:
+    """``text`` broken into lines of at most ``width`` characters (at spaces where it can): long row names as legend
+    entries and titles stay inside their figure."""
+    import textwrap
+
+    return "\n".join(textwrap.fill(line, width, break_long_words=True, break_on_hyphens=False)
+                     for line in str(text).splitlines() or [""])
+
+
 def _save(fig, out_png: Path, title: str = "", dpi: int = 110) -> Path:
-    """Title, tight layout, write the PNG, free the figure."""
+    """Title (wrapped to the figure's width), tight layout, write the PNG (grown to hold every legend and title),
+    free the figure."""
     plt = _pyplot()
     if title:
-        fig.suptitle(title)
+        fig.suptitle(wrap(title, max(30, int(fig.get_figwidth() * 9))))
     fig.tight_layout()
-    fig.savefig(out_png, dpi=dpi)
+    fig.savefig(out_png, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return Path(out_png)
 
@@ -110,17 +120,21 @@ def plot_curves_by_group(histories: dict[str, list[pd.DataFrame]], out_png: Path
                 continue
             stacked = pd.concat(parts, axis=1)
             mean, std = 100 * stacked.mean(axis=1), 100 * stacked.std(axis=1).fillna(0)
-            ax.plot(mean.index, mean, marker="o", ms=3, label=f"{name} (n={len(parts)})")
+            ax.plot(mean.index, mean, marker="o", ms=3, label=wrap(f"{name} (n={len(parts)})", 60))
             ax.fill_between(mean.index, mean - std, mean + std, alpha=0.2)
             drawn = True
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"{split} {metric} (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
     if not drawn:
         plt.close(fig)
         return None
+    # one legend for every panel, under them: long row names never cover the curves or squeeze the panels
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.tight_layout()
+    fig.legend(handles, labels, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), frameon=False,
+               ncol=max(1, min(len(labels), int(fig.get_figwidth() // 4.5))))
     return _save(fig, out_png, title)
 
 
@@ -228,7 +242,7 @@ def plot_tsne_panels(panels: Sequence[tuple[str, "np.ndarray", "np.ndarray"]], o
             ax.scatter(xy[sel, 0], xy[sel, 1], s=7, color=cmap(k % 20), label=str(c))
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(f"{name}\n({len(idx)} points, {len(classes)} classes)" if name else
+        ax.set_title(f"{wrap(name, 42)}\n({len(idx)} points, {len(classes)} classes)" if name else
                      f"t-SNE of test embeddings ({len(idx)} points, {len(classes)} classes)", fontsize=8)
         if len(classes) <= 10:
             ax.legend(fontsize=6, markerscale=1.5, loc="upper right")

@@ -322,7 +322,9 @@ def format_results_table(results: dict[str, Any]) -> str:
     for name, metrics in rows:
         lines.append(f"{name:<{width}}  " + "  ".join(f"{100 * metrics[k]:>10.2f}" for k in keys))
     ds = results["dataset"]
-    header = (f"test metrics (%) on {ds['name']}: {ds['test_images']} images, {ds['test_classes']} unseen classes; "
+    # protocol=images holds out images of the training classes; every other split is class-disjoint
+    classes = "classes seen in training" if (ds.get("info") or {}).get("protocol") == "images" else "unseen classes"
+    header = (f"test metrics (%) on {ds['name']}: {ds['test_images']} images, {ds['test_classes']} {classes}; "
               f"device {results['device']}, {results['wall_time_s']:.1f} s")
     if best and best["split"] == "final":
         lines.append("selected checkpoint: the final epoch (last.pt); no validation split to choose on "

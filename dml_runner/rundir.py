@@ -48,6 +48,22 @@ def atomic_path(path: Path | str, suffix: str = ".tmp") -> Iterator[Path]:
         raise
 
 
+def unwritable_reason(folder: Path | str) -> str | None:
+    """Why ``folder`` cannot be created or written (None when it can): its nearest existing ancestor is a file, or
+    refuses a new entry. Leaves nothing behind (the probe is an empty folder, removed at once)."""
+    import tempfile
+
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dml-write-probe-", dir=existing))
+    except OSError as err:
+        return f"{existing} cannot be written ({err.strerror or err})"
+    return None
+
+
 def write_json_atomic(obj: Any, path: Path | str) -> None:
     """JSON (indented, non-JSON values as str) written atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as fh:
@@ -83,7 +99,8 @@ def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarra
 
     Arrays: ``embeddings`` (N x D float32), ``labels`` (N int64), ``paths`` and ``class_names`` (N strings each:
     the item's image file and the name of its class, from the dataset), ``query_mask`` / ``gallery_mask`` when given,
-    and ``extra`` strings (e.g. the checkpoint) as 0-d string arrays. Nothing is pickled.
+    and ``extra`` strings (the checkpoint; ``fingerprint``, :func:`model_fingerprint` of the model that embedded
+    them) as 0-d string arrays. Nothing is pickled.
     """
     import numpy as np
 
@@ -105,6 +122,27 @@ def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarra
     arrays.update({key: np.asarray(str(value)) for key, value in extra.items()})
     save_npz_atomic(path, **arrays)
     return path
+
+
+def model_fingerprint(model: Any, config: Mapping[str, Any]) -> str:
+    """A short hash of what makes a model's embeddings: its weights (every state-dict entry's name, dtype, shape and
+    bytes) and the config of its backbone and head (``backbone``, ``eval.normalize``). Written into embeddings.npz as
+    ``fingerprint`` by the run and by dml-embed; dml-search refuses an index whose fingerprint differs from its
+    model's. Wrappers' key prefixes (DDP's ``module.``, torch.compile's ``_orig_mod.``) are left out."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    node = {"backbone": config.get("backbone"), "normalize": (config.get("eval") or {}).get("normalize")}
+    digest.update(json.dumps(node, sort_keys=True, default=str).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        key = key.replace("_orig_mod.", "").removeprefix("module.")
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{key}|{data.dtype}|{tuple(data.shape)}".encode())
+        if data.numel():
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 EMBEDDINGS_CONTENTS = (

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,15 +33,28 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dml_runner import DMLRunnerError
-from dml_runner.rundir import BEST, CONFIG, LAST
+from dml_runner.rundir import BEST, CONFIG, LAST, RESULTS
 
 if TYPE_CHECKING:
     import torch
 
     from dml_runner.datasets.base import DatasetSplits, LabelledDataset
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 CHECKPOINTS = (BEST, LAST)
+
+
+def _looks_like(folder: Path) -> str:
+    """", it holds image files" when ``folder`` looks like an image folder (a few entries looked at)."""
+    from dml_runner.datasets.images import IMAGE_EXTENSIONS
+
+    for seen, item in enumerate(folder.rglob("*")):
+        if item.suffix.lower() in IMAGE_EXTENSIONS:
+            return ", it holds image files"
+        if seen > 200:
+            break
+    return ""
 
 
 # --------------------------------------------------------------------------------------------- the trained model
@@ -51,6 +65,10 @@ def find_checkpoint(run: str | Path) -> tuple[Path, Path]:
         for name in CHECKPOINTS:
             if (path / name).is_file():
                 return path / name, path
+        if not any((path / name).exists() for name in (CONFIG, RESULTS, ".hydra")):
+            raise DMLRunnerError(f"{path}: not a run folder (no checkpoint, config.json or results.json in it)"
+                                 f"{_looks_like(path)}; give the dml-run output folder of a trained run first (it "
+                                 "holds best.pt or last.pt), then the input")
         raise DMLRunnerError(
             f"{path}: no checkpoint in this run directory (neither best.pt nor last.pt): the run ended before its "
             "first epoch or ran with trainer.save_checkpoints=false; train it again with trainer.save_checkpoints=true")
@@ -268,10 +286,31 @@ def nearest(queries: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray,
     return order, np.sqrt(np.maximum(np.take_along_axis(d2, order, axis=1), 0.0))
 
 
+def check_fingerprint(trained: TrainedModel, index: dict[str, np.ndarray], option: str = "--index") -> str | None:
+    """Refuse an index embedded by another model (its ``fingerprint`` differs from this model's). An index without
+    one (written before fingerprints were recorded, or by other code) is accepted: the warning to show is returned."""
+    from dml_runner.rundir import model_fingerprint
+
+    ours = model_fingerprint(trained.model, trained.config)
+    if "fingerprint" not in index:
+        return (f"{option} records no model fingerprint, so it cannot be checked that {trained.checkpoint} "
+                f"embedded it; make it with `dml-embed {trained.run_dir} FOLDER` to be sure")
+    theirs = str(index["fingerprint"])
+    if theirs != ours:
+        raise DMLRunnerError(f"{option}: embedded by another model (fingerprint {theirs}; {trained.checkpoint} is "
+                             f"{ours}), so its distances to these queries mean nothing; embed the index with this "
+                             f"run: dml-embed {trained.run_dir} FOLDER --out index.npz")
+    return None
+
+
 def search(trained: TrainedModel, queries: Sequence[str], index: dict[str, np.ndarray], k: int,
-           batch_size: int = 64) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+           batch_size: int = 64, check: bool = True) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
     """``(query paths, query labels, neighbours, distances)``; a query's label is the index class named like its
-    folder (-1 when none is)."""
+    folder (-1 when none is). ``check``: refuse an index of another model first (:func:`check_fingerprint`)."""
+    if check:
+        unchecked = check_fingerprint(trained, index)
+        if unchecked:
+            log.warning("%s", unchecked)
     files = image_files(queries)
     names = {str(n): int(lab) for lab, n in zip(index["labels"], index["class_names"])}
     labels = np.array([names.get(Path(f).parent.name, -1) for f in files], dtype=np.int64)

@@ -581,3 +581,99 @@ def test_settings_flagged_neutral_in_the_schema_never_split_a_row():
                              trainer__seed=3)) == base
     assert recipe_config(res(optimizer__lr=0.01)) != base
     assert recipe_config(res(trainer__batch_size=64)) != base
+
+
+def test_a_second_report_into_the_same_folder_leaves_no_stale_files(tmp_path, capsys):
+    """Guards dml-report into one --out folder: the PNGs and tables of an earlier report whose rows are gone stayed
+    behind; now a report removes the files the previous one wrote and it does not, and never a file of the user's."""
+    out = tmp_path / "report"
+    a = write_run(tmp_path / "a" / "r0", table=None, row="triplet", overrides=["loss=triplet"],
+                  metrics={"recall@1": 0.5})
+    b = write_run(tmp_path / "b" / "r0", table=None, row="contrastive", overrides=["loss=contrastive"],
+                  choices={"loss": "contrastive"}, metrics={"recall@1": 0.6})
+    assert main([str(a), "--out", str(out), "--no-figures"]) == 0
+    first = {p.name for p in out.iterdir()}
+    (out / "mine.png").write_bytes(b"user file")
+    stale = out / "old_rows.png"
+    stale.write_bytes(b"png")
+    (out / ".dml-report-files").write_text((out / ".dml-report-files").read_text() + "old_rows.png\n")
+    assert main([str(b), "--out", str(out), "--no-figures"]) == 0
+    assert "removed 1 file(s)" in capsys.readouterr().out
+    assert not stale.exists() and (out / "mine.png").read_bytes() == b"user file"
+    assert first - {"old_rows.png"} <= {p.name for p in out.iterdir()}
+
+
+def _drawn_figures(monkeypatch) -> list:
+    """The matplotlib figures the plotting code closes (kept open for inspection)."""
+    import matplotlib.pyplot as plt
+
+    figures: list = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    return figures
+
+
+def _text_boxes(fig) -> list:
+    """The figure's titles, axis labels and legend entries with their extents in pixels (tick labels left out:
+    matplotlib keeps undrawn ones for ticks outside the view)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = [fig._suptitle] if fig._suptitle is not None else []
+    for legend in fig.legends:
+        texts += list(legend.get_texts())
+    for ax in fig.axes:
+        texts += [ax.title, ax.xaxis.label, ax.yaxis.label]
+        if ax.get_legend() is not None:
+            texts += list(ax.get_legend().get_texts())
+    return [(t, t.get_window_extent(renderer)) for t in texts if t.get_visible() and t.get_text()]
+
+
+LONG = ("loss=hdml_npair method=hdml trainer.epochs=10 trainer.batch_size=20 optimizer.lr=0.0003 "
+        "loss.pulling_factor={} loss.softmax_factor=50 sampler.samples_per_class=2")
+
+
+def test_long_row_names_stay_inside_their_figures(tmp_path, monkeypatch):
+    """Guards figures with long row names: the curve legends were clipped at the figure's edge and the t-SNE panel
+    titles overlapped one another. Every text (legend entry, title) must lie inside the saved figure, and no two
+    panel titles may overlap."""
+    import matplotlib.transforms as mtransforms
+
+    from dml_runner.plots import plot_curves_by_group, plot_tsne_panels
+
+    rng = np.random.default_rng(0)
+    history = pd.DataFrame({"epoch": [0, 1, 2], "test/recall@1": [0.3, 0.5, 0.6], "test/nmi": [0.1, 0.2, 0.3]})
+    names = [LONG.format(p) for p in (0, 30, 60, 90)]
+    figures = _drawn_figures(monkeypatch)
+    plot_curves_by_group({n: [history] for n in names}, tmp_path / "curves.png", metrics=("recall@1", "nmi"),
+                         title="runs / digits: " + names[0])
+    labels = np.repeat(np.arange(5), 12)
+    panels = [(n, rng.normal(size=(60, 8)).astype(np.float32), labels) for n in names]
+    plot_tsne_panels(panels, tmp_path / "tsne.png", max_points=60)
+    assert len(figures) == 2
+    from PIL import Image
+
+    for fig, png in zip(figures, ("curves.png", "tsne.png")):
+        boxes = [box for _, box in _text_boxes(fig)]
+        union = mtransforms.Bbox.union(boxes)  # every title, label and legend entry, in pixels at fig.dpi
+        with Image.open(tmp_path / png) as img:
+            width, height = img.size
+        scale = round(img.info["dpi"][0]) / fig.dpi  # the PNG's resolution over the figure's
+        # the PNG holds all of it: nothing was cut at the figure's edge (2 px of rounding allowed)
+        assert union.width * scale <= width + 2 and union.height * scale <= height + 2, (png, union, img.size)
+    titles = [box for ax in figures[1].axes if ax.get_title() for box in [ax.title.get_window_extent()]]
+    assert len(titles) == 4
+    for i, a in enumerate(titles):
+        for b in titles[i + 1:]:
+            assert not a.overlaps(b)
+
+
+def test_row_names_hold_what_differs_and_never_an_automatic_preset(tmp_path):
+    """Guards row names that listed a preset choice Hydra records even when no such file exists
+    (preset_method=digits_hdml): the automatic presets never name a row; the names hold what differs."""
+    for loss, method in (("triplet", "standard"), ("hdml_npair", "hdml")):
+        write_run(tmp_path / loss, table=None, row=loss, dataset="digits", metrics={"recall@1": 0.5},
+                  overrides=[f"loss={loss}"], choices={"loss": loss, "method": method,
+                                                       "preset_method": f"digits_{method}",
+                                                       "preset_trainer": "digits_default"})
+    result = report([tmp_path], tmp_path / "out", figures=False)
+    rows = sorted(r["row"] for r in result["tables"][0]["rows"])
+    assert rows == ["loss=hdml_npair method=hdml", "loss=triplet method=standard"]

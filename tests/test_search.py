@@ -83,3 +83,42 @@ def test_search_errors(digits_run, indexed, tmp_path, capsys):
     assert "\n" not in err and "missing.png" in err
     assert main([str(digits_run), str(stranger), "--index", str(index), "--k", "0"]) == 2
     assert "--k 0" in capsys.readouterr().err
+
+
+def test_an_index_embedded_by_another_model_is_refused(digits_run, indexed, tmp_path, capsys):
+    """Guards dml-search against an index of the same dimension embedded by a different model (meaningless
+    neighbours, exit 0 before): embeddings files record the model's fingerprint, a mismatch is refused in one line,
+    and a file without one is searched with a warning."""
+    import torch
+
+    from dml_runner.cli.search import main
+    from dml_runner.rundir import model_fingerprint, write_embeddings
+    from dml_runner.trained import load_trained, scan_images
+
+    folder, files, stranger, index = indexed
+    trained = load_trained(digits_run)
+    ours = model_fingerprint(trained.model, trained.config)
+    assert str(np.load(index)["fingerprint"]) == ours
+    # the run's own file records the same fingerprint for the same weights (trainer=smoke: no validation split, so
+    # the final epoch is last.pt, the checkpoint dml-search loads)
+    assert not (digits_run / "best.pt").exists()
+    assert str(np.load(digits_run / "embeddings.npz")["fingerprint"]) == ours
+
+    other = load_trained(digits_run)
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1e-3)  # another model, same architecture and dimension
+    paths, labels, names = scan_images(folder)
+    dataset = other.image_dataset(paths, labels, names)
+    foreign = tmp_path / "foreign.npz"
+    write_embeddings(foreign, other.embed(dataset), dataset.labels, dataset,
+                     fingerprint=model_fingerprint(other.model, other.config))
+    assert main([str(digits_run), str(stranger), "--index", str(foreign), "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "embedded by another model" in err and "dml-embed" in err
+
+    with np.load(index) as data:
+        arrays = {k: data[k] for k in data.files if k != "fingerprint"}
+    unmarked = tmp_path / "unmarked.npz"
+    np.savez(unmarked, **arrays)
+    assert main([str(digits_run), str(stranger), "--index", str(unmarked), "--out", str(tmp_path / "g.png")]) == 0
+    assert "no model fingerprint" in capsys.readouterr().err

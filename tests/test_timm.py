@@ -338,3 +338,23 @@ def test_dml_run_trains_a_timm_backbone_with_its_weights_and_transform(hf_hub, t
     assert model["source"] == "timm" and model["arch"] == CNN and model["weights_file"] == str(files[CNN])
     assert sha256(files[CNN]).startswith(model["weights_sha256"]) and model["img_size"] == 32
     assert results["dataset"]["info"]["transform"] == "timm"
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_weights_the_hub_cannot_give_fail_before_any_download_attempt(tmp_path, monkeypatch, offline):
+    """Guards timm without network spending about a minute on the hub client's retries before failing: with
+    HF_HUB_OFFLINE set, or a hub host that refuses connections, the one-line error comes before timm is asked."""
+    import timm
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("timm asked to download"))
+    with pytest.raises(DMLRunnerError) as err:
+        timm_backbone("resnet34.a1_in1k", pretrained=True)
+    message = str(err.value)
+    assert "\n" not in message and "models--timm--resnet34.a1_in1k" in message
+    assert ("HF_HUB_OFFLINE is set" if offline else "no connection to 127.0.0.1") in message

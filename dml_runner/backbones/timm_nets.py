@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,6 +159,37 @@ def _load_report() -> Iterator[dict[str, list[str]]]:
         logger.setLevel(level)
 
 
+def _not_cached(name: str, why: str) -> DMLRunnerError:
+    repo = hub_id(name)
+    return DMLRunnerError(
+        f"backbone.pretrained=true: timm's weights of {name} (Hugging Face hub {repo}) are not in the hub cache "
+        f"{_hub_cache_dir()} and could not be downloaded ({why}); on a machine with internet run "
+        f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` and copy its "
+        f"models--{str(repo).replace('/', '--')} folder into that cache (or point HF_HUB_CACHE at a copy), or pass "
+        f"backbone.weights=/path/to/model.safetensors with backbone.pretrained=false")
+
+
+def _hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached now (None when it answers a connection): ``HF_HUB_OFFLINE`` set, or
+    no connection to its host within ``timeout_s`` seconds (no network, a firewall)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return None  # the hub is reached through a proxy: a direct connection says nothing
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"no connection to {host}: {err.strerror or type(err).__name__}"
+    return None
+
+
 def _create(name: str, pretrained: bool, weights: str | None, img_size: int | None,
             model_kwargs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
     import timm
@@ -170,6 +202,10 @@ def _create(name: str, pretrained: bool, weights: str | None, img_size: int | No
         if not path.is_file():
             raise DMLRunnerError(f"backbone.weights={weights}: no such file")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
+    if pretrained and not weights and not hf_weights_available(name):
+        unreachable = _hub_unreachable()
+        if unreachable:  # fail now rather than after the hub client's retries (about a minute without network)
+            raise _not_cached(name, unreachable)
     try:
         with _load_report() as report:
             net = timm.create_model(name, pretrained=bool(pretrained or weights), num_classes=0, **kwargs)
@@ -184,13 +220,7 @@ def _create(name: str, pretrained: bool, weights: str | None, img_size: int | No
     except Exception as err:  # hub errors: not cached offline, no network, refused download
         if not pretrained or not isinstance(err, OSError) and "huggingface_hub" not in type(err).__module__:
             raise
-        repo = hub_id(name)
-        raise DMLRunnerError(
-            f"backbone.pretrained=true: timm's weights of {name} (Hugging Face hub {repo}) are not in the hub cache "
-            f"{_hub_cache_dir()} and could not be downloaded ({type(err).__name__}); on a machine with internet run "
-            f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` and copy its "
-            f"models--{str(repo).replace('/', '--')} folder into that cache (or point HF_HUB_CACHE at a copy), or pass "
-            f"backbone.weights=/path/to/model.safetensors with backbone.pretrained=false") from None
+        raise _not_cached(name, type(err).__name__) from None
     if report["missing"] or report["unexpected"]:
         option = f"backbone.weights={weights}" if weights else "backbone.pretrained=true"
         raise DMLRunnerError(f"{option} does not fit {name}: {len(report['missing'])} of the model's tensors are "

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dml_runner import DMLRunnerError
-from dml_runner.rundir import EMBEDDINGS, write_embeddings
+from dml_runner.rundir import EMBEDDINGS, model_fingerprint, unwritable_reason, write_embeddings
 from dml_runner.trained import dataset_split, load_trained, scan_images
 
 
@@ -35,6 +35,9 @@ def output_path(option: str, value: str) -> Path:
         raise DMLRunnerError(f"{option} {value}: the directory {out.parent.resolve()} does not exist; create it first")
     if out.is_dir():
         raise DMLRunnerError(f"{option} {value}: is a directory; give a file name")
+    reason = unwritable_reason(out.parent)
+    if reason:
+        raise DMLRunnerError(f"{option} {value}: {reason}; choose a writable folder")
     return out
 
 
@@ -72,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 masks = {"query_mask": splits.query_mask, "gallery_mask": splits.gallery_mask}
             what = f"the {split} split of {splits.name} ({len(dataset)} images)"
         emb = trained.embed(dataset, args.batch_size, args.num_workers)
-        write_embeddings(out, emb, dataset.labels, dataset, **masks, checkpoint=str(trained.checkpoint))
+        write_embeddings(out, emb, dataset.labels, dataset, **masks, checkpoint=str(trained.checkpoint),
+                         fingerprint=model_fingerprint(trained.model, trained.config))
     except DMLRunnerError as err:
         print(f"dml-embed: error: {err}", file=sys.stderr)
         return 2

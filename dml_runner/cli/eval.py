@@ -131,6 +131,23 @@ def check_labels(path: str, labels: np.ndarray, query_mask: np.ndarray | None,
     return without
 
 
+def check_recall_at(path: str, ks: Sequence[int], n: int, query_mask: np.ndarray | None,
+                    gallery_mask: np.ndarray | None) -> None:
+    """Refuse a K that reaches the whole gallery a query searches: Recall@K would be 1.0 whatever the embeddings."""
+    if any(m is not None and np.asarray(m).dtype != np.bool_ for m in (query_mask, gallery_mask)):
+        return  # evaluate() refuses non-boolean masks with its own message
+    if query_mask is None and gallery_mask is None:
+        size = n - 1  # leave-one-out: every other item
+    else:
+        queries = np.ones(n, bool) if query_mask is None else np.asarray(query_mask, bool)
+        gallery = np.ones(n, bool) if gallery_mask is None else np.asarray(gallery_mask, bool)
+        size = int(gallery.sum()) - int((queries & gallery).any())  # a query in the gallery does not retrieve itself
+    big = [k for k in ks if k >= size]
+    if big:
+        raise InputError(f"--recall-at {' '.join(map(str, big))}: a query of {path} searches {size} items, so "
+                         f"Recall@{big[0]} is 1.0 for any embeddings; use K < {size}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -141,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n, dim = emb.shape
         num_classes = int(np.unique(lab).size)
         without_positive = check_labels(args.file, lab, qmask, gmask)
+        check_recall_at(args.file, args.recall_at, n, qmask, gmask)
         need = estimate_memory_bytes(n, dim, num_classes=num_classes, max_memory_gb=args.max_memory_gb)
         limit = args.max_memory_gb * 2**30 if args.max_memory_gb is not None else available_memory_bytes()
         print(f"{args.file}: {n} embeddings x {dim} dims, {num_classes} classes; "

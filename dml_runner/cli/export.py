@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DMLRunnerError as err:
         print(f"dml-export: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # the file could not be written after all (a full disk, a folder that refuses it)
+        print(f"dml-export: error: cannot write {err.filename or args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
     print(f"dml-export: {args.format} model -> {out} (input {record['input']['shape']}, output "
           f"{record['output']['shape']}); checked on {record['checked_images']} {record['checked_on']}: max abs "
           f"difference {record['max_abs_diff']:.3g} <= {args.atol:g}")

@@ -53,6 +53,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The files the last dml-report wrote into its --out folder, one relative path a line: the next report into the same
+# folder removes those it does not write again (figures of rows that are gone), and nothing else.
+MANIFEST = ".dml-report-files"
+
+
+def clear_stale_files(out: Path, written: Sequence[Path]) -> int:
+    """Remove the files an earlier report listed in ``out``'s manifest that this one did not write; record this
+    report's files. Returns how many were removed; files the reports never wrote are never touched."""
+    manifest = out / MANIFEST
+    now = {Path(f).resolve().relative_to(out.resolve()).as_posix() for f in written
+           if Path(f).resolve().is_relative_to(out.resolve())}
+    removed = 0
+    earlier = manifest.read_text().split("\n") if manifest.is_file() else []
+    for name in earlier:
+        path = out / name
+        if name and name not in now and ".." not in Path(name).parts and path.is_file():
+            path.unlink()
+            removed += 1
+            parent = path.parent
+            while parent != out and parent.is_dir() and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+    manifest.write_text("\n".join(sorted(now)) + "\n")
+    return removed
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="dml-report: %(message)s")
@@ -67,10 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportError as err:
         print(f"dml-report: error: {err}", file=sys.stderr)
         return 1
+    stale = clear_stale_files(Path(args.out), result["files"])
     print(render_markdown(result["tables"], result["failed"]))
     print(f"dml-report: wrote {len(result['files'])} files to {Path(args.out)}"
           + (f" (open {Path(args.out) / 'index.html'})" if args.html else "")
-          + (f"; {len(result['failed'])} failed run(s) listed separately" if result["failed"] else ""))
+          + (f"; {len(result['failed'])} failed run(s) listed separately" if result["failed"] else "")
+          + (f"; removed {stale} file(s) an earlier report wrote there" if stale else ""))
     return 0
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from dml_runner import DMLRunnerError
 from dml_runner.cli.embed import add_common_arguments, output_path
-from dml_runner.trained import load_trained, search
+from dml_runner.trained import check_fingerprint, load_trained, search
 
 
 def load_index(path: str | Path) -> dict[str, np.ndarray]:
@@ -54,7 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = output_path("--out", args.out)
         index = load_index(args.index)
         trained = load_trained(args.run, args.device)
-        files, labels, neighbours, distances = search(trained, args.queries, index, args.k)
+        unchecked = check_fingerprint(trained, index)
+        if unchecked:
+            print(f"dml-search: warning: {unchecked}", file=sys.stderr)
+        files, labels, neighbours, distances = search(trained, args.queries, index, args.k, check=False)
         q = len(files)
         all_labels = np.concatenate([labels, index["labels"].astype(np.int64)])
         paths = files + [str(p) for p in index["paths"]]

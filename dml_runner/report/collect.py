@@ -25,6 +25,7 @@ import pandas as pd
 
 from dml_runner import DMLRunnerError
 from dml_runner.config import LABEL_KEYS, NEUTRAL, flagged_keys
+from dml_runner.loggers import TRACKER_DIRS
 from dml_runner.reference import row_deviations
 from dml_runner.rundir import HISTORY, RESULTS, flatten_config, read_results, split_override
 
@@ -37,7 +38,9 @@ FINGERPRINT = ("backbone", "weights", "embedding_dim", "test_transform", "evalua
 # The settings schemas flag theirs (config.NEUTRAL); the other groups' are named here.
 NEUTRAL_KEYS = (*flagged_keys(NEUTRAL), *LABEL_KEYS, "dataset.verify_images", "logger", "reference", "hydra")
 # Group choices that carry no setting of their own (their effect is in the config keys) or cannot change a number.
-NEUTRAL_CHOICES = ("logger", "hparams_search", "preset", "preset_sampler")
+# The presets are chosen from other choices (``preset_method: ${dataset}_${method}``) and are named even where no
+# such file exists (``digits_hdml``), so they never name a row.
+NEUTRAL_CHOICES = ("logger", "hparams_search", "preset", "preset_sampler", "preset_trainer", "preset_method")
 SEED_KEY = "trainer.seed"
 MISSING = "∅"  # value shown for a key a run's config does not have
 
@@ -60,7 +63,7 @@ def find_runs(paths: Sequence[Path | str], select_metric: str | None = None) -> 
             candidates = [path]
             job_dirs: list[Path] = []
         else:
-            candidates = sorted(path.rglob(RESULTS))
+            candidates = _run_results(path)
             job_dirs = sorted(p.parent for p in path.rglob(".hydra") if p.is_dir())
         for res_path in candidates:
             run_dir = res_path.parent.resolve()
@@ -72,6 +75,16 @@ def find_runs(paths: Sequence[Path | str], select_metric: str | None = None) -> 
                 seen.add(job_dir.resolve())
                 records.append(load_run(job_dir, select_metric))
     return records
+
+
+def _run_results(root: Path) -> list[Path]:
+    """The results.json files of the runs under ``root``: a tracker's copy (MLflow's artifacts, W&B's files) lies in
+    a tracker folder or inside another run's directory, and is not a run of its own."""
+    found = sorted(root.rglob(RESULTS))
+    run_dirs = {p.parent for p in found}
+    return [p for p in found
+            if not any(part in TRACKER_DIRS for part in p.relative_to(root).parts[:-1])
+            and not any(parent in run_dirs for parent in p.parent.parents)]
 
 
 def _hashable(value: Any) -> Any:

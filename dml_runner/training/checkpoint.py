@@ -144,3 +144,39 @@ def find_resume_checkpoint(resume: str | None, out_dir: Path, config: dict[str, 
         log.info("trainer.resume=auto: no unfinished run with this config under %s; starting fresh", search_root)
         return None
     return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def _sweep_key(overrides: Collection[str]) -> list[str]:
+    """A sweep's overrides as they define its jobs: ``trainer.resume`` and Hydra's own keys left out."""
+    from dml_runner.rundir import split_override
+
+    keep = []
+    for item in overrides:
+        key = split_override(item)[0].lstrip("+~")
+        if key != "trainer.resume" and not key.startswith("hydra.") and not key.startswith("hydra/"):
+            keep.append(item)
+    return sorted(keep)
+
+
+def find_unfinished_sweep(search_root: Path, overrides: list[str]) -> Path | None:
+    """The newest sweep directory under ``search_root`` (``paths.output_dir``) that was started with these
+    overrides (``trainer.resume`` aside) and where a job has not completed: ``dml-run -m ... trainer.resume=auto``
+    continues there, so every job, the resumed and the fresh ones, ends in one sweep directory with one summary."""
+    from omegaconf import OmegaConf
+
+    from dml_runner.training.callbacks import sweep_jobs
+
+    want = _sweep_key(overrides)
+    try:
+        jobs = len(sweep_jobs(list(overrides)))
+    except Exception:  # noqa: BLE001 - a sweeper's own search space (Optuna's interval(...)): jobs not known ahead
+        return None
+    found = []
+    for saved in Path(search_root).glob("**/multirun.yaml") if Path(search_root).is_dir() else []:
+        try:
+            task = list(OmegaConf.load(saved).hydra.overrides.task)
+        except Exception:  # noqa: BLE001 - not a Hydra sweep's file: not a candidate
+            continue
+        if _sweep_key(task) == want and not all(is_completed(saved.parent / str(n)) for n in range(jobs)):
+            found.append(saved.parent)
+    return max(found, key=lambda p: (p / "multirun.yaml").stat().st_mtime) if found else None

@@ -30,7 +30,7 @@ from dml_runner.distributed import (DistInfo, ShardedBatchSampler, broadcast_mod
                                     data_parallel, gather_global_batch, init_distributed, rank_device, wait_for_main)
 from dml_runner.loggers import CSVLogger
 from dml_runner.methods.base import Method, TrainContext
-from dml_runner.rundir import EMBEDDINGS, write_embeddings
+from dml_runner.rundir import EMBEDDINGS, model_fingerprint, write_embeddings
 from dml_runner.training.checkpoint import Checkpointer
 
 log = logging.getLogger(__name__)
@@ -525,4 +525,5 @@ class Trainer:
         dml-search), and the query/gallery masks of a query-gallery protocol."""
         masks = {"query_mask": self.data.query_mask, "gallery_mask": self.data.gallery_mask} \
             if self.data.eval_mode == "query_gallery" else {}
-        write_embeddings(self.out_dir / EMBEDDINGS, emb, self.data.test.labels, self.data.test, **masks)
+        write_embeddings(self.out_dir / EMBEDDINGS, emb, self.data.test.labels, self.data.test, **masks,
+                         fingerprint=model_fingerprint(self.model, self.config))
