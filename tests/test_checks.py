@@ -85,14 +85,15 @@ def test_every_experiment_and_group_option_passes_the_checks():
 
     register_configs()
     conf = conf_dir()
-    overrides = [f"+experiment={row}" for row in group_options("experiment")]
-    for group in ("dataset", "transform", "backbone", "loss", "sampler", "optimizer", "scheduler", "method",
-                  "logger"):
-        overrides += [f"{group}={option}" for option in group_options(group)]
+    overrides = [[f"+experiment={row}"] for row in group_options("experiment")]
+    for group in ("dataset", "backbone", "loss", "sampler", "optimizer", "scheduler", "method", "logger"):
+        overrides += [[f"{group}={option}"] for option in group_options(group)]
+    # a transform is read by the datasets of image files (digits prepares its own tensors and refuses one)
+    overrides += [["dataset=cub200", f"transform={option}"] for option in group_options("transform")]
     assert len(overrides) > 60
     with initialize_config_dir(str(conf), version_base="1.3"):
         for override in overrides:
-            validate_config(compose("config", overrides=[override]))
+            validate_config(compose("config", overrides=override))
 
 
 def test_a_sweep_is_checked_job_by_job_before_any_job_starts(tmp_path):
