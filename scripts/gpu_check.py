@@ -20,12 +20,26 @@ Checks, each one row of the table, each run on its own (a row that fails or cann
    trunk), Divide & Conquer with 2 clusters, and a timm ViT. images/s of the second epoch (loading included), the
    data / compute split of a step when the run's history records it, peak GPU memory, and the memory still held
    after the run and a garbage collection. The weights are random (no network), so the loss values mean nothing.
-3. torchrun: NCCL all-reduce in ``--nproc`` processes (2 when the machine has 2+ GPUs, else 1) and a ``dml-run``
+3. paper: the rows ``make reproduce-*`` runs (scripts/reproduce.py's targets, composed as it composes them); for
+   each distinct backbone / transform / crop among them (GoogLeNet with caffe_227 and lifted_227 at 227 px, ResNet-50
+   with rrc_224 at 224 px, timm ViT-S/16 at 224 px), two epochs of ``--paper-steps`` class-balanced batches (the
+   rows' batch, at most 128) on generated photo-like 500x375 JPEGs, with the row's own transform settings, once with
+   the decoded-image cache (``dataset.cache=auto``) and once without (``dataset.cache=none``): images/s of the second
+   epoch, its ``data_time_s`` and ``step_time_s`` from history.csv, and whether the training split was cached.
+   Random init (the speed does not depend on the weights), a triplet loss and the standard method.
+   From these, an estimated training time per ``make reproduce-*`` target on this GPU (printed after the table and
+   written into the JSON and Markdown): per row, epochs x steps per epoch x batch images (steps per epoch = the
+   dataset's official training image count // batch, or ``trainer.max_steps_per_epoch``), divided by the images/s
+   measured with the cache for the row's backbone / transform / crop, times ``--seeds`` (3, as ``SEEDS``), summed.
+   Evaluation, the cache's one-time build, model loading, HDML's generator and Divide & Conquer's reclustering are
+   not counted, and a row's rate is measured at batch <= 128: an approximation of the order of magnitude.
+4. torchrun: NCCL all-reduce in ``--nproc`` processes (2 when the machine has 2+ GPUs, else 1) and a ``dml-run``
    under torchrun with the same number of processes (a single process trains without a process group).
 
 A row fails when its run raises, or when its numbers differ from the reference beyond the limits above (k-means:
 NMI by more than 0.01). Exit code 1 when any row fails. ``--dry-run`` runs on the CPU ("cuda" side = the CPU again),
-gloo instead of NCCL. The rows are written after each check, so a run stopped by a time limit keeps what it measured.
+gloo instead of NCCL, tiny images and crops (the same backbones; the estimate's numbers then mean nothing). The
+rows are written after each check, so a run stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -402,8 +416,14 @@ def check_paper(combo: dict, cache: str, data: Path, out: Path, sz: Sizes, devic
     rate = sz.paper_steps * batch / epoch
     results = json.loads((out / name / "results.json").read_text())
     split = (((results.get("dataset") or {}).get("info") or {}).get("decoded_cache") or {}).get("train") or {}
-    cached = "train split cached" if split.get("cached") else "train split not cached" + (
-        f" ({split['reason']})" if split.get("reason") else "")
+    if split.get("cached"):
+        cached = "train split cached"
+    elif cache == "none":
+        cached = "train split not cached (cache off)"
+    else:  # the reason without the transform's repr: "first step is random; no exact prefix to cache"
+        reason = str(split.get("reason", "?"))
+        head, last = reason.split(" (", 1)[0], reason.rsplit(";", 1)[-1].strip(" )")
+        cached = f"train split not cached ({head if head == last or ';' not in reason else f'{head}; {last}'})"
     size = f"{sz.crop}px (dry run; the rows: {combo['crop']}px)" if sz.dry else f"{combo['crop']}px"
     share = 100 * data_s / max(data_s + step_s, 1e-9)
     return row("paper", f"{combo['backbone']} {combo['transform']} {size} b{batch} x{sz.paper_steps} steps, "
