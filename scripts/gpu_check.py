@@ -422,8 +422,8 @@ def check_paper(combo: dict, cache: str, data: Path, out: Path, sz: Sizes, devic
         cached = "train split not cached (cache off)"
     else:  # the reason without the transform's repr: "first step is random; no exact prefix to cache"
         reason = str(split.get("reason", "?"))
-        head, last = reason.split(" (", 1)[0], reason.rsplit(";", 1)[-1].strip(" )")
-        cached = f"train split not cached ({head if head == last or ';' not in reason else f'{head}; {last}'})"
+        head, tail = reason.split(" (", 1)[0], reason.rsplit(";", 1)[-1].strip(" )")
+        cached = f"train split not cached ({head if head == tail or ';' not in reason else f'{head}; {tail}'})"
     size = f"{sz.crop}px (dry run; the rows: {combo['crop']}px)" if sz.dry else f"{combo['crop']}px"
     share = 100 * data_s / max(data_s + step_s, 1e-9)
     return row("paper", f"{combo['backbone']} {combo['transform']} {size} b{batch} x{sz.paper_steps} steps, "
