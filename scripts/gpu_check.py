@@ -20,17 +20,32 @@ Checks, each one row of the table, each run on its own (a row that fails or cann
    trunk), Divide & Conquer with 2 clusters, and a timm ViT. images/s of the second epoch (loading included), the
    data / compute split of a step when the run's history records it, peak GPU memory, and the memory still held
    after the run and a garbage collection. The weights are random (no network), so the loss values mean nothing.
-3. torchrun: NCCL all-reduce in ``--nproc`` processes (2 when the machine has 2+ GPUs, else 1) and a ``dml-run``
+3. paper: the rows ``make reproduce-*`` runs (scripts/reproduce.py's targets, composed as it composes them); for
+   each distinct backbone / transform / crop among them (GoogLeNet with caffe_227 and lifted_227 at 227 px, ResNet-50
+   with rrc_224 at 224 px, timm ViT-S/16 at 224 px), two epochs of ``--paper-steps`` class-balanced batches (the
+   rows' batch, at most 128) on generated photo-like 500x375 JPEGs, with the row's own transform settings, once with
+   the decoded-image cache (``dataset.cache=auto``) and once without (``dataset.cache=none``): images/s of the second
+   epoch, its ``data_time_s`` and ``step_time_s`` from history.csv, and whether the training split was cached.
+   Random init (the speed does not depend on the weights), a triplet loss and the standard method.
+   From these, an estimated training time per ``make reproduce-*`` target on this GPU (printed after the table and
+   written into the JSON and Markdown): per row, epochs x steps per epoch x batch images (steps per epoch = the
+   dataset's official training image count // batch, or ``trainer.max_steps_per_epoch``), divided by the images/s
+   measured with the cache for the row's backbone / transform / crop, times ``--seeds`` (3, as ``SEEDS``), summed.
+   Evaluation, the cache's one-time build, model loading, HDML's generator and Divide & Conquer's reclustering are
+   not counted, and a row's rate is measured at batch <= 128: an approximation of the order of magnitude.
+4. torchrun: NCCL all-reduce in ``--nproc`` processes (2 when the machine has 2+ GPUs, else 1) and a ``dml-run``
    under torchrun with the same number of processes (a single process trains without a process group).
 
 A row fails when its run raises, or when its numbers differ from the reference beyond the limits above (k-means:
 NMI by more than 0.01). Exit code 1 when any row fails. ``--dry-run`` runs on the CPU ("cuda" side = the CPU again),
-gloo instead of NCCL. The rows are written after each check, so a run stopped by a time limit keeps what it measured.
+gloo instead of NCCL, tiny images and crops (the same backbones; the estimate's numbers then mean nothing). The
+rows are written after each check, so a run stopped by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import gc
 import json
@@ -78,7 +93,8 @@ MAX_K = 100  # the largest Recall@K compared (faiss searches the top max(K, R) +
 class Sizes:
     """GPU sizes, or tiny ones for the CPU dry run."""
 
-    def __init__(self, dry: bool, steps: int | None, n_eval: int | None):
+    def __init__(self, dry: bool, steps: int | None, n_eval: int | None, paper_steps: int | None = None):
+        self.dry = dry
         self.image = 40 if dry else 288  # generated JPEG side
         self.crop = 32 if dry else 224
         self.resize = 36 if dry else 256
@@ -88,6 +104,12 @@ class Sizes:
         self.steps = steps or (2 if dry else 12)
         self.workers = 0 if dry else min(8, os.cpu_count() or 1)
         self.n_eval, self.dim = (n_eval or 800, 16) if dry else (n_eval or 30_000, 128)
+        # the paper rows' backbones at their own crop, on photo-like JPEGs (500x375 as CUB's; 1/10 in a dry run):
+        # class-balanced batches of 4 images per class, the row's batch up to paper_batch, paper_steps an epoch
+        self.photo = (50, 38) if dry else (500, 375)
+        self.paper_batch = 8 if dry else 128
+        self.paper_steps = paper_steps or (2 if dry else 16)
+        self.paper_test = (2, 4) if dry else (4, 8)  # test classes x images: the run's evaluation, kept small
 
 
 class Skip(Exception):
@@ -171,9 +193,11 @@ def train_overrides(data: Path, sz: Sizes, device: str, extra: tuple[str, ...] =
         "trainer.save_checkpoints=false", "trainer.save_embeddings=false", "trainer.progress=false",
         f"eval.device={device}", "eval.metrics=[recall]",
     ]
-    if any(o.startswith("backbone=timm") for o in extra):
-        extra = (*extra, f"backbone.img_size={sz.crop}")  # a ViT rebuilt for the crop (tiny in a dry run)
     keys = {o.split("=", 1)[0] for o in extra}
+    if any(o.startswith("backbone=timm") for o in extra) and "backbone.img_size" not in keys:
+        extra = (*extra, f"backbone.img_size={sz.crop}")  # a ViT rebuilt for the crop (tiny in a dry run)
+    if "transform" in keys:  # another transform: its own sizes come with it (rrc_224's keys may not exist there)
+        keys |= {o.split("=", 1)[0] for o in base if o.startswith("transform.")}
     return [o for o in base if o.split("=", 1)[0] not in keys] + list(extra)
 
 
@@ -234,6 +258,219 @@ def check_training(name: str, data: Path, out: Path, sz: Sizes, device: str, tor
                f"held after gc {held:.2f} GB" if cuda else
                f"{rate:.0f} img/s (epoch 2), loss {loss:.3f}, R@1 {recall:.3f}; {step_split(rows[-1])}",
                time_s=wall, peak_gb=peak, ok=bool(np.isfinite(loss)), torch=torch.__version__, held_gb=held)
+
+
+# ------------------------------------------------------------------ the paper rows: speed and time per target
+
+def _override_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override_value(v) for v in value) + "]"
+    return str(value)
+
+
+def input_size(cfg) -> int:
+    """The side of a composed row's training crop: the transform's ``crop``, or the timm model's input size."""
+    crop = cfg.transform.train.get("crop")
+    if crop is not None:
+        return int(crop)
+    from dml_runner.backbones.timm_nets import data_config
+
+    return int(data_config(str(cfg.backbone.name), cfg.backbone.get("img_size"))["input_size"][-1])
+
+
+def train_images(cfg) -> int:
+    """The official training image count of a row's dataset (dml_runner/datasets/registry.py), less its validation
+    fraction."""
+    from dml_runner.datasets.registry import SPECS
+
+    from reproduce import dataset_name
+
+    name = dataset_name(cfg)
+    counts = next(v.official_counts for v in SPECS[name].variants if v.official_counts)
+    return int(counts["train_images"] * (1.0 - float(cfg.dataset.get("val_fraction") or 0.0)))
+
+
+def plan_row(name: str, cfg) -> dict:
+    """What the estimate needs of one composed row, and the overrides that train its backbone and transform (the
+    row's own settings of both) on the generated folder dataset."""
+    from omegaconf import OmegaConf
+
+    choices = cfg.hydra.runtime.choices
+    backbone, transform = choices["backbone"], choices["transform"]
+    label = str(cfg.backbone.get("arch") or cfg.backbone.get("name") or backbone)
+    crop = input_size(cfg)
+    over = [f"backbone={backbone}", "backbone.pretrained=false",
+            f"backbone.embedding_dim={int(cfg.backbone.embedding_dim)}", f"transform={transform}"]
+    if cfg.backbone.get("name") is not None:
+        over.append(f"backbone.name={cfg.backbone.name}")
+    for side in ("train", "test"):
+        node = OmegaConf.to_container(cfg.transform[side], resolve=False)
+        for key, value in node.items():
+            if key != "_target_" and not (isinstance(value, str) and value.startswith("${")):
+                over.append(f"transform.{side}.{key}={_override_value(value)}")
+    batch = int(cfg.trainer.batch_size)
+    images = train_images(cfg)
+    cap = cfg.trainer.get("max_steps_per_epoch")
+    steps = int(cap) if cap else max(1, images // batch)  # full batches (the last partial one dropped)
+    return dict(row=name, combo=f"{label} {transform} {crop}px", backbone=label, transform=transform, crop=crop,
+                batch=batch, epochs=int(cfg.trainer.epochs), steps_per_epoch=steps, train_images=images,
+                images=int(cfg.trainer.epochs) * steps * batch, overrides=over,
+                timm=str(cfg.backbone.get("_target_", "")).endswith("timm_backbone"))
+
+
+def reproduce_plan() -> dict[str, list[dict]]:
+    """Every ``make reproduce-*`` target's rows, composed as scripts/reproduce.py composes them."""
+    import reproduce
+
+    plan = {}
+    for target in reproduce.TARGETS:
+        cfgs, broken = reproduce.resolve_rows(reproduce.target_rows(target), [])
+        if broken:
+            row_name, why = next(iter(broken.items()))
+            raise RuntimeError(f"{target}: row {row_name} does not compose: {why}")
+        plan[target] = [plan_row(n, c) for n, c in cfgs.items()]
+    return plan
+
+
+def combos(plan: dict[str, list[dict]]) -> dict[str, dict]:
+    """The distinct backbone / transform / crop combinations of the plan, each with its first row and the batch
+    most of its rows train with."""
+    out: dict[str, dict] = {}
+    for rows in plan.values():
+        for r in rows:
+            c = out.setdefault(r["combo"], dict(r, batches=[]))
+            c["batches"].append(r["batch"])
+    for c in out.values():
+        c["batch"] = max(set(c["batches"]), key=c["batches"].count)
+    return out
+
+
+def _photo_class(args) -> None:
+    from bench_train import photo_like  # the benchmark's photo-like JPEGs (smooth regions, texture, noise)
+
+    folder, images, (w, h), seed = args
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k in range(images):
+        photo_like(w, h, rng, white_background=k % 3 == 2).save(folder / f"{k}.jpg", format="JPEG", quality=90)
+
+
+def make_photo_tree(root: Path, sz: Sizes) -> Path:
+    """<root>/train/class_XX/k.jpg and <root>/test/...: photo-like JPEGs (every third on a white page, for
+    lifted_227's crop to content), enough training images for paper_steps class-balanced batches of paper_batch."""
+    train_classes = sz.paper_batch // 4
+    per_class = sz.paper_steps * sz.paper_batch // train_classes
+    jobs = [(root / "train" / f"class_{c:03d}", per_class, sz.photo, c) for c in range(train_classes)]
+    jobs += [(root / "test" / f"class_{c:03d}", sz.paper_test[1], sz.photo, c)
+             for c in range(train_classes, train_classes + sz.paper_test[0])]
+    if sz.workers:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(sz.workers) as pool:
+            list(pool.map(_photo_class, jobs))
+    else:
+        for job in jobs:
+            _photo_class(job)
+    return root
+
+
+def paper_overrides(combo: dict, data: Path, cache_dir: Path, cache: str, sz: Sizes, device: str) -> list[str]:
+    """train_overrides with the combo's backbone and transform, at the row's crop (tiny in a dry run), its batch up
+    to paper_batch (4 images per class) and ``dataset.cache=<cache>``."""
+    over = list(combo["overrides"])
+    if sz.dry:  # the sizes shrink, nothing else: crop and resize keys, or the ViT's input size
+        over = [o for o in over if o.split("=", 1)[0].rsplit(".", 1)[-1] not in ("crop", "resize")]
+        keys = {o.split("=", 1)[0] for o in combo["overrides"]}
+        over += [f"{k}={sz.crop if k.endswith('crop') else sz.resize}" for k in sorted(keys)
+                 if k.rsplit(".", 1)[-1] in ("crop", "resize")]
+    if combo["timm"]:
+        over.append(f"backbone.img_size={sz.crop if sz.dry else combo['crop']}")
+    paper_sz = copy.copy(sz)
+    paper_sz.batch, paper_sz.steps = min(combo["batch"], sz.paper_batch) // 4 * 4, sz.paper_steps
+    over += [f"dataset.cache={cache}", f"paths.cache_dir={cache_dir}"]
+    return train_overrides(data, paper_sz, device, tuple(over))
+
+
+def check_paper(combo: dict, cache: str, data: Path, out: Path, sz: Sizes, device: str) -> dict:
+    """Two epochs of the combo's backbone and transform; images/s, data and step time of the second."""
+    from dml_runner.run import run
+
+    cuda = device == "cuda"
+    reset_peak(cuda)
+    name = f"paper_{combo['backbone']}_{combo['transform']}_{combo['crop']}_{cache}".replace("/", "_")
+    over = paper_overrides(combo, data, out / "cache", cache, sz, device)
+    batch = int(next(o for o in over if o.startswith("trainer.batch_size=")).split("=", 1)[1])
+    t0 = time.perf_counter()
+    run(compose(over), out / name)
+    wall = time.perf_counter() - t0
+    peak = peak_gb(cuda)
+    release(cuda)
+    with open(out / name / "history.csv", newline="") as fh:
+        last = list(csv.DictReader(fh))[-1]
+    epoch = float(last["epoch_time_s"])
+    data_s, step_s = float(last["data_time_s"]), float(last["step_time_s"])
+    rate = sz.paper_steps * batch / epoch
+    results = json.loads((out / name / "results.json").read_text())
+    split = (((results.get("dataset") or {}).get("info") or {}).get("decoded_cache") or {}).get("train") or {}
+    if split.get("cached"):
+        cached = "train split cached"
+    elif cache == "none":
+        cached = "train split not cached (cache off)"
+    else:  # the reason without the transform's repr: "first step is random; no exact prefix to cache"
+        reason = str(split.get("reason", "?"))
+        head, tail = reason.split(" (", 1)[0], reason.rsplit(";", 1)[-1].strip(" )")
+        cached = f"train split not cached ({head if head == tail or ';' not in reason else f'{head}; {tail}'})"
+    size = f"{sz.crop}px (dry run; the rows: {combo['crop']}px)" if sz.dry else f"{combo['crop']}px"
+    share = 100 * data_s / max(data_s + step_s, 1e-9)
+    return row("paper", f"{combo['backbone']} {combo['transform']} {size} b{batch} x{sz.paper_steps} steps, "
+               f"dataset.cache={cache}",
+               f"{rate:.0f} img/s (epoch 2); data {data_s:.3g} s, step {step_s:.3g} s ({share:.0f}% waiting for "
+               f"data); {cached}", time_s=wall, peak_gb=peak, ok=bool(np.isfinite(float(last["train_loss"]))),
+               combo=combo["combo"], cache=cache, images_per_s=rate, data_time_s=data_s, step_time_s=step_s,
+               batch=batch)
+
+
+def estimate(plan: dict[str, list[dict]], rows: list[dict], seeds: int) -> list[dict]:
+    """Training time per target: each row's epochs x steps per epoch x batch images at the images/s measured for
+    its backbone / transform / crop with the cache (dataset.cache=auto, the default), times ``seeds``."""
+    rates = {r["combo"]: r["images_per_s"] for r in rows
+             if r["section"] == "paper" and r.get("cache") == "auto" and r["ok"] and r.get("images_per_s")}
+    out = []
+    for target, plan_rows in plan.items():
+        missing = sorted({r["combo"] for r in plan_rows if r["combo"] not in rates})
+        seconds = None if missing else seeds * sum(r["images"] / rates[r["combo"]] for r in plan_rows)
+        out.append(dict(target=f"reproduce-{target}", rows=len(plan_rows), seeds=seeds,
+                        images_per_seed=sum(r["images"] for r in plan_rows), seconds=seconds,
+                        combos=sorted({r["combo"] for r in plan_rows}), missing=missing))
+    return out
+
+
+ESTIMATE_NOTE = ("training only, from the images/s measured above with the cache (dataset.cache=auto); per row: "
+                 "epochs x steps per epoch x batch images (steps per epoch = the dataset's official training "
+                 "images // batch, or trainer.max_steps_per_epoch when the row sets it), x SEEDS; not counted: "
+                 "evaluation, the cache's one-time build, model loading, HDML's generator and Divide & Conquer's "
+                 "reclustering passes (each row's rate is its backbone's at batch <= 128 under a triplet loss)")
+
+
+def _hours(seconds) -> str:
+    return "not measured" if seconds is None else f"{seconds / 3600:.2f} h"
+
+
+def estimate_lines(est: list[dict], where: str) -> list[str]:
+    if not est:
+        return []
+    lines = [f"Estimated time per make reproduce-* target on {where} (SEEDS={est[0]['seeds']}): {ESTIMATE_NOTE}",
+             "| target | rows | images per seed | estimate | backbone / transform / crop |",
+             "| --- | --- | --- | --- | --- |"]
+    for e in est:
+        combos_ = "; ".join(e["combos"]) + (f" (not measured: {'; '.join(e['missing'])})" if e["missing"] else "")
+        lines.append(f"| {e['target']} | {e['rows']} | {e['images_per_seed']:,} | {_hours(e['seconds'])} | "
+                     f"{combos_} |")
+    return lines
 
 
 def _require_faiss() -> None:
@@ -395,23 +632,27 @@ def _num(value, digits: int) -> str:
     return "-" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
 
 
-def markdown(rows: list[dict], header: str, total: float) -> str:
+def markdown(rows: list[dict], header: str, total: float, est_lines: list[str] | None = None) -> str:
     lines = [f"# dml-runner GPU check", "", header, "", f"total {total:.0f} s", "",
              "| section | check | result | time s | peak GB | status |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         cells = (r["section"], r["what"], r["result"], _num(r["time_s"], 1), _num(r["peak_gb"], 2), r["status"])
         lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    if est_lines:
+        lines += ["", "## Time per make reproduce-* target", "", est_lines[0], "", *est_lines[1:]]
     return "\n".join(lines) + "\n"
 
 
-def write_outputs(rows: list[dict], header: str, total: float, out_dir: Path | None, json_path: str | None) -> None:
-    blob = json.dumps(dict(header=header, total_s=total, rows=rows), indent=2, default=str)
+def write_outputs(rows: list[dict], header: str, total: float, out_dir: Path | None, json_path: str | None,
+                  est: list[dict] | None = None, est_lines: list[str] | None = None) -> None:
+    blob = json.dumps(dict(header=header, total_s=total, rows=rows, estimate=est or [], estimate_note=ESTIMATE_NOTE),
+                      indent=2, default=str)
     if json_path:
         Path(json_path).write_text(blob)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / OUT_JSON).write_text(blob)
-        (out_dir / OUT_MD).write_text(markdown(rows, header, total))
+        (out_dir / OUT_MD).write_text(markdown(rows, header, total, est_lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -423,7 +664,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="training steps per epoch (default 12; dry run 2)")
     p.add_argument("--n-eval", type=int, help="embeddings for the evaluation checks (default 30,000; dry run 800)")
     p.add_argument("--nproc", type=int, help="torchrun processes (default: 2 with 2+ GPUs, else 1)")
-    p.add_argument("--skip", nargs="*", default=[], choices=["train", "eval", "kmeans", "torchrun"])
+    p.add_argument("--paper-steps", type=int, help="training steps per epoch of the paper rows' backbones "
+                   "(default 16; dry run 2)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per row in the time estimate (make reproduce-*'s "
+                   "SEEDS; default 3)")
+    p.add_argument("--skip", nargs="*", default=[], choices=["train", "eval", "kmeans", "paper", "torchrun"])
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="start no check after this many seconds (its row says skipped); default 420")
     p.add_argument("--out", help="folder for gpu_check.json and gpu_check.md (written after every check)")
@@ -443,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     device = "cpu" if a.dry_run else "cuda"
-    sz = Sizes(a.dry_run, a.steps, a.n_eval)
+    sz = Sizes(a.dry_run, a.steps, a.n_eval, a.paper_steps)
     train_runs = list(a.archs) if a.archs else list(a.train)
     try:
         import faiss
@@ -483,10 +728,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {section} {what}: {r['status']} ({time.perf_counter() - started:.0f} s)", flush=True)
         write_outputs(rows, header, time.perf_counter() - started, out_dir, a.json)
 
+    sys.path.insert(0, str(ROOT / "scripts"))  # bench_eval's embeddings, bench_train's photos, reproduce's rows
+    plan: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         if "eval" not in a.skip or "kmeans" not in a.skip:
-            sys.path.insert(0, str(ROOT / "scripts"))
             from bench_eval import make_data
 
             classes = max(2, sz.n_eval // 5)
@@ -511,6 +757,22 @@ def main(argv: list[str] | None = None) -> int:
             for backend, prec in (("torch", "bf16"), ("torch", "fp32"), ("faiss", "fp32")):
                 attempt("kmeans", f"{backend} {prec}", lambda b=backend, pr=prec: check_kmeans(b, pr, x, y, classes,
                                                                                               device))
+        if "paper" not in a.skip:
+            def planned() -> dict:
+                t0 = time.perf_counter()
+                plan.update(reproduce_plan())
+                found = combos(plan)
+                return row("paper", "rows of make reproduce-* (composed as scripts/reproduce.py does)",
+                           f"{sum(map(len, plan.values()))} rows in {len(plan)} targets; backbone / transform / "
+                           f"crop: {'; '.join(found)}", time_s=time.perf_counter() - t0)
+
+            attempt("paper", "rows of make reproduce-*", planned)
+            if plan:
+                photos = make_photo_tree(tmp_path / "photos", sz)
+                for combo in combos(plan).values():
+                    for cache in ("auto", "none"):
+                        attempt("paper", f"{combo['combo']} dataset.cache={cache}",
+                                lambda c=combo, m=cache: check_paper(c, m, photos, tmp_path / "paper", sz, device))
         if "train" not in a.skip and train_runs:
             data = make_images(tmp_path / "images", sz.classes, sz.per_class, sz.image)
             torch_home = None
@@ -528,7 +790,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                            a.dry_run))
     total = time.perf_counter() - started
     print_table(rows, f"\n{header}\ntotal {total:.0f} s")
-    write_outputs(rows, header, total, out_dir, a.json)
+    est = estimate(plan, rows, a.seeds)
+    lines = estimate_lines(est, gpu_name if gpus else "the CPU (dry run: the numbers mean nothing)")
+    if lines:
+        print("\n" + "\n".join(lines))
+    write_outputs(rows, header, total, out_dir, a.json, est, lines)
     return 0 if rows and all(r["ok"] for r in rows) else 1
 
 

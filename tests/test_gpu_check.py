@@ -33,7 +33,7 @@ def _rows(out_dir: Path) -> list[dict]:
     return json.loads((out_dir / "gpu_check.json").read_text())["rows"]
 
 
-@pytest.mark.slow  # trains 4 small runs for 2 x 2 steps, evaluates, and starts two torchrun jobs (1-3 minutes)
+@pytest.mark.slow  # trains 4 + 8 small runs for 2 x 2 steps, evaluates, and starts two torchrun jobs (2-5 minutes)
 def test_dry_run_passes_every_check(gpu_check, tmp_path, capsys):
     out = tmp_path / "out"
     assert gpu_check.main(["--dry-run", "--train", "googlenet", "resnet18", "hdml", "hdml_cache", "--out",
@@ -49,10 +49,35 @@ def test_dry_run_passes_every_check(gpu_check, tmp_path, capsys):
     evals = [r for r in rows if r["section"] == "eval"][1:]
     assert all(r["differing_queries"] == 0 for r in evals if r["what"].startswith(("torch_screened",
                                                                                     "torch_symmetric")))
+    # the paper rows' backbone / transform / crop, each trained with the decoded cache and without it
+    paper = [r for r in rows if r["section"] == "paper"]
+    assert paper[0]["what"].startswith("rows of make reproduce-*") and "52 rows in 7 targets" in paper[0]["result"]
+    measured = paper[1:]
+    found = {r["combo"] for r in measured}
+    assert {"googlenet caffe_227 227px", "googlenet lifted_227 227px", "resnet50 rrc_224 224px"} <= found
+    assert any(c.startswith("vit_small_patch16_224") and c.endswith("timm 224px") for c in found)
+    assert sorted((r["combo"], r["cache"]) for r in measured) == sorted((c, m) for c in found for m in ("auto", "none"))
+    for r in measured:
+        assert r["images_per_s"] > 0 and r["data_time_s"] >= 0 and r["step_time_s"] > 0, r
+        assert "img/s" in r["result"] and "data " in r["result"] and "step " in r["result"]
+    by = {(r["combo"], r["cache"]): r["result"] for r in measured}
+    assert "train split cached" in by[("googlenet caffe_227 227px", "auto")]  # an exact prefix: the 256 warp
+    assert "train split not cached (cache off)" in by[("googlenet caffe_227 227px", "none")]
+    assert "first step is random" in by[("resnet50 rrc_224 224px", "auto")]
+    # the estimate: one line per make reproduce-* target, a positive finite time from the cached rows' rates
+    estimate = json.loads((out / "gpu_check.json").read_text())["estimate"]
+    targets = ["reproduce-table1", "reproduce-table2", "reproduce-table3", "reproduce-lifted", "reproduce-dc",
+               "reproduce-mdl", "reproduce-modern"]
+    assert [e["target"] for e in estimate] == targets
+    assert all(e["seconds"] is not None and 0 < e["seconds"] < float("inf") and not e["missing"] for e in estimate)
     table = (out / "gpu_check.md").read_text()
-    assert table.count("\n| ") == len(rows) + 2 and "| ok |" in table  # header, rule, one line per check
+    # header, rule, one line per check; then the estimate's header, rule and one line per target
+    assert table.count("\n| ") == len(rows) + 2 + 2 + len(targets) and "| ok |" in table
+    assert all(sum(line.startswith(f"| {t} |") for line in table.splitlines()) == 1 for t in targets)
     printed = capsys.readouterr().out
     assert "generated weights" in printed and "torchrun" in printed and "| ok" in printed
+    assert "Estimated time per make reproduce-* target" in printed and "evaluation" in printed
+    assert all(f"| {t} |" in printed for t in targets)
 
 
 def _skew_torch_fp32(gpu_check, monkeypatch):
@@ -71,7 +96,8 @@ def _skew_torch_fp32(gpu_check, monkeypatch):
 def test_a_device_difference_fails_its_row(gpu_check, tmp_path, monkeypatch, capsys):
     _skew_torch_fp32(gpu_check, monkeypatch)
     out = tmp_path / "out"
-    code = gpu_check.main(["--dry-run", "--skip", "train", "kmeans", "torchrun", "--n-eval", "300", "--out", str(out)])
+    code = gpu_check.main(["--dry-run", "--skip", "train", "kmeans", "paper", "torchrun", "--n-eval", "300", "--out",
+                           str(out)])
     by = {r["what"].split(" ")[0]: r for r in _rows(out) if r["section"] == "eval"}
     assert code == 1 and not by["torch_fp32"]["ok"] and by["torch_fp32"]["differing_queries"] == 3
     assert by["torch_screened"]["ok"] and by["torch_symmetric"]["ok"] and by["faiss"]["status"] in ("ok", "skipped")
@@ -91,7 +117,7 @@ def test_missing_faiss_and_a_failing_check_keep_every_other_row(gpu_check, tmp_p
 
     monkeypatch.setattr(gpu_check, "check_kmeans", broken)
     out = tmp_path / "out"
-    code = gpu_check.main(["--dry-run", "--skip", "train", "torchrun", "--n-eval", "300", "--out", str(out)])
+    code = gpu_check.main(["--dry-run", "--skip", "train", "paper", "torchrun", "--n-eval", "300", "--out", str(out)])
     rows = _rows(out)
     status = {(r["section"], r["what"].split(" ")[0], r["what"].split(" ")[1] if " " in r["what"] else ""): r
               for r in rows}
@@ -178,7 +204,8 @@ def test_offline_node_path_end_to_end(tmp_path):
     env.update(PYTHON=str(python), WHEELHOUSE=str(wheelhouse), PIP_NO_INDEX="1", OMP_NUM_THREADS="1",
                TMPDIR=str(scratch))
     p = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--dry-run", "--train", "resnet18",
-                        "dc", "--n-eval", "300"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+                        "dc", "--skip", "paper", "--n-eval", "300"], capture_output=True, text=True, cwd=tmp_path,
+                       env=env, timeout=900)
     assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
     data = json.loads((out / "gpu_check.json").read_text())
     rows = data["rows"]
@@ -190,3 +217,32 @@ def test_offline_node_path_end_to_end(tmp_path):
     assert "faiss is not installed, so the clusterings use dml-runner's torch k-means" in p.stdout + p.stderr
     assert (out / "gpu_check.md").read_text().startswith("# dml-runner GPU check")
     assert not list(scratch.glob("dml-gpu-check.*"))  # the temporary install target is removed afterwards
+
+
+def test_the_reproduce_plan_counts_official_steps(gpu_check):
+    """A row's images per seed: epochs x (the dataset's official training images // batch) x batch, composed as
+    scripts/reproduce.py composes it; the HDML CUB rows' own comment states 45 steps of 128 (5864 // 128)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import reproduce
+
+    cfgs, broken = reproduce.resolve_rows(["hdml/table1_cub200/npair", "dc/cub200"], [])
+    assert not broken
+    npair = gpu_check.plan_row("hdml/table1_cub200/npair", cfgs["hdml/table1_cub200/npair"])
+    assert (npair["combo"], npair["batch"], npair["epochs"]) == ("googlenet caffe_227 227px", 128, 178)
+    assert npair["steps_per_epoch"] == 45 and npair["images"] == 178 * 45 * 128
+    assert "transform.train.resize_mode=warp_cv2" in npair["overrides"]  # the row's own transform settings
+    dc = gpu_check.plan_row("dc/cub200", cfgs["dc/cub200"])
+    assert dc["combo"] == "resnet50 rrc_224 224px" and dc["steps_per_epoch"] == 5864 // 80
+
+
+def test_the_estimate_divides_images_by_the_cached_rate(gpu_check):
+    plan = {"a": [dict(combo="x", images=1000), dict(combo="y", images=500)], "b": [dict(combo="z", images=10)]}
+    rows = [gpu_check.row("paper", "x auto", "", combo="x", cache="auto", images_per_s=100.0),
+            gpu_check.row("paper", "x none", "", combo="x", cache="none", images_per_s=10.0),
+            gpu_check.row("paper", "y auto", "", combo="y", cache="auto", images_per_s=50.0)]
+    est = {e["target"]: e for e in gpu_check.estimate(plan, rows, seeds=3)}
+    assert est["reproduce-a"]["seconds"] == pytest.approx(3 * (1000 / 100 + 500 / 50))  # the cached rate, x seeds
+    assert est["reproduce-a"]["images_per_seed"] == 1500 and est["reproduce-b"]["seconds"] is None
+    assert est["reproduce-b"]["missing"] == ["z"]
+    lines = gpu_check.estimate_lines(list(est.values()), "a GPU")
+    assert len(lines) == 3 + 2 and "| reproduce-b | 1 | 10 | not measured |" in lines[-1]
