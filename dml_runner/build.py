@@ -151,6 +151,15 @@ def _dataset(node: Any, **kwargs: Any) -> Any:
     return with_validation_fold(data, folds, fold, fold_seed) if folds else data
 
 
+def build_dataset(cfg: Any, progress: bool = True) -> Any:
+    """The dataset as a run builds it: the dataset group (with its fold held out), served through the decoded-image
+    cache ``dataset.cache`` in ``paths.cache_dir`` (docs/CACHE.md); dml-run and ``dml-prepare --cache`` use it."""
+    from dml_runner.datasets.decoded_cache import apply_decoded_cache
+
+    data = instantiate(cfg.dataset, "dataset")
+    return apply_decoded_cache(data, cfg.dataset.get("cache", "none"), cfg.paths.get("cache_dir"), progress=progress)
+
+
 def build_model(cfg: Any, in_channels: int) -> Any:
     """The embedding model as a run builds it (before any method changes it): the backbone group and
     eval.normalize; the trained-run library rebuilds a run's model with it."""

@@ -158,6 +158,8 @@ FOLD_KEYS = ("folds", "fold", "fold_seed")
 # Keys of every dataset node that the run reads and the builder applies (dml_runner.build), never the dataset's target:
 # the decoded-image cache and the fold.
 RUNNER_DATASET_KEYS = ("cache", *FOLD_KEYS)
+# dataset.cache: the decoded-image cache (dml_runner/datasets/decoded_cache.py, docs/CACHE.md)
+CACHE_MODES = ("auto", "none", "fixed_scale")
 TOP_LEVEL_KEYS = set(SCHEMAS) | set(INSTANTIATED_GROUPS) | {"tags", "reference", "hparams_search"}
 
 
@@ -366,6 +368,22 @@ def _check_trainer(t: dict[str, Any]) -> None:
         _fail("trainer.grad_clip", t["grad_clip"], "must be > 0, or null for no clipping")
 
 
+def check_folds(folds: int, fold: int, num_classes: int | None = None, val_fraction: float = 0.0) -> None:
+    """One-line refusals of a fold setting that cannot work, before any data is read (``num_classes`` once known)."""
+    if folds == 0:
+        return
+    if folds < 2:
+        raise DMLRunnerError(f"dataset.folds={folds}: give K >= 2 class-disjoint folds (or 0 for none)")
+    if not 0 <= fold < folds:
+        raise DMLRunnerError(f"dataset.fold={fold}: with dataset.folds={folds} the fold is 0 to {folds - 1}")
+    if val_fraction:
+        raise DMLRunnerError(f"dataset.folds={folds} and dataset.val_fraction={val_fraction} both hold out training "
+                             "classes for validation; set dataset.val_fraction=0 when using folds")
+    if num_classes is not None and num_classes < 2 * folds:
+        raise DMLRunnerError(f"dataset.folds={folds}: the training split has {num_classes} classes, and each fold "
+                             f"needs at least 2 (use dataset.folds<={num_classes // 2})")
+
+
 def _check_dataset(d: dict[str, Any], paths: dict[str, Any]) -> None:
     """The dataset keys every dataset shares: the fold (``dataset.folds`` / ``fold`` / ``fold_seed``), and
     ``dataset.cache`` (the decoded-image cache) with the ``paths.cache_dir`` it needs."""
@@ -373,14 +391,10 @@ def _check_dataset(d: dict[str, Any], paths: dict[str, Any]) -> None:
     for key, value in folds.items():
         positive_int(f"dataset.{key}", value, minimum=0)
     if folds:
-        from dml_runner.datasets.folds import check_folds
-
         check_folds(int(folds.get("folds") or 0), int(folds.get("fold") or 0),
                     val_fraction=float(d.get("val_fraction") or 0.0))
     if "cache" not in d:
         return
-    from dml_runner.datasets.decoded_cache import CACHE_MODES
-
     if d["cache"] not in CACHE_MODES:
         _fail("dataset.cache", d["cache"], f"use one of {', '.join(CACHE_MODES)} (none turns the decoded-image cache "
                                             "off; docs/CACHE.md)")

@@ -24,7 +24,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dml_runner import DMLRunnerError, __version__, rundir
-from dml_runner.build import build_evaluate, build_loss, build_model, build_scheduler, instantiate, sampler_factory
+from dml_runner.build import (build_dataset, build_evaluate, build_loss, build_model, build_scheduler, instantiate,
+                              sampler_factory)
 from dml_runner.config import (default_choices, eval_settings, resume_free_keys, to_container, trainer_settings,
                                validate_config)
 from dml_runner.training.checkpoint import checkpoint_epoch, resume_point
@@ -199,11 +200,7 @@ def _run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None, wher
 
     configure_backends(settings.deterministic, resolve_device(settings.device, "trainer.device").type == "cuda")
 
-    data = instantiate(cfg.dataset, "dataset")
-    from dml_runner.datasets.decoded_cache import apply_decoded_cache  # docs/CACHE.md
-
-    data = apply_decoded_cache(data, cfg.dataset.get("cache", "none"), cfg.paths.get("cache_dir"),
-                               progress=settings.progress and dist_info.is_main)
+    data = build_dataset(cfg, progress=settings.progress and dist_info.is_main)
     counts = data.counts()
     log.info("dataset %s: %s", data.name, ", ".join(f"{k}={v}" for k, v in counts.items()))
     if data.info.get("count_warning"):

@@ -26,8 +26,6 @@ from dml_runner import DMLRunnerError
 if TYPE_CHECKING:
     import numpy as np
 
-    from dml_runner.datasets.base import LabelledDataset
-
 CONFIG, RESULTS, HISTORY, EMBEDDINGS = "config.json", "results.json", "history.csv", "embeddings.npz"
 LAST, BEST = "last.pt", "best.pt"
 COMPLETED, FAILED, INTERRUPTED = "completed", "failed", "interrupted"
@@ -92,10 +90,11 @@ def save_npz_atomic(path: Path | str, **arrays: Any) -> None:
         np.savez_compressed(tmp, **arrays)
 
 
-def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarray, dataset: LabelledDataset,
+def write_embeddings(path: str | Path, embeddings: np.ndarray, labels: np.ndarray, dataset: Any,
                      query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None,
                      **extra: str) -> Path:
-    """Write ``embeddings.npz`` for the items of ``dataset`` (in its order); atomic (a temporary file, then rename).
+    """Write ``embeddings.npz`` for the items of ``dataset`` (a ``LabelledDataset``: its ``item_paths()`` and
+    ``item_class_names()``, in its order); atomic (a temporary file, then rename).
 
     Arrays: ``embeddings`` (N x D float32), ``labels`` (N int64), ``paths`` and ``class_names`` (N strings each:
     the item's image file and the name of its class, from the dataset), ``query_mask`` / ``gallery_mask`` when given,

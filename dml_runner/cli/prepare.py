@@ -22,11 +22,44 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from dml_runner import DMLRunnerError
-from dml_runner.datasets.prepare import build_cache, check, describe, download
+from dml_runner.datasets.prepare import check, describe, describe_cache, download
 from dml_runner.datasets.registry import NAMES
+
+
+def build_cache(name: str, root: Path, overrides: Sequence[str] = (), cache_dir: Path | None = None,
+                progress: bool = True) -> list[str]:
+    """Build, ahead of time, the decoded-image caches (docs/CACHE.md) that ``dml-run dataset=<name>
+    dataset.root=<root> <overrides>`` would build at its start; the report lines (one per split).
+
+    The config is composed as dml-run composes it, so the same overrides (``transform=lifted_227``,
+    ``dataset.val_fraction=0.1``, ``paths.cache_dir=...``) name the same cache files, which the runs then open.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from dml_runner.build import build_dataset
+    from dml_runner.config import conf_dir, register_configs, validate_config
+
+    register_configs()
+    given = [f"dataset={name}", f"dataset.root={root}", *overrides]
+    if cache_dir is not None:
+        given.append(f"paths.cache_dir={cache_dir}")
+    try:
+        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=given, return_hydra_config=False)
+    except HydraException as err:
+        raise DMLRunnerError(f"dml-prepare --cache: {err}") from None
+    validate_config(cfg)
+    mode = cfg.dataset.get("cache", "none")
+    if mode == "none":
+        raise DMLRunnerError(f"dataset.cache=none (dataset {name}): nothing to build; drop that override, or use "
+                             "dataset.cache=auto")
+    data = build_dataset(cfg, progress=progress)
+    return describe_cache(data.info["decoded_cache"], mode)
 
 
 def main(argv: list[str] | None = None) -> int:

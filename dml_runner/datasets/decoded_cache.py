@@ -57,6 +57,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from dml_runner import DMLRunnerError
+from dml_runner.config import CACHE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,6 @@ HEADER_SIZE = 256  # _HEADER.size rounded up; the rest is zero
 INDEX_DTYPE = np.dtype([("offset", "<u8"), ("height", "<u4"), ("width", "<u4"), ("channels", "<u4"),
                         ("crc", "<u4")])
 SUFFIX = ".dcache"
-CACHE_MODES = ("auto", "none", "fixed_scale")
 SAMPLED_CHECKS = 8  # items whose pixels are checksummed when a cache is opened (all of them with verify(full=True))
 
 

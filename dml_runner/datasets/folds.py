@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from dml_runner import DMLRunnerError
+from dml_runner.config import check_folds
 from dml_runner.datasets.base import DatasetSplits, SubsetLabelledDataset
 
 
@@ -23,22 +24,6 @@ def class_folds(labels: np.ndarray, folds: int, seed: int) -> list[np.ndarray]:
     classes = np.unique(np.asarray(labels))
     rng = np.random.default_rng(seed)
     return [np.sort(part) for part in np.array_split(rng.permutation(classes), folds)]
-
-
-def check_folds(folds: int, fold: int, num_classes: int | None = None, val_fraction: float = 0.0) -> None:
-    """One-line refusals of a fold setting that cannot work, before any data is read (``num_classes`` once known)."""
-    if folds == 0:
-        return
-    if folds < 2:
-        raise DMLRunnerError(f"dataset.folds={folds}: give K >= 2 class-disjoint folds (or 0 for none)")
-    if not 0 <= fold < folds:
-        raise DMLRunnerError(f"dataset.fold={fold}: with dataset.folds={folds} the fold is 0 to {folds - 1}")
-    if val_fraction:
-        raise DMLRunnerError(f"dataset.folds={folds} and dataset.val_fraction={val_fraction} both hold out training "
-                             "classes for validation; set dataset.val_fraction=0 when using folds")
-    if num_classes is not None and num_classes < 2 * folds:
-        raise DMLRunnerError(f"dataset.folds={folds}: the training split has {num_classes} classes, and each fold "
-                             f"needs at least 2 (use dataset.folds<={num_classes // 2})")
 
 
 def with_validation_fold(splits: DatasetSplits, folds: int, fold: int, seed: int,

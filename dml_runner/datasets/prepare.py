@@ -18,6 +18,7 @@ import urllib.request
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from dml_runner import DMLRunnerError
 from dml_runner.datasets.images import find_bad_images
@@ -178,37 +179,10 @@ def download(name: str, root: Path, url: str | None = None, md5: str | None = No
     archive.unlink()
 
 
-def build_cache(name: str, root: Path, overrides: list[str] | tuple[str, ...] = (), cache_dir: Path | None = None,
-                progress: bool = True) -> list[str]:
-    """Build, ahead of time, the decoded-image caches (docs/CACHE.md) that ``dml-run dataset=<name>
-    dataset.root=<root> <overrides>`` would build at its start; the report lines (one per split).
+def describe_cache(record: dict[str, Any], mode: str) -> list[str]:
+    """The report lines of a run's decoded-image caches (``data.info["decoded_cache"]``), one per split."""
+    from dml_runner.datasets.decoded_cache import human_bytes
 
-    The config is composed as dml-run composes it, so the same overrides (``transform=lifted_227``,
-    ``dataset.val_fraction=0.1``, ``paths.cache_dir=...``) name the same cache files, which the runs then open.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    from dml_runner.build import instantiate
-    from dml_runner.config import conf_dir, register_configs, validate_config
-    from dml_runner.datasets.decoded_cache import apply_decoded_cache, human_bytes
-
-    register_configs()
-    given = [f"dataset={name}", f"dataset.root={root}", *overrides]
-    if cache_dir is not None:
-        given.append(f"paths.cache_dir={cache_dir}")
-    try:
-        with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-            cfg = compose("config", overrides=given, return_hydra_config=False)
-    except HydraException as err:
-        raise DMLRunnerError(f"dml-prepare --cache: {err}") from None
-    validate_config(cfg)
-    mode = cfg.dataset.get("cache", "none")
-    if mode == "none":
-        raise DMLRunnerError(f"dataset.cache=none (dataset {name}): nothing to build; drop that override, or use "
-                             "dataset.cache=auto")
-    data = apply_decoded_cache(instantiate(cfg.dataset, "dataset"), mode, cfg.paths.cache_dir, progress=progress)
-    record = data.info["decoded_cache"]
     lines = [f"decoded-image cache ({mode}) in {record['dir']}:"]
     for split in ("train", "val", "test"):
         entry = record.get(split)
