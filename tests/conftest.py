@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # test helper modules (fixtures, oracles)
 
 
-TEST_SEED = 0
+# every test starts from this seed; DML_TEST_SEED=N runs the suite from another one
+TEST_SEED = int(os.environ.get("DML_TEST_SEED", "0"))
 
 
 @pytest.fixture(autouse=True)
