@@ -158,7 +158,8 @@ def test_a_row_states_only_what_its_bases_do_not():
 # ------------------------------------------------------------------- loss / method selection (the contract)
 
 def test_a_loss_selects_the_only_method_that_trains_it_and_no_method_selects_a_loss(compose_cfg):
-    """conf/loss/hdml_*.yaml select method=hdml and their sampler (and say so); no method config selects a loss
+    """conf/loss/hdml_*.yaml select method=hdml and their sampler (and say so), the N-pair losses their sampler; no
+    method config selects a loss
     (Hydra could not: conf/config.yaml lists loss after method). The documented commands compose."""
     import yaml
 
@@ -169,8 +170,15 @@ def test_a_loss_selects_the_only_method_that_trains_it_and_no_method_selects_a_l
                 for key, option in entry.items():
                     selecting.setdefault(path.stem, {})[key.removeprefix(OVERRIDE_PREFIX).split("@")[0]] = option
     assert selecting == {"hdml_npair": {"method": "hdml", "sampler": "npair"},
-                         "hdml_triplet": {"method": "hdml", "sampler": "hdml_triplets"}}
-    for loss, chosen in selecting.items():
+                         "hdml_triplet": {"method": "hdml", "sampler": "hdml_triplets"},
+                         "npair": {"sampler": "npair"}, "angular_npair": {"sampler": "npair"}}
+    for loss in ("npair", "angular_npair"):  # the N-pair losses read N classes x 2: they select that sampler only
+        assert "SELECTS sampler=npair" in (CONF / "loss" / f"{loss}.yaml").read_text(), loss
+        cfg = compose_cfg(f"loss={loss}")
+        assert cfg.sampler._target_.endswith("NPairBatchSampler") and cfg.method._target_.endswith("StandardMethod")
+        assert compose_cfg(f"loss={loss}", "sampler=class_balanced").sampler._target_.endswith(
+            "ClassBalancedBatchSampler")  # the command line still wins
+    for loss, chosen in ((k, v) for k, v in selecting.items() if "method" in v):
         text = (CONF / "loss" / f"{loss}.yaml").read_text()
         assert f"SELECTS method={chosen['method']} AND sampler={chosen['sampler']}" in text, loss
         choices = compose_cfg(f"loss={loss}", "dataset=cars196").method._target_

@@ -198,10 +198,13 @@ def test_test_split_without_a_positive_is_refused():
 
 @pytest.mark.parametrize("overrides,match", [
     (["transform=rrc_224"], "transform=rrc_224: dataset dml_runner.datasets.digits.build does not read"),
-    (["loss=npair"], "sampler.samples_per_class=4: loss NPairLoss reads each class's first 2 images"),
+    (["loss=npair", "sampler=class_balanced"], "sampler.samples_per_class=4: loss NPairLoss reads each class's first 2 "
+                                              "images"),
     (["optimizer.lr=1e12"], "optimizer.lr=1000000000000.0: above 1"),
 ])
 def test_silent_no_ops_are_refused(compose_cfg, overrides, match):
+    """loss=npair alone selects the N-pair sampler (tests/test_experiments.py); with the class-balanced sampler named,
+    half of each batch would be ignored, and that is refused."""
     with pytest.raises(DMLRunnerError, match=match):
         validate_config(compose_cfg(*overrides))
 
