@@ -156,6 +156,10 @@ def run(cfg: DictConfig, out_dir: Path, hydra_meta: dict[str, Any] | None = None
         finally:
             # exceptions caught inside libraries (OmegaConf, matplotlib) leave reference cycles through this run's
             # frames, which hold the model, optimiser and data: free them now, not in a later in-process run
+            if cfg.get("trainer") is not None and cfg.trainer.get("compile"):
+                import torch
+
+                torch._dynamo.reset()  # a compiled run's graphs and guards would otherwise trace later runs' models
             gc.collect()
 
 

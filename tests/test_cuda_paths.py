@@ -70,7 +70,11 @@ def _live_tensor_bytes() -> int:
         warnings.simplefilter("ignore")  # isinstance on torch's deprecated aliases warns
         for obj in gc.get_objects():
             if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-                storage = obj.untyped_storage()
+                try:  # tensors without storage (the fake tensors an earlier torch.compile keeps) hold no memory
+                    storage = obj.untyped_storage()
+                    storage.data_ptr()
+                except RuntimeError:
+                    continue
                 if storage.data_ptr() not in seen:
                     seen.add(storage.data_ptr())
                     total += storage.nbytes()

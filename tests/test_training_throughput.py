@@ -135,7 +135,10 @@ def test_compile_trains_a_tiny_model_on_the_cpu_with_unchanged_checkpoint_keys(t
     plain = _tiny(tmp_path / "plain", epochs=1, max_steps_per_epoch=2)
     compiled = _tiny(tmp_path / "compiled", epochs=1, max_steps_per_epoch=2, compile=True)
     assert compiled.model.trunk._compiled_call_impl is not None and plain.model.trunk._compiled_call_impl is None
-    out = compiled.fit()
+    try:
+        out = compiled.fit()
+    finally:
+        torch._dynamo.reset()  # as dml-run does after a compiled run: later in-process tests trace nothing of it
     assert np.isfinite(out["final"]["metrics"]["recall@1"])
     saved = torch.load(tmp_path / "compiled" / "last.pt", weights_only=True)["model"]
     assert set(saved) == set(plain.model.state_dict())  # no _orig_mod. prefix: checkpoints load either way

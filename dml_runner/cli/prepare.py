@@ -62,7 +62,7 @@ def build_cache(name: str, root: Path, overrides: Sequence[str] = (), cache_dir:
     return describe_cache(data.info["decoded_cache"], mode)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dml-prepare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", nargs="?", choices=NAMES)
@@ -113,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cache:
         print("decoded-image cache not built: fix the tree first")
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """dml-prepare; the datasets' own log lines are quiet while it reports (their level is restored after, so an
+    in-process caller keeps its logging)."""
+    quiet = logging.getLogger("dml_runner.datasets")
+    level = quiet.level
+    try:
+        return _main(argv)
+    finally:
+        quiet.setLevel(level)
 
 
 if __name__ == "__main__":
