@@ -25,6 +25,9 @@
 (c) images/s of an evaluation embedding pass (torchvision resnet18, random init, eval mode, no grad, batch 32,
     rrc_224's test transform: 224 px centre crops) through the loader with the cache off and on, next to the model
     alone on random tensors; on CPU (``--threads`` intra-op threads) unless ``--device cuda``.
+(d) dml-run itself: a caffe_227 run (1 epoch, in-process loading) on a generated tree with train and test classes,
+    with the cache on and off at the same seed: results.json's data_time_s of each (best of ``--run-rounds``), their
+    ratio, and whether the two runs' test embeddings are identical.
 
 Loader rates come two ways: images per CPU-second of an in-process loader (``workers=0``, ``time.process_time``:
 one core's worth, robust to other processes on a shared machine), and wall-clock images/s per DataLoader worker.
@@ -69,17 +72,20 @@ def photo_like(width: int, height: int, rng: np.random.Generator, white_backgrou
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def make_tree(parent: Path, images: int, seed: int = 0, classes: int = 10) -> tuple[list[str], np.ndarray]:
+def make_tree(parent: Path, images: int, seed: int = 0, classes: int = 10,
+              test_classes: int = 0) -> tuple[list[str], np.ndarray]:
     """A CUB_200_2011 tree (the fixtures' layout) whose files are photo-like JPEGs, half 500x375, half 800x533
-    (alternating), every third on a white background. Returns (paths, labels) in images.txt order; an existing
-    tree with the same number of images is reused."""
+    (alternating), every third on a white background: ``classes`` training classes (1, 2, ...) and ``test_classes``
+    test classes (101, 102, ...). Returns (paths, labels) in images.txt order; an existing tree with the same number
+    of images is reused."""
     from dml_runner.datasets.fixtures import make_cub200
 
     root = Path(parent) / "CUB_200_2011"
-    per_class = -(-images // classes)
+    per_class = -(-images // (classes + test_classes))
     listed = root / "images.txt"
-    if not (listed.is_file() and len(listed.read_text().split("\n")) - 1 == classes * per_class):
-        root = make_cub200(Path(parent), classes=range(1, classes + 1), per_class=per_class, size=(8, 8))
+    if not (listed.is_file() and len(listed.read_text().split("\n")) - 1 == (classes + test_classes) * per_class):
+        ids = [*range(1, classes + 1), *range(101, 101 + test_classes)]
+        root = make_cub200(Path(parent), classes=ids, per_class=per_class, size=(8, 8))
         rng = np.random.default_rng(seed)
         for k, line in enumerate(listed.read_text().split("\n")[:-1]):
             w, h = SIZES[k % len(SIZES)]
@@ -334,6 +340,44 @@ def bench_training_step(args) -> dict:
     return out
 
 
+def bench_run_data_time(data_parent: Path, args) -> dict:
+    """(d): dml-run itself, a caffe_227 run on the generated CUB tree with the cache on (``dataset.cache=auto``)
+    and off (``dataset.cache=none``), same seed: results.json's ``timing.data_time_s`` of each, and whether the two
+    runs' test embeddings are equal. In-process loading (``trainer.num_workers=0``): data_time_s is then the loading
+    work itself, not what workers leave over. The small CNN keeps the step short; the model does not enter
+    data_time_s. The cache is built before training (its build is not in data_time_s; the first round builds it)."""
+    import subprocess
+
+    paths, _ = make_tree(data_parent, args.run_images, classes=8, test_classes=4)
+    common = [sys.executable, "-m", "dml_runner", "dataset=cub200", f"paths.data_dir={data_parent}",
+              f"paths.cache_dir={data_parent / 'cache'}", "transform=caffe_227", "backbone=small_cnn",
+              "sampler=class_balanced", "sampler.samples_per_class=4", "trainer.batch_size=32", "trainer.epochs=1",
+              "trainer.eval_before_training=false", "trainer.save_checkpoints=false", "trainer.num_workers=0",
+              "trainer.device=cpu", "trainer.progress=false", "logger=null", "trainer.seed=0"]
+    best: dict[str, float] = {"auto": float("inf"), "none": float("inf")}
+    embeddings: dict[str, np.ndarray] = {}
+    for r in range(args.run_rounds):
+        for mode in ("auto", "none") if r % 2 == 0 else ("none", "auto"):
+            out = data_parent / f"run_{mode}_{r}"
+            proc = subprocess.run(common + [f"dataset.cache={mode}", f"hydra.run.dir={out}"], capture_output=True,
+                                  text=True, env={**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads))})
+            if proc.returncode:
+                raise SystemExit(f"(d) dml-run failed ({mode}):\n{proc.stderr[-2000:]}")
+            res = json.loads((out / "results.json").read_text())
+            best[mode] = min(best[mode], res["timing"]["data_time_s"])
+            embeddings[mode] = np.load(out / "embeddings.npz")["embeddings"]
+            print(f"  round {r}, dataset.cache={mode}: data_time_s {res['timing']['data_time_s']:.3f}, "
+                  f"step_time_s {res['timing']['step_time_s']:.3f}", flush=True)
+    out = {"images": len(paths), "rounds": args.run_rounds, "data_time_s_cache_on": best["auto"],
+           "data_time_s_cache_off": best["none"], "ratio": best["auto"] / best["none"],
+           "same_embeddings": bool(np.array_equal(embeddings["auto"], embeddings["none"]))}
+    print(f"  caffe_227 dml-run: data_time_s {out['data_time_s_cache_on']:.3f} s with the cache, "
+          f"{out['data_time_s_cache_off']:.3f} s without: {out['ratio']:.2f}x "
+          f"({'meets' if out['ratio'] <= 0.4 else 'MISSES'} the 0.4x target); test embeddings "
+          f"{'identical' if out['same_embeddings'] else 'DIFFERENT'}", flush=True)
+    return out
+
+
 def paired_interval(ratios: list[float]) -> dict[str, float]:
     """The mean of the rounds' paired overhead ratios and its 95% Student-t interval (rounds taken as independent:
     each pairs two loops run back to back, so slow drifts of the machine cancel within a round)."""
@@ -345,7 +389,8 @@ def paired_interval(ratios: list[float]) -> dict[str, float]:
     return {"overhead_mean": mean, "overhead_low": mean - half, "overhead_high": mean + half}
 
 
-def markdown(loader_rows: list[dict], embed_rows: list[dict], step: dict | None = None) -> str:
+def markdown(loader_rows: list[dict], embed_rows: list[dict], step: dict | None = None,
+             run: dict | None = None) -> str:
     lines = ["images per CPU-second in-process (one core's worth) / images/s per DataLoader worker (wall clock)", "",
              "| transform | workers | plain torchvision | ours, cache off | ours, cache on | cached / plain | "
              "identical | cache build | cache size |", "|---|---|---|---|---|---|---|---|---|"] if loader_rows else []
@@ -367,6 +412,12 @@ def markdown(loader_rows: list[dict], embed_rows: list[dict], step: dict | None 
                   f"{100 * step['overhead_worst_round']:+.1f}% | |",
                   f"| overhead per round (paired), mean [95% interval] | {100 * step['overhead_mean']:+.1f}% "
                   f"[{100 * step['overhead_low']:+.1f}%, {100 * step['overhead_high']:+.1f}%] | |"]
+    if run:
+        lines += ["", f"| caffe_227 dml-run ({run['images']} images, 1 epoch, best of {run['rounds']}) | data_time_s |",
+                  "|---|---|", f"| dataset.cache=none | {run['data_time_s_cache_off']:.3f} |",
+                  f"| dataset.cache=auto | {run['data_time_s_cache_on']:.3f} |",
+                  f"| ratio (target <= 0.4x) | {run['ratio']:.2f}x |",
+                  f"| test embeddings identical | {'yes' if run['same_embeddings'] else 'NO'} |"]
     if embed_rows:
         lines += ["", "| evaluation pass (resnet18, 224 px, batch 32) | workers | images/s |", "|---|---|---|"]
         lines += [f"| {r['pass']} | {r['workers']} | {r['images_per_s']:.1f} |" for r in embed_rows]
@@ -389,6 +440,9 @@ def main() -> None:
     p.add_argument("--step-rounds", type=int, default=3, help="(b): timed rounds of each loop, interleaved")
     p.add_argument("--step-px", type=int, default=224,
                    help="(b): image side; a small one (32) makes the step short, so the loop's own cost shows")
+    p.add_argument("--skip-run", action="store_true", help="leave out (d), dml-run's data_time_s, cache on and off")
+    p.add_argument("--run-images", type=int, default=192, help="(d): images in the run's tree (2/3 train, 1/3 test)")
+    p.add_argument("--run-rounds", type=int, default=3, help="(d): runs of each setting, interleaved; the best counts")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="device of the embedding pass")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads of this process (DataLoader workers always use 1); 0: torch's default")
@@ -417,8 +471,10 @@ def main() -> None:
                                             or bench_training_step(args))
         embed_rows = [] if args.skip_embedding else (print("(c) evaluation embedding pass", flush=True)
                                                      or bench_embedding(paths, labels, cache_dir, args))
+        run = None if args.skip_run else (print("(d) a caffe_227 dml-run, cache on and off", flush=True)
+                                          or bench_run_data_time(Path(tmp) / "run", args))
     print()
-    print(markdown(loader_rows, embed_rows, step))
+    print(markdown(loader_rows, embed_rows, step, run))
     for name in ("caffe_227 train", "lifted_227 train"):
         for r in (r for r in loader_rows if r["transform"] == name and r["cached"]):
             verdict = "meets" if min(r["speedup_vs_plain"], r["cpu_speedup_vs_plain"]) >= 2.5 else "MISSES"
@@ -433,7 +489,7 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump({"cpu": cpu, "command": command, "torch": torch.__version__, "args": vars(args),
                        "loader": loader_rows, "embedding": embed_rows,
-                       "training_step": step}, fh, indent=2)
+                       "training_step": step, "run_data_time": run}, fh, indent=2)
 
 
 if __name__ == "__main__":
