@@ -267,7 +267,7 @@ def bench_training_step(args) -> dict:
 
     steps, batch = args.steps, args.batch_size
     g = torch.Generator().manual_seed(0)
-    classes = max(2, steps * batch // 4)  # 8 images a class: twice the images `steps` batches take
+    classes = max(batch // 2, steps * batch // 4)  # 8 images a class: twice what `steps` batches take, and at least one batch's classes
     px = args.step_px
     images = torch.rand(classes * 8, 3, px, px, generator=g)
     labels = np.repeat(np.arange(classes), 8)

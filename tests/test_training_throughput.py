@@ -249,3 +249,30 @@ def test_dml_run_with_an_unwritable_cache_dir_stops_in_one_line_naming_it(tmp_pa
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "paths.cache_dir=" in line]
     assert lines and "dataset.cache=none" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# ------------------------------------------------------------------------------------------ scripts/bench_train.py
+
+def test_bench_train_step_and_run_parts_at_a_tiny_size(tmp_path):
+    """The benchmark behind docs/PERFORMANCE.md's step-overhead and data-time figures runs as documented (tiny sizes):
+    (b) pairs every timed round and gives a mean inside its own interval; (d) runs dml-run twice, cache on and off,
+    and finds the two runs' test embeddings identical."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_train.py"
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(script), "--images", "12", "--data", str(tmp_path / "tree"),
+                           "--skip-loader", "--skip-embedding", "--steps", "1", "--step-rounds", "3", "--step-px", "32",
+                           "--run-images", "48", "--run-rounds", "1", "--json", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    step, run = result["training_step"], result["run_data_time"]
+    assert len(step["overhead_per_round"]) == 3
+    assert step["overhead_low"] <= step["overhead_mean"] <= step["overhead_high"]
+    assert step["overhead_mean"] == pytest.approx(np.mean(step["overhead_per_round"]))
+    assert run["images"] == 48 and run["same_embeddings"] is True
+    assert run["data_time_s_cache_on"] > 0 and run["data_time_s_cache_off"] > 0
+    assert "| caffe_227 dml-run (48 images" in proc.stdout and "mean [95% interval]" in proc.stdout
